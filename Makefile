@@ -1,0 +1,33 @@
+# Duplex: the commands a user types. Each begins with scripts/setup, which
+# installs what is missing (Debian packages, .venv, the C core) and is quick
+# when nothing is.
+#
+#   make demo     two namespaces, replicate a mounted ext4, compare the images
+#   make test     the whole test suite (PYTEST_ARGS="tests/infra -k netns" to narrow it)
+#   make bench    benchmarks, one table measured in one run (BENCH=native|replication|all)
+
+SHELL := /bin/bash
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+BENCH ?= all
+
+.PHONY: setup demo test bench
+
+setup:
+	@scripts/setup
+
+demo: setup
+	@if [ ! -x scripts/demo ]; then \
+	    echo "make demo: scripts/demo does not exist yet: there is no demo to run" >&2; \
+	    exit 1; \
+	fi
+	scripts/demo
+
+# pytest exits 5 when it collected no test: that is a failure, not a pass.
+test: setup
+	@rc=0; $(PY) -m pytest -q --durations=10 -p no:cacheprovider $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests: failing" >&2; exit 1; fi; \
+	exit $$rc
+
+bench: setup
+	$(PY) scripts/bench $(BENCH)

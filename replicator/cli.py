@@ -1,0 +1,257 @@
+"""``duplex``: the command line.
+
+    duplex [--config FILE] [--node NAME] [-v] COMMAND ...
+
+Each command is one small function ``cmd_<name>(args, ctx) -> int``,
+registered in :func:`build_parser`; later commands (promote, demote,
+connect, verify) add a function and a subparser. A :class:`DuplexError`
+anywhere prints ``duplex: error: <message>`` and exits 1; argparse usage
+errors exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from replicator.config import Config, Node, Resource, load_config, local_node_name, select_node
+from replicator.devices import device_size
+from replicator.errors import DuplexError
+from replicator.sizes import format_size
+
+
+
+@dataclass
+class Context:
+    """What every command gets: the loaded config and the --node choice."""
+
+    config: Config
+    node_name: str | None
+
+    def resolve(self, resource_name: str) -> tuple[Resource, Node]:
+        """The resource and this host's node of it."""
+        resource = self.config.resource(resource_name)
+        return resource, select_node(resource, self.node_name)
+
+
+def _node_module():
+    """replicator.node, imported only by the commands that need it."""
+    try:
+        import replicator.node as node_mod
+    except ModuleNotFoundError as e:
+        if e.name != "replicator.node":
+            raise
+        raise DuplexError("this installation has no replicator.node module "
+                          "(the replication engine is missing)") from None
+    return node_mod
+
+
+# --------------------------------------------------------------------------
+# commands
+
+
+def cmd_create_md(args: argparse.Namespace, ctx: Context) -> int:
+    """Create this node's metadata, bitmap, activity log and journal."""
+    from replicator.control import is_running
+    from replicator.metadata import MetaPaths, create_metadata
+
+    resource, node = ctx.resolve(args.resource)
+    size = device_size(node.device)
+    paths = MetaPaths(node.meta_dir)
+    if is_running(node.meta_dir):
+        raise DuplexError(f"resource {resource.name} is running on this node "
+                          f"(it holds {paths.lock}); stop it before create-md")
+    node_mod = _node_module()
+    existed = paths.metadata.exists()
+    md = create_metadata(node.meta_dir, resource.name, node.name, size,
+                         resource.track_size, args.assume_clean, force=args.force)
+    try:
+        node_mod.create_node_files(ctx.config, resource, node, md)
+    except BaseException:
+        if not existed:  # do not leave metadata that claims files that are not there
+            paths.metadata.unlink(missing_ok=True)
+        raise
+    print(f"{resource.name}: created metadata for node {node.name} in {node.meta_dir}")
+    print(f"  device {node.device} ({format_size(size)}), track size "
+          f"{format_size(resource.track_size)}, disk {md.disk}"
+          + (", needs initial sync" if md.needs_initial_sync else ""))
+    return 0
+
+
+def cmd_up(args: argparse.Namespace, ctx: Context) -> int:
+    """Run this node's side of the resource in the foreground."""
+    resource, node = ctx.resolve(args.resource)
+    return int(_node_module().run_up(ctx.config, resource, node, args.role))
+
+
+def _status_of(resource: Resource, node: Node, timeout: float) -> dict:
+    """A running node's status over its control socket, or the offline
+    status from its metadata when it is not running."""
+    from replicator.control import ControlError, NotRunningError, request
+    from replicator.metadata import load_metadata
+    from replicator.status import offline_status
+
+    try:
+        return request(node.meta_dir, "status", resource=resource.name, timeout=timeout)
+    except NotRunningError:
+        reason = "not running"
+    except ControlError as e:
+        reason = str(e)
+    try:
+        md = load_metadata(node.meta_dir, resource.name, node.name)
+    except DuplexError as e:
+        return offline_status(resource, node, None, f"{reason}; {e}")
+    return offline_status(resource, node, md, reason)
+
+
+def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
+    """Show the status of one resource, or of every resource of this node."""
+    from replicator.status import format_status, format_statuses
+
+    if args.resource:
+        targets = [ctx.resolve(args.resource)]
+    else:
+        me = local_node_name(ctx.config, ctx.node_name)
+        targets = [(r, r.nodes[me]) for r in ctx.config.resources_of_node(me)]
+        if not targets:
+            raise DuplexError(f"{ctx.config.path}: no resource has a node called {me!r} "
+                              f"(use --node NAME)")
+
+    def show() -> None:
+        ds = [_status_of(r, n, args.timeout) for r, n in targets]
+        if args.json:
+            out = ds[0] if args.resource else ds
+            print(json.dumps(out, indent=None if args.watch is not None else 2))
+        else:
+            print(format_status(ds[0]) if args.resource else format_statuses(ds))
+        sys.stdout.flush()
+
+    if args.watch is None:
+        show()
+        return 0
+    clear = sys.stdout.isatty() and not args.json
+    try:
+        while True:
+            if clear:
+                sys.stdout.write("\x1b[H\x1b[2J")
+                print(time.strftime("%Y-%m-%d %H:%M:%S"), f"(every {args.watch:g}s, Ctrl-C to stop)")
+            show()
+            if not clear and not args.json:
+                print()
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_attach(args: argparse.Namespace, ctx: Context) -> int:
+    """Give a block device for this node's export; print its path."""
+    from replicator.attach import attach
+
+    resource, node = ctx.resolve(args.resource)
+    print(attach(ctx.config, resource, node))
+    return 0
+
+
+def cmd_detach(args: argparse.Namespace, ctx: Context) -> int:
+    """Undo attach."""
+    from replicator.attach import detach
+
+    resource, node = ctx.resolve(args.resource)
+    device = detach(ctx.config, resource, node)
+    print(f"{resource.name}: detached {device}")
+    return 0
+
+
+# --------------------------------------------------------------------------
+# parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser; each subcommand's ``func`` is its cmd_ function."""
+    p = argparse.ArgumentParser(
+        prog="duplex",
+        description="Asynchronous, write-ordered replication of a block device.",
+    )
+    p.add_argument("--config", metavar="FILE",
+                   help="configuration file (default: $DUPLEX_CONFIG or /etc/duplex/duplex.toml)")
+    p.add_argument("--node", metavar="NAME",
+                   help="this host's node name in the config (default: the host name)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, func: Callable[[argparse.Namespace, Context], int],
+                help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=func)
+        return sp
+
+    sp = command("create-md", cmd_create_md, "create this node's metadata for a resource")
+    sp.add_argument("resource", metavar="RES")
+    sp.add_argument("--assume-clean", action="store_true",
+                    help="both devices are already identical (e.g. new and zeroed): no initial sync")
+    sp.add_argument("--force", action="store_true",
+                    help="overwrite existing metadata (discards replication state)")
+
+    sp = command("up", cmd_up, "run this node's side of a resource in the foreground")
+    sp.add_argument("resource", metavar="RES")
+    sp.add_argument("--role", choices=("primary", "secondary"),
+                    help="the role to start in (default: the role in the metadata)")
+
+    sp = command("status", cmd_status, "show role, connection, disk, lag and sync progress")
+    sp.add_argument("resource", metavar="RES", nargs="?",
+                    help="one resource (default: every resource of this node)")
+    sp.add_argument("--json", action="store_true",
+                    help="JSON: an object for RES, a list without it")
+    sp.add_argument("--watch", metavar="SECONDS", nargs="?", const=2.0, default=None,
+                    type=_positive_float, help="redraw every SECONDS (default 2) until Ctrl-C")
+    sp.add_argument("--timeout", metavar="SECONDS", type=_positive_float, default=5.0,
+                    help=argparse.SUPPRESS)
+
+    sp = command("attach", cmd_attach, "give a block device for this node's export; print it")
+    sp.add_argument("resource", metavar="RES")
+
+    sp = command("detach", cmd_detach, "remove the block device made by attach")
+    sp.add_argument("resource", metavar="RES")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``duplex`` console script. Returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage error (2) or --help (0)
+        return int(e.code or 0)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        ctx = Context(config=load_config(args.config), node_name=args.node)
+        return args.func(args, ctx)
+    except DuplexError as e:
+        print(f"duplex: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `duplex status | head`
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

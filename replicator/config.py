@@ -1,0 +1,493 @@
+"""The configuration file: resources, and per resource its two nodes.
+
+Default path ``/etc/duplex/duplex.toml`` (``--config`` or the environment
+variable ``DUPLEX_CONFIG`` override it). The schema is exact: an unknown
+key, a missing required key or a bad value is an error that names the
+file, the key path and what is wrong, e.g.::
+
+    /etc/duplex/duplex.toml: resource.r0.track-size: '64KB' is not a size (use e.g. 64KiB: ...)
+
+Schema (defaults shown; only ``secret-file`` and the node's ``address``,
+``device`` and ``meta-dir`` are required)::
+
+    [resource.r0]
+    secret-file = "/etc/duplex/r0.secret"  # content (stripped) is the shared secret
+    track-size = "64KiB"        # bitmap granularity: power of two, >= 4KiB
+    ring-size = "64MiB"         # primary send ring, >= 1MiB
+    journal-size = "1GiB"       # secondary journal, >= 1MiB
+    al-extent-size = "4MiB"     # activity-log extent: multiple of track-size
+    al-extents = 1024           # active extents
+    batch-bytes = "1MiB"        # shipper sends when this much is queued ...
+    batch-interval = "2ms"      # ... or when this long has passed
+    connections = 1             # TCP connections carrying the stream (1..64)
+    resync-rate = "0"           # resync limit in bytes/s, 0 = unlimited
+    fence-command = "..."       # optional, run by scripts/failover
+
+    [resource.r0.on.alpha]      # exactly two node tables
+    address = "10.0.0.1:7789"   # replication endpoint: IPv4:port, [IPv6]:port, name:port
+    device = "/dev/sdb"         # block device or image file (absolute path)
+    meta-dir = "/var/lib/duplex/r0"
+    export = "unix:/run/duplex/r0.nbd"  # unix:PATH or tcp:HOST:PORT
+    service-address = "10.0.0.10/24"    # optional: address failover moves
+    service-interface = "eth0"          # optional
+    mount-point = "/srv/data"           # optional
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import stat
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from replicator.errors import DuplexError
+from replicator.sizes import parse_duration, parse_rate, parse_size
+
+DEFAULT_CONFIG_PATH = "/etc/duplex/duplex.toml"
+DEFAULT_RUN_DIR = "/run/duplex"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+
+
+class ConfigError(DuplexError):
+    """The configuration file (or a file it names) is wrong."""
+
+
+@dataclass(frozen=True)
+class Export:
+    """Where nbdkit serves a node's NBD export: a unix socket or TCP."""
+
+    kind: str  # "unix" or "tcp"
+    path: str | None = None  # unix
+    host: str | None = None  # tcp
+    port: int | None = None  # tcp
+
+    def uri(self) -> str:
+        """The NBD URI a client (libnbd, nbdfuse, qemu) connects to."""
+        if self.kind == "unix":
+            return f"nbd+unix:///?socket={self.path}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"nbd://{host}:{self.port}"
+
+    def nbdkit_args(self) -> list[str]:
+        """nbdkit command-line options that make it serve here."""
+        if self.kind == "unix":
+            return ["-U", str(self.path)]
+        return ["-i", str(self.host), "-p", str(self.port)]
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Node:
+    """One host's side of a resource."""
+
+    name: str
+    address: tuple[str, int]  # replication endpoint (host, port)
+    device: str
+    meta_dir: str
+    export: Export
+    service_address: str | None = None  # "10.0.0.10/24"
+    service_interface: str | None = None
+    mount_point: str | None = None
+
+    def export_uri(self) -> str:
+        """The NBD URI of this node's export (when it is primary)."""
+        return self.export.uri()
+
+    def address_str(self) -> str:
+        """The replication endpoint as ``host:port`` (``[v6]:port``)."""
+        host, port = self.address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A replicated device: its tuning and its two nodes."""
+
+    name: str
+    secret_file: str
+    track_size: int
+    ring_size: int
+    journal_size: int
+    al_extent_size: int
+    al_extents: int
+    batch_bytes: int
+    batch_interval_s: float
+    connections: int
+    resync_rate: int  # bytes/s, 0 = unlimited
+    fence_command: str | None
+    nodes: dict[str, Node] = field(default_factory=dict)
+    config_path: str = DEFAULT_CONFIG_PATH
+
+    def secret(self) -> bytes:
+        """The shared secret: the secret file's content, whitespace stripped.
+
+        Read on demand (status does not need it). Refuses a missing,
+        unreadable, empty or world-readable file.
+        """
+        where = f"{self.config_path}: resource.{self.name}.secret-file"
+        try:
+            st = os.stat(self.secret_file)
+        except FileNotFoundError:
+            raise ConfigError(f"{where}: {self.secret_file} does not exist") from None
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot stat {self.secret_file}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{where}: {self.secret_file} is not a regular file")
+        if st.st_mode & stat.S_IROTH:
+            raise ConfigError(
+                f"{where}: {self.secret_file} is readable by every user "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); run chmod 600 {self.secret_file}"
+            )
+        try:
+            with open(self.secret_file, "rb") as f:
+                secret = f.read().strip()
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot read {self.secret_file}: {e.strerror}") from None
+        if not secret:
+            raise ConfigError(f"{where}: {self.secret_file} is empty")
+        return secret
+
+    def node(self, name: str) -> Node:
+        """The node called *name*; a clear error if the resource has none."""
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise ConfigError(
+                f"{self.config_path}: resource {self.name} has no node {name!r} "
+                f"(its nodes: {', '.join(sorted(self.nodes))})"
+            ) from None
+
+    def peer_of(self, name: str) -> Node:
+        """The other node of the pair."""
+        self.node(name)  # validates
+        (peer,) = [n for n in self.nodes.values() if n.name != name]
+        return peer
+
+
+@dataclass(frozen=True)
+class Config:
+    """A loaded configuration file."""
+
+    path: str
+    resources: dict[str, Resource]
+
+    def resource(self, name: str) -> Resource:
+        """The resource called *name*; the error lists the configured ones."""
+        try:
+            return self.resources[name]
+        except KeyError:
+            raise ConfigError(
+                f"{self.path}: no resource {name!r} "
+                f"(configured: {', '.join(sorted(self.resources)) or 'none'})"
+            ) from None
+
+    def resources_of_node(self, node_name: str) -> list[Resource]:
+        """The resources that have a node called *node_name*, by name."""
+        return [r for _, r in sorted(self.resources.items()) if node_name in r.nodes]
+
+
+def host_names() -> list[str]:
+    """Names this host answers to: its host name and, if qualified, the short name."""
+    name = socket.gethostname()
+    names = [name]
+    if "." in name:
+        names.append(name.split(".", 1)[0])
+    return names
+
+
+def select_node(resource: Resource, node_name: str | None = None) -> Node:
+    """This host's node of *resource*: *node_name* (``--node``) or the host name."""
+    if node_name is not None:
+        return resource.node(node_name)
+    for name in host_names():
+        if name in resource.nodes:
+            return resource.nodes[name]
+    raise ConfigError(
+        f"{resource.config_path}: this host ({host_names()[0]}) is not a node of "
+        f"resource {resource.name} (its nodes: {', '.join(sorted(resource.nodes))}); "
+        f"use --node NAME"
+    )
+
+
+def local_node_name(config: Config, node_name: str | None = None) -> str:
+    """The node name this host plays: *node_name*, or the host name (or its
+    short form) when some resource has a node of that name."""
+    if node_name is not None:
+        return node_name
+    names = host_names()
+    for name in names:
+        if any(name in r.nodes for r in config.resources.values()):
+            return name
+    return names[0]
+
+
+# --------------------------------------------------------------------------
+# Loading and validation
+
+
+class _Checker:
+    """Validation helpers that know the file, so errors carry it."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def fail(self, key: str, what: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {key}: {what}")
+
+    def table(self, value: Any, key: str) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a table ([{key}]), not {_kind(value)}")
+        return value
+
+    def keys(self, table: dict, key: str, allowed: set[str], required: set[str]) -> None:
+        for k in table:
+            if k not in allowed:
+                hint = _did_you_mean(k, allowed)
+                raise self.fail(f"{key}.{k}" if key else k,
+                                f"unknown key{hint} (allowed: {', '.join(sorted(allowed))})")
+        for k in sorted(required):
+            if k not in table:
+                raise self.fail(f"{key}.{k}", "required key is missing")
+
+    def string(self, table: dict, key: str, name: str, default: str | None = None) -> str | None:
+        if name not in table:
+            return default
+        v = table[name]
+        if not isinstance(v, str):
+            raise self.fail(f"{key}.{name}", f"must be a string, not {_kind(v)}")
+        if not v.strip():
+            raise self.fail(f"{key}.{name}", "must not be empty")
+        return v
+
+    def abspath(self, table: dict, key: str, name: str, default: str | None = None) -> str | None:
+        v = self.string(table, key, name, default)
+        if v is not None and not os.path.isabs(v):
+            raise self.fail(f"{key}.{name}", f"{v!r} is not an absolute path")
+        return v
+
+    def parsed(self, table: dict, key: str, name: str, default: Any,
+               parse: Callable[[Any], Any]) -> Any:
+        v = table.get(name, default)
+        try:
+            return parse(v)
+        except ValueError as e:
+            raise self.fail(f"{key}.{name}", str(e)) from None
+
+    def integer(self, table: dict, key: str, name: str, default: int, lo: int, hi: int) -> int:
+        v = table.get(name, default)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.fail(f"{key}.{name}", f"must be an integer, not {_kind(v)}")
+        if not lo <= v <= hi:
+            raise self.fail(f"{key}.{name}", f"{v} is out of range ({lo}..{hi})")
+        return v
+
+
+def _kind(v: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "a table"}.get(type(v), type(v).__name__)
+
+
+def _did_you_mean(k: str, allowed: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(k, sorted(allowed), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``name:port`` -> (host, port).
+
+    Raises ValueError naming the value.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"must be a string \"host:port\", not {_kind(text)}")
+    m = re.fullmatch(r"\[([^\]]+)\]:([0-9]+)", text)
+    if m:
+        host, port_s = m.group(1), m.group(2)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        if text.count(":") > 1:
+            raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:7789")
+        if ":" not in text:
+            raise ValueError(f"{text!r} has no port (use host:port, e.g. 10.0.0.1:7789)")
+        host, port_s = text.rsplit(":", 1)
+        if not host:
+            raise ValueError(f"{text!r} has no host (use host:port, e.g. 10.0.0.1:7789)")
+        if re.fullmatch(r"[0-9.]+", host):
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ValueError(f"{text!r}: {host!r} is not an IPv4 address") from None
+        elif not _HOSTNAME.match(host):
+            raise ValueError(f"{text!r}: {host!r} is not a host name")
+    if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+        raise ValueError(f"{text!r}: port {port_s!r} is not a port number (1..65535)")
+    return host, int(port_s)
+
+
+def parse_export(text: str) -> Export:
+    """``unix:/abs/path`` or ``tcp:HOST:PORT`` -> Export. Raises ValueError."""
+    if not isinstance(text, str):
+        raise ValueError(f"must be a string, not {_kind(text)}")
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not os.path.isabs(path):
+            raise ValueError(f"{text!r}: the socket path must be absolute (unix:/run/duplex/r0.nbd)")
+        if len(os.fsencode(path)) > 107:
+            raise ValueError(f"{text!r}: the socket path is longer than 107 bytes")
+        return Export("unix", path=path)
+    if text.startswith("tcp:"):
+        host, port = parse_address(text[len("tcp:"):])
+        return Export("tcp", host=host, port=port)
+    raise ValueError(f"{text!r} is not an export (use unix:PATH or tcp:HOST:PORT)")
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+_RESOURCE_KEYS = {
+    "secret-file", "track-size", "ring-size", "journal-size", "al-extent-size",
+    "al-extents", "batch-bytes", "batch-interval", "connections", "resync-rate",
+    "fence-command", "on",
+}
+_NODE_KEYS = {
+    "address", "device", "meta-dir", "export", "service-address",
+    "service-interface", "mount-point",
+}
+
+
+def _parse_node(c: _Checker, res_name: str, name: str, table: Any) -> Node:
+    key = f"resource.{res_name}.on.{name}"
+    if not _NAME.match(name):
+        raise c.fail(key, f"{name!r} is not a valid node name (letters, digits, '_', '.', '-')")
+    t = c.table(table, key)
+    c.keys(t, key, _NODE_KEYS, {"address", "device", "meta-dir"})
+    address = c.parsed(t, key, "address", None, parse_address)
+    device = c.abspath(t, key, "device")
+    meta_dir = c.abspath(t, key, "meta-dir")
+    export = c.parsed(t, key, "export", f"unix:{DEFAULT_RUN_DIR}/{res_name}.nbd", parse_export)
+    service_address = c.string(t, key, "service-address")
+    if service_address is not None:
+        try:
+            ipaddress.ip_interface(service_address)
+        except ValueError:
+            raise c.fail(f"{key}.service-address",
+                         f"{service_address!r} is not an address with prefix length "
+                         f"(use e.g. 10.0.0.10/24)") from None
+        if "/" not in service_address:
+            raise c.fail(f"{key}.service-address",
+                         f"{service_address!r} needs a prefix length (e.g. {service_address}/24)")
+    service_interface = c.string(t, key, "service-interface")
+    if service_address is not None and service_interface is None:
+        raise c.fail(f"{key}.service-interface",
+                     "required when service-address is set (the interface to put it on)")
+    mount_point = c.abspath(t, key, "mount-point")
+    return Node(name=name, address=address, device=device, meta_dir=meta_dir,
+                export=export, service_address=service_address,
+                service_interface=service_interface, mount_point=mount_point)
+
+
+def _parse_resource(c: _Checker, name: str, table: Any) -> Resource:
+    key = f"resource.{name}"
+    if not _NAME.match(name):
+        raise c.fail(key, f"{name!r} is not a valid resource name (letters, digits, '_', '.', '-')")
+    t = c.table(table, key)
+    c.keys(t, key, _RESOURCE_KEYS, {"secret-file", "on"})
+
+    secret_file = c.abspath(t, key, "secret-file")
+    track_size = c.parsed(t, key, "track-size", "64KiB", parse_size)
+    if not _power_of_two(track_size) or track_size < 4096:
+        raise c.fail(f"{key}.track-size",
+                     f"{t.get('track-size')!r} must be a power of two and at least 4KiB")
+    ring_size = c.parsed(t, key, "ring-size", "64MiB", parse_size)
+    if ring_size < 1 << 20:
+        raise c.fail(f"{key}.ring-size", f"{t.get('ring-size')!r} is too small (at least 1MiB)")
+    journal_size = c.parsed(t, key, "journal-size", "1GiB", parse_size)
+    if journal_size < 1 << 20:
+        raise c.fail(f"{key}.journal-size",
+                     f"{t.get('journal-size')!r} is too small (at least 1MiB)")
+    al_extent_size = c.parsed(t, key, "al-extent-size", "4MiB", parse_size)
+    if al_extent_size < track_size or al_extent_size % track_size:
+        raise c.fail(f"{key}.al-extent-size",
+                     f"{t.get('al-extent-size', '4MiB')!r} must be a multiple of "
+                     f"track-size ({track_size} bytes)")
+    al_extents = c.integer(t, key, "al-extents", 1024, 1, 1 << 20)
+    batch_bytes = c.parsed(t, key, "batch-bytes", "1MiB", parse_size)
+    if not 4096 <= batch_bytes <= ring_size:
+        raise c.fail(f"{key}.batch-bytes",
+                     f"{t.get('batch-bytes', '1MiB')!r} must be between 4KiB and ring-size")
+    batch_interval = c.parsed(t, key, "batch-interval", "2ms", parse_duration)
+    if batch_interval > 10:
+        raise c.fail(f"{key}.batch-interval",
+                     f"{t.get('batch-interval')!r} is too long (at most 10s)")
+    connections = c.integer(t, key, "connections", 1, 1, 64)
+    resync_rate = c.parsed(t, key, "resync-rate", 0, parse_rate)
+    fence_command = c.string(t, key, "fence-command")
+
+    on = c.table(t["on"], f"{key}.on")
+    if len(on) != 2:
+        raise c.fail(f"{key}.on",
+                     f"a resource needs exactly two nodes, found {len(on)}"
+                     + (f" ({', '.join(on)})" if on else ""))
+    nodes = {n: _parse_node(c, name, n, nt) for n, nt in on.items()}
+    return Resource(
+        name=name, secret_file=secret_file, track_size=track_size,
+        ring_size=ring_size, journal_size=journal_size,
+        al_extent_size=al_extent_size, al_extents=al_extents,
+        batch_bytes=batch_bytes, batch_interval_s=batch_interval,
+        connections=connections, resync_rate=resync_rate,
+        fence_command=fence_command, nodes=nodes, config_path=c.path,
+    )
+
+
+def parse_config(text: str, path: str = DEFAULT_CONFIG_PATH) -> Config:
+    """Parse and validate TOML *text*; *path* is used in messages."""
+    c = _Checker(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    c.keys(data, "", {"resource"}, set())
+    resources_t = c.table(data.get("resource", {}), "resource")
+    if not resources_t:
+        raise ConfigError(f"{path}: no resources (add a [resource.NAME] table)")
+    resources = {name: _parse_resource(c, name, t) for name, t in resources_t.items()}
+    return Config(path=path, resources=resources)
+
+
+def default_config_path() -> str:
+    """``$DUPLEX_CONFIG`` if set, else /etc/duplex/duplex.toml."""
+    return os.environ.get("DUPLEX_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str | os.PathLike | None = None) -> Config:
+    """Read and validate the configuration file at *path* (default:
+    :func:`default_config_path`)."""
+    p = str(path) if path is not None else default_config_path()
+    try:
+        text = Path(p).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: configuration file does not exist (use --config FILE)") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    return parse_config(text, p)

@@ -1,0 +1,324 @@
+"""The local control socket of a running node (``meta-dir/control.sock``).
+
+Protocol: newline-delimited JSON over an AF_UNIX stream socket. A request
+is ``{"cmd": NAME, ...args}``; the reply is the handler's dict, or
+``{"error": MESSAGE}``. A connection may carry several requests in turn.
+
+Server: :class:`ControlServer` runs a daemon thread and answers with a
+table ``cmd -> handler``; a handler is called with the request's other keys
+as keyword arguments and returns a JSON-able dict (``add_handler`` lets
+promote, verify, ... plug in more commands). A handler raising
+:class:`DuplexError` answers ``{"error": str(e)}``.
+
+Ownership: the server holds an ``flock`` on ``meta-dir/daemon.lock`` for its
+lifetime, so a second daemon for the same meta-dir is refused while the
+first lives, and a socket file left by a dead one is replaced. The socket
+is created mode 0600 (bound under a temporary name, chmod, renamed into
+place, so it is never reachable with looser permissions).
+
+Socket paths longer than AF_UNIX allows (108 bytes; deep test directories)
+are reached through ``/proc/self/fd/N/`` of an open directory descriptor.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import select
+import socket
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from replicator.errors import DuplexError
+from replicator.metadata import MetaPaths
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 1 << 20  # a request or reply larger than this is refused
+
+Handler = Callable[..., dict]
+
+
+class ControlError(DuplexError):
+    """The control socket could not be used, or the daemon answered an error."""
+
+
+class NotRunningError(ControlError):
+    """Nothing listens on the control socket: the resource is down here."""
+
+
+@contextlib.contextmanager
+def _sun_path(path: Path) -> Iterator[str]:
+    """A name for *path* that fits in sockaddr_un.
+
+    Long paths are reached through /proc/self/fd of an O_PATH descriptor of
+    the directory (bind() and connect() follow that magic link).
+    """
+    if len(os.fsencode(str(path))) <= 107:
+        yield str(path)
+        return
+    dfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{dfd}/{path.name}"
+    finally:
+        os.close(dfd)
+
+
+def _send_json(sock: socket.socket, obj: dict) -> None:
+    sock.sendall(json.dumps(obj, separators=(",", ":")).encode("utf-8") + b"\n")
+
+
+class _LineReader:
+    """Reads newline-terminated lines from a socket, bounded by MAX_LINE."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buf = b""
+
+    def readline(self) -> bytes | None:
+        """The next line without its newline; None at a clean EOF."""
+        while b"\n" not in self.buf:
+            if len(self.buf) > MAX_LINE:
+                raise ValueError(f"line longer than {MAX_LINE} bytes")
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                if self.buf:
+                    raise ValueError("connection closed in the middle of a line")
+                return None
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line
+
+
+class ControlServer:
+    """Answers control requests on a meta-dir's socket from a daemon thread."""
+
+    def __init__(self, meta_dir: str | os.PathLike,
+                 handlers: dict[str, Handler] | None = None, name: str = "control"):
+        self.paths = MetaPaths(meta_dir)
+        self.handlers: dict[str, Handler] = dict(handlers or {})
+        self.name = name
+        self._lock_fd: int | None = None
+        self._sock: socket.socket | None = None
+        self._ino: int | None = None
+        self._wake_r, self._wake_w = -1, -1
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    def add_handler(self, cmd: str, handler: Handler) -> None:
+        """Answer requests ``{"cmd": cmd, ...}`` with ``handler(**args)``."""
+        self.handlers[cmd] = handler
+
+    @property
+    def socket_path(self) -> Path:
+        """Where the server listens."""
+        return self.paths.control_socket
+
+    # -- lifecycle --------------------------------------------------------
+
+    def start(self) -> "ControlServer":
+        """Take the meta-dir's daemon lock, bind the socket, start serving.
+
+        Raises ControlError when another live process already serves this
+        meta-dir.
+        """
+        path = self.socket_path
+        lock_fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise ControlError(
+                f"another process is already running for {self.paths.meta_dir} "
+                f"(it holds {self.paths.lock}; its control socket is {path})"
+            ) from None
+        try:
+            # We hold the lock, so whatever socket file is there is stale.
+            if path.exists() or path.is_symlink():
+                if not path.is_socket():
+                    raise ControlError(f"{path} exists and is not a socket; refusing to replace it")
+                path.unlink()
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.unlink(missing_ok=True)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                with _sun_path(tmp) as name:
+                    sock.bind(name)
+                os.chmod(tmp, 0o600)
+                os.replace(tmp, path)
+                sock.listen(16)
+            except OSError as e:
+                sock.close()
+                tmp.unlink(missing_ok=True)
+                raise ControlError(f"cannot create control socket {path}: {e.strerror}") from None
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        os.ftruncate(lock_fd, 0)
+        os.write(lock_fd, f"{os.getpid()}\n".encode())
+        self._lock_fd, self._sock = lock_fd, sock
+        self._ino = path.stat().st_ino
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, remove the socket file (if still ours), release the lock."""
+        if self._thread is None:
+            return
+        self._stopping.set()
+        os.write(self._wake_w, b"x")
+        self._thread.join(timeout=5)
+        self._thread = None
+        assert self._sock is not None
+        self._sock.close()
+        self._sock = None
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        try:
+            if self.socket_path.stat().st_ino == self._ino:
+                self.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+        assert self._lock_fd is not None
+        os.close(self._lock_fd)  # releases the flock
+        self._lock_fd = None
+
+    def __enter__(self) -> "ControlServer":
+        return self.start() if self._thread is None else self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # -- serving ----------------------------------------------------------
+
+    def _serve(self) -> None:
+        assert self._sock is not None
+        while not self._stopping.is_set():
+            ready, _, _ = select.select([self._sock, self._wake_r], [], [])
+            if self._wake_r in ready:
+                return
+            try:
+                conn, _ = self._sock.accept()
+            except OSError as e:  # e.g. ECONNABORTED: the client went away
+                log.debug("control accept failed: %s", e)
+                continue
+            # One thread per client: a slow handler (promote) must not
+            # block status.
+            threading.Thread(target=self._client, args=(conn,),
+                             name=f"{self.name}-client", daemon=True).start()
+
+    def _client(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(60)
+            reader = _LineReader(conn)
+            while True:
+                try:
+                    line = reader.readline()
+                except (ValueError, OSError) as e:
+                    log.warning("control: dropping client: %s", e)
+                    return
+                if line is None:
+                    return
+                reply = self.dispatch(line)
+                try:
+                    _send_json(conn, reply)
+                except OSError:
+                    return
+
+    def dispatch(self, line: bytes) -> dict:
+        """The reply to one request line (also usable without a socket)."""
+        try:
+            req = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return {"error": f"request is not JSON: {e}"}
+        if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+            return {"error": 'request must be an object with a "cmd" string'}
+        cmd = req.pop("cmd")
+        handler = self.handlers.get(cmd)
+        if handler is None:
+            return {"error": f"unknown command {cmd!r} (known: {', '.join(sorted(self.handlers))})"}
+        try:
+            reply = handler(**req)
+        except DuplexError as e:
+            return {"error": str(e)}
+        except TypeError as e:
+            # Almost always wrong arguments; log in case it was a bug inside.
+            log.exception("control: %s failed", cmd)
+            return {"error": f"{cmd}: {e}"}
+        except Exception as e:  # a bug in a handler must not kill the daemon
+            log.exception("control: %s failed", cmd)
+            return {"error": f"{cmd}: internal error: {type(e).__name__}: {e}"}
+        if not isinstance(reply, dict):
+            return {"error": f"{cmd}: handler returned {type(reply).__name__}, not an object"}
+        return reply
+
+
+def is_running(meta_dir: str | os.PathLike) -> bool:
+    """Whether a daemon holds *meta_dir*'s lock (i.e. runs, whatever it answers)."""
+    try:
+        fd = os.open(MetaPaths(meta_dir).lock, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def request(meta_dir: str | os.PathLike, cmd: str, *, timeout: float = 5.0,
+            resource: str | None = None, check: bool = True, **args: Any) -> dict:
+    """Send ``{"cmd": cmd, **args}`` to the node running in *meta_dir*.
+
+    Returns the reply dict. Raises NotRunningError when nothing listens
+    there, ControlError on a timeout or broken reply, and (with *check*) a
+    ControlError carrying the daemon's message when the reply is an error.
+    *resource* only names the resource in messages.
+    """
+    path = MetaPaths(meta_dir).control_socket
+    what = f"resource {resource}" if resource else f"the resource in {MetaPaths(meta_dir).meta_dir}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        try:
+            with _sun_path(path) as name:
+                sock.connect(name)
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+            raise NotRunningError(
+                f"{what} is not running on this node (no control socket at {path})"
+            ) from None
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                raise NotRunningError(
+                    f"{what} is not running on this node (no control socket at {path})"
+                ) from None
+            raise ControlError(f"cannot connect to {path}: {e.strerror}") from None
+        try:
+            _send_json(sock, {"cmd": cmd, **args})
+            line = _LineReader(sock).readline()
+        except socket.timeout:
+            raise ControlError(f"{what} did not answer {cmd!r} within {timeout:g}s ({path})") from None
+        except (OSError, ValueError) as e:
+            raise ControlError(f"{what}: control connection failed: {e}") from None
+    finally:
+        sock.close()
+    if line is None:
+        raise ControlError(f"{what} closed the control connection without answering {cmd!r}")
+    try:
+        reply = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ControlError(f"{what} sent a reply that is not JSON") from None
+    if not isinstance(reply, dict):
+        raise ControlError(f"{what} sent a reply that is not an object")
+    if check and "error" in reply:
+        raise ControlError(f"{what}: {reply['error']}")
+    return reply

@@ -1,0 +1,661 @@
+"""The secondary's journal: received records, durable before they are acked.
+
+Theory of operation
+-------------------
+The journal is one preallocated file::
+
+    [0, 4096)       superblock slot 0
+    [4096, 8192)    superblock slot 1
+    [8192, size)    the log area, used as a circular log of entries
+
+**Superblock.** Magic, format version, the resource's UUID, the file size,
+a generation counter, and the *checkpoint*: the seq through which records
+are applied to the image (and the image fdatasynced), the token of that
+last applied record (for its timestamp), and where the live log starts
+(position, LSN and chain value of its first entry). Each write goes to the
+slot the previous one did not use, so a torn superblock write leaves the
+previous superblock intact; :meth:`Journal.open` takes the valid slot with
+the higher generation.
+
+**Entries.** ``header (40 bytes) + payload``, padded to 8 bytes::
+
+    u32 magic   u16 type   u16 flags   u64 lsn   u32 payload_len
+    u32 prev    (crc of the previous entry: a chain)
+    u64 seq_hi  (highest seq the entry holds)
+    u32 crc     (CRC32C of the header with crc = 0, then the payload)
+    u32 reserved
+
+A RECORDS payload is one or more records in :mod:`replicator.records`
+encoding, so a DATA frame's validated records go to disk in one write. A
+TOKENS payload is a list of 48-byte tokens (announcements without data).
+INCR_DATA / INCR_COMMIT are reserved for staged catch-up increments.
+
+An entry never spans the end of the log area: when it does not fit, it is
+written at the start of the area instead, and a reader that finds no valid
+entry at the current position looks at the start. An entry is valid only
+if its magic, LSN (previous + 1), chain value (the previous entry's crc)
+and crc all match, so stale entries from earlier laps -- and entries left
+behind a torn tail that was later overwritten -- are never mistaken for
+live ones. :meth:`Journal.open` scans the live log from the checkpoint and
+stops at the first invalid entry: a torn tail was never committed, hence
+never acked, and the primary still has it.
+
+**Space.** An entry is freed by :meth:`Journal.checkpoint` once every
+record it holds is applied (``seq_hi <= applied_seq``), oldest first. Data
+arrives out of seq order, so a record's own position says nothing about
+what may be freed; the entry's seq_hi does. An append that would overwrite
+a live entry raises :class:`JournalFull` (or check :meth:`Journal.has_room`
+first): the receiver stops reading from its sockets until the applier
+catches up. The journal never overwrites unapplied data.
+
+**Contract with the receiver and the applier.**
+
+1. ``append`` the records (one entry per DATA frame), ``commit`` once for a
+   batch of appends (one fdatasync), and only then hand the positions to
+   the pending queue (:meth:`PendingQueue.add_record`) and ack "journaled
+   through". The applier must never apply a record that is not durable
+   here, or a secondary crash could leave a later write in the image
+   without an earlier one.
+2. After writing runs to the image and fdatasyncing it, call
+   ``checkpoint(applied_seq, applied_token)``.
+3. On restart, ``open`` then :meth:`Journal.replay` into
+   :meth:`PendingQueue.rebuild` with ``applied_through = journal.applied_seq``;
+   records between the checkpoint and the crash are applied again, in
+   order, which restores the image exactly (every op overwrites its whole
+   range).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import struct
+import uuid as uuidlib
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from replicator.crc32c import crc32c
+from replicator.errors import DuplexError
+from replicator.records import (HEADER_SIZE, RecordError, Token, iter_tokens, padded,
+                                record_crc, unpack_token)
+
+FORMAT_VERSION = 1
+SB_MAGIC = b"DPXJRNL\0"
+SB_SLOT_SIZE = 4096
+SB_OFFSETS = (0, SB_SLOT_SIZE)
+AREA_START = 2 * SB_SLOT_SIZE
+MIN_AREA = 4096
+
+# magic, version, flags, uuid, size, gen, applied_seq, tail_pos, tail_lsn,
+# tail_prev, has_token, applied_token, reserved; then u32 crc.
+_SB = struct.Struct("<8sII16sQQQQQIII48s")
+_SB_CRC = struct.Struct("<I")
+_SB_VERSION_AT = 8  # the version sits here in every format version
+
+ENTRY_MAGIC = 0x4C4E524A  # "JRNL"
+ENTRY_RECORDS = 1
+ENTRY_TOKENS = 2
+ENTRY_INCR_DATA = 3    # reserved: staged catch-up increment data
+ENTRY_INCR_COMMIT = 4  # reserved: the COMMIT(k) marker of an increment
+ENTRY_TYPE_NAMES = {ENTRY_RECORDS: "records", ENTRY_TOKENS: "tokens",
+                    ENTRY_INCR_DATA: "increment data", ENTRY_INCR_COMMIT: "increment commit"}
+# magic, type, flags, lsn, payload_len, prev, seq_hi, crc, reserved
+_EH = struct.Struct("<IHHQIIQII")
+ENTRY_HEADER_SIZE = _EH.size  # 40
+_EH_CRC_AT = 32
+
+
+class JournalError(DuplexError):
+    """The journal file is unusable or an operation on it failed; the
+    message names the file and what is wrong."""
+
+
+class JournalFull(JournalError):
+    """An append would overwrite entries not yet applied: stop reading from
+    the peer until the applier checkpoints (backpressure)."""
+
+
+@dataclass(frozen=True, slots=True)
+class JournalPos:
+    """Where one record lives: file *offset* and *size* (encoded record
+    bytes), with its *seq* and the *lsn* of the entry holding it."""
+
+    offset: int
+    size: int
+    seq: int
+    lsn: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """Index of one live entry (the payload stays on disk)."""
+
+    pos: int
+    size: int  # header + padded payload
+    lsn: int
+    prev: int
+    crc: int
+    type: int
+    payload_len: int
+    seq_hi: int
+
+
+def entry_size(payload_len: int) -> int:
+    """Bytes an entry with *payload_len* payload bytes takes in the log."""
+    return ENTRY_HEADER_SIZE + padded(payload_len)
+
+
+def _as_uuid_bytes(u: bytes | uuidlib.UUID) -> bytes:
+    b = u.bytes if isinstance(u, uuidlib.UUID) else bytes(u)
+    if len(b) != 16:
+        raise ValueError(f"resource uuid must be 16 bytes, got {len(b)}")
+    return b
+
+
+def _pread_exact(fd: int, n: int, offset: int) -> bytes:
+    chunks = []
+    while n:
+        b = os.pread(fd, n, offset)
+        if not b:
+            break
+        chunks.append(b)
+        n -= len(b)
+        offset += len(b)
+    return b"".join(chunks)
+
+
+def _pwritev_all(fd: int, bufs: list, offset: int) -> None:
+    """pwritev until every byte of *bufs* is written (short writes happen)."""
+    views = [memoryview(b).cast("B") for b in bufs if len(b)]
+    while views:
+        n = os.pwritev(fd, views, offset)
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+
+
+class Journal:
+    """An open journal. Use :meth:`create` or :meth:`open`, not the
+    constructor. Not thread-safe: the secondary serialises calls."""
+
+    def __init__(self, path: str, fd: int, uuid: bytes, size: int) -> None:
+        self.path = path
+        self._fd = fd
+        self.uuid = uuid
+        self.size = size
+        self._area_end = size
+        self._gen = 0
+        self._applied_seq = 0
+        self._applied_token: Token | None = None
+        self._live: deque[_Entry] = deque()
+        self._head = AREA_START
+        self._next_lsn = 1
+        self._prev = 0  # chain value the next entry carries
+        self._committed_lsn = 0
+
+    # -- creating and opening --------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, uuid: bytes | uuidlib.UUID, size: int,
+               overwrite: bool = False) -> Journal:
+        """Create and preallocate a journal of *size* bytes for resource
+        *uuid*; returns it open. Refuses an existing file unless
+        *overwrite*, which starts the file over (all its data is dropped).
+        """
+        path = os.fspath(path)
+        ub = _as_uuid_bytes(uuid)
+        if size % 4096 or size < AREA_START + MIN_AREA:
+            raise JournalError(
+                f"journal {path}: size {size} must be a multiple of 4096 and at least "
+                f"{AREA_START + MIN_AREA} bytes")
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        flags |= os.O_TRUNC if overwrite else os.O_EXCL
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileExistsError:
+            raise JournalError(f"journal {path}: already exists (refusing to overwrite it)") from None
+        except OSError as e:
+            raise JournalError(f"journal {path}: cannot create: {e.strerror}") from None
+        try:
+            cls._lock(path, fd)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                raise JournalError(f"journal {path}: cannot preallocate {size} bytes: "
+                                   f"{e.strerror}") from None
+            j = cls(path, fd, ub, size)
+            # A random chain seed: entries of an earlier journal at this path
+            # can never continue this one's chain.
+            j._prev = int.from_bytes(os.urandom(4), "little")
+            j._write_superblock(fsync=False)
+            j._write_superblock(fsync=True)  # both slots valid from the start
+            dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)  # the new name itself must survive a crash
+            finally:
+                os.close(dfd)
+            return j
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, uuid: bytes | uuidlib.UUID) -> Journal:
+        """Open the journal of resource *uuid* and scan its live log.
+
+        Raises JournalError naming the file and the reason: missing, too
+        short or truncated, not a journal, another resource's, another
+        format version, both superblocks damaged, or in use.
+        """
+        path = os.fspath(path)
+        ub = _as_uuid_bytes(uuid)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise JournalError(f"journal {path}: no such file") from None
+        except OSError as e:
+            raise JournalError(f"journal {path}: cannot open: {e.strerror}") from None
+        try:
+            cls._lock(path, fd)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise JournalError(f"journal {path}: not a regular file")
+            sb = cls._read_superblock(path, fd, st.st_size)
+            (_, _, _, sb_uuid, size, gen, applied, tail_pos, tail_lsn, tail_prev,
+             has_token, _, tok_bytes) = sb
+            if sb_uuid != ub:
+                raise JournalError(
+                    f"journal {path}: belongs to resource {uuidlib.UUID(bytes=sb_uuid)}, "
+                    f"not {uuidlib.UUID(bytes=ub)}")
+            if st.st_size < size:
+                raise JournalError(
+                    f"journal {path}: truncated: the file is {st.st_size} bytes but its "
+                    f"superblock says {size}")
+            if not AREA_START <= tail_pos <= size:
+                raise JournalError(f"journal {path}: superblock checkpoint position "
+                                   f"{tail_pos} lies outside the log area")
+            j = cls(path, fd, ub, size)
+            j._gen = gen
+            j._applied_seq = applied
+            if has_token:
+                try:
+                    j._applied_token = unpack_token(tok_bytes)
+                except RecordError as e:
+                    raise JournalError(f"journal {path}: checkpoint token: {e}") from None
+            j._head, j._next_lsn, j._prev = tail_pos, tail_lsn, tail_prev
+            j._scan()
+            j._committed_lsn = j._next_lsn - 1
+            return j
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @staticmethod
+    def _lock(path: str, fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JournalError(f"journal {path}: in use by another process") from None
+
+    @staticmethod
+    def _read_superblock(path: str, fd: int, file_size: int) -> tuple:
+        """The valid superblock with the highest generation, or a clear error."""
+        if file_size < AREA_START + MIN_AREA:
+            raise JournalError(
+                f"journal {path}: too short ({file_size} bytes) to be a journal: "
+                f"torn or truncated")
+        best = None
+        reasons = []
+        versions = set()
+        for slot, off in enumerate(SB_OFFSETS):
+            raw = _pread_exact(fd, _SB.size + _SB_CRC.size, off)
+            if raw[:8] != SB_MAGIC:
+                reasons.append(f"slot {slot}: no journal magic")
+                continue
+            (version,) = struct.unpack_from("<I", raw, _SB_VERSION_AT)
+            if version != FORMAT_VERSION:
+                versions.add(version)
+                reasons.append(f"slot {slot}: format version {version}")
+                continue
+            (crc,) = _SB_CRC.unpack_from(raw, _SB.size)
+            if crc32c(raw[:_SB.size]) != crc:
+                reasons.append(f"slot {slot}: checksum mismatch")
+                continue
+            fields = _SB.unpack_from(raw)
+            if best is None or fields[5] > best[5]:
+                best = fields
+        if best is not None:
+            return best
+        if versions:
+            raise JournalError(
+                f"journal {path}: format version {', '.join(map(str, sorted(versions)))}; "
+                f"this Duplex reads version {FORMAT_VERSION}")
+        if all("no journal magic" in r for r in reasons):
+            raise JournalError(f"journal {path}: not a Duplex journal (no superblock magic)")
+        raise JournalError(f"journal {path}: both superblocks are damaged "
+                           f"({'; '.join(reasons)})")
+
+    def _write_superblock(self, fsync: bool = True) -> None:
+        """Write the checkpoint to the slot the last write did not use."""
+        if self._live:
+            t = self._live[0]
+            tail = (t.pos, t.lsn, t.prev)
+        else:
+            tail = (self._head, self._next_lsn, self._prev)
+        gen = self._gen + 1
+        tok = self._applied_token
+        body = _SB.pack(SB_MAGIC, FORMAT_VERSION, 0, self.uuid, self.size, gen,
+                        self._applied_seq, *tail, 1 if tok else 0, 0,
+                        tok.pack() if tok else b"\0" * HEADER_SIZE)
+        block = body + _SB_CRC.pack(crc32c(body))
+        try:
+            _pwritev_all(self._fd, [block], SB_OFFSETS[gen % 2])
+            if fsync:
+                os.fdatasync(self._fd)
+        except OSError as e:
+            raise JournalError(f"journal {self.path}: superblock write failed: "
+                               f"{e.strerror}") from None
+        self._gen = gen
+
+    # -- the log ------------------------------------------------------------
+
+    def _read_entry(self, pos: int, lsn: int, prev: int) -> _Entry | None:
+        """The entry at *pos* if it is the valid continuation of the chain."""
+        if pos + ENTRY_HEADER_SIZE > self._area_end:
+            return None
+        raw = _pread_exact(self._fd, ENTRY_HEADER_SIZE, pos)
+        if len(raw) < ENTRY_HEADER_SIZE:
+            return None
+        magic, etype, _flags, e_lsn, plen, e_prev, seq_hi, crc, _ = _EH.unpack(raw)
+        if magic != ENTRY_MAGIC or e_lsn != lsn or e_prev != prev:
+            return None
+        size = entry_size(plen)
+        if pos + size > self._area_end:
+            return None
+        payload = _pread_exact(self._fd, plen, pos + ENTRY_HEADER_SIZE)
+        hdr0 = raw[:_EH_CRC_AT] + b"\0\0\0\0" + raw[_EH_CRC_AT + 4:]
+        if len(payload) != plen or crc32c(payload, crc32c(hdr0)) != crc:
+            return None
+        if etype not in ENTRY_TYPE_NAMES:
+            # Intact and in the chain, yet of a type we do not know: written
+            # by a newer Duplex. Skipping it would drop data.
+            raise JournalError(f"journal {self.path}: entry lsn {lsn} at offset {pos} has "
+                               f"unknown type {etype} (written by a newer version?)")
+        return _Entry(pos, size, lsn, prev, crc, etype, plen, seq_hi)
+
+    def _scan(self) -> None:
+        """Index the live log from the checkpoint to the first invalid entry."""
+        used = 0
+        area = self._area_end - AREA_START
+        while True:
+            e = self._read_entry(self._head, self._next_lsn, self._prev)
+            if e is None and self._head != AREA_START:
+                # The writer puts an entry at the start when it did not fit.
+                e = self._read_entry(AREA_START, self._next_lsn, self._prev)
+                if e is not None:
+                    used += self._area_end - self._head
+            if e is None or used + e.size > area:
+                break
+            used += e.size
+            self._live.append(e)
+            self._head = e.pos + e.size
+            self._next_lsn = e.lsn + 1
+            self._prev = e.crc
+
+    def _place(self, size: int) -> int | None:
+        """Where an entry of *size* bytes goes, or None if it would
+        overwrite a live entry."""
+        start, end, head = AREA_START, self._area_end, self._head
+        if size > end - start:
+            return None
+        if not self._live:
+            return head if head + size <= end else start
+        tail = self._live[0].pos
+        if head > tail:
+            if head + size <= end:
+                return head
+            return start if start + size <= tail else None
+        return head if head + size <= tail else None
+
+    def has_room(self, payload_len: int) -> bool:
+        """Would an entry with *payload_len* payload bytes fit right now?"""
+        return self._place(entry_size(payload_len)) is not None
+
+    def _append_entry(self, etype: int, payload, seq_hi: int) -> _Entry:
+        plen = len(payload)
+        size = entry_size(plen)
+        if size > self._area_end - AREA_START:
+            raise ValueError(f"journal {self.path}: an entry of {size} bytes can never fit "
+                             f"in a log area of {self._area_end - AREA_START} bytes")
+        pos = self._place(size)
+        if pos is None:
+            oldest = self._live[0]
+            raise JournalFull(
+                f"journal {self.path}: full ({self.used_bytes} of {self.area_size} bytes used; "
+                f"the oldest entry holds seqs up to {oldest.seq_hi}, applied only through "
+                f"{self._applied_seq}); cannot take {size} more bytes")
+        hdr0 = _EH.pack(ENTRY_MAGIC, etype, 0, self._next_lsn, plen, self._prev, seq_hi, 0, 0)
+        crc = crc32c(payload, crc32c(hdr0))
+        hdr = _EH.pack(ENTRY_MAGIC, etype, 0, self._next_lsn, plen, self._prev, seq_hi, crc, 0)
+        pad = b"\0" * (size - ENTRY_HEADER_SIZE - plen)
+        try:
+            _pwritev_all(self._fd, [hdr, payload, pad], pos)
+        except OSError as e:
+            raise JournalError(f"journal {self.path}: write of {size} bytes at offset {pos} "
+                               f"failed: {e.strerror}") from None
+        e = _Entry(pos, size, self._next_lsn, self._prev, crc, etype, plen, seq_hi)
+        self._live.append(e)
+        self._head = pos + size
+        self._next_lsn += 1
+        self._prev = crc
+        return e
+
+    # -- public API -----------------------------------------------------
+
+    def append(self, records: bytes | bytearray | memoryview) -> list[tuple[Token, JournalPos]]:
+        """Append validated records (one or more, records.py encoding) as
+        one entry with one write; returns each record's token and position.
+
+        Not durable until :meth:`commit`. Raises JournalFull if the entry
+        would overwrite unapplied data (nothing is written then), RecordError
+        if *records* does not parse.
+        """
+        mv = memoryview(records).cast("B")
+        found = []
+        off = 0
+        while off < len(mv):
+            tok = unpack_token(mv, off)
+            if off + tok.size > len(mv):
+                raise RecordError(f"record seq {tok.seq}: data runs past the end of the buffer")
+            found.append((tok, off))
+            off += tok.size
+        if not found:
+            raise ValueError("append() needs at least one record")
+        e = self._append_entry(ENTRY_RECORDS, mv, max(t.seq for t, _ in found))
+        base = e.pos + ENTRY_HEADER_SIZE
+        return [(t, JournalPos(base + o, t.size, t.seq, e.lsn)) for t, o in found]
+
+    def append_tokens(self, tokens: bytes | bytearray | memoryview) -> list[Token]:
+        """Append a TOKENS payload (48-byte headers, no data) as one entry,
+        so announcements survive a restart for the loss report."""
+        mv = memoryview(tokens).cast("B")
+        toks = list(iter_tokens(mv))
+        if not toks:
+            raise ValueError("append_tokens() needs at least one token")
+        self._append_entry(ENTRY_TOKENS, mv, max(t.seq for t in toks))
+        return toks
+
+    def commit(self) -> int:
+        """Make every entry appended so far durable with one fdatasync.
+
+        Returns the LSN committed through. Call once per batch of appends
+        (group commit), then ack "journaled through".
+        """
+        lsn = self._next_lsn - 1
+        if lsn == self._committed_lsn:
+            return lsn
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            raise JournalError(f"journal {self.path}: fdatasync failed: {e.strerror}") from None
+        self._committed_lsn = lsn
+        return lsn
+
+    def read_record(self, pos: JournalPos, verify: bool = True) -> bytes:
+        """The record (header + padded data) at *pos*, read with pread.
+
+        With *verify*, the header's seq and the record CRC are checked, so
+        a damaged journal is never applied to the image (JournalError).
+        """
+        try:
+            raw = _pread_exact(self._fd, pos.size, pos.offset)
+        except OSError as e:
+            raise JournalError(f"journal {self.path}: read of seq {pos.seq} at offset "
+                               f"{pos.offset} failed: {e.strerror}") from None
+        if verify:
+            try:
+                if len(raw) != pos.size:
+                    raise RecordError("short read")
+                tok = unpack_token(raw)
+                if tok.seq != pos.seq or tok.size != pos.size:
+                    raise RecordError(f"found record seq {tok.seq} of {tok.size} bytes")
+                data = memoryview(raw)[HEADER_SIZE:HEADER_SIZE + tok.data_len]
+                if record_crc(raw, data) != tok.crc:
+                    raise RecordError("CRC mismatch")
+            except RecordError as e:
+                raise JournalError(f"journal {self.path}: record seq {pos.seq} at offset "
+                                   f"{pos.offset} is damaged: {e}") from None
+        return raw
+
+    def checkpoint(self, applied_seq: int, applied_token: Token | None = None) -> int:
+        """Record that every seq <= *applied_seq* is in the image, which the
+        caller has already fdatasynced; frees the entries that hold only
+        applied records. Writes the superblock durably (one fdatasync, which
+        also commits pending appends). Returns the bytes freed.
+
+        No record position is needed: since data arrives out of seq order,
+        entries are freed by their highest seq, oldest first.
+        """
+        if applied_seq < self._applied_seq:
+            raise ValueError(f"checkpoint({applied_seq}) goes back from {self._applied_seq}")
+        if applied_token is not None and applied_token.seq != applied_seq:
+            raise ValueError(f"applied_token has seq {applied_token.seq}, not {applied_seq}")
+        n = 0
+        while n < len(self._live) and self._live[n].seq_hi <= applied_seq:
+            n += 1
+        before = self.used_bytes
+        freed = list(self._live)[:n]
+        old = (self._applied_seq, self._applied_token)
+        for _ in range(n):
+            self._live.popleft()
+        self._applied_seq = applied_seq
+        if applied_token is not None or applied_seq != old[0]:
+            self._applied_token = applied_token
+        try:
+            # Durable before the freed space can be reused: otherwise a
+            # crash would leave the old superblock pointing at overwritten
+            # entries.
+            self._write_superblock(fsync=True)
+        except BaseException:
+            self._live.extendleft(reversed(freed))
+            self._applied_seq, self._applied_token = old
+            raise
+        self._committed_lsn = self._next_lsn - 1
+        return before - self.used_bytes
+
+    def replay(self) -> Iterator[tuple[Token, JournalPos | None]]:
+        """Every record and token in the live log, in log order.
+
+        Yields ``(token, pos)`` for a record and ``(token, None)`` for a
+        token-only announcement; feed it to :meth:`PendingQueue.rebuild`
+        with ``applied_through=self.applied_seq``. The log was validated by
+        :meth:`open` (a torn tail is already cut off).
+        """
+        for e in list(self._live):
+            if e.type in (ENTRY_INCR_DATA, ENTRY_INCR_COMMIT):
+                raise JournalError(
+                    f"journal {self.path}: entry lsn {e.lsn} holds "
+                    f"{ENTRY_TYPE_NAMES[e.type]}, which this version cannot replay")
+            base = e.pos + ENTRY_HEADER_SIZE
+            payload = _pread_exact(self._fd, e.payload_len, base)
+            if e.type == ENTRY_TOKENS:
+                for tok in iter_tokens(payload):
+                    yield tok, None
+                continue
+            off = 0
+            while off < e.payload_len:
+                tok = unpack_token(payload, off)
+                yield tok, JournalPos(base + off, tok.size, tok.seq, e.lsn)
+                off += tok.size
+
+    # -- state ------------------------------------------------------------
+
+    @property
+    def applied_seq(self) -> int:
+        """Seq of the last checkpoint: the image holds every seq <= it."""
+        return self._applied_seq
+
+    @property
+    def applied_token(self) -> Token | None:
+        """Token of the last applied record at the last checkpoint, if given."""
+        return self._applied_token
+
+    @property
+    def area_size(self) -> int:
+        """Bytes of the log area (the file minus the superblocks)."""
+        return self._area_end - AREA_START
+
+    @property
+    def used_bytes(self) -> int:
+        """Log bytes held by live entries (and the gaps they wrapped over)."""
+        if not self._live:
+            return 0
+        tail = self._live[0].pos
+        if self._head > tail:
+            return self._head - tail
+        return (self._area_end - tail) + (self._head - AREA_START)
+
+    @property
+    def free_bytes(self) -> int:
+        """Log bytes not held by live entries (not all contiguous)."""
+        return self.area_size - self.used_bytes
+
+    @property
+    def entries(self) -> int:
+        """Number of live entries."""
+        return len(self._live)
+
+    @property
+    def next_lsn(self) -> int:
+        """LSN the next entry will carry."""
+        return self._next_lsn
+
+    @property
+    def committed_lsn(self) -> int:
+        """Every entry with an LSN <= this is durable."""
+        return self._committed_lsn
+
+    def close(self) -> None:
+        """Close the file (uncommitted appends may be lost, as in a crash)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<Journal {self.path} applied={self._applied_seq} entries={len(self._live)} "
+                f"used={self.used_bytes}/{self.area_size}>")
+
+
+__all__ = ["Journal", "JournalError", "JournalFull", "JournalPos", "entry_size",
+           "ENTRY_RECORDS", "ENTRY_TOKENS", "ENTRY_INCR_DATA", "ENTRY_INCR_COMMIT",
+           "FORMAT_VERSION"]

@@ -1,0 +1,187 @@
+"""The loss report a promotion writes (seed 001, FIG. 5 and §2.7). Pure.
+
+After the primary is lost, the secondary applies every in-order run; the
+image is then the primary's exact state after write A (the *consistent
+point*). The report says:
+
+* A and its timestamp: the image holds every write up to and including A
+  and nothing after it;
+* every write known to be lost after A, in order: its address (volume,
+  offset, length, op), its timestamp, and whether its data had arrived
+  (arrived but unapplied, because an earlier write was missing: seed
+  001's seqs 131 and 135) -- or that it was never announced, so its
+  address is unknown;
+* that nothing after the last token received is known: writes the primary
+  sequenced later never reached this host, not even as tokens.
+
+:func:`build_loss_report` turns :meth:`PendingQueue.loss_view` into a
+:class:`LossReport`; ``to_json`` is for machines, ``to_text`` for people.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+from replicator.pending import LossView
+from replicator.records import OP_NAMES
+
+REPORT_FORMAT = 1
+
+
+def iso_utc(ts_ns: int | None) -> str | None:
+    """*ts_ns* (ns since the epoch) as ISO 8601 UTC with nanoseconds."""
+    if ts_ns is None:
+        return None
+    secs, ns = divmod(ts_ns, 1_000_000_000)
+    stamp = datetime.fromtimestamp(secs, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{ns:09d}Z"
+
+
+@dataclass(frozen=True, slots=True)
+class LostWrite:
+    """One write after the consistent point. Address fields are None when
+    the write was never announced (``announced`` False)."""
+
+    seq: int
+    volume: int | None
+    offset: int | None
+    length: int | None
+    op: str | None
+    ts_ns: int | None
+    data_arrived: bool
+    announced: bool
+
+
+@dataclass(frozen=True)
+class LossReport:
+    """Seed 001's recovery report: consistent through A, and what was lost."""
+
+    consistent_through_seq: int
+    consistent_through_ts_ns: int | None
+    lost: list[LostWrite]
+    last_known_seq: int
+    note: str
+    resource: str | None = None
+    created_ns: int | None = None
+    format: int = field(default=REPORT_FORMAT)
+
+    @property
+    def lost_with_data(self) -> list[LostWrite]:
+        """Lost writes whose data had arrived (present but not applied)."""
+        return [w for w in self.lost if w.data_arrived]
+
+    def to_dict(self) -> dict:
+        """The report as plain data (ints, strings, lists), ISO times added."""
+        d = {
+            "format": self.format,
+            "resource": self.resource,
+            "created_ns": self.created_ns,
+            "created": iso_utc(self.created_ns),
+            "consistent_through_seq": self.consistent_through_seq,
+            "consistent_through_ts_ns": self.consistent_through_ts_ns,
+            "consistent_through_time": iso_utc(self.consistent_through_ts_ns),
+            "last_known_seq": self.last_known_seq,
+            "note": self.note,
+            "lost": [],
+        }
+        for w in self.lost:
+            e = asdict(w)
+            e["time"] = iso_utc(w.ts_ns)
+            d["lost"].append(e)
+        return d
+
+    def to_json(self) -> str:
+        """The report as JSON (indented, stable key order)."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> LossReport:
+        """Read back a report written by :meth:`to_json`.
+
+        Raises ValueError naming the missing or malformed field.
+        """
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"loss report is not JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError("loss report is not a JSON object")
+        if d.get("format") != REPORT_FORMAT:
+            raise ValueError(f"loss report format {d.get('format')!r} is not {REPORT_FORMAT}")
+        try:
+            lost = [LostWrite(e["seq"], e["volume"], e["offset"], e["length"], e["op"],
+                              e["ts_ns"], e["data_arrived"], e["announced"])
+                    for e in d["lost"]]
+            return cls(d["consistent_through_seq"], d["consistent_through_ts_ns"], lost,
+                       d["last_known_seq"], d["note"], d.get("resource"), d.get("created_ns"))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"loss report lacks or mangles field {e}") from None
+
+    def to_text(self) -> str:
+        """The report for people: one line per lost write, UTC times.
+
+        Consecutive seqs that were never announced share one line, since
+        nothing distinguishes them.
+        """
+        a = self.consistent_through_seq
+        lines = []
+        title = "Duplex loss report"
+        if self.resource:
+            title += f" for resource {self.resource}"
+        if self.created_ns is not None:
+            title += f", written {iso_utc(self.created_ns)}"
+        lines.append(title)
+        when = iso_utc(self.consistent_through_ts_ns)
+        lines.append(f"Consistent through seq {a}"
+                     + (f" (written on the primary at {when})" if when else " (time unknown)")
+                     + f": the image holds every write up to and including seq {a}"
+                     " and none after it.")
+        if not self.lost:
+            lines.append("No write after that point is known to be lost.")
+        else:
+            n_data = len(self.lost_with_data)
+            lines.append(f"Writes known lost after seq {a}: {len(self.lost)} "
+                         f"({n_data} with data received but not applied):")
+            width = len(str(self.last_known_seq))
+            i = 0
+            while i < len(self.lost):
+                w = self.lost[i]
+                if not w.announced:
+                    j = i
+                    while (j + 1 < len(self.lost) and not self.lost[j + 1].announced
+                           and self.lost[j + 1].seq == self.lost[j].seq + 1):
+                        j += 1
+                    seqs = (f"{w.seq}" if j == i else f"{w.seq}-{self.lost[j].seq}")
+                    lines.append(f"  seq {seqs:>{width}}  never announced: address unknown")
+                    i = j + 1
+                    continue
+                # A trim or zero carries no data: its record is what arrives.
+                what = "data" if w.op == "write" else "record"
+                state = (f"{what} received, not applied" if w.data_arrived
+                         else f"{what} not received")
+                lines.append(f"  seq {w.seq:>{width}}  vol {w.volume}  {w.op:<5}  "
+                             f"offset {w.offset}  length {w.length}  "
+                             f"{iso_utc(w.ts_ns)}  {state}")
+                i += 1
+        lines.append(self.note)
+        return "\n".join(lines) + "\n"
+
+
+def build_loss_report(view: LossView, resource: str | None = None,
+                      created_ns: int | None = None) -> LossReport:
+    """The loss report for the state *view* describes (see module doc)."""
+    lost = []
+    for e in view.entries:
+        t = e.token
+        if t is None:
+            lost.append(LostWrite(e.seq, None, None, None, None, None, False, False))
+        else:
+            lost.append(LostWrite(e.seq, t.volume, t.offset, t.length,
+                                  OP_NAMES.get(t.op, f"op{t.op}"), t.ts_ns,
+                                  e.data_arrived, True))
+    ts = view.applied_token.ts_ns if view.applied_token is not None else None
+    note = (f"Nothing after seq {view.last_token_seq} is known: writes the primary "
+            f"sequenced later never reached this host, not even as tokens.")
+    return LossReport(view.applied_through, ts, lost, view.last_token_seq, note,
+                      resource, created_ns)

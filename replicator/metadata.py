@@ -1,0 +1,313 @@
+"""This node's metadata for one resource, and the names of every file in
+its meta-dir.
+
+The metadata is a small JSON document::
+
+    {"magic": "duplex-metadata", "version": 1, "crc32c": N, "body": {...}}
+
+where ``crc32c`` is the CRC32C of the body serialised canonically (sorted
+keys, no spaces, UTF-8). A file whose magic, version or checksum is wrong,
+or that belongs to another resource or node, is refused with an error that
+says which; it is never silently used (DESIGN §5).
+
+Saving is atomic: write a temporary file in the same directory, fsync it,
+rename it over the old one, fsync the directory. A crash leaves either the
+old or the new metadata, never a torn one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from replicator.crc32c import crc32c
+from replicator.errors import DuplexError
+
+MAGIC = "duplex-metadata"
+VERSION = 1
+
+ROLE_PRIMARY = "Primary"
+ROLE_SECONDARY = "Secondary"
+ROLES = (ROLE_PRIMARY, ROLE_SECONDARY)
+
+DISK_UPTODATE = "UpToDate"
+DISK_CONSISTENT = "Consistent"
+DISK_INCONSISTENT = "Inconsistent"
+DISK_OUTDATED = "Outdated"
+DISK_STATES = (DISK_UPTODATE, DISK_CONSISTENT, DISK_INCONSISTENT, DISK_OUTDATED)
+
+
+class MetadataError(DuplexError):
+    """Metadata is missing, damaged, foreign or of an unsupported version."""
+
+
+@dataclass(frozen=True)
+class MetaPaths:
+    """Every file a node keeps in its meta-dir, named in one place."""
+
+    meta_dir: Path
+
+    def __init__(self, meta_dir: str | os.PathLike):
+        object.__setattr__(self, "meta_dir", Path(meta_dir))
+
+    @property
+    def metadata(self) -> Path:
+        """The metadata document (this module)."""
+        return self.meta_dir / "metadata.json"
+
+    @property
+    def bitmap(self) -> Path:
+        """The persisted out-of-sync bitmap (primary)."""
+        return self.meta_dir / "oos.bitmap"
+
+    @property
+    def activity_log(self) -> Path:
+        """The activity log of hot extents (primary, DESIGN §5)."""
+        return self.meta_dir / "activity.log"
+
+    @property
+    def journal(self) -> Path:
+        """The secondary's record journal (preallocated)."""
+        return self.meta_dir / "journal"
+
+    @property
+    def control_socket(self) -> Path:
+        """The local control socket of the running daemon."""
+        return self.meta_dir / "control.sock"
+
+    @property
+    def lock(self) -> Path:
+        """flock()ed by the running daemon: one daemon per meta-dir."""
+        return self.meta_dir / "daemon.lock"
+
+    @property
+    def attach(self) -> Path:
+        """What ``duplex attach`` set up (so ``detach`` can undo it)."""
+        return self.meta_dir / "attach.json"
+
+    @property
+    def loss_report(self) -> Path:
+        """The JSON loss report written by ``duplex promote``."""
+        return self.meta_dir / "loss-report.json"
+
+
+def new_uuid() -> str:
+    """A random 16-byte identifier, as 32 hex digits."""
+    return secrets.token_hex(16)
+
+
+@dataclass
+class Metadata:
+    """One node's persistent state for one resource.
+
+    Identifiers are 32 hex digits. ``generation`` is the current data
+    generation (DRBD's current UUID); ``bitmap_uuid`` the generation the
+    OOS bitmap is relative to (None when the bitmap is empty of meaning);
+    ``history`` the older generations, newest first.
+    """
+
+    resource: str
+    node: str
+    resource_uuid: str
+    node_uuid: str
+    generation: str
+    device_size: int
+    track_size: int
+    history: list[str] = field(default_factory=list)
+    bitmap_uuid: str | None = None
+    peer_node_uuid: str | None = None  # set at the first handshake
+    role: str = ROLE_SECONDARY
+    disk: str = DISK_INCONSISTENT
+    needs_initial_sync: bool = True
+    seq_hwm: int = 0
+    created: float = 0.0
+    updated: float = 0.0
+    # Where it lives; not part of the document.
+    meta_dir: Path = field(default=Path("."), compare=False, repr=False)
+
+    @property
+    def paths(self) -> MetaPaths:
+        """The files of this node's meta-dir."""
+        return MetaPaths(self.meta_dir)
+
+    def to_body(self) -> dict[str, Any]:
+        """The document body (everything but meta_dir)."""
+        body = dataclasses.asdict(self)
+        del body["meta_dir"]
+        return body
+
+    def save(self) -> None:
+        """Validate and write atomically (temp, fsync, rename, fsync dir)."""
+        self.updated = time.time()
+        _validate_body(self.to_body(), self.paths.metadata)
+        _atomic_write(self.paths.metadata, encode_metadata(self.to_body()))
+
+
+def _canonical(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def encode_metadata(body: dict[str, Any]) -> bytes:
+    """The file content for *body*: magic, version, checksum, body."""
+    doc = {"magic": MAGIC, "version": VERSION, "crc32c": crc32c(_canonical(body)), "body": body}
+    return (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode("utf-8")
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "resource": (str,), "node": (str,), "resource_uuid": (str,), "node_uuid": (str,),
+    "generation": (str,), "device_size": (int,), "track_size": (int,),
+    "history": (list,), "bitmap_uuid": (str, type(None)),
+    "peer_node_uuid": (str, type(None)), "role": (str,), "disk": (str,),
+    "needs_initial_sync": (bool,), "seq_hwm": (int,), "created": (float, int),
+    "updated": (float, int),
+}
+
+
+def _is_uuid(v: Any) -> bool:
+    return isinstance(v, str) and len(v) == 32 and all(ch in "0123456789abcdef" for ch in v)
+
+
+def _validate_body(body: dict[str, Any], where: Path) -> None:
+    """Raise MetadataError naming the first field that is wrong."""
+    missing = [k for k in _FIELD_TYPES if k not in body]
+    if missing:
+        raise MetadataError(f"{where}: field {missing[0]!r} is missing")
+    extra = [k for k in body if k not in _FIELD_TYPES]
+    if extra:
+        raise MetadataError(f"{where}: unknown field {extra[0]!r}")
+    for k, types in _FIELD_TYPES.items():
+        v = body[k]
+        # bool is an int; an int field holding a bool is still wrong.
+        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+            raise MetadataError(f"{where}: field {k!r} has the wrong type ({type(v).__name__})")
+    for k in ("resource_uuid", "node_uuid", "generation"):
+        if not _is_uuid(body[k]):
+            raise MetadataError(f"{where}: field {k!r} is not a 32-hex-digit identifier: {body[k]!r}")
+    for k in ("bitmap_uuid", "peer_node_uuid"):
+        if body[k] is not None and not _is_uuid(body[k]):
+            raise MetadataError(f"{where}: field {k!r} is not a 32-hex-digit identifier: {body[k]!r}")
+    if not all(_is_uuid(h) for h in body["history"]):
+        raise MetadataError(f"{where}: field 'history' holds something that is not an identifier")
+    if body["role"] not in ROLES:
+        raise MetadataError(f"{where}: field 'role' is {body['role']!r} (expected one of {', '.join(ROLES)})")
+    if body["disk"] not in DISK_STATES:
+        raise MetadataError(f"{where}: field 'disk' is {body['disk']!r} (expected one of {', '.join(DISK_STATES)})")
+    if body["device_size"] <= 0 or body["track_size"] <= 0 or body["seq_hwm"] < 0:
+        raise MetadataError(f"{where}: device_size/track_size must be > 0 and seq_hwm >= 0")
+
+
+def decode_metadata(data: bytes, where: Path) -> dict[str, Any]:
+    """Check magic, version and checksum of file content; return the body."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MetadataError(f"{where}: damaged metadata (not JSON: {e})") from None
+    if not isinstance(doc, dict) or doc.get("magic") != MAGIC:
+        raise MetadataError(f"{where}: not a Duplex metadata file (bad magic)")
+    if doc.get("version") != VERSION:
+        raise MetadataError(
+            f"{where}: metadata format version {doc.get('version')!r} is not supported "
+            f"(this Duplex reads version {VERSION})"
+        )
+    body = doc.get("body")
+    if not isinstance(body, dict):
+        raise MetadataError(f"{where}: damaged metadata (no body)")
+    want = doc.get("crc32c")
+    got = crc32c(_canonical(body))
+    if want != got:
+        raise MetadataError(
+            f"{where}: damaged metadata: checksum mismatch "
+            f"(stored {want!r}, computed {got}); restore it or run create-md --force"
+        )
+    _validate_body(body, where)
+    return body
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)  # make the rename itself durable
+    finally:
+        os.close(dfd)
+
+
+def create_metadata(meta_dir: str | os.PathLike, resource: str, node: str,
+                    device_size: int, track_size: int, assume_clean: bool,
+                    force: bool = False) -> Metadata:
+    """Create and save fresh metadata in *meta_dir* (created if missing).
+
+    New random resource, node and generation identifiers. With
+    *assume_clean* the disk is UpToDate and no initial sync is needed (both
+    devices declared identical); otherwise Inconsistent, needing one.
+    Refuses to overwrite existing metadata unless *force*.
+    """
+    paths = MetaPaths(meta_dir)
+    if paths.metadata.exists() and not force:
+        raise MetadataError(
+            f"{paths.metadata}: metadata for this node already exists; "
+            f"--force overwrites it and discards its replication state"
+        )
+    if device_size <= 0:
+        raise MetadataError(f"device size must be > 0, not {device_size}")
+    try:
+        paths.meta_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise MetadataError(f"{paths.meta_dir}: cannot create meta-dir: {e.strerror}") from None
+    now = time.time()
+    md = Metadata(
+        resource=resource, node=node, resource_uuid=new_uuid(), node_uuid=new_uuid(),
+        generation=new_uuid(), device_size=device_size, track_size=track_size,
+        disk=DISK_UPTODATE if assume_clean else DISK_INCONSISTENT,
+        needs_initial_sync=not assume_clean, created=now, updated=now,
+        meta_dir=paths.meta_dir,
+    )
+    md.save()
+    return md
+
+
+def load_metadata(meta_dir: str | os.PathLike, resource: str,
+                  node: str | None = None) -> Metadata:
+    """Load and check this node's metadata for *resource* from *meta_dir*.
+
+    Refuses missing, damaged, unsupported-version metadata, and metadata of
+    another resource (or of another node, when *node* is given).
+    """
+    paths = MetaPaths(meta_dir)
+    try:
+        data = paths.metadata.read_bytes()
+    except FileNotFoundError:
+        raise MetadataError(
+            f"no metadata in {paths.meta_dir}: run `duplex create-md {resource}` first"
+        ) from None
+    except OSError as e:
+        raise MetadataError(f"{paths.metadata}: cannot read: {e.strerror}") from None
+    body = decode_metadata(data, paths.metadata)
+    if body["resource"] != resource:
+        raise MetadataError(
+            f"{paths.metadata}: belongs to resource {body['resource']!r}, not {resource!r} "
+            f"(two resources sharing a meta-dir?)"
+        )
+    if node is not None and body["node"] != node:
+        raise MetadataError(
+            f"{paths.metadata}: belongs to node {body['node']!r}, not {node!r} "
+            f"(two nodes sharing a meta-dir?)"
+        )
+    return Metadata(**body, meta_dir=paths.meta_dir)

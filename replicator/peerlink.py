@@ -1,0 +1,275 @@
+"""The socket shell around the sans-IO protocol: one TCP connection to the
+peer, its handshake, a reader thread and thread-safe senders.
+
+Everything protocol lives in ``replicator.protocol``; this module only moves
+bytes between a socket and a ``Connection`` and hands events to callbacks.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from replicator.errors import DuplexError
+from replicator.protocol.connection import CLOSED, NEED_DATA, Connection
+from replicator.protocol.errors import ErrorCode, ProtocolError
+from replicator.protocol.frames import FrameType
+from replicator.protocol.state import NEGOTIATING
+from replicator.protocol.messages import (STATE_NEEDS_RESYNC, ZERO_UUID, Ack, Data, Error,
+                                          Message, Ping, Pong, State, Tokens)
+
+log = logging.getLogger("duplex.link")
+
+RECV_BYTES = 1 << 20
+HANDSHAKE_TIMEOUT = 10.0
+DEAD_AFTER = 15.0  # no frame at all for this long: the peer is gone
+
+
+class LinkError(DuplexError):
+    """The connection failed (network, EOF, protocol violation)."""
+
+
+class RefusedError(LinkError):
+    """The handshake was refused (wrong secret, other resource, size...)."""
+
+
+def pairing_uuid(md) -> bytes:
+    """The resource UUID to announce: ours once paired, zeros ("fresh")
+    before the first successful handshake, so that two nodes made by
+    ``create-md`` independently can meet (protocol.compat)."""
+    return bytes.fromhex(md.resource_uuid) if md.peer_node_uuid else ZERO_UUID
+
+
+def local_primary_state(engine, needs_resync: bool) -> State:
+    """The primary's STATE."""
+    md = engine.md
+    stats = engine.core.ring_stats
+    return State(pairing_uuid(md), bytes.fromhex(md.generation), md.device_size,
+                 md.track_size, "primary", "UpToDate",
+                 written_seq=engine.core.next_seq - 1,
+                 oldest_held_seq=stats.get("oldest_seq", 0) or 0,
+                 flags=STATE_NEEDS_RESYNC if needs_resync else 0)
+
+
+class PeerLink:
+    """One authenticated, established connection to the peer."""
+
+    def __init__(self, sock: socket.socket, conn: Connection,
+                 on_event: Callable[["PeerLink", Message], None] | None = None,
+                 on_ack: Callable[[int, int], None] | None = None):
+        self.sock = sock
+        self.conn = conn
+        self.on_event = on_event
+        self.on_ack = on_ack
+        self.peer_state: State = conn.peer_state_msg  # type: ignore[assignment]
+        self.peer_name = conn.peer.node if conn.peer else "?"
+        self.error: str | None = None
+        self.rtt: float | None = None
+        self.clock_offset_ns: int | None = None
+        self._send_lock = threading.Lock()
+        self._conn_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._last_rx = time.monotonic()
+        self._ping_nonce = 0
+        self._reader: threading.Thread | None = None
+
+    # -- establishing -----------------------------------------------------
+
+    @classmethod
+    def connect(cls, address: tuple[str, int], *, role: str, resource: str, node: str,
+                secret: bytes, local_state: State,
+                on_ack: Callable[[int, int], None] | None = None,
+                on_event: Callable[["PeerLink", Message], None] | None = None,
+                timeout: float = HANDSHAKE_TIMEOUT) -> "PeerLink":
+        """Connect to *address*, authenticate, exchange STATE."""
+        sock = socket.create_connection(address, timeout=timeout)
+        return cls._establish(sock, Connection(role, resource, node, secret),
+                              lambda peer: local_state, on_event, on_ack, timeout)
+
+    @classmethod
+    def accept(cls, sock: socket.socket, *, role: str, resource: str, node: str,
+               secret: bytes, state_for: Callable[[State], State],
+               on_event: Callable[["PeerLink", Message], None] | None = None,
+               timeout: float = HANDSHAKE_TIMEOUT) -> "PeerLink":
+        """Authenticate an accepted socket; *state_for(peer_state)* gives our
+        STATE once the peer's is known (the secondary answers the primary)."""
+        return cls._establish(sock, Connection(role, resource, node, secret),
+                              state_for, on_event, None, timeout)
+
+    @classmethod
+    def _establish(cls, sock, conn: Connection, state_for, on_event, on_ack,
+                   timeout: float) -> "PeerLink":
+        sock.settimeout(timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        deadline = time.monotonic() + timeout
+        try:
+            sock.sendall(conn.initiate())
+            while not conn.established:
+                if time.monotonic() > deadline:
+                    raise LinkError("handshake timed out")
+                ev = conn.next_event()
+                if ev is NEED_DATA:
+                    data = sock.recv(RECV_BYTES)
+                    conn.receive_data(data)
+                    continue
+                out = conn.data_to_send()
+                if out:
+                    sock.sendall(out)
+                if ev is CLOSED:
+                    raise LinkError("peer closed the connection during the handshake")
+                if isinstance(ev, Error):
+                    raise RefusedError(f"peer refused: {ev.message}")
+                # The primary speaks first; the secondary answers its STATE.
+                if conn.state is NEGOTIATING and (conn.our_role == "primary"
+                                                  or conn.peer_state_msg is not None):
+                    sock.sendall(_join(conn.send(state_for(conn.peer_state_msg))))
+            out = conn.data_to_send()
+            if out:
+                sock.sendall(out)
+        except ProtocolError as e:
+            try:
+                sock.sendall(conn.error_frame(e))
+            except OSError:
+                pass
+            sock.close()
+            if e.code in (ErrorCode.AUTH_FAILED, ErrorCode.WRONG_RESOURCE,
+                          ErrorCode.ROLE_CONFLICT, ErrorCode.STATE_MISMATCH, ErrorCode.VERSION):
+                raise RefusedError(str(e)) from None
+            raise LinkError(str(e)) from None
+        except (OSError, LinkError) as e:
+            sock.close()
+            if isinstance(e, LinkError):
+                raise
+            raise LinkError(f"handshake failed: {e}") from None
+        sock.settimeout(None)
+        link = cls(sock, conn, on_event, on_ack)
+        link._reader = threading.Thread(target=link._read_loop, name=f"duplex-rx-{link.peer_name}",
+                                        daemon=True)
+        link._reader.start()
+        return link
+
+    # -- sending ----------------------------------------------------------
+
+    def _send(self, make: Callable[[], bytes | list]) -> None:
+        if self._closed.is_set():
+            raise LinkError(self.error or "connection closed")
+        with self._send_lock:
+            with self._conn_lock:
+                out = make()
+            try:
+                if isinstance(out, list):
+                    _sendmsg_all(self.sock, out)
+                else:
+                    self.sock.sendall(out)
+            except OSError as e:
+                self._fail(f"send failed: {e}")
+                raise LinkError(self.error) from None
+
+    def send_tokens(self, tokens: bytes) -> None:
+        self._send(lambda: self.conn.send_payload(FrameType.TOKENS, [tokens]))
+
+    def send_data(self, span) -> None:
+        """A DATA frame straight from a ring span (zero copy)."""
+        self._send(lambda: self.conn.send_payload(FrameType.DATA, [span]))
+
+    def send(self, msg: Message) -> None:
+        self._send(lambda: self.conn.send(msg))
+
+    def send_ack(self, journaled: int, applied: int) -> None:
+        self.send(Ack(journaled, applied))
+
+    def ping(self) -> None:
+        self._ping_nonce += 1
+        self.send(Ping(self._ping_nonce, time.time_ns()))
+
+    # -- receiving --------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        sock = self.sock
+        sock.settimeout(1.0)
+        try:
+            while not self._closed.is_set():
+                with self._conn_lock:
+                    ev = self.conn.next_event()
+                if ev is NEED_DATA:
+                    try:
+                        data = sock.recv(RECV_BYTES)
+                    except socket.timeout:
+                        if time.monotonic() - self._last_rx > DEAD_AFTER:
+                            self._fail(f"no frame from {self.peer_name} for {DEAD_AFTER:.0f} s")
+                        continue
+                    self._last_rx = time.monotonic()
+                    with self._conn_lock:
+                        self.conn.receive_data(data)
+                    continue
+                if ev is CLOSED:
+                    self._fail("peer closed the connection")
+                    break
+                self._dispatch(ev)
+        except ProtocolError as e:
+            log.error("protocol error from %s: %s", self.peer_name, e)
+            try:
+                with self._send_lock:
+                    sock.sendall(self.conn.error_frame(e))
+            except OSError:
+                pass
+            self._fail(f"protocol error: {e}")
+        except OSError as e:
+            self._fail(f"receive failed: {e}")
+        except Exception as e:  # a handler bug must not leave a half-dead link
+            log.exception("handler failed on link to %s", self.peer_name)
+            self._fail(f"internal error: {e}")
+
+    def _dispatch(self, ev: Message) -> None:
+        if isinstance(ev, Ack):
+            if self.on_ack:
+                self.on_ack(ev.journaled_seq, ev.applied_seq)
+        elif isinstance(ev, Ping):
+            self.send(Pong(ev.nonce, ev.send_ts_ns, time.time_ns()))
+        elif isinstance(ev, Pong):
+            now = time.time_ns()
+            self.rtt = (now - ev.ping_ts_ns) / 1e9
+            self.clock_offset_ns = ev.peer_ts_ns - (ev.ping_ts_ns + now) // 2
+        elif isinstance(ev, Error):
+            self._fail(f"peer closed: {ev.message}")
+        elif self.on_event:
+            self.on_event(self, ev)
+
+    # -- state ------------------------------------------------------------
+
+    def _fail(self, reason: str) -> None:
+        if not self._closed.is_set():
+            self.error = reason
+            self._closed.set()
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def alive(self) -> bool:
+        return not self._closed.is_set()
+
+    def close(self, reason: str = "closed") -> None:
+        self._fail(reason)
+        if self._reader and self._reader is not threading.current_thread():
+            self._reader.join(5)
+        self.sock.close()
+
+
+def _join(out: bytes | list) -> bytes:
+    return out if isinstance(out, bytes) else b"".join(bytes(p) for p in out)
+
+
+def _sendmsg_all(sock: socket.socket, parts: list) -> None:
+    views = [memoryview(p).cast("B") for p in parts if memoryview(p).nbytes]
+    while views:
+        n = sock.sendmsg(views)
+        while n and views:
+            if n >= views[0].nbytes:
+                n -= views[0].nbytes
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0

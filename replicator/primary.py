@@ -1,0 +1,200 @@
+"""The primary engine: the C core behind the nbdkit plugin, the shipper that
+drains its send ring to the secondary, and the status it reports.
+
+It lives inside the nbdkit process. The plugin's data callbacks call
+``write``/``trim``/``zero``/``flush``, each one C call with the GIL released.
+Threads (shipper, control socket, seq mark) start in ``start()``, which the
+plugin calls from ``after_fork`` (DESIGN §10).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from replicator.config import Node, Resource, load_config, select_node
+from replicator.control import ControlServer
+from replicator.core import ActivityLog, Bitmap, Core, CoreError, WriteResult
+from replicator.devices import device_size
+from replicator.errors import DuplexError
+from replicator.metadata import DISK_UPTODATE, Metadata, load_metadata
+from replicator.seqmark import SeqMark
+from replicator.shipper import Shipper
+
+log = logging.getLogger("duplex.primary")
+
+
+class EngineError(DuplexError):
+    """The primary cannot start: metadata, bitmap or device problem."""
+
+
+@dataclass
+class _Opened:
+    md: Metadata
+    oos: Bitmap
+    al: ActivityLog
+
+
+def open_bitmaps(md: Metadata, resource: Resource) -> _Opened:
+    """Open the OOS bitmap and activity log; after an unclean stop, OR every
+    active extent into the bitmap (DESIGN §5) and make that durable."""
+    uuid = bytes.fromhex(md.node_uuid)
+    try:
+        oos = Bitmap.open(str(md.paths.bitmap), uuid, md.track_size)
+        al = ActivityLog.open(str(md.paths.activity_log), uuid)
+    except CoreError as e:
+        raise EngineError(str(e)) from None
+    if oos.was_dirty:
+        n = al.recover_into(oos)
+        oos.sync()
+        log.warning("%s: previous run did not stop cleanly: %d tracks of the "
+                    "activity log marked out of sync", md.resource, n)
+    return _Opened(md, oos, al)
+
+
+class Engine:
+    """One resource's primary side inside nbdkit."""
+
+    def __init__(self, resource: Resource, node: Node, peer: Node, md: Metadata,
+                 oos: Bitmap, al: ActivityLog, core: Core, mark: SeqMark):
+        self.resource = resource
+        self.node = node
+        self.peer = peer
+        self.md = md
+        self.oos = oos
+        self.al = al
+        self.core = core
+        self.mark = mark
+        self.size = md.device_size
+        self.started = time.time()
+        # Bits set when this run starts belong to data the (empty) ring no
+        # longer holds: only a resync can clear them.
+        self.shipper = Shipper(self, needs_resync=oos.count() > 0 or md.needs_initial_sync)
+        self.control = ControlServer(node.meta_dir, {"status": self.status}, name="primary")
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._fd = os.open(node.device, os.O_RDONLY | os.O_CLOEXEC)
+
+    @classmethod
+    def open(cls, config_path: str, resource_name: str, node_name: str,
+             history_path: str | None = None) -> "Engine":
+        """Load config and metadata, open bitmaps and the core."""
+        cfg = load_config(config_path)
+        res = cfg.resource(resource_name)
+        node = select_node(res, node_name)
+        peer = res.peer_of(node.name)
+        md = load_metadata(node.meta_dir, res.name)
+        size = device_size(node.device)
+        if size != md.device_size:
+            raise EngineError(f"{node.device} is {size} bytes, but the metadata of "
+                              f"{res.name} was made for {md.device_size}")
+        opened = open_bitmaps(md, res)
+        mark = SeqMark(md)
+        try:
+            core = Core(node.device, size, opened.oos, opened.al, res.ring_size,
+                        mark.first_seq(), history_path=history_path)
+        except (CoreError, OSError) as e:
+            raise EngineError(f"{res.name}: cannot open {node.device}: {e}") from None
+        return cls(res, node, peer, md, opened.oos, opened.al, core, mark)
+
+    # -- lifecycle --------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the shipper, the control socket and the seq-mark keeper."""
+        self.control.start()
+        self.shipper.start()
+        t = threading.Thread(target=self._housekeeping, name="duplex-mark", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self, drain_timeout: float = 10.0) -> None:
+        """Stop cleanly: let the shipper drain, make bitmaps durable, record
+        the exact last seq."""
+        self._stop.set()
+        self.shipper.stop(drain_timeout)
+        self.control.stop()
+        try:
+            self.core.flush()
+        except OSError as e:
+            log.error("%s: final flush failed: %s", self.resource.name, e)
+        next_seq = self.core.next_seq
+        self.core.close()
+        self.oos.close()
+        self.al.close()
+        self.mark.close(next_seq)
+        os.close(self._fd)
+        log.info("%s: primary stopped at seq %d", self.resource.name, next_seq - 1)
+
+    def _housekeeping(self) -> None:
+        while not self._stop.wait(0.5):
+            self.mark.advance(self.core.next_seq)
+
+    # -- the data path (plugin callbacks) ---------------------------------
+
+    def write(self, buf, offset: int, fua: bool = False) -> WriteResult:
+        """One NBD write: the whole primary write path in one C call."""
+        res = self.core.write(buf, offset, fua=fua)
+        if not res.queued:
+            self.shipper.ring_dropped()
+        return res
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> WriteResult:
+        res = self.core.trim(offset, length)
+        if fua:
+            self.core.flush()
+        if not res.queued:
+            self.shipper.ring_dropped()
+        return res
+
+    def zero(self, offset: int, length: int, fua: bool = False) -> WriteResult:
+        res = self.core.zero(offset, length)
+        if fua:
+            self.core.flush()
+        if not res.queued:
+            self.shipper.ring_dropped()
+        return res
+
+    def flush(self) -> WriteResult:
+        res = self.core.flush()
+        if not res.queued:
+            self.shipper.ring_dropped()
+        return res
+
+    def pread_into(self, buf, offset: int) -> None:
+        """Reads need no lock: NBD gives no ordering between overlapping
+        in-flight reads and writes."""
+        mv = memoryview(buf)
+        done = 0
+        while done < len(mv):
+            n = os.preadv(self._fd, [mv[done:]], offset + done)
+            if n <= 0:
+                raise OSError(5, f"short read at offset {offset + done}")
+            done += n
+
+    # -- status -----------------------------------------------------------
+
+    def status(self) -> dict:
+        """The status document (replicator/status.py schema)."""
+        sh = self.shipper.snapshot()
+        written = self.core.next_seq - 1
+        applied = sh["applied"]
+        return {
+            "resource": self.resource.name,
+            "node": self.node.name,
+            "role": "Primary",
+            "connection": sh["connection"],
+            "disk": DISK_UPTODATE,
+            "peer": {"name": self.peer.name, "address": self.peer.address_str(),
+                     "disk": sh["peer_disk"]},
+            "seq": {"written": written, "journaled": sh["journaled"], "applied": applied},
+            "lag": {"writes": max(0, written - applied) if applied else written - self.shipper.base_seq,
+                    "bytes": sh["lag_bytes"], "seconds": sh["lag_seconds"]},
+            "out_of_sync_bytes": min(self.oos.count() * self.md.track_size, self.size),
+            "nbd_uri": self.node.export_uri(),
+            "sync": None,
+            "reason": sh["reason"],
+            "ring": self.core.ring_stats,
+            "uptime_seconds": round(time.time() - self.started, 1),
+        }

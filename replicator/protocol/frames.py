@@ -1,0 +1,312 @@
+"""The frame codec: how Duplex messages are delimited and checked on the wire.
+
+Every frame is a 16-byte header followed by its payload (little-endian, as
+the record format)::
+
+    0   4s  magic    b"DPX1"
+    4   u8  version  1
+    5   u8  type     FrameType
+    6   u16 flags    frame flags (none defined yet: must be zero)
+    8   u32 length   payload bytes that follow
+    12  u32 crc      CRC32C over the header with this field zero, then the payload
+
+The decoder is sans-IO: feed it byte chunks of any size (``feed``), pull whole
+frames (``next_frame``). It checks magic, version, type, flags and length as
+soon as the 16 header bytes are in, *before* it allocates anything for the
+payload, so a hostile length costs nothing. Only the bulk types (TOKENS,
+DATA, INCR_DATA) may be as large as ``max_frame``; every other type is
+limited to ``max_control`` (64 KiB), which is what an unauthenticated peer
+can make us allocate at most.
+
+Zero copy: the encoder takes the payload as a list of buffers and returns
+only the header, so a sender can ``sendmsg([header, *spans])`` straight from
+the C send ring. The decoder hands out payloads as read-only memoryviews: a
+slice of the received chunk when the whole payload arrived in it (no copy),
+else one buffer the size of the payload filled as chunks arrive (one copy).
+"""
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import IntEnum
+
+from replicator.crc32c import crc32c
+from replicator.protocol.errors import FrameError, LocalProtocolError
+
+MAGIC = b"DPX1"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHII")
+HEADER_SIZE = HEADER.size
+assert HEADER_SIZE == 16
+CRC_OFFSET = 12
+
+DEFAULT_MAX_FRAME = 64 << 20     # bulk payloads (TOKENS, DATA, INCR_DATA)
+MAX_CONTROL_PAYLOAD = 64 << 10   # every other type
+MAX_LENGTH_FIELD = 0xFFFFFFFF
+KNOWN_FLAGS = 0                  # no frame flags defined in version 1
+
+
+class FrameType(IntEnum):
+    """Frame types. The high nibble groups them; gaps leave room for more."""
+
+    # 0x0_: handshake
+    HELLO = 0x01
+    AUTH = 0x02
+    STATE = 0x03
+    # 0x1_: the replication stream, primary -> secondary
+    TOKENS = 0x10
+    DATA = 0x11
+    FLUSH = 0x12
+    # 0x2_: catch-up increments, primary -> secondary
+    INCR_BEGIN = 0x20
+    INCR_DATA = 0x21
+    INCR_COMMIT = 0x22
+    # 0x3_: feedback and liveness
+    ACK = 0x30
+    PING = 0x31
+    PONG = 0x32
+    # 0x7_: connection control
+    ERROR = 0x7F
+
+
+BULK_TYPES = frozenset({FrameType.TOKENS, FrameType.DATA, FrameType.INCR_DATA})
+_TYPES_BY_VALUE = {int(t): t for t in FrameType}
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded frame. ``payload`` is a read-only memoryview (see module doc)."""
+
+    type: FrameType
+    flags: int
+    payload: memoryview
+
+
+def frame_type(value: int) -> FrameType:
+    """The FrameType for *value*; FrameError naming it if it is not one."""
+    try:
+        return _TYPES_BY_VALUE[int(value)]
+    except KeyError:
+        raise FrameError(f"unknown frame type 0x{int(value):02x}") from None
+
+
+def payload_limit(ftype: FrameType, max_frame: int = DEFAULT_MAX_FRAME,
+                  max_control: int = MAX_CONTROL_PAYLOAD) -> int:
+    """Largest payload a frame of *ftype* may carry under these limits."""
+    return max_frame if ftype in BULK_TYPES else min(max_control, max_frame)
+
+
+def as_byte_views(parts) -> list[memoryview]:
+    """*parts* (one buffer, or an iterable of buffers) as flat byte memoryviews, uncopied."""
+    # A single bytes-like is one part, not an iterable of ints.
+    if isinstance(parts, (bytes, bytearray, memoryview)):
+        parts = (parts,)
+    views = []
+    for p in parts:
+        v = p if isinstance(p, memoryview) else memoryview(p)
+        if v.format != "B" or v.ndim != 1:
+            v = v.cast("B")
+        views.append(v)
+    return views
+
+
+def encode_header(ftype: int, parts: Iterable = (), flags: int = 0) -> bytes:
+    """The 16-byte header for a frame whose payload is the concatenation of *parts*.
+
+    *parts* is a list of buffers (bytes, memoryview, cffi buffer...) or one
+    buffer; the CRC runs over each part in turn, nothing is concatenated, so
+    the caller can send ``[header, *parts]`` with one sendmsg.
+    """
+    try:
+        ftype = frame_type(ftype)
+    except FrameError as e:
+        raise LocalProtocolError(f"cannot encode: {e}") from None
+    if not 0 <= flags <= 0xFFFF:
+        raise LocalProtocolError(f"cannot encode {ftype.name}: flags {flags} do not fit in u16")
+    views = as_byte_views(parts)
+    length = sum(v.nbytes for v in views)
+    if length > MAX_LENGTH_FIELD:
+        raise LocalProtocolError(f"cannot encode {ftype.name}: payload of {length} bytes "
+                                 f"does not fit the u32 length field")
+    head = HEADER.pack(MAGIC, VERSION, ftype, flags, length, 0)
+    crc = crc32c(head)
+    for v in views:
+        crc = crc32c(v, crc)
+    return head[:CRC_OFFSET] + struct.pack("<I", crc)
+
+
+def encode_frame(ftype: int, payload=b"", flags: int = 0) -> bytes:
+    """A whole frame as one bytes object (header + payload parts joined)."""
+    views = as_byte_views(payload)
+    return encode_header(ftype, views, flags) + b"".join(views)
+
+
+HeaderHook = Callable[[FrameType, int, int], None]
+
+
+class FrameDecoder:
+    """Turns a byte stream, fed in arbitrary chunks, into checked Frames.
+
+    ``feed(data)`` only stores a reference to *data* (``bytes`` are kept
+    as they are; other buffers are copied once, since callers reuse them);
+    ``feed(b"")`` signals EOF. ``next_frame()`` returns the next whole
+    Frame, or None when more bytes are needed, and raises FrameError on the
+    first bad frame; frames before it are returned first. Errors are sticky:
+    once raised, every later call raises the same error.
+
+    *on_header(type, flags, length)* is called once per frame when its header
+    has passed the codec's checks and before any payload is buffered; it may
+    raise (the Connection rejects out-of-state frames there).
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME,
+                 max_control: int = MAX_CONTROL_PAYLOAD,
+                 on_header: HeaderHook | None = None) -> None:
+        if max_frame <= 0 or max_control <= 0:
+            raise ValueError(f"frame limits must be positive (max_frame={max_frame}, "
+                             f"max_control={max_control})")
+        self.max_frame = max_frame
+        self.max_control = max_control
+        self.on_header = on_header
+        self._chunks: deque[memoryview] = deque()  # unparsed input, by reference
+        self._pending = 0                          # bytes in _chunks
+        self._hdr = bytearray(HEADER_SIZE)
+        self._hdr_fill = 0
+        self._head: tuple[FrameType, int, int, int] | None = None  # type, flags, length, crc
+        self._payload: bytearray | memoryview | None = None
+        self._pay_fill = 0
+        self._eof = False
+        self._error: Exception | None = None
+
+    # -- input ------------------------------------------------------------
+
+    def feed(self, data) -> None:
+        """Add received bytes; ``b""`` means the peer closed its side."""
+        if self._eof:
+            raise LocalProtocolError("bytes fed to the frame decoder after EOF")
+        if len(data) == 0:
+            self._eof = True
+            return
+        if type(data) is not bytes:
+            data = bytes(data)  # the caller may overwrite its buffer on the next recv
+        self._chunks.append(memoryview(data))
+        self._pending += len(data)
+
+    @property
+    def at_eof(self) -> bool:
+        """True once EOF was fed and every complete frame has been taken."""
+        return self._eof and self._pending == 0 and self._hdr_fill == 0
+
+    @property
+    def allocated(self) -> int:
+        """Bytes the decoder itself allocated to assemble frames (header + payload buffer)."""
+        return HEADER_SIZE + (len(self._payload) if isinstance(self._payload, bytearray) else 0)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned in a Frame."""
+        return self._pending + self._hdr_fill + self._pay_fill
+
+    # -- output -----------------------------------------------------------
+
+    def next_frame(self) -> Frame | None:
+        """The next complete Frame, or None if more bytes are needed."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next_frame()
+        except Exception as e:
+            # Sticky, and drop what we hold: this stream is dead.
+            self._error = e
+            self._chunks.clear()
+            self._pending = 0
+            self._payload = None
+            raise
+
+    def _take(self, dest: memoryview) -> int:
+        """Copy up to len(dest) bytes from the input chunks into dest."""
+        n = 0
+        while n < len(dest) and self._chunks:
+            chunk = self._chunks[0]
+            k = min(len(chunk), len(dest) - n)
+            dest[n:n + k] = chunk[:k]
+            n += k
+            if k == len(chunk):
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = chunk[k:]
+        self._pending -= n
+        return n
+
+    def _next_frame(self) -> Frame | None:
+        if self._head is None:
+            self._hdr_fill += self._take(memoryview(self._hdr)[self._hdr_fill:])
+            if self._hdr_fill < HEADER_SIZE:
+                if self._eof and self._hdr_fill:
+                    raise FrameError(f"connection closed inside a frame header "
+                                     f"({self._hdr_fill} of {HEADER_SIZE} bytes)")
+                return None
+            self._head = self._check_header()
+            ftype, flags, length, _ = self._head
+            if self.on_header is not None:
+                self.on_header(ftype, flags, length)
+            self._start_payload(length)
+
+        ftype, flags, length, crc = self._head
+        if isinstance(self._payload, bytearray) and self._pay_fill < length:
+            self._pay_fill += self._take(memoryview(self._payload)[self._pay_fill:])
+        if self._pay_fill < length:
+            if self._eof and self._pending == 0:
+                raise FrameError(f"connection closed inside a {ftype.name} frame "
+                                 f"({self._pay_fill} of {length} payload bytes)")
+            return None
+
+        payload = self._payload if isinstance(self._payload, memoryview) else memoryview(self._payload)
+        payload = payload.toreadonly()
+        head = bytes(self._hdr[:CRC_OFFSET]) + b"\0\0\0\0"
+        actual = crc32c(payload, crc32c(head))
+        self._head = None
+        self._hdr_fill = 0
+        self._payload = None
+        self._pay_fill = 0
+        if actual != crc:
+            raise FrameError(f"{ftype.name} frame of {length} bytes: CRC mismatch "
+                             f"(header says 0x{crc:08x}, computed 0x{actual:08x})")
+        return Frame(ftype, flags, payload)
+
+    def _check_header(self) -> tuple[FrameType, int, int, int]:
+        magic, version, ftype, flags, length, crc = HEADER.unpack(self._hdr)
+        if magic != MAGIC:
+            raise FrameError(f"bad frame magic {bytes(magic)!r}, expected {MAGIC!r} "
+                             f"(not a Duplex peer, or the stream lost sync)")
+        if version != VERSION:
+            raise FrameError(f"unsupported frame version {version} (this node speaks {VERSION})")
+        ftype = frame_type(ftype)
+        if flags & ~KNOWN_FLAGS:
+            raise FrameError(f"{ftype.name} frame has unknown flags 0x{flags:04x}")
+        limit = payload_limit(ftype, self.max_frame, self.max_control)
+        if length > limit:
+            raise FrameError(f"{ftype.name} frame announces {length} payload bytes, "
+                             f"above the maximum of {limit}")
+        return ftype, flags, length, crc
+
+    def _start_payload(self, length: int) -> None:
+        """Pick where the payload will live: the input chunk itself, or one new buffer."""
+        self._pay_fill = 0
+        if length == 0:
+            self._payload = memoryview(b"")
+            return
+        if self._chunks and len(self._chunks[0]) >= length:
+            # Whole payload already here, inside an immutable bytes chunk: slice it.
+            chunk = self._chunks[0]
+            self._payload = chunk[:length]
+            self._pay_fill = length
+            if len(chunk) == length:
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = chunk[length:]
+            self._pending -= length
+            return
+        self._payload = bytearray(length)

@@ -1,0 +1,627 @@
+"""The messages of the Duplex protocol: one small immutable class per frame type.
+
+Each class has ``TYPE`` (its FrameType), ``encode() -> bytes`` (the frame
+payload), ``encode_parts()`` (the payload as a list of buffers, for zero-copy
+sends) and ``decode(payload)`` (a classmethod). Construction validates every
+field, so a message that exists is a valid one, whether it was built locally
+or decoded from the wire; problems raise ProtocolError naming the message
+and the field ("STATE: field disk has unknown value 9").
+
+Payload layouts (little-endian; ``x`` = reserved, must be zero):
+
+=========== ==============================================================
+HELLO       u16 proto_version, u8 role, u8 x, 32s nonce, u8 len(resource),
+            u8 len(node), resource UTF-8, node UTF-8
+AUTH        32s mac
+STATE       16s resource_uuid, 16s generation, u64 device_size,
+            u32 track_size, u8 role, u8 disk, u8 n_history, u8 x,
+            u64 written_seq, u64 oldest_held_seq, u64 journaled_seq,
+            u64 applied_seq, u32 flags, u32 x, n_history * 16s history
+TOKENS      packed 48-byte record headers (replicator.records)
+DATA        packed records (replicator.records)
+FLUSH       u64 seq
+INCR_BEGIN  u64 incr_id, u64 base_seq, u64 tracks, u64 nbytes
+INCR_DATA   u64 incr_id, u64 offset, u32 volume, u32 x, data
+INCR_COMMIT u64 incr_id, u64 end_seq
+ACK         u64 journaled_seq, u64 applied_seq
+PING        u64 nonce, u64 send_ts_ns
+PONG        u64 nonce, u64 ping_ts_ns, u64 peer_ts_ns
+ERROR       u16 code, message UTF-8
+=========== ==============================================================
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from replicator import records as _records
+from replicator.protocol.errors import ProtocolError
+from replicator.protocol.frames import FrameType
+
+PROTOCOL_VERSION = 1
+
+PRIMARY = "primary"
+SECONDARY = "secondary"
+ROLE_CODES = {PRIMARY: 1, SECONDARY: 2}
+ROLES_BY_CODE = {v: k for k, v in ROLE_CODES.items()}
+
+DISK_STATES = ("UpToDate", "Consistent", "Inconsistent", "Outdated")
+DISK_CODES = {name: i + 1 for i, name in enumerate(DISK_STATES)}
+DISKS_BY_CODE = {v: k for k, v in DISK_CODES.items()}
+
+NONCE_SIZE = 32
+MAC_SIZE = 32
+UUID_SIZE = 16
+ZERO_UUID = bytes(UUID_SIZE)
+MAX_NAME_BYTES = 255
+MAX_ERROR_MESSAGE = 4096
+MAX_HISTORY = 8
+
+# STATE flags
+STATE_NEEDS_RESYNC = 1 << 0   # this node knows its data differs from the peer's (bitmap set)
+STATE_KNOWN_FLAGS = STATE_NEEDS_RESYNC
+
+_U16 = (1 << 16) - 1
+_U32 = (1 << 32) - 1
+_U64 = (1 << 64) - 1
+
+
+# -- field checks ----------------------------------------------------------
+
+def _fail(msg: str, fieldname: str, problem: str) -> ProtocolError:
+    return ProtocolError(f"{msg}: field {fieldname} {problem}")
+
+
+def _uint(msg: str, fieldname: str, value, limit: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(msg, fieldname, f"must be an integer, not {type(value).__name__}")
+    if not 0 <= value <= limit:
+        raise _fail(msg, fieldname, f"value {value} is out of range 0..{limit}")
+    return value
+
+
+def _fixed_bytes(msg: str, fieldname: str, value, size: int) -> bytes:
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise _fail(msg, fieldname, f"must be bytes, not {type(value).__name__}")
+    value = bytes(value)
+    if len(value) != size:
+        raise _fail(msg, fieldname, f"is {len(value)} bytes, expected {size}")
+    return value
+
+
+def _name(msg: str, fieldname: str, value, limit: int = MAX_NAME_BYTES,
+          allow_empty: bool = False, printable: bool = True) -> str:
+    if not isinstance(value, str):
+        raise _fail(msg, fieldname, f"must be a str, not {type(value).__name__}")
+    raw = value.encode("utf-8", "surrogatepass")
+    if not raw and not allow_empty:
+        raise _fail(msg, fieldname, "is empty")
+    if len(raw) > limit:
+        raise _fail(msg, fieldname, f"is {len(raw)} bytes of UTF-8, above the limit of {limit}")
+    if printable and not value.isprintable():
+        raise _fail(msg, fieldname, f"{value!r} contains control or unprintable characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _fail(msg, fieldname, f"{value!r} is not encodable as UTF-8") from None
+    return value
+
+
+def _utf8(msg: str, fieldname: str, raw) -> str:
+    try:
+        return bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _fail(msg, fieldname, f"is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def _role(msg: str, value) -> str:
+    if value not in ROLE_CODES:
+        raise _fail(msg, "role", f"is {value!r}, expected 'primary' or 'secondary'")
+    return value
+
+
+def _exact(msg: str, payload, size: int) -> None:
+    if len(payload) != size:
+        raise ProtocolError(f"{msg}: payload is {len(payload)} bytes, expected {size}")
+
+
+def _at_least(msg: str, payload, size: int) -> None:
+    if len(payload) < size:
+        raise ProtocolError(f"{msg}: payload is {len(payload)} bytes, shorter than "
+                            f"its {size}-byte fixed part")
+
+
+def _set(obj, name: str, value) -> None:
+    object.__setattr__(obj, name, value)  # normalising fields of a frozen dataclass
+
+
+class Message:
+    """Base of all messages: the frame type and the zero-copy encoding hook."""
+
+    TYPE: ClassVar[FrameType]
+    __slots__ = ()
+
+    def encode(self) -> bytes:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def encode_parts(self) -> list:
+        """The payload as a list of buffers (bulk messages avoid joining them)."""
+        return [self.encode()]
+
+
+# -- handshake ---------------------------------------------------------------
+
+_HELLO = struct.Struct("<HBB32sBB")
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """First frame of each side: who it is, what it serves, and its auth challenge."""
+
+    TYPE: ClassVar[FrameType] = FrameType.HELLO
+    proto_version: int
+    resource: str
+    node: str
+    role: str
+    nonce: bytes
+
+    def __post_init__(self) -> None:
+        _uint("HELLO", "proto_version", self.proto_version, _U16)
+        _name("HELLO", "resource", self.resource)
+        _name("HELLO", "node", self.node)
+        _role("HELLO", self.role)
+        _set(self, "nonce", _fixed_bytes("HELLO", "nonce", self.nonce, NONCE_SIZE))
+
+    def encode(self) -> bytes:
+        r = self.resource.encode()
+        n = self.node.encode()
+        return _HELLO.pack(self.proto_version, ROLE_CODES[self.role], 0, self.nonce,
+                           len(r), len(n)) + r + n
+
+    @classmethod
+    def decode(cls, payload) -> Hello:
+        _at_least("HELLO", payload, _HELLO.size)
+        version, role, rsv, nonce, rlen, nlen = _HELLO.unpack_from(payload)
+        if rsv:
+            raise _fail("HELLO", "reserved", f"is {rsv}, must be zero")
+        if role not in ROLES_BY_CODE:
+            raise _fail("HELLO", "role", f"has unknown value {role}")
+        _exact("HELLO", payload, _HELLO.size + rlen + nlen)
+        pos = _HELLO.size
+        resource = _utf8("HELLO", "resource", payload[pos:pos + rlen])
+        node = _utf8("HELLO", "node", payload[pos + rlen:pos + rlen + nlen])
+        return cls(version, resource, node, ROLES_BY_CODE[role], nonce)
+
+
+@dataclass(frozen=True, slots=True)
+class Auth(Message):
+    """The answer to the peer's challenge: an HMAC-SHA256 (see auth.py)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.AUTH
+    mac: bytes
+
+    def __post_init__(self) -> None:
+        _set(self, "mac", _fixed_bytes("AUTH", "mac", self.mac, MAC_SIZE))
+
+    def encode(self) -> bytes:
+        return self.mac
+
+    @classmethod
+    def decode(cls, payload) -> Auth:
+        _exact("AUTH", payload, MAC_SIZE)
+        return cls(bytes(payload))
+
+
+_STATE = struct.Struct("<16s16sQIBBBBQQQQII")
+
+
+@dataclass(frozen=True, slots=True)
+class State(Message):
+    """Each side's identity and progress, exchanged once after authentication.
+
+    ``written_seq`` and ``oldest_held_seq`` are the primary's (last seq
+    assigned; oldest seq its ring can still resend, 0 = none); the
+    secondary's are ``journaled_seq`` and ``applied_seq``. A side fills the
+    fields that are not its own with what it knows, or 0. ``history`` carries
+    older generation UUIDs (newest first) for the generation handshake; this
+    module only carries and bounds them. A resource UUID of all zeros means
+    "fresh, not yet initialised" (see compat.check_peer_state).
+    """
+
+    TYPE: ClassVar[FrameType] = FrameType.STATE
+    resource_uuid: bytes
+    generation: bytes
+    device_size: int
+    track_size: int
+    role: str
+    disk: str
+    written_seq: int = 0
+    oldest_held_seq: int = 0
+    journaled_seq: int = 0
+    applied_seq: int = 0
+    flags: int = 0
+    history: tuple[bytes, ...] = ()
+
+    def __post_init__(self) -> None:
+        _set(self, "resource_uuid", _fixed_bytes("STATE", "resource_uuid", self.resource_uuid, UUID_SIZE))
+        _set(self, "generation", _fixed_bytes("STATE", "generation", self.generation, UUID_SIZE))
+        _uint("STATE", "device_size", self.device_size, _U64)
+        _uint("STATE", "track_size", self.track_size, _U32)
+        if self.track_size < 512 or self.track_size & (self.track_size - 1):
+            raise _fail("STATE", "track_size", f"{self.track_size} is not a power of two >= 512")
+        _role("STATE", self.role)
+        if self.disk not in DISK_CODES:
+            raise _fail("STATE", "disk", f"is {self.disk!r}, expected one of {', '.join(DISK_STATES)}")
+        for f in ("written_seq", "oldest_held_seq", "journaled_seq", "applied_seq"):
+            _uint("STATE", f, getattr(self, f), _U64)
+        _uint("STATE", "flags", self.flags, _U32)
+        if self.flags & ~STATE_KNOWN_FLAGS:
+            raise _fail("STATE", "flags", f"has unknown bits 0x{self.flags & ~STATE_KNOWN_FLAGS:08x}")
+        hist = tuple(self.history)
+        if len(hist) > MAX_HISTORY:
+            raise _fail("STATE", "history", f"has {len(hist)} UUIDs, at most {MAX_HISTORY} allowed")
+        _set(self, "history", tuple(_fixed_bytes("STATE", f"history[{i}]", u, UUID_SIZE)
+                                    for i, u in enumerate(hist)))
+
+    @property
+    def fresh(self) -> bool:
+        """True when this side has no resource UUID yet (never initialised)."""
+        return self.resource_uuid == ZERO_UUID
+
+    def encode(self) -> bytes:
+        return _STATE.pack(self.resource_uuid, self.generation, self.device_size,
+                           self.track_size, ROLE_CODES[self.role], DISK_CODES[self.disk],
+                           len(self.history), 0, self.written_seq, self.oldest_held_seq,
+                           self.journaled_seq, self.applied_seq, self.flags, 0) + b"".join(self.history)
+
+    @classmethod
+    def decode(cls, payload) -> State:
+        _at_least("STATE", payload, _STATE.size)
+        (ruuid, gen, size, track, role, disk, nhist, rsv1, written, oldest, journaled,
+         applied, flags, rsv2) = _STATE.unpack_from(payload)
+        if rsv1 or rsv2:
+            raise _fail("STATE", "reserved", "is not zero")
+        if role not in ROLES_BY_CODE:
+            raise _fail("STATE", "role", f"has unknown value {role}")
+        if disk not in DISKS_BY_CODE:
+            raise _fail("STATE", "disk", f"has unknown value {disk}")
+        if nhist > MAX_HISTORY:
+            raise _fail("STATE", "history", f"count {nhist} is above {MAX_HISTORY}")
+        _exact("STATE", payload, _STATE.size + UUID_SIZE * nhist)
+        hist = tuple(bytes(payload[_STATE.size + i * UUID_SIZE:_STATE.size + (i + 1) * UUID_SIZE])
+                     for i in range(nhist))
+        return cls(ruuid, gen, size, track, ROLES_BY_CODE[role], DISKS_BY_CODE[disk],
+                   written, oldest, journaled, applied, flags, hist)
+
+
+# -- the replication stream -------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Tokens(Message):
+    """Seed 001's M1: record headers sent ahead of their data.
+
+    ``payload`` is the raw packed headers (kept as received, so the
+    secondary can journal them as they are); ``tokens`` the decoded list.
+    """
+
+    TYPE: ClassVar[FrameType] = FrameType.TOKENS
+    payload: bytes
+    tokens: tuple[_records.Token, ...] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.payload, (bytes, bytearray, memoryview)):
+            raise _fail("TOKENS", "payload", f"must be bytes, not {type(self.payload).__name__}")
+        raw = bytes(self.payload)
+        if not raw:
+            raise _fail("TOKENS", "payload", "is empty (a TOKENS frame carries at least one token)")
+        try:
+            toks = tuple(_records.iter_tokens(raw))
+        except _records.RecordError as e:
+            raise _fail("TOKENS", "payload", f"is invalid: {e}") from None
+        _set(self, "payload", raw)
+        _set(self, "tokens", toks)
+
+    @classmethod
+    def of(cls, tokens) -> Tokens:
+        """A TOKENS message listing *tokens* (replicator.records.Token objects), in the given order."""
+        return cls(b"".join(t.pack() for t in tokens))
+
+    def encode(self) -> bytes:
+        return self.payload
+
+    def encode_parts(self) -> list:
+        return [self.payload]
+
+    @classmethod
+    def decode(cls, payload) -> Tokens:
+        return cls(bytes(payload))
+
+    def __repr__(self) -> str:
+        seqs = [t.seq for t in self.tokens]
+        return f"Tokens(n={len(seqs)}, seqs={seqs[0]}..{seqs[-1]})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Data(Message):
+    """Seed 001's M2: whole records (header + data), in the record format.
+
+    ``payload`` is a read-only memoryview (a slice of the receive buffer when
+    decoded: not copied); construction checks every record's structure and
+    CRC once and keeps ``records`` as (Token, data memoryview) pairs, so
+    consumers never re-check or re-copy. The secondary journals ``payload``
+    as it is.
+    """
+
+    TYPE: ClassVar[FrameType] = FrameType.DATA
+    payload: memoryview
+    records: tuple[tuple[_records.Token, memoryview], ...] = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.payload, (bytes, bytearray, memoryview)):
+            raise _fail("DATA", "payload", f"must be bytes, not {type(self.payload).__name__}")
+        mv = memoryview(self.payload).cast("B").toreadonly()
+        if not len(mv):
+            raise _fail("DATA", "payload", "is empty (a DATA frame carries at least one record)")
+        try:
+            recs = tuple(_records.iter_records(mv))
+        except _records.RecordError as e:
+            raise _fail("DATA", "payload", f"is invalid: {e}") from None
+        _set(self, "payload", mv)
+        _set(self, "records", recs)
+
+    def encode(self) -> bytes:
+        return bytes(self.payload)
+
+    def encode_parts(self) -> list:
+        return [self.payload]
+
+    @classmethod
+    def decode(cls, payload) -> Data:
+        return cls(payload)
+
+    def __repr__(self) -> str:
+        seqs = [t.seq for t, _ in self.records]
+        return f"Data(n={len(seqs)}, bytes={len(self.payload)}, seqs={seqs[0]}..{seqs[-1]})"
+
+
+_U64_1 = struct.Struct("<Q")
+_U64_2 = struct.Struct("<QQ")
+_U64_3 = struct.Struct("<QQQ")
+_U64_4 = struct.Struct("<QQQQ")
+
+
+@dataclass(frozen=True, slots=True)
+class Flush(Message):
+    """A durability point: the primary made every record with seq <= ``seq`` durable."""
+
+    TYPE: ClassVar[FrameType] = FrameType.FLUSH
+    seq: int
+
+    def __post_init__(self) -> None:
+        _uint("FLUSH", "seq", self.seq, _U64)
+
+    def encode(self) -> bytes:
+        return _U64_1.pack(self.seq)
+
+    @classmethod
+    def decode(cls, payload) -> Flush:
+        _exact("FLUSH", payload, _U64_1.size)
+        return cls(*_U64_1.unpack(payload))
+
+
+# -- increments (codec only; the catch-up engine drives them) ---------------
+
+@dataclass(frozen=True, slots=True)
+class IncrBegin(Message):
+    """Start of catch-up increment ``incr_id``: ``tracks`` tracks, ``nbytes`` bytes, frozen after ``base_seq``."""
+
+    TYPE: ClassVar[FrameType] = FrameType.INCR_BEGIN
+    incr_id: int
+    base_seq: int
+    tracks: int
+    nbytes: int
+
+    def __post_init__(self) -> None:
+        for f in ("incr_id", "base_seq", "tracks", "nbytes"):
+            _uint("INCR_BEGIN", f, getattr(self, f), _U64)
+
+    def encode(self) -> bytes:
+        return _U64_4.pack(self.incr_id, self.base_seq, self.tracks, self.nbytes)
+
+    @classmethod
+    def decode(cls, payload) -> IncrBegin:
+        _exact("INCR_BEGIN", payload, _U64_4.size)
+        return cls(*_U64_4.unpack(payload))
+
+
+_INCR_DATA = struct.Struct("<QQII")
+
+
+@dataclass(frozen=True, slots=True)
+class IncrData(Message):
+    """Track content for increment ``incr_id``: ``data`` at byte ``offset`` of ``volume``."""
+
+    TYPE: ClassVar[FrameType] = FrameType.INCR_DATA
+    incr_id: int
+    offset: int
+    data: memoryview
+    volume: int = 0
+
+    def __post_init__(self) -> None:
+        _uint("INCR_DATA", "incr_id", self.incr_id, _U64)
+        _uint("INCR_DATA", "offset", self.offset, _U64)
+        _uint("INCR_DATA", "volume", self.volume, _U32)
+        if not isinstance(self.data, (bytes, bytearray, memoryview)):
+            raise _fail("INCR_DATA", "data", f"must be bytes, not {type(self.data).__name__}")
+        mv = memoryview(self.data).cast("B").toreadonly()
+        if not len(mv):
+            raise _fail("INCR_DATA", "data", "is empty")
+        if self.offset + len(mv) > _U64 + 1:
+            raise _fail("INCR_DATA", "offset", f"{self.offset} + {len(mv)} bytes runs past 2**64")
+        _set(self, "data", mv)
+
+    def _head(self) -> bytes:
+        return _INCR_DATA.pack(self.incr_id, self.offset, self.volume, 0)
+
+    def encode(self) -> bytes:
+        return self._head() + bytes(self.data)
+
+    def encode_parts(self) -> list:
+        return [self._head(), self.data]
+
+    @classmethod
+    def decode(cls, payload) -> IncrData:
+        _at_least("INCR_DATA", payload, _INCR_DATA.size + 1)
+        incr_id, offset, volume, rsv = _INCR_DATA.unpack_from(payload)
+        if rsv:
+            raise _fail("INCR_DATA", "reserved", "is not zero")
+        return cls(incr_id, offset, memoryview(payload)[_INCR_DATA.size:], volume)
+
+
+@dataclass(frozen=True, slots=True)
+class IncrCommit(Message):
+    """Increment ``incr_id`` is complete; stream records after it start at ``end_seq`` + 1."""
+
+    TYPE: ClassVar[FrameType] = FrameType.INCR_COMMIT
+    incr_id: int
+    end_seq: int
+
+    def __post_init__(self) -> None:
+        _uint("INCR_COMMIT", "incr_id", self.incr_id, _U64)
+        _uint("INCR_COMMIT", "end_seq", self.end_seq, _U64)
+
+    def encode(self) -> bytes:
+        return _U64_2.pack(self.incr_id, self.end_seq)
+
+    @classmethod
+    def decode(cls, payload) -> IncrCommit:
+        _exact("INCR_COMMIT", payload, _U64_2.size)
+        return cls(*_U64_2.unpack(payload))
+
+
+# -- feedback, liveness, errors --------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Ack(Message):
+    """The secondary's progress: journaled (durable) through, and applied through."""
+
+    TYPE: ClassVar[FrameType] = FrameType.ACK
+    journaled_seq: int
+    applied_seq: int
+
+    def __post_init__(self) -> None:
+        _uint("ACK", "journaled_seq", self.journaled_seq, _U64)
+        _uint("ACK", "applied_seq", self.applied_seq, _U64)
+
+    def encode(self) -> bytes:
+        return _U64_2.pack(self.journaled_seq, self.applied_seq)
+
+    @classmethod
+    def decode(cls, payload) -> Ack:
+        _exact("ACK", payload, _U64_2.size)
+        return cls(*_U64_2.unpack(payload))
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    """Liveness probe; ``send_ts_ns`` is the sender's clock when it sent it."""
+
+    TYPE: ClassVar[FrameType] = FrameType.PING
+    nonce: int
+    send_ts_ns: int
+
+    def __post_init__(self) -> None:
+        _uint("PING", "nonce", self.nonce, _U64)
+        _uint("PING", "send_ts_ns", self.send_ts_ns, _U64)
+
+    def encode(self) -> bytes:
+        return _U64_2.pack(self.nonce, self.send_ts_ns)
+
+    @classmethod
+    def decode(cls, payload) -> Ping:
+        _exact("PING", payload, _U64_2.size)
+        return cls(*_U64_2.unpack(payload))
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Message):
+    """Answer to a PING: echoes its nonce and timestamp, adds the answerer's clock."""
+
+    TYPE: ClassVar[FrameType] = FrameType.PONG
+    nonce: int
+    ping_ts_ns: int
+    peer_ts_ns: int
+
+    def __post_init__(self) -> None:
+        _uint("PONG", "nonce", self.nonce, _U64)
+        _uint("PONG", "ping_ts_ns", self.ping_ts_ns, _U64)
+        _uint("PONG", "peer_ts_ns", self.peer_ts_ns, _U64)
+
+    @classmethod
+    def answer(cls, ping: Ping, now_ns: int) -> Pong:
+        """The PONG for *ping*, stamped with the answerer's clock *now_ns*."""
+        return cls(ping.nonce, ping.send_ts_ns, now_ns)
+
+    def rtt_ns(self, recv_ts_ns: int) -> int:
+        """Round-trip time, given the pinger's clock when this PONG arrived."""
+        return recv_ts_ns - self.ping_ts_ns
+
+    def clock_offset_ns(self, recv_ts_ns: int) -> int:
+        """Peer clock minus ours, assuming the path is symmetric (NTP's estimate)."""
+        return self.peer_ts_ns - (self.ping_ts_ns + recv_ts_ns) // 2
+
+    def encode(self) -> bytes:
+        return _U64_3.pack(self.nonce, self.ping_ts_ns, self.peer_ts_ns)
+
+    @classmethod
+    def decode(cls, payload) -> Pong:
+        _exact("PONG", payload, _U64_3.size)
+        return cls(*_U64_3.unpack(payload))
+
+
+_ERROR = struct.Struct("<H")
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """Why the sender is closing the connection (``code``: errors.ErrorCode)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.ERROR
+    code: int
+    message: str
+
+    def __post_init__(self) -> None:
+        _uint("ERROR", "code", self.code, _U16)
+        _set(self, "code", int(self.code))
+        _name("ERROR", "message", self.message, MAX_ERROR_MESSAGE, allow_empty=True,
+              printable=False)
+
+    def encode(self) -> bytes:
+        return _ERROR.pack(self.code) + self.message.encode()
+
+    @classmethod
+    def decode(cls, payload) -> Error:
+        _at_least("ERROR", payload, _ERROR.size)
+        (code,) = _ERROR.unpack_from(payload)
+        return cls(code, _utf8("ERROR", "message", payload[_ERROR.size:]))
+
+
+MESSAGE_CLASSES: dict[FrameType, type[Message]] = {
+    cls.TYPE: cls for cls in (Hello, Auth, State, Tokens, Data, Flush, IncrBegin,
+                              IncrData, IncrCommit, Ack, Ping, Pong, Error)
+}
+assert set(MESSAGE_CLASSES) == set(FrameType), "every frame type needs a message class"
+
+
+def decode_message(ftype: FrameType, payload) -> Message:
+    """Decode the payload of a frame of *ftype* into its message (ProtocolError if invalid)."""
+    return MESSAGE_CLASSES[ftype].decode(payload)
+
+
+def truncate_utf8(text: str, limit: int = MAX_ERROR_MESSAGE) -> str:
+    """*text* cut to at most *limit* UTF-8 bytes without splitting a character."""
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return raw.decode("utf-8")
+    return raw[:limit].decode("utf-8", "ignore")

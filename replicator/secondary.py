@@ -1,0 +1,337 @@
+"""The secondary daemon: receives the stream, journals it, applies in-order
+runs to the image, acknowledges (DESIGN §6).
+
+Threads, each with one job:
+
+- a listener accepting connections (several may carry one stream; arrival
+  order across them does not matter, the seq does);
+- one reader per connection: validates frames, appends records to the
+  journal (not yet durable) and to the pending queue;
+- the committer: one fdatasync for everything appended so far (group
+  commit), then acks "journaled through N";
+- the applier: writes only in-order runs of journaled records to the image,
+  fdatasyncs the image and checkpoints the journal, acks "applied through N".
+
+The image therefore only ever holds a prefix of the primary's history. A
+record is applied only once it is durable in the journal, so a crash never
+leaves the image holding a write the journal could not replay.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from replicator.applier import apply_run, record_data
+from replicator.config import Node, Resource, load_config, select_node
+from replicator.control import ControlServer
+from replicator.devices import device_size
+from replicator.errors import DuplexError
+from replicator.journal import Journal, JournalError
+from replicator.metadata import (DISK_CONSISTENT, DISK_INCONSISTENT, DISK_UPTODATE, Metadata,
+                                 load_metadata)
+from replicator.peerlink import LinkError, PeerLink, pairing_uuid
+from replicator.pending import PendingQueue, StreamError
+from replicator.protocol.errors import ProtocolError
+from replicator.protocol.messages import (STATE_NEEDS_RESYNC, ZERO_UUID, Data, Message, State,
+                                          Tokens)
+from replicator.records import iter_records
+from replicator.status import new_status
+
+log = logging.getLogger("duplex.secondary")
+
+RUN_BYTES = 8 << 20          # apply at most this much between acks
+CHECKPOINT_INTERVAL = 1.0    # seconds between image fdatasync + journal checkpoint
+CHECKPOINT_BYTES = 64 << 20  # ...or after this much was applied
+
+
+class SecondaryError(DuplexError):
+    """The secondary cannot start (metadata, journal, image)."""
+
+
+class Secondary:
+    """One resource's secondary side."""
+
+    def __init__(self, resource: Resource, node: Node, md: Metadata, journal: Journal,
+                 image_fd: int, pending: PendingQueue):
+        self.resource = resource
+        self.node = node
+        self.peer = resource.peer_of(node.name)
+        self.md = md
+        self.journal = journal
+        self.fd = image_fd
+        self.pending = pending
+        self.size = md.device_size
+        self._lock = threading.Condition()      # pending + journal appends/checkpoints
+        self._commit_lock = threading.Lock()
+        self._commit_wake = threading.Event()
+        self._apply_wake = threading.Event()
+        self._stop = threading.Event()
+        self.journaled = pending.received_through  # replayed records are durable
+        self.links: set[PeerLink] = set()
+        self._threads: list[threading.Thread] = []
+        self._listener: socket.socket | None = None
+        self.primary_needs_resync = False
+        self.last_error = ""
+        self.control = ControlServer(node.meta_dir, {"status": self.status}, name="secondary")
+
+    @classmethod
+    def open(cls, config_path: str | None, resource_name: str, node_name: str | None) -> "Secondary":
+        """Load config and metadata, open the journal, replay it."""
+        cfg = load_config(config_path)
+        res = cfg.resource(resource_name)
+        node = select_node(res, node_name)
+        md = load_metadata(node.meta_dir, res.name)
+        size = device_size(node.device)
+        if size != md.device_size:
+            raise SecondaryError(f"{node.device} is {size} bytes, but the metadata of "
+                                 f"{res.name} was made for {md.device_size}")
+        try:
+            journal = Journal.open(str(md.paths.journal), bytes.fromhex(md.node_uuid))
+        except JournalError as e:
+            raise SecondaryError(str(e)) from None
+        pending = PendingQueue.rebuild(journal.applied_seq, journal.replay(),
+                                       applied_token=journal.applied_token)
+        if len(pending):
+            log.info("%s: journal replay: applied through %d, %d records pending (through %d)",
+                     res.name, pending.applied_through, len(pending), pending.received_through)
+        fd = os.open(node.device, os.O_RDWR | os.O_CLOEXEC)
+        return cls(res, node, md, journal, fd, pending)
+
+    # -- lifecycle --------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind the replication endpoint, start every thread."""
+        host, port = self.node.address
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        ls = socket.socket(fam, socket.SOCK_STREAM)
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            ls.bind((host, port))
+        except OSError as e:
+            ls.close()
+            raise SecondaryError(f"{self.resource.name}: cannot listen on "
+                                 f"{self.node.address_str()}: {e.strerror}") from None
+        ls.listen(8)
+        ls.settimeout(0.5)
+        self._listener = ls
+        self.control.start()
+        for name, target in (("listen", self._accept_loop), ("commit", self._commit_loop),
+                             ("apply", self._apply_loop)):
+            t = threading.Thread(target=target, name=f"duplex-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._apply_wake.set()
+        log.info("%s: secondary listening on %s", self.resource.name, self.node.address_str())
+
+    def stop(self) -> None:
+        """Stop accepting, drop links, apply what is journaled, checkpoint."""
+        self._stop.set()
+        for link in list(self.links):
+            link.close("secondary stopping")
+        self._commit_wake.set()
+        self._apply_wake.set()
+        for t in self._threads:
+            t.join(30)
+        if self._listener:
+            self._listener.close()
+        self.control.stop()
+        self._checkpoint()
+        self.journal.close()
+        os.close(self.fd)
+        log.info("%s: secondary stopped, applied through %d", self.resource.name,
+                 self.pending.applied_through)
+
+    # -- connections ------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, addr = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                raise
+            threading.Thread(target=self._handshake, args=(sock, addr),
+                             name="duplex-handshake", daemon=True).start()
+
+    def _state_for(self, peer: State) -> State:
+        with self._lock:
+            return State(pairing_uuid(self.md), bytes.fromhex(self.md.generation),
+                         self.md.device_size, self.md.track_size, "secondary", self._disk(),
+                         journaled_seq=self.journaled,
+                         applied_seq=self.pending.applied_through,
+                         flags=STATE_NEEDS_RESYNC if self.md.needs_initial_sync else 0)
+
+    def _handshake(self, sock: socket.socket, addr) -> None:
+        try:
+            link = PeerLink.accept(sock, role="secondary", resource=self.resource.name,
+                                   node=self.node.name, secret=self.resource.secret(),
+                                   state_for=self._state_for, on_event=self._on_event)
+        except (LinkError, DuplexError, OSError) as e:
+            self.last_error = f"connection from {addr[0]} refused: {e}"
+            log.error("%s: %s", self.resource.name, self.last_error)
+            return
+        self._adopt(link.peer_state)
+        self.primary_needs_resync = bool(link.peer_state.flags & STATE_NEEDS_RESYNC)
+        with self._lock:
+            self.links.add(link)
+        log.info("%s: primary %s connected from %s", self.resource.name, link.peer_name, addr[0])
+        threading.Thread(target=self._reap, args=(link,), daemon=True).start()
+
+    def _reap(self, link: PeerLink) -> None:
+        while link.alive() and not self._stop.is_set():
+            time.sleep(0.2)
+        with self._lock:
+            self.links.discard(link)
+        if link.error and not self._stop.is_set():
+            self.last_error = link.error
+            log.warning("%s: link to %s closed: %s", self.resource.name, link.peer_name, link.error)
+
+    def _adopt(self, peer: State) -> None:
+        """At the first handshake the secondary takes the primary's resource
+        UUID; from then on a peer with another one is refused."""
+        if self.md.peer_node_uuid is None and peer.resource_uuid != ZERO_UUID:
+            self.md.resource_uuid = peer.resource_uuid.hex()
+            self.md.peer_node_uuid = peer.resource_uuid.hex()
+            self.md.save()
+
+    def _on_event(self, link: PeerLink, ev: Message) -> None:
+        """Reader thread: TOKENS and DATA from the primary."""
+        try:
+            if isinstance(ev, Tokens):
+                self._on_tokens(ev)
+            elif isinstance(ev, Data):
+                self._on_data(ev)
+        except StreamError as e:
+            raise ProtocolError(str(e)) from None
+
+    def _on_tokens(self, ev: Tokens) -> None:
+        with self._lock:
+            self._wait_room(len(ev.payload))
+            self.pending.add_tokens(ev.tokens)
+            self.journal.append_tokens(ev.payload)
+        self._commit_wake.set()
+
+    def _on_data(self, ev: Data) -> None:
+        payload = ev.payload
+        with self._lock:
+            for tok, _ in iter_records(payload, check_crc=False):  # CRCs checked by decode
+                self.pending.check_record(tok)
+            self._wait_room(len(payload))
+            for tok, pos in self.journal.append(payload):
+                self.pending.add_record(tok, pos)
+        self._commit_wake.set()
+
+    def _wait_room(self, n: int) -> None:
+        # Backpressure: never overwrite unapplied journal entries; the
+        # socket stops being read and TCP slows the primary down.
+        while not self.journal.has_room(n):
+            if self._stop.is_set():
+                raise LinkError("stopping")
+            self._apply_wake.set()
+            self._lock.wait(0.5)
+
+    # -- commit and apply -------------------------------------------------
+
+    def _commit_loop(self) -> None:
+        while not self._stop.is_set():
+            self._commit_wake.wait(0.5)
+            self._commit_wake.clear()
+            with self._lock:
+                target = self.pending.received_through
+            with self._commit_lock:
+                self.journal.commit()
+            if target > self.journaled:
+                self.journaled = target
+                self._apply_wake.set()
+                self._ack()
+
+    def _apply_loop(self) -> None:
+        last_ckpt = time.monotonic()
+        since_ckpt = 0
+        while True:
+            with self._lock:
+                limit = self.journaled - self.pending.applied_through
+                run = self.pending.next_run(max_records=limit, max_bytes=RUN_BYTES) if limit > 0 else []
+            if run:
+                items = [record_data(self.journal.read_record(pos)) for _, pos in run]
+                apply_run({0: self.fd}, items, {0: self.size})
+                with self._lock:
+                    self.pending.mark_applied(run[-1][0].seq)
+                since_ckpt += sum(t.size for t, _ in run)
+            now = time.monotonic()
+            if since_ckpt and (since_ckpt >= CHECKPOINT_BYTES or now - last_ckpt >= CHECKPOINT_INTERVAL
+                               or not run or self._room_wanted()):
+                self._checkpoint()
+                since_ckpt = 0
+                last_ckpt = now
+            if run:
+                self._ack()
+                continue
+            if self._stop.is_set():
+                return
+            self._apply_wake.wait(0.2)
+            self._apply_wake.clear()
+
+    def _room_wanted(self) -> bool:
+        return self.journal.free_bytes < self.journal.area_size // 4
+
+    def _checkpoint(self) -> None:
+        """Make the image durable, then free the journal behind it."""
+        os.fdatasync(self.fd)
+        with self._lock:
+            applied = self.pending.applied_through
+            if applied > self.journal.applied_seq:
+                with self._commit_lock:
+                    self.journal.checkpoint(applied, self.pending.applied_token)
+            self._lock.notify_all()
+
+    def _ack(self) -> None:
+        with self._lock:
+            links = list(self.links)
+            applied = self.pending.applied_through
+        for link in links:
+            try:
+                link.send_ack(self.journaled, applied)
+            except LinkError:
+                pass
+
+    # -- status -----------------------------------------------------------
+
+    def _disk(self) -> str:
+        if self.md.needs_initial_sync:
+            return DISK_INCONSISTENT
+        if self.links and self.pending.applied_through >= self.journaled and not len(self.pending):
+            return DISK_UPTODATE
+        return DISK_CONSISTENT
+
+    def status(self) -> dict:
+        """The status document (replicator/status.py schema)."""
+        with self._lock:
+            applied = self.pending.applied_through
+            highest = self.pending.highest_token_seq
+            connected = any(l.alive() for l in self.links)
+            pending_bytes = self.pending.pending_bytes
+            first_ts = None
+            for entry in self.pending.loss_view().entries:
+                if entry.token is not None:
+                    first_ts = entry.token.ts_ns
+                    break
+            disk = self._disk()
+        connection = "Established" if connected else "Connecting"
+        if connected and self.primary_needs_resync:
+            connection = "Behind"
+        return new_status(
+            self.resource, self.node, running=True, role="Secondary",
+            connection=connection, disk=disk,
+            peer={"disk": "UpToDate" if connected else "Unknown"},
+            seq={"written": highest, "journaled": self.journaled, "applied": applied},
+            lag={"writes": highest - applied, "bytes": pending_bytes,
+                 "seconds": round(max(0.0, (time.time_ns() - first_ts) / 1e9), 3) if first_ts else 0.0},
+            out_of_sync_bytes=0, reason=self.last_error if not connected else "",
+            journal={"used_bytes": self.journal.used_bytes, "size": self.journal.area_size})

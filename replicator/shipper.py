@@ -1,0 +1,238 @@
+"""The shipper: drains the primary's send ring to the secondary.
+
+One thread sends, one reads. The sender owns every ring consumer call
+(peek, advance, release, rewind), so the ring keeps a single consumer; the
+reader only records what the secondary acknowledged and wakes the sender.
+
+Batching (seed 001 §2.5): a batch is whatever the ring holds, up to
+``batch-bytes``; it goes out as soon as the sender wakes, which is at once
+under load and at most ``batch-interval`` after a lone write. Tokens go
+ahead of data: every span taken from the ring is announced (TOKENS) before
+any older data still queued behind a slow link, so the secondary always
+knows which writes it is missing (seed 001's M1/M2 split).
+"""
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from replicator.peerlink import LinkError, PeerLink, RefusedError, local_primary_state
+
+if TYPE_CHECKING:
+    from replicator.primary import Engine
+
+log = logging.getLogger("duplex.shipper")
+
+_SEQ_TS = struct.Struct("<QQ")
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 2.0
+REFUSED_RETRY = 5.0
+PING_INTERVAL = 1.0
+MAX_ANNOUNCED_SPANS = 256
+
+
+class Shipper:
+    """Ships the ring to the peer; reconnects; resumes from the peer's
+    journaled seq when the ring still holds what follows it."""
+
+    def __init__(self, engine: "Engine", needs_resync: bool):
+        self.engine = engine
+        self.core = engine.core
+        self.res = engine.resource
+        self.base_seq = self.core.next_seq - 1
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._drain_deadline = 0.0
+        self._thread: threading.Thread | None = None
+        self.needs_resync = needs_resync
+        self._resync_reason = ("out-of-sync data from before this start (initial sync or "
+                               "unclean stop)" if needs_resync else "")
+        # What the peer has told us; read by status.
+        self.connection = "Connecting"
+        self.reason = ""
+        self.peer_disk = "Unknown"
+        self.journaled = 0
+        self.applied = 0
+        self._released = 0
+        self._samples: deque[tuple[int, int]] = deque()  # (last seq of a span, ts of its first record)
+
+    # -- control ----------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="duplex-shipper", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain_timeout: float) -> None:
+        """Ask the sender to drain what the peer has not journaled, for at
+        most *drain_timeout* seconds, then close."""
+        self._drain_deadline = time.monotonic() + drain_timeout
+        self._stopping.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(drain_timeout + 5)
+
+    def ring_dropped(self) -> None:
+        """Called from the write path when the ring overflowed: from now on
+        writes only mark OOS, and only a resync brings the peer back."""
+        if not self.needs_resync:
+            self.needs_resync = True
+            self._resync_reason = "send ring overflowed"
+            log.warning("%s: send ring overflowed: going Ahead (writes only mark "
+                        "the out-of-sync bitmap)", self.res.name)
+        self._wake.set()
+
+    def snapshot(self) -> dict:
+        """A consistent view for status."""
+        with self._lock:
+            now_ns = time.time_ns()
+            lag_s = 0.0
+            if self._samples:
+                lag_s = max(0.0, (now_ns - self._samples[0][1]) / 1e9)
+            elif self.core.next_seq - 1 > self.applied and self.connection != "Established":
+                lag_s = -1.0  # unknown: nothing sent yet
+            connection = self.connection
+            reason = self.reason
+            if self.needs_resync:
+                connection = "Ahead"
+                reason = f"resync needed: {self._resync_reason}"
+            return {
+                "connection": connection,
+                "reason": reason,
+                "peer_disk": self.peer_disk,
+                "journaled": self.journaled,
+                "applied": self.applied,
+                "lag_bytes": self.core.ring_stats.get("bytes", 0),
+                "lag_seconds": round(lag_s, 3) if lag_s >= 0 else None,
+            }
+
+    # -- acks (reader thread) ---------------------------------------------
+
+    def _on_ack(self, journaled: int, applied: int) -> None:
+        with self._lock:
+            self.journaled = max(self.journaled, journaled)
+            self.applied = max(self.applied, applied)
+            while self._samples and self._samples[0][0] <= self.applied:
+                self._samples.popleft()
+        self._wake.set()
+
+    # -- sender thread ----------------------------------------------------
+
+    def _set(self, connection: str, reason: str = "") -> None:
+        with self._lock:
+            self.connection = connection
+            self.reason = reason
+
+    def _run(self) -> None:
+        backoff = BACKOFF_MIN
+        peer = self.engine.peer
+        while not self._stopping.is_set():
+            self._set("Connecting")
+            try:
+                link = PeerLink.connect(peer.address, role="primary", resource=self.res.name,
+                                        node=self.engine.node.name, secret=self.res.secret(),
+                                        local_state=local_primary_state(self.engine, self.needs_resync),
+                                        on_ack=self._on_ack, timeout=5.0)
+            except RefusedError as e:
+                self._set("StandAlone", str(e))
+                log.error("%s: peer %s refused: %s", self.res.name, peer.name, e)
+                self._stopping.wait(REFUSED_RETRY)
+                continue
+            except (LinkError, OSError) as e:
+                self._set("Connecting", str(e))
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            backoff = BACKOFF_MIN
+            try:
+                self._session(link)
+            except (LinkError, OSError) as e:
+                if not self._stopping.is_set():
+                    log.warning("%s: connection to %s lost: %s", self.res.name, peer.name, e)
+            finally:
+                link.close()
+        self._set("StandAlone", "stopped")
+
+    def _session(self, link: PeerLink) -> None:
+        ps = link.peer_state
+        with self._lock:
+            self.peer_disk = ps.disk
+            self.journaled = ps.journaled_seq
+            self.applied = ps.applied_seq
+            self._samples.clear()
+        last = self.core.next_seq - 1
+        if ps.journaled_seq > last:
+            raise RefusedError(f"peer journaled seq {ps.journaled_seq}, beyond our last seq "
+                               f"{last}: the two sides have different histories")
+        if not self.needs_resync and not self.core.rewind(ps.journaled_seq):
+            self.needs_resync = True
+            self._resync_reason = (f"the send ring no longer holds seq {ps.journaled_seq + 1} "
+                                   "(the peer was away too long)")
+        if self.needs_resync:
+            # Catch-up (increments) is the next milestone; until then stay
+            # connected, keep the OOS bitmap and say so.
+            log.warning("%s: cannot resume streaming: %s", self.res.name, self._resync_reason)
+            self._set("Established")
+            while not self._stopping.is_set() and link.alive():
+                self._stopping.wait(PING_INTERVAL)
+                link.ping()
+            return
+        log.info("%s: streaming to %s from seq %d", self.res.name, self.engine.peer.name,
+                 ps.journaled_seq + 1)
+        self._set("Established")
+        self._stream(link)
+
+    def _stream(self, link: PeerLink) -> None:
+        core = self.core
+        batch = self.res.batch_bytes
+        queued: deque[memoryview] = deque()
+        last_ping = time.monotonic()
+        while True:
+            with self._lock:
+                journaled = self.journaled
+            if journaled > self._released:
+                core.release(journaled)
+                self._released = journaled
+            if self.needs_resync:
+                return self._session_ahead(link)
+            if not link.alive():
+                raise LinkError(link.error or "connection closed")
+            announced = 0
+            while len(queued) < MAX_ANNOUNCED_SPANS:
+                span = core.peek(batch)
+                if not span:
+                    break
+                core.advance(len(span))
+                tokens = core.tokens(span)
+                link.send_tokens(tokens)
+                first_seq, first_ts = _SEQ_TS.unpack_from(tokens, 0)
+                last_seq = _SEQ_TS.unpack_from(tokens, len(tokens) - 48)[0]
+                with self._lock:
+                    self._samples.append((last_seq, first_ts))
+                queued.append(span)
+                announced += 1
+                if announced >= 4 and queued:
+                    break  # let data move between announcements
+            if queued:
+                link.send_data(queued.popleft())
+                continue
+            if self._stopping.is_set():
+                if core.ring_stats.get("records", 0) == 0 or time.monotonic() > self._drain_deadline:
+                    return
+            now = time.monotonic()
+            if now - last_ping >= PING_INTERVAL:
+                link.ping()
+                last_ping = now
+            if not core.wait(self.res.batch_interval_s if self.res.batch_interval_s > 0 else 0.002):
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def _session_ahead(self, link: PeerLink) -> None:
+        log.warning("%s: ring dropped while connected: %s", self.res.name, self._resync_reason)
+        while not self._stopping.is_set() and link.alive():
+            self._stopping.wait(PING_INTERVAL)
+            link.ping()

@@ -1,0 +1,169 @@
+"""The status of a resource on one node: the dict schema every provider
+fills, how a stopped node's status is derived from its metadata, and the
+human rendering.
+
+Schema (``duplex status --json``; providers may add keys, never drop
+these)::
+
+    {
+      "resource": "r0", "node": "alpha",
+      "running": true,                      # false: derived from metadata
+      "role": "Primary",                    # Primary | Secondary | Unknown
+      "connection": "Established",          # see CONNECTIONS
+      "disk": "UpToDate",                   # see DISKS
+      "peer": {"name": "beta", "address": "10.0.0.2:7789", "disk": "UpToDate"},
+      "seq": {"written": 120, "journaled": 118, "applied": 117},
+      "lag": {"writes": 3, "bytes": 12288, "seconds": 0.004},
+      "out_of_sync_bytes": 0,
+      "nbd_uri": "nbd+unix:///?socket=/run/duplex/r0.nbd",   # primary, else null
+      "sync": null,       # or {"done_bytes", "total_bytes", "rate", "eta_seconds"}
+      "reason": null      # why StandAlone / Inconsistent / down, in words
+    }
+
+``seq.written`` is the last seq assigned (primary) or received (secondary);
+``journaled`` and ``applied`` are what the secondary acknowledged / did.
+``lag`` is written minus applied, in writes, bytes and the age of the oldest
+unapplied write. ``sync.rate`` is bytes/s.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from replicator.config import Node, Resource
+from replicator.metadata import Metadata
+from replicator.sizes import format_duration, format_size
+
+ROLES = ("Primary", "Secondary", "Unknown")
+CONNECTIONS = ("Established", "Connecting", "StandAlone", "Ahead", "Behind",
+               "SyncSource", "SyncTarget")
+DISKS = ("UpToDate", "Consistent", "Inconsistent", "Outdated", "Unknown")
+
+_TEMPLATE: dict[str, Any] = {
+    "resource": None,
+    "node": None,
+    "running": True,
+    "role": "Unknown",
+    "connection": "StandAlone",
+    "disk": "Unknown",
+    "peer": {"name": None, "address": None, "disk": "Unknown"},
+    "seq": {"written": 0, "journaled": 0, "applied": 0},
+    "lag": {"writes": 0, "bytes": 0, "seconds": 0.0},
+    "out_of_sync_bytes": 0,
+    "nbd_uri": None,
+    "sync": None,
+    "reason": None,
+}
+_SYNC_KEYS = ("done_bytes", "total_bytes", "rate", "eta_seconds")
+
+
+def new_status(resource: Resource, node: Node, **fields: Any) -> dict:
+    """A complete status dict for *node* of *resource*, with every key of the
+    schema present (defaults: not connected, nothing written), updated by
+    *fields*. Nested dicts (peer, seq, lag) are merged, not replaced."""
+    d = copy.deepcopy(_TEMPLATE)
+    peer = resource.peer_of(node.name)
+    d.update(resource=resource.name, node=node.name)
+    d["peer"].update(name=peer.name, address=peer.address_str())
+    for k, v in fields.items():
+        if k not in _TEMPLATE:
+            d[k] = v
+        elif isinstance(_TEMPLATE[k], dict) and isinstance(v, dict):
+            d[k].update(v)
+        else:
+            d[k] = v
+    return d
+
+
+def check_status(d: dict) -> list[str]:
+    """Problems with a status dict against the schema (empty list: fine).
+
+    For tests of providers; the CLI displays whatever it gets.
+    """
+    problems = [f"missing key {k!r}" for k in _TEMPLATE if k not in d]
+    if problems:
+        return problems
+    for key, allowed in (("role", ROLES), ("connection", CONNECTIONS), ("disk", DISKS)):
+        if d[key] not in allowed:
+            problems.append(f"{key} is {d[key]!r}, not one of {', '.join(allowed)}")
+    for key in ("peer", "seq", "lag"):
+        if not isinstance(d[key], dict):
+            problems.append(f"{key} is not an object")
+            continue
+        problems += [f"missing key {key}.{k}" for k in _TEMPLATE[key] if k not in d[key]]
+    if d["sync"] is not None:
+        if not isinstance(d["sync"], dict):
+            problems.append("sync is neither null nor an object")
+        else:
+            problems += [f"missing key sync.{k}" for k in _SYNC_KEYS if k not in d["sync"]]
+    if not isinstance(d["out_of_sync_bytes"], int):
+        problems.append("out_of_sync_bytes is not an integer")
+    return problems
+
+
+def offline_status(resource: Resource, node: Node, metadata: Metadata | None,
+                   reason: str) -> dict:
+    """The status of a resource that is not running on this node, from its
+    metadata (None when there is none or it cannot be read; *reason* says
+    why it is down or what is wrong)."""
+    if metadata is None:
+        return new_status(resource, node, running=False, reason=reason)
+    return new_status(
+        resource, node, running=False, role=metadata.role, disk=metadata.disk,
+        seq={"written": metadata.seq_hwm},
+        reason=reason + ("; needs initial sync" if metadata.needs_initial_sync else ""),
+    )
+
+
+def _num(v: Any) -> str:
+    return "-" if v is None else str(v)
+
+
+def progress_bar(done: float, total: float, width: int = 30) -> str:
+    """``[#########.....................]  31.0%``"""
+    frac = 0.0 if not total else max(0.0, min(1.0, done / total))
+    filled = int(round(frac * width))
+    return f"[{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}%"
+
+
+def format_status(d: dict) -> str:
+    """A short human table of one status dict."""
+    g = d.get
+    state = f"{g('role', 'Unknown')}, {g('connection', '?')}"
+    if g("running") is False:
+        state = f"{g('role', 'Unknown')}, down"
+    lines = [f"{g('resource')} on {g('node')}: {state}, disk {g('disk', 'Unknown')}"]
+    peer = g("peer") or {}
+    if peer.get("name"):
+        lines.append(f"  peer          {peer.get('name')} ({peer.get('address')}), "
+                     f"disk {peer.get('disk') or 'Unknown'}")
+    seq = g("seq") or {}
+    lines.append(f"  seq           written {_num(seq.get('written'))}  "
+                 f"journaled {_num(seq.get('journaled'))}  applied {_num(seq.get('applied'))}")
+    lag = g("lag")
+    if g("running") is not False and lag:
+        lines.append(f"  lag           {_num(lag.get('writes'))} writes, "
+                     f"{format_size(lag.get('bytes') or 0)}, "
+                     f"{format_duration(float(lag.get('seconds') or 0))}")
+    if g("out_of_sync_bytes") is not None:
+        lines.append(f"  out of sync   {format_size(g('out_of_sync_bytes') or 0)}")
+    if g("nbd_uri"):
+        lines.append(f"  export        {g('nbd_uri')}")
+    sync = g("sync")
+    if isinstance(sync, dict):
+        done, total = sync.get("done_bytes") or 0, sync.get("total_bytes") or 0
+        line = (f"  sync          {progress_bar(done, total)}  "
+                f"{format_size(done)} of {format_size(total)}")
+        if sync.get("rate"):
+            line += f" at {format_size(sync['rate'])}/s"
+        if sync.get("eta_seconds") is not None:
+            line += f", ETA {format_duration(float(sync['eta_seconds']))}"
+        lines.append(line)
+    if g("reason"):
+        lines.append(f"  reason        {g('reason')}")
+    return "\n".join(lines)
+
+
+def format_statuses(ds: list[dict]) -> str:
+    """Several resources' tables, separated by blank lines."""
+    return "\n\n".join(format_status(d) for d in ds)

@@ -1,0 +1,332 @@
+"""``scripts/bench replication``: what replication costs an NBD client.
+
+fio's nbd engine (libnbd inside fio, no kernel in the path) writes to an
+image on tmpfs through three servers, one after the other, in this run:
+
+  (a) nbdkit's C ``file`` plugin: the limit without Python or replication;
+  (b) ``scripts/passthrough_plugin.py``: nbdkit's embedded Python, writing
+      straight to the file, nothing else (the floor under any Python plugin);
+  (c) the Duplex primary, replicating to a secondary in another network
+      namespace (shown as "not available yet" until the replication engine
+      exists: never with made-up numbers).
+
+Workloads: 4 KiB random writes at iodepth 16, and 1 MiB sequential writes at
+iodepth 4. Reported per run: IOPS, MB/s, p99 latency (fio's total latency,
+submission to completion), IOPS ratios to (a) and (b), replication lag p50/p99
+when the target reports it, and the peak RSS (VmHWM) of each server process,
+read from /proc just before it is stopped. Progress goes to stderr; ``run``
+returns the table.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+for _p in (str(REPO / "tests"), str(REPO / "scripts")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from bench_table import Table, fmt_bytes, fmt_count, fmt_mbps, fmt_ns, ratio  # noqa: E402
+from fixtures.images import shm_directory  # noqa: E402
+from fixtures.nbdkit import start_nbdkit  # noqa: E402
+from fixtures.processes import ManagedProcess, ProcessGroup  # noqa: E402
+
+PASSTHROUGH_PLUGIN = REPO / "scripts" / "passthrough_plugin.py"
+THREAD_MODELS = ("serialize_all_requests", "serialize_requests", "parallel")
+
+
+def progress(msg: str) -> None:
+    """Progress for the person waiting, on stderr (stdout carries the table)."""
+    print(f"bench replication: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One fio job shape."""
+
+    key: str
+    label: str
+    fio_args: tuple[str, ...]
+
+
+WORKLOADS: dict[str, Workload] = {
+    w.key: w for w in (
+        Workload("randwrite-4k", "4 KiB random write, iodepth 16",
+                 ("--rw=randwrite", "--bs=4k", "--iodepth=16", "--norandommap",
+                  "--randrepeat=0")),
+        Workload("seqwrite-1m", "1 MiB sequential write, iodepth 4",
+                 ("--rw=write", "--bs=1M", "--iodepth=4")),
+    )
+}
+
+
+class TargetUnavailable(Exception):
+    """This target cannot run here yet; the message says why."""
+
+
+@dataclass
+class Running:
+    """A started target: where fio connects and what to measure and stop."""
+
+    uri: str
+    #: (label, process) of each server process whose peak RSS is reported.
+    processes: list[tuple[str, ManagedProcess]]
+    stop: Callable[[], None]
+    #: Extra numbers measured by the target itself after the run, e.g.
+    #: {"lag_p50_ns": ..., "lag_p99_ns": ...} for replication lag.
+    metrics: Callable[[], dict[str, float]] = field(default=lambda: {})
+
+
+@dataclass
+class Context:
+    """What a target gets to start with."""
+
+    procs: ProcessGroup
+    workdir: Path
+    image: Path
+    options: argparse.Namespace
+
+
+class Target:
+    """A server fio can write to. Subclasses set ``key``/``label`` and ``start``."""
+
+    key = "?"
+    label = "?"
+
+    def start(self, ctx: Context) -> Running:
+        """Start serving ``ctx.image``; raise TargetUnavailable if it cannot be run here."""
+        raise NotImplementedError
+
+
+class FilePluginTarget(Target):
+    """(a) nbdkit's C file plugin."""
+
+    key = "a"
+    label = "(a) nbdkit file plugin (C)"
+
+    def start(self, ctx: Context) -> Running:
+        server = start_nbdkit(ctx.procs, "file", [str(ctx.image)], workdir=ctx.workdir,
+                              name="nbdkit-file")
+        return Running(server.uri, [("nbdkit", server.process)], server.stop)
+
+
+class PassthroughTarget(Target):
+    """(b) the pass-through Python plugin."""
+
+    key = "b"
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        return f"(b) Python pass-through ({self.model})"
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+
+    def start(self, ctx: Context) -> Running:
+        server = start_nbdkit(ctx.procs, PASSTHROUGH_PLUGIN,
+                              [f"file={ctx.image}", f"threads={self.model}"],
+                              workdir=ctx.workdir, name="nbdkit-passthrough")
+        return Running(server.uri, [("nbdkit", server.process)], server.stop)
+
+
+class DuplexTarget(Target):
+    """(c) the Duplex primary replicating to a secondary in another namespace.
+
+    To wire it (once the replication engine exists): make the two nodes'
+    metadata, start the secondary in ``NetnsPair.ns_b`` and the primary's
+    nbdkit in ``ns_a`` (fixtures.netns.NetnsPair.create(ctx.procs)), return
+    the primary's NBD URI, both processes for RSS, a stop() that waits for
+    the secondary to catch up and tears everything down, and metrics() with
+    ``lag_p50_ns``/``lag_p99_ns`` sampled during the run.
+    """
+
+    key = "c"
+    label = "(c) Duplex primary -> secondary"
+
+    def start(self, ctx: Context) -> Running:
+        if importlib.util.find_spec("replicator.node") is None:
+            raise TargetUnavailable("the replication engine (replicator/node.py) does not "
+                                    "exist yet")
+        raise TargetUnavailable("replicator/node.py exists but this benchmark is not wired "
+                                "to it yet (DuplexTarget.start in scripts/bench_replication.py)")
+
+
+@dataclass
+class Result:
+    """One fio run against one target."""
+
+    workload: Workload
+    target_label: str
+    target_key: str
+    iops: float | None = None
+    bw_bytes: float | None = None
+    p99_ns: float | None = None
+    rss: list[tuple[str, int | None]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    unavailable: str | None = None
+
+
+def parse_size(text: str) -> int:
+    """'1G', '512M', '64MiB', '4096' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"size {text!r}: expected a number with an optional "
+                                         "K/M/G/T suffix, e.g. 1G")
+    return int(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper())
+
+
+def run_fio(uri: str, workload: Workload, runtime: float, ramp: float, out: Path) -> dict:
+    """Run fio with its nbd engine; return the write side of its JSON report."""
+    argv = ["fio", "--name=duplex-bench", "--ioengine=nbd", f"--uri={uri}",
+            *workload.fio_args, "--time_based", f"--runtime={runtime:g}",
+            f"--ramp_time={ramp:g}", "--lat_percentiles=1",
+            "--output-format=json", f"--output={out}"]
+    try:
+        res = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL,
+                             timeout=runtime + ramp + 120)
+    except FileNotFoundError as e:
+        raise SystemExit("bench: fio is not installed (run scripts/setup)") from e
+    if res.returncode != 0:
+        raise RuntimeError(f"fio failed (exit {res.returncode}) on {uri}:\n"
+                           f"{res.stderr.decode(errors='replace')[-2000:]}")
+    text = out.read_text()
+    # fio may print a line ("fio: connected to NBD server") before the JSON.
+    report = json.loads(text[text.index("{"):])
+    job = report["jobs"][0]
+    if job.get("error"):
+        raise RuntimeError(f"fio job error {job['error']} on {uri}")
+    return job["write"]
+
+
+def measure(target: Target, workload: Workload, options: argparse.Namespace,
+            shm: Path) -> Result:
+    """Start ``target`` on a fresh image, run ``workload``, read RSS, stop it."""
+    result = Result(workload, target.label, target.key)
+    image = shm / "image.raw"
+    image.unlink(missing_ok=True)
+    fd = os.open(image, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        # Allocated up front so no target pays for tmpfs page allocation.
+        os.posix_fallocate(fd, 0, options.size)
+    finally:
+        os.close(fd)
+    with ProcessGroup(shm / "logs") as procs:
+        ctx = Context(procs, shm / "run", image, options)
+        try:
+            running = target.start(ctx)
+        except TargetUnavailable as e:
+            result.unavailable = str(e)
+            progress(f"{target.label}: not available yet: {e}")
+            return result
+        try:
+            progress(f"{target.label}, {workload.label}: {options.runtime:g} s ...")
+            write = run_fio(running.uri, workload, options.runtime, options.ramp,
+                            shm / "fio.json")
+            result.iops = write["iops"]
+            result.bw_bytes = write["bw_bytes"]
+            pct = (write.get("lat_ns") or write["clat_ns"]).get("percentile", {})
+            result.p99_ns = pct.get("99.000000")
+            result.metrics = running.metrics()
+            # VmHWM must be read while the process still exists.
+            result.rss = [(name, p.peak_rss_bytes()) for name, p in running.processes]
+        finally:
+            running.stop()
+    image.unlink(missing_ok=True)
+    return result
+
+
+def build_table(results: Sequence[Result], options: argparse.Namespace) -> Table:
+    """The report: one section per workload, one row per target, ratios of IOPS."""
+    table = Table("Replication cost: fio nbd engine -> nbdkit, image on tmpfs",
+                  ["target", ("IOPS", ">"), ("MB/s", ">"), ("p99 lat", ">"),
+                   ("vs (a)", ">"), ("vs (b)", ">"), ("lag p50", ">"), ("lag p99", ">"),
+                   "peak RSS"])
+    for workload in {r.workload.key: r.workload for r in results}.values():
+        table.add_section(workload.label)
+        rows = [r for r in results if r.workload.key == workload.key]
+        base = {r.target_key: r.iops for r in rows}
+        for r in rows:
+            if r.unavailable is not None:
+                table.add_row(f"{r.target_label}: not available yet",
+                              *([None] * (len(table.columns) - 1)))
+                continue
+            rss = ", ".join(f"{name} {fmt_bytes(v) if v else '?'}" for name, v in r.rss)
+            table.add_row(
+                r.target_label, fmt_count(r.iops), fmt_mbps(r.bw_bytes), fmt_ns(r.p99_ns),
+                ratio(r.iops, base.get("a")) if r.target_key != "a" else None,
+                ratio(r.iops, base.get("b")) if r.target_key not in ("a", "b") else None,
+                fmt_ns(r.metrics.get("lag_p50_ns")), fmt_ns(r.metrics.get("lag_p99_ns")),
+                rss or None)
+    table.add_note(f"fio --ioengine=nbd, {options.runtime:g} s per run after "
+                   f"{options.ramp:g} s ramp, image {fmt_bytes(options.size)} "
+                   "preallocated on /dev/shm; each run starts a fresh server")
+    table.add_note("vs (a), vs (b): IOPS of the row over IOPS of (a) / (b) in the same "
+                   "workload; p99 lat: fio total latency; peak RSS: VmHWM of the server")
+    for r in results:
+        if r.unavailable is not None:
+            table.add_note(f"{r.target_label}: {r.unavailable}")
+            break
+    return table
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Options of ``scripts/bench replication``."""
+    p = argparse.ArgumentParser(prog="scripts/bench replication",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--runtime", type=float, default=10.0,
+                   help="seconds of fio per target and workload (default 10)")
+    p.add_argument("--ramp", type=float, default=1.0,
+                   help="seconds of fio warm-up not counted (default 1)")
+    p.add_argument("--size", type=parse_size, default=parse_size("1G"),
+                   help="image size, e.g. 1G (default), on /dev/shm")
+    p.add_argument("--targets", default="a,b,c",
+                   help="comma-separated subset of a,b,c (default all)")
+    p.add_argument("--workloads", default=",".join(WORKLOADS),
+                   help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    p.add_argument("--passthrough-threads", choices=THREAD_MODELS,
+                   default="serialize_all_requests",
+                   help="thread model of the pass-through plugin (b)")
+    opts = p.parse_args(list(argv))
+    opts.target_keys = [t.strip() for t in opts.targets.split(",") if t.strip()]
+    for key in opts.target_keys:
+        if key not in ("a", "b", "c"):
+            p.error(f"--targets: unknown target {key!r} (expected a, b, c)")
+    opts.workload_keys = [w.strip() for w in opts.workloads.split(",") if w.strip()]
+    for key in opts.workload_keys:
+        if key not in WORKLOADS:
+            p.error(f"--workloads: unknown workload {key!r} (expected {', '.join(WORKLOADS)})")
+    if opts.runtime <= 0 or opts.ramp < 0:
+        p.error("--runtime must be > 0 and --ramp >= 0")
+    return opts
+
+
+def run(argv: Sequence[str]) -> Table:
+    """Measure every (workload, target) pair in this run; return the table."""
+    options = parse_args(argv)
+    targets: dict[str, Target] = {
+        "a": FilePluginTarget(),
+        "b": PassthroughTarget(options.passthrough_threads),
+        "c": DuplexTarget(),
+    }
+    results = []
+    started = time.monotonic()
+    with shm_directory("dpx-bench-") as shm:
+        for wkey in options.workload_keys:
+            for tkey in options.target_keys:
+                results.append(measure(targets[tkey], WORKLOADS[wkey], options, shm))
+    progress(f"done in {time.monotonic() - started:.0f} s")
+    return build_table(results, options)
+
+
+if __name__ == "__main__":
+    print(run(sys.argv[1:]).render())

@@ -1,0 +1,1 @@
+"""Tests of the shared test fixtures themselves (tests/fixtures, tests/conftest.py)."""
