@@ -44,12 +44,11 @@ from typing import Any
 from replicator.errors import DuplexError
 from replicator.records import OP_NAMES, Token
 
-#: How far past ``applied_through`` a token may be. A primary sequences at
-#: most a ring's worth of records ahead of what the secondary applied (a
-#: 64 MiB ring holds well under 2 million tokens), so a seq further ahead is
-#: a broken or hostile stream; refusing it keeps the queue and the loss
-#: report bounded.
-DEFAULT_WINDOW = 1 << 24
+#: How far past ``applied_through`` a token may be. A primary has at most a
+#: ring's worth of records in flight (a 64 MiB ring holds under 1.4 million
+#: data-less tokens, far fewer writes), so a seq further ahead is a broken
+#: stream; refusing it bounds the queue's memory and the loss report.
+DEFAULT_WINDOW = 1 << 21
 
 
 class StreamError(DuplexError):

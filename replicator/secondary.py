@@ -75,6 +75,10 @@ class Secondary:
         self._listener: socket.socket | None = None
         self.primary_needs_resync = False
         self.last_error = ""
+        # Counted so that an observer can tell whether the image changed
+        # while it read it: a sample is whole when no run was in flight.
+        self.runs_started = 0
+        self.runs_done = 0
         self.control = ControlServer(node.meta_dir, {"status": self.status}, name="secondary")
 
     @classmethod
@@ -259,10 +263,12 @@ class Secondary:
                 limit = self.journaled - self.pending.applied_through
                 run = self.pending.next_run(max_records=limit, max_bytes=RUN_BYTES) if limit > 0 else []
             if run:
+                self.runs_started += 1
                 items = [record_data(self.journal.read_record(pos)) for _, pos in run]
                 apply_run({0: self.fd}, items, {0: self.size})
                 with self._lock:
                     self.pending.mark_applied(run[-1][0].seq)
+                self.runs_done += 1
                 since_ckpt += sum(t.size for t, _ in run)
             now = time.monotonic()
             if since_ckpt and (since_ckpt >= CHECKPOINT_BYTES or now - last_ckpt >= CHECKPOINT_INTERVAL
@@ -334,4 +340,5 @@ class Secondary:
             lag={"writes": highest - applied, "bytes": pending_bytes,
                  "seconds": round(max(0.0, (time.time_ns() - first_ts) / 1e9), 3) if first_ts else 0.0},
             out_of_sync_bytes=0, reason=self.last_error if not connected else "",
-            journal={"used_bytes": self.journal.used_bytes, "size": self.journal.area_size})
+            journal={"used_bytes": self.journal.used_bytes, "size": self.journal.area_size},
+            apply={"runs_started": self.runs_started, "runs_done": self.runs_done})

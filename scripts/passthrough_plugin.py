@@ -7,10 +7,14 @@ Python, the floor under any Python plugin, Duplex's included.
     nbdkit python scripts/passthrough_plugin.py file=IMAGE [threads=MODEL]
 
 MODEL is ``serialize_all_requests`` (default), ``serialize_requests`` or
-``parallel``. The default is the fastest measured here (DESIGN §10; 2 cores,
-fio 4 KiB random writes, iodepth 16, image on tmpfs): with PARALLEL every
-request hands the GIL between nbdkit's worker threads, which costs more than
-the pwrite itself.
+``parallel``. Measured with ``scripts/bench replication --targets b
+--passthrough-threads MODEL`` (2 shared cores, fio 4 KiB random writes,
+iodepth 16, one connection, image on tmpfs): serialize_all_requests 35-40k
+writes/s, serialize_requests 35-51k (the same thing with one connection),
+parallel 14-16k with a p99 six times higher: every request then hands the
+GIL between nbdkit's worker threads, which costs more than the pwrite. So the
+default serialises; it also keeps the peer honest for multi-connection
+clients, where serialize_requests would hand the GIL between connections.
 """
 from __future__ import annotations
 

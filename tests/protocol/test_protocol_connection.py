@@ -8,7 +8,7 @@ import pytest
 from replicator import records
 from replicator.protocol import (CLOSED, NEED_DATA, Ack, Connection, Data, Error, ErrorCode,
                                  FrameError, Flush, Hello, IncrBegin, IncrCommit, IncrData,
-                                 LocalProtocolError, Ping, Pong, ProtocolError, State, Tokens)
+                                 LocalProtocolError, Ping, Pong, ProtocolError, Tokens)
 from replicator.protocol.frames import HEADER_SIZE, FrameType, encode_frame, encode_header
 from replicator.protocol.state import (AUTH_SENT, AUTHENTICATING, ESTABLISHED, IDLE, NEGOTIATING,
                                        STATE_SENT, TRANSITIONS, PartyState)
@@ -251,10 +251,10 @@ def test_our_own_out_of_state_sends_are_local_errors(proto):
         p2.send(Ack(1, 1))
     with pytest.raises(LocalProtocolError, match="HELLO is sent by the connection itself"):
         p2.send(Hello(1, "r0", "alpha", "primary", b"n" * 32))
+    q, r = proto.make_pair()
+    proto.authenticate(q, r)
     with pytest.raises(LocalProtocolError, match="STATE says role secondary but this connection "
                                                  "is the primary"):
-        q, _ = proto.make_pair()
-        proto.authenticate(q, _)
         q.send(proto.make_state("secondary"))
 
 

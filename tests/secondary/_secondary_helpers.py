@@ -2,14 +2,27 @@
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
-from replicator.records import OP_FLUSH, OP_TRIM, OP_WRITE, OP_ZERO, Token, encode_record, unpack_token
+from replicator.records import (OP_FLUSH, OP_NAMES, OP_TRIM, OP_WRITE, OP_ZERO, Token,
+                                encode_record, unpack_token)
 
 BASE_TS = 1_700_000_000_123_456_789
 
 
+class Rec(NamedTuple):
+    """A record as (token, encoded bytes); short repr for hypothesis reports."""
+
+    token: Token
+    raw: bytes
+
+    def __repr__(self) -> str:
+        t = self.token
+        return f"<seq {t.seq} {OP_NAMES[t.op]} vol {t.volume} {t.offset}+{t.length}>"
+
+
 def rec(seq: int, offset: int = 0, data: bytes = b"", op: int = OP_WRITE, volume: int = 0,
-        length: int | None = None, ts_ns: int | None = None) -> tuple[Token, bytes]:
+        length: int | None = None, ts_ns: int | None = None) -> Rec:
     """(token, encoded record) for one write/trim/zero/flush."""
     if op == OP_WRITE:
         length = len(data)
@@ -17,7 +30,7 @@ def rec(seq: int, offset: int = 0, data: bytes = b"", op: int = OP_WRITE, volume
         length = 0
     ts = BASE_TS + seq * 1000 if ts_ns is None else ts_ns
     raw = encode_record(seq, ts, offset, length, op, data if op == OP_WRITE else b"", volume)
-    return unpack_token(raw), raw
+    return Rec(unpack_token(raw), raw)
 
 
 def fill(seq: int, n: int) -> bytes:
