@@ -25,7 +25,7 @@ demo: setup
 
 # pytest exits 5 when it collected no test: that is a failure, not a pass.
 test: setup
-	@rc=0; $(PY) -m pytest -q --durations=10 -p no:cacheprovider $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(PY) -m pytest -q --durations=10 $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests: failing" >&2; exit 1; fi; \
 	exit $$rc
 

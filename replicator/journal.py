@@ -51,11 +51,12 @@ catches up. The journal never overwrites unapplied data.
 **Contract with the receiver and the applier.**
 
 1. ``append`` the records (one entry per DATA frame), ``commit`` once for a
-   batch of appends (one fdatasync), and only then hand the positions to
-   the pending queue (:meth:`PendingQueue.add_record`) and ack "journaled
-   through". The applier must never apply a record that is not durable
-   here, or a secondary crash could leave a later write in the image
-   without an earlier one.
+   batch of appends (one fdatasync), then ack "journaled through". The
+   applier must never apply a record that is not yet durable here, or a
+   secondary crash could leave a later write in the image without an
+   earlier one: either hand positions to the pending queue only after the
+   commit, or cap runs at the queue's ``received_through`` as it was when
+   the commit began.
 2. After writing runs to the image and fdatasyncing it, call
    ``checkpoint(applied_seq, applied_token)``.
 3. On restart, ``open`` then :meth:`Journal.replay` into
@@ -213,7 +214,8 @@ class Journal:
                 f"journal {path}: size {size} must be a multiple of 4096 and at least "
                 f"{AREA_START + MIN_AREA} bytes")
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-        flags |= os.O_TRUNC if overwrite else os.O_EXCL
+        if not overwrite:
+            flags |= os.O_EXCL
         try:
             fd = os.open(path, flags, 0o600)
         except FileExistsError:
@@ -221,8 +223,9 @@ class Journal:
         except OSError as e:
             raise JournalError(f"journal {path}: cannot create: {e.strerror}") from None
         try:
-            cls._lock(path, fd)
+            cls._lock(path, fd)  # before truncating: never a journal in use
             try:
+                os.ftruncate(fd, 0)  # drop old contents: fallocate keeps them
                 os.posix_fallocate(fd, 0, size)
             except OSError as e:
                 raise JournalError(f"journal {path}: cannot preallocate {size} bytes: "

@@ -330,6 +330,15 @@ class PendingQueue:
         seq = self._received + 1
         return seq, seq in self._entries
 
+    def oldest_pending(self) -> Token | None:
+        """Token of the lowest announced seq not yet applied (the oldest
+        write the image lacks, for the lag in seconds), or None."""
+        for seq in range(self._applied + 1, self._highest + 1):
+            e = self._entries.get(seq)
+            if e is not None:
+                return e[0]
+        return None
+
     def loss_view(self) -> LossView:
         """What is known about every write after ``applied_through``.
 

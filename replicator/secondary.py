@@ -324,10 +324,9 @@ class Secondary:
             connected = any(l.alive() for l in self.links)
             pending_bytes = self.pending.pending_bytes
             first_ts = None
-            for entry in self.pending.loss_view().entries:
-                if entry.token is not None:
-                    first_ts = entry.token.ts_ns
-                    break
+            oldest = self.pending.oldest_pending()
+            if oldest is not None:
+                first_ts = oldest.ts_ns
             disk = self._disk()
         connection = "Established" if connected else "Connecting"
         if connected and self.primary_needs_resync:

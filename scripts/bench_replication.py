@@ -26,6 +26,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,23 +143,94 @@ class PassthroughTarget(Target):
 class DuplexTarget(Target):
     """(c) the Duplex primary replicating to a secondary in another namespace.
 
-    To wire it (once the replication engine exists): make the two nodes'
-    metadata, start the secondary in ``NetnsPair.ns_b`` and the primary's
-    nbdkit in ``ns_a`` (fixtures.netns.NetnsPair.create(ctx.procs)), return
-    the primary's NBD URI, both processes for RSS, a stop() that waits for
-    the secondary to catch up and tears everything down, and metrics() with
-    ``lag_p50_ns``/``lag_p99_ns`` sampled during the run.
+    Runs the product as a user does, through ``tests/fixtures/duplex_lab.py``
+    (``duplex create-md``, ``duplex up`` on each node): the secondary in one
+    namespace, the primary (nbdkit with the Duplex plugin) in the other, TCP
+    over a veth pair. Lag is sampled from the primary's status while fio runs;
+    stopping waits until the secondary has applied everything.
     """
 
     key = "c"
     label = "(c) Duplex primary -> secondary"
+    LAG_SAMPLE_SECONDS = 0.2
 
     def start(self, ctx: Context) -> Running:
         if importlib.util.find_spec("replicator.node") is None:
             raise TargetUnavailable("the replication engine (replicator/node.py) does not "
                                     "exist yet")
-        raise TargetUnavailable("replicator/node.py exists but this benchmark is not wired "
-                                "to it yet (DuplexTarget.start in scripts/bench_replication.py)")
+        try:
+            import replicator._core  # noqa: F401  (built by scripts/setup)
+        except ImportError as e:
+            raise TargetUnavailable(f"the C core replicator._core is not built ({e})") from None
+        from fixtures.duplex_lab import Lab
+        from fixtures.netns import NetnsPair
+
+        pair = NetnsPair.create(ctx.procs)
+        lab = None
+        try:
+            lab = Lab(ctx.workdir / "lab", ctx.procs, pair.ns_a, pair.ns_b,
+                      pair.addr_a, pair.addr_b, size=ctx.options.size)
+            lab.create_md(assume_clean=True)
+            lab.start_secondary()
+            lab.start_primary(history=False)
+        except BaseException:
+            if lab is not None:
+                lab.stop()
+                lab.sock.unlink(missing_ok=True)
+            pair.close()
+            raise
+        sampler = _LagSampler(lambda: lab.control("alpha"), self.LAG_SAMPLE_SECONDS)
+        sampler.start()
+
+        def stop() -> None:
+            try:
+                sampler.stop()
+                lab.wait_drained(timeout=300)
+            finally:
+                lab.stop()
+                lab.sock.unlink(missing_ok=True)
+                pair.close()
+
+        def processes() -> list[tuple[str, ManagedProcess]]:
+            return [("primary", lab.primary), ("secondary", lab.secondary)]
+
+        running = Running(lab.uri, processes(), stop, sampler.metrics)
+        running.child_rss = True  # the primary's nbdkit is a child of `duplex up`
+        return running
+
+
+class _LagSampler:
+    """Samples ``lag.seconds`` of the primary's status in a thread."""
+
+    def __init__(self, status: Callable[[], dict], interval: float) -> None:
+        self._status = status
+        self._interval = interval
+        self._samples: list[float] = []
+        self._errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lag-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._samples.append(float(self._status()["lag"]["seconds"]))
+            except Exception:
+                self._errors += 1  # a busy control socket must not end the run
+
+    def metrics(self) -> dict[str, float]:
+        """lag_p50_ns / lag_p99_ns over the samples (empty if none)."""
+        if not self._samples:
+            return {}
+        xs = sorted(self._samples)
+        pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+        return {"lag_p50_ns": pick(0.50) * 1e9, "lag_p99_ns": pick(0.99) * 1e9}
 
 
 @dataclass

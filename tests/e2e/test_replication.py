@@ -107,9 +107,9 @@ def test_ext4_on_attached_device_replicates_a_clean_filesystem(make_lab, nbd_blo
     lab.start_secondary()
     lab.start_primary(history=False)
     dev = nbd_block_device(lab.uri)
-    mkfs(dev.device, "ext4")
+    mkfs(dev.path, "ext4")
     files = {}
-    with mounted(dev.device, tmp_path / "mnt", fstype="ext4") as mnt:
+    with mounted(dev.path, tmp_path / "mnt", fstype="ext4") as mnt:
         for i in range(40):
             data = hashlib.sha256(str(i).encode()).digest() * (1000 + 97 * i)
             (mnt / f"file{i}.bin").write_bytes(data)

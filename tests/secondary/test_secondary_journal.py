@@ -317,8 +317,23 @@ def test_create_preallocates_the_whole_file(jpath, journal):
 
 
 def test_second_opener_is_refused_while_in_use(jpath, journal):
+    journal.append(frame(1)[0])
+    journal.commit()
     with pytest.raises(JournalError, match="in use by another process"):
         Journal.open(jpath, UUID)
+    with pytest.raises(JournalError, match="in use by another process"):
+        Journal.create(jpath, UUID, SIZE, overwrite=True)
+    assert [t.seq for t, _ in journal.replay()] == [1]
+
+
+def test_create_with_overwrite_starts_an_empty_journal(jpath, journal):
+    journal.append(frame(1)[0])
+    journal.commit()
+    journal.close()
+    with Journal.create(jpath, UUID, SIZE, overwrite=True) as j:
+        assert list(j.replay()) == [] and j.applied_seq == 0
+    with Journal.open(jpath, UUID) as j:
+        assert list(j.replay()) == []
 
 
 def test_damaged_record_is_never_returned(jpath, journal):

@@ -95,6 +95,7 @@ def test_secondary_never_applies_past_a_gap():
     assert drain(q) == [1, 2, 3, 4]
     assert q.first_gap() == (5, False)
     assert q.received_through == 4 and q.highest_token_seq == 8
+    assert q.oldest_pending() == recs[6][0]
     assert q.next_run() == []
     view = q.loss_view()
     assert view.missing == [5]

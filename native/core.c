@@ -1,0 +1,774 @@
+/*
+ * core.c: the primary's write path (see core.h for the contract).
+ *
+ * Lock order: fence (read) -> track stripes -> activity log -> pending
+ * groups (one at a time) -> sequencer -> ring. The consumer side takes
+ * consumer -> [sequencer ->] ring, then pending groups one at a time with
+ * no other lock held.
+ */
+#include "core.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "actlog.h"
+#include "bitmap.h"
+#include "crc32c.h"
+#include "util.h"
+
+#define NSTRIPES 256u      /* track lock stripes */
+#define PEND_GROUP_SHIFT 6 /* 64 adjacent tracks share a pending lock */
+#define NPEND_LOCKS 256u
+#define PEND_CHUNK 4096u   /* pending counters are allocated per chunk */
+
+struct core {
+	int fd;
+	bool is_blk;
+	atomic_bool dsync_ok; /* pwritev2(RWF_DSYNC) works here */
+	uint64_t size;
+	struct bitmap *oos;
+	struct bitmap *cr; /* changed only under the write fence */
+	struct actlog *al;
+	struct ring *ring;
+	unsigned track_shift;
+	uint64_t ntracks;
+
+	pthread_rwlock_t fence;
+	pthread_mutex_t track_lock[NSTRIPES];
+	pthread_mutex_t pend_lock[NPEND_LOCKS];
+	_Atomic(uint32_t *) *pend; /* chunks of per-track pending counts */
+	uint64_t npend_chunks;
+	atomic_bool clear_enabled;
+
+	pthread_mutex_t seq_lock;
+	uint64_t next_seq;
+	int hist_fd;
+
+	pthread_mutex_t consumer_lock;
+
+	_Atomic uint64_t n_writes, n_trims, n_zeros, n_flushes, n_bytes, n_not_queued, n_large,
+	    n_hist_err;
+};
+
+static const unsigned char zero_buf[65536];
+
+/* ---- small helpers ---------------------------------------------------- */
+
+static inline void wr64(unsigned char *p, uint64_t v) { memcpy(p, &v, 8); }
+static inline void wr32(unsigned char *p, uint32_t v) { memcpy(p, &v, 4); }
+static inline uint64_t rd64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline uint32_t rd32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void fill_header(unsigned char *h, uint64_t seq, uint64_t ts, uint64_t off,
+                        uint32_t length, uint32_t dlen, uint32_t volume, uint8_t op,
+                        uint8_t flags)
+{
+	memset(h, 0, RING_HEADER);
+	wr64(h + REC_SEQ, seq);
+	wr64(h + REC_TS, ts);
+	wr64(h + REC_OFFSET, off);
+	wr32(h + REC_LENGTH, length);
+	wr32(h + REC_DATA_LEN, dlen);
+	wr32(h + REC_VOLUME, volume);
+	h[REC_OP] = op;
+	h[REC_FLAGS] = flags;
+}
+
+static uint32_t record_crc(const unsigned char *h, const void *data, size_t dlen)
+{
+	return crc32c(crc32c(0, h, RING_HEADER), data, dlen); /* crc field is still 0 */
+}
+
+/* ---- locks -------------------------------------------------------------- */
+
+static void lock_tracks(struct core *c, uint64_t t0, uint64_t t1)
+{
+	uint32_t a, b;
+
+	if (t1 - t0 + 1 >= NSTRIPES) {
+		for (uint32_t s = 0; s < NSTRIPES; s++)
+			pthread_mutex_lock(&c->track_lock[s]);
+		return;
+	}
+	/* Fewer than NSTRIPES consecutive tracks map to distinct stripes, a
+	 * cyclic interval: take it in ascending stripe order. */
+	a = (uint32_t)(t0 % NSTRIPES);
+	b = (uint32_t)(t1 % NSTRIPES);
+	if (a <= b) {
+		for (uint32_t s = a; s <= b; s++)
+			pthread_mutex_lock(&c->track_lock[s]);
+	} else {
+		for (uint32_t s = 0; s <= b; s++)
+			pthread_mutex_lock(&c->track_lock[s]);
+		for (uint32_t s = a; s < NSTRIPES; s++)
+			pthread_mutex_lock(&c->track_lock[s]);
+	}
+}
+
+static void unlock_tracks(struct core *c, uint64_t t0, uint64_t t1)
+{
+	if (t1 - t0 + 1 >= NSTRIPES) {
+		for (uint32_t s = 0; s < NSTRIPES; s++)
+			pthread_mutex_unlock(&c->track_lock[s]);
+		return;
+	}
+	for (uint64_t t = t0; t <= t1; t++)
+		pthread_mutex_unlock(&c->track_lock[t % NSTRIPES]);
+}
+
+/* ---- pending counts ---------------------------------------------------- */
+
+static int pend_ensure(struct core *c, uint64_t t0, uint64_t t1)
+{
+	for (uint64_t ci = t0 / PEND_CHUNK; ci <= t1 / PEND_CHUNK; ci++) {
+		uint32_t *expect = NULL, *chunk;
+		if (atomic_load_explicit(&c->pend[ci], memory_order_acquire) != NULL)
+			continue;
+		chunk = calloc(PEND_CHUNK, sizeof(uint32_t));
+		if (chunk == NULL)
+			return -ENOMEM;
+		if (!atomic_compare_exchange_strong(&c->pend[ci], &expect, chunk))
+			free(chunk);
+	}
+	return 0;
+}
+
+static inline uint32_t *pend_slot(struct core *c, uint64_t t)
+{
+	return &atomic_load_explicit(&c->pend[t / PEND_CHUNK], memory_order_acquire)[t % PEND_CHUNK];
+}
+
+static inline pthread_mutex_t *pend_lock(struct core *c, uint64_t t)
+{
+	return &c->pend_lock[(t >> PEND_GROUP_SHIFT) % NPEND_LOCKS];
+}
+
+/* Count a request on its tracks, then mark them. The count goes first: a
+ * release can clear a bit only at count 0, so it cannot undo our mark. */
+static void pend_add(struct core *c, uint64_t t0, uint64_t t1)
+{
+	for (uint64_t t = t0; t <= t1;) {
+		pthread_mutex_t *m = pend_lock(c, t);
+		uint64_t group_end = ((t >> PEND_GROUP_SHIFT) + 1) << PEND_GROUP_SHIFT;
+		pthread_mutex_lock(m);
+		for (; t <= t1 && t < group_end; t++)
+			(*pend_slot(c, t))++;
+		pthread_mutex_unlock(m);
+	}
+	bitmap_set_bits(c->oos, t0, t1);
+	if (c->cr != NULL)
+		bitmap_set_bits(c->cr, t0, t1);
+}
+
+/* Take counts back; clear a bit at count 0 when allowed. */
+static void pend_sub(struct core *c, uint64_t t0, uint64_t t1, bool may_clear)
+{
+	for (uint64_t t = t0; t <= t1;) {
+		pthread_mutex_t *m = pend_lock(c, t);
+		uint64_t group_end = ((t >> PEND_GROUP_SHIFT) + 1) << PEND_GROUP_SHIFT;
+		pthread_mutex_lock(m);
+		/* Read under the lock: a writer that saw the ring dropped turned
+		 * clearing off before it took its count back. */
+		bool clear = may_clear && atomic_load(&c->clear_enabled);
+		for (; t <= t1 && t < group_end; t++) {
+			uint32_t *n = pend_slot(c, t);
+			if (*n > 0 && --*n == 0 && clear)
+				bitmap_clear_bit(c->oos, t);
+		}
+		pthread_mutex_unlock(m);
+	}
+}
+
+static bool record_tracks(struct core *c, const unsigned char *hdr, uint64_t *t0, uint64_t *t1)
+{
+	uint64_t off = rd64(hdr + REC_OFFSET);
+	uint32_t len = rd32(hdr + REC_LENGTH);
+
+	if (hdr[REC_OP] == REC_OP_FLUSH || len == 0)
+		return false;
+	*t0 = off >> c->track_shift;
+	*t1 = (off + len - 1) >> c->track_shift;
+	return true;
+}
+
+static void on_release(void *ctx, const unsigned char *hdr)
+{
+	struct core *c = ctx;
+	uint64_t t0, t1;
+
+	if (record_tracks(c, hdr, &t0, &t1))
+		pend_sub(c, t0, t1, true);
+}
+
+static void on_discard(void *ctx, const unsigned char *hdr)
+{
+	struct core *c = ctx;
+	uint64_t t0, t1;
+
+	if (record_tracks(c, hdr, &t0, &t1))
+		pend_sub(c, t0, t1, false);
+}
+
+/* ---- device I/O ----------------------------------------------------------- */
+
+static int dev_write(struct core *c, const void *buf, uint64_t len, uint64_t off, bool fua)
+{
+	uint64_t done = 0;
+	int r;
+
+	if (fua && atomic_load(&c->dsync_ok)) {
+		/* One durable write instead of write + fdatasync. */
+		while (done < len) {
+			struct iovec iov = {(char *)buf + done, (size_t)(len - done)};
+			ssize_t n = pwritev2(c->fd, &iov, 1, (off_t)(off + done), RWF_DSYNC);
+			if (n < 0) {
+				if (errno == EINTR)
+					continue;
+				if (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL) {
+					atomic_store(&c->dsync_ok, false);
+					break;
+				}
+				return -errno;
+			}
+			if (n == 0)
+				return -EIO;
+			done += (uint64_t)n;
+		}
+		if (done == len)
+			return 0;
+	}
+	r = dpx_pwrite_full(c->fd, (const char *)buf + done, len - done, (off_t)(off + done));
+	if (r == 0 && fua)
+		r = dpx_fdatasync(c->fd);
+	return r;
+}
+
+/* Make [off, off+len) read as zeros, by the cheapest means that works. */
+static int dev_zero(struct core *c, uint64_t off, uint64_t len, bool punch_first, bool fua)
+{
+	int r;
+
+	if (c->is_blk) {
+		uint64_t range[2] = {off, len};
+		/* BLKDISCARD would not promise zeros; BLKZEROOUT does. */
+		if (off % 512 == 0 && len % 512 == 0 && ioctl(c->fd, BLKZEROOUT, range) == 0)
+			goto done;
+	} else {
+		int first = punch_first ? FALLOC_FL_PUNCH_HOLE : FALLOC_FL_ZERO_RANGE;
+		int second = punch_first ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE;
+		if (fallocate(c->fd, first | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
+			goto done;
+		if (fallocate(c->fd, second | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
+			goto done;
+	}
+	for (uint64_t done = 0; done < len;) {
+		uint64_t n = len - done < sizeof(zero_buf) ? len - done : sizeof(zero_buf);
+		if ((r = dpx_pwrite_full(c->fd, zero_buf, (size_t)n, (off_t)(off + done))) < 0)
+			return r;
+		done += n;
+	}
+done:
+	return fua ? dpx_fdatasync(c->fd) : 0;
+}
+
+/* ---- lifecycle ------------------------------------------------------------ */
+
+static void core_free(struct core *c)
+{
+	if (c->pend != NULL) {
+		for (uint64_t i = 0; i < c->npend_chunks; i++)
+			free(atomic_load(&c->pend[i]));
+		free((void *)c->pend);
+	}
+	ring_destroy(c->ring);
+	if (c->fd >= 0)
+		close(c->fd);
+	if (c->hist_fd >= 0)
+		close(c->hist_fd);
+	pthread_rwlock_destroy(&c->fence);
+	for (uint32_t i = 0; i < NSTRIPES; i++)
+		pthread_mutex_destroy(&c->track_lock[i]);
+	for (uint32_t i = 0; i < NPEND_LOCKS; i++)
+		pthread_mutex_destroy(&c->pend_lock[i]);
+	pthread_mutex_destroy(&c->seq_lock);
+	pthread_mutex_destroy(&c->consumer_lock);
+	free(c);
+}
+
+int core_open(struct core **out, const char *device_path, uint64_t size, struct bitmap *oos,
+              struct actlog *al, size_t ring_size, uint64_t first_seq,
+              const char *history_path, char *err, size_t errlen)
+{
+	struct core *c;
+	struct stat st;
+	uint64_t dev_size;
+	uint32_t ts = bitmap_track_size(oos);
+	pthread_rwlockattr_t ra;
+	int r;
+
+	*out = NULL;
+	if (size == 0) {
+		dpx_seterr(err, errlen, "device %s: size must be > 0", device_path);
+		return -EINVAL;
+	}
+	if (bitmap_nbits(oos) < (size + ts - 1) / ts) {
+		dpx_seterr(err, errlen,
+		           "device %s: OOS bitmap covers %llu bytes (%llu tracks of %u), device size is %llu",
+		           device_path, (unsigned long long)(bitmap_nbits(oos) * ts),
+		           (unsigned long long)bitmap_nbits(oos), ts, (unsigned long long)size);
+		return -EINVAL;
+	}
+	if (actlog_extent_size(al) % ts != 0) {
+		dpx_seterr(err, errlen,
+		           "device %s: activity log extent size %llu is not a multiple of the track size %u",
+		           device_path, (unsigned long long)actlog_extent_size(al), ts);
+		return -EINVAL;
+	}
+	c = calloc(1, sizeof(*c));
+	if (c == NULL) {
+		dpx_seterr(err, errlen, "device %s: out of memory", device_path);
+		return -ENOMEM;
+	}
+	c->fd = c->hist_fd = -1;
+	pthread_rwlockattr_init(&ra);
+	/* A fence must not starve behind a steady stream of writes. */
+	pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+	pthread_rwlock_init(&c->fence, &ra);
+	pthread_rwlockattr_destroy(&ra);
+	for (uint32_t i = 0; i < NSTRIPES; i++)
+		pthread_mutex_init(&c->track_lock[i], NULL);
+	for (uint32_t i = 0; i < NPEND_LOCKS; i++)
+		pthread_mutex_init(&c->pend_lock[i], NULL);
+	pthread_mutex_init(&c->seq_lock, NULL);
+	pthread_mutex_init(&c->consumer_lock, NULL);
+	c->size = size;
+	c->oos = oos;
+	c->al = al;
+	c->track_shift = (unsigned)__builtin_ctz(ts);
+	c->ntracks = (size + ts - 1) / ts;
+	c->next_seq = first_seq;
+	atomic_store(&c->clear_enabled, true);
+	atomic_store(&c->dsync_ok, true);
+	c->npend_chunks = (c->ntracks + PEND_CHUNK - 1) / PEND_CHUNK;
+	c->pend = calloc(c->npend_chunks, sizeof(*c->pend));
+	if (c->pend == NULL) {
+		r = -ENOMEM;
+		dpx_seterr(err, errlen, "device %s: out of memory", device_path);
+		goto fail;
+	}
+	if ((r = ring_create(&c->ring, ring_size, first_seq)) < 0) {
+		dpx_seterr(err, errlen, "device %s: cannot create a send ring of %zu bytes: %s",
+		           device_path, ring_size, r == -EINVAL ? "too small (minimum 4096)" : strerror(-r));
+		goto fail;
+	}
+	c->fd = open(device_path, O_RDWR | O_CLOEXEC);
+	if (c->fd < 0) {
+		r = -errno;
+		dpx_seterr(err, errlen, "device %s: cannot open: %s", device_path, strerror(-r));
+		goto fail;
+	}
+	if (fstat(c->fd, &st) != 0) {
+		r = -errno;
+		dpx_seterr(err, errlen, "device %s: cannot stat: %s", device_path, strerror(-r));
+		goto fail;
+	}
+	if (S_ISBLK(st.st_mode)) {
+		c->is_blk = true;
+		if (ioctl(c->fd, BLKGETSIZE64, &dev_size) != 0) {
+			r = -errno;
+			dpx_seterr(err, errlen, "device %s: cannot get its size: %s", device_path,
+			           strerror(-r));
+			goto fail;
+		}
+	} else if (S_ISREG(st.st_mode)) {
+		dev_size = (uint64_t)st.st_size;
+	} else {
+		r = -EINVAL;
+		dpx_seterr(err, errlen, "device %s: neither a block device nor a regular file",
+		           device_path);
+		goto fail;
+	}
+	if (dev_size < size) {
+		r = -EINVAL;
+		dpx_seterr(err, errlen, "device %s: has %llu bytes, %llu requested", device_path,
+		           (unsigned long long)dev_size, (unsigned long long)size);
+		goto fail;
+	}
+	if (history_path != NULL) {
+		c->hist_fd = open(history_path, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0644);
+		if (c->hist_fd < 0) {
+			r = -errno;
+			dpx_seterr(err, errlen, "history %s: cannot create: %s", history_path, strerror(-r));
+			goto fail;
+		}
+	}
+	*out = c;
+	return 0;
+fail:
+	core_free(c);
+	return r;
+}
+
+int core_close(struct core *c, bool clean, char *err, size_t errlen)
+{
+	int r = 0;
+
+	if (clean) {
+		r = dpx_fdatasync(c->fd);
+		if (r < 0)
+			dpx_seterr(err, errlen, "device: fdatasync failed: %s", strerror(-r));
+		else
+			r = actlog_quiesce(c->al, c->oos, err, errlen);
+	}
+	core_free(c);
+	return r;
+}
+
+/* ---- the write path ------------------------------------------------------- */
+
+static int write_all(int fd, const void *buf, size_t len)
+{
+	while (len > 0) {
+		ssize_t n = write(fd, buf, len);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		buf = (const char *)buf + n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+static int write_history(struct core *c, const unsigned char *hdr, const void *data, size_t dlen)
+{
+	static const unsigned char pad[8];
+	size_t padn = ((dlen + 7) & ~(size_t)7) - dlen;
+	int r = write_all(c->hist_fd, hdr, RING_HEADER);
+
+	if (r == 0 && dlen)
+		r = write_all(c->hist_fd, data, dlen);
+	if (r == 0 && padn)
+		r = write_all(c->hist_fd, pad, padn);
+	return r;
+}
+
+enum seq_outcome {
+	SEQ_QUEUED,    /* the record is in the ring; its release takes the counts back */
+	SEQ_NO_RECORD, /* ring full or dropped: the caller takes the counts back */
+	SEQ_DISCARDED, /* dropped while being filled: the ring reset takes them back */
+};
+
+/* Step 4: sequence the request and queue its record. */
+static enum seq_outcome sequence(struct core *c, uint8_t op, uint8_t flags, uint64_t off, uint32_t length,
+                     const void *data, uint32_t dlen, uint32_t volume, uint64_t *seq_out)
+{
+	unsigned char hdr[RING_HEADER];
+	struct ring_resv rv;
+	size_t rsize = RING_HEADER + (((size_t)dlen + 7) & ~(size_t)7);
+	bool have_crc = false;
+	uint32_t crc = 0;
+	int rr;
+
+	pthread_mutex_lock(&c->seq_lock);
+	*seq_out = c->next_seq++;
+	fill_header(hdr, *seq_out, now_ns(), off, length, dlen, volume, op, flags);
+	rr = ring_reserve(c->ring, rsize, *seq_out, &rv);
+	if (rr == -ENOSPC) {
+		/* This append overflowed: the ring is now dropped. */
+		atomic_store(&c->clear_enabled, false);
+	}
+	if (c->hist_fd >= 0) {
+		crc = record_crc(hdr, data, dlen);
+		have_crc = true;
+		wr32(hdr + REC_CRC, crc);
+		if (write_history(c, hdr, data, dlen) < 0)
+			atomic_fetch_add(&c->n_hist_err, 1);
+	}
+	pthread_mutex_unlock(&c->seq_lock);
+
+	if (rr < 0) {
+		atomic_fetch_add(&c->n_not_queued, 1);
+		return SEQ_NO_RECORD;
+	}
+	/* Fill without the sequencer held: copies of big writes run in
+	 * parallel; the ring publishes records in reservation order. */
+	if (dlen)
+		memcpy(rv.ptr + RING_HEADER, data, dlen);
+	memset(rv.ptr + RING_HEADER + dlen, 0, rsize - RING_HEADER - dlen);
+	if (!have_crc) {
+		crc = crc32c(crc32c(0, hdr, RING_HEADER), rv.ptr + RING_HEADER, dlen);
+		wr32(hdr + REC_CRC, crc);
+	}
+	memcpy(rv.ptr, hdr, RING_HEADER);
+	if (!ring_commit(c->ring, &rv)) {
+		atomic_fetch_add(&c->n_not_queued, 1);
+		return SEQ_DISCARDED;
+	}
+	return SEQ_QUEUED;
+}
+
+static int do_range_op(struct core *c, uint8_t op, const void *buf, uint64_t len, uint64_t off,
+                       uint32_t flags, uint32_t volume, uint64_t *seq, bool *queued)
+{
+	uint64_t t0, t1;
+	bool fua = (flags & CORE_FUA) != 0, al_held = false, large = false;
+	enum seq_outcome outcome;
+	int r;
+
+	*queued = false;
+	if (len == 0 || len > UINT32_MAX || off > c->size || len > c->size - off)
+		return -EINVAL;
+	t0 = off >> c->track_shift;
+	t1 = (off + len - 1) >> c->track_shift;
+
+	pthread_rwlock_rdlock(&c->fence);
+	lock_tracks(c, t0, t1);
+	if ((r = pend_ensure(c, t0, t1)) < 0)
+		goto out;
+	r = actlog_begin(c->al, off, len, c->oos);
+	if (r == 0) {
+		al_held = true;
+	} else if (r == -E2BIG) {
+		large = true; /* too many extents for the log: see below */
+	} else {
+		goto out;
+	}
+	pend_add(c, t0, t1);
+	if (large) {
+		/* The marks themselves must be durable before the device changes. */
+		atomic_fetch_add(&c->n_large, 1);
+		if ((r = bitmap_sync(c->oos, NULL, 0)) < 0)
+			goto undo;
+	}
+	if (op == REC_OP_WRITE)
+		r = dev_write(c, buf, len, off, fua);
+	else
+		r = dev_zero(c, off, len, op == REC_OP_TRIM, fua);
+	if (r < 0)
+		goto undo; /* the bits stay set: the device may have changed */
+
+	outcome = sequence(c, op, fua ? REC_FLAG_FUA : 0, off, (uint32_t)len, buf,
+	                   op == REC_OP_WRITE ? (uint32_t)len : 0, volume, seq);
+	*queued = outcome == SEQ_QUEUED;
+	if (outcome == SEQ_NO_RECORD)
+		pend_sub(c, t0, t1, false); /* nothing will ever release it */
+	switch (op) {
+	case REC_OP_WRITE:
+		atomic_fetch_add(&c->n_writes, 1);
+		atomic_fetch_add(&c->n_bytes, len);
+		break;
+	case REC_OP_TRIM:
+		atomic_fetch_add(&c->n_trims, 1);
+		break;
+	default:
+		atomic_fetch_add(&c->n_zeros, 1);
+	}
+	r = 0;
+	goto out;
+undo:
+	pend_sub(c, t0, t1, false);
+out:
+	if (al_held)
+		actlog_end(c->al, off, len);
+	unlock_tracks(c, t0, t1);
+	pthread_rwlock_unlock(&c->fence);
+	return r;
+}
+
+int core_write(struct core *c, const void *buf, uint64_t len, uint64_t off, uint32_t flags,
+               uint32_t volume, uint64_t *seq, bool *queued)
+{
+	return do_range_op(c, REC_OP_WRITE, buf, len, off, flags, volume, seq, queued);
+}
+
+int core_trim(struct core *c, uint64_t off, uint64_t len, uint32_t flags, uint32_t volume,
+              uint64_t *seq, bool *queued)
+{
+	return do_range_op(c, REC_OP_TRIM, NULL, len, off, flags, volume, seq, queued);
+}
+
+int core_zero(struct core *c, uint64_t off, uint64_t len, uint32_t flags, uint32_t volume,
+              uint64_t *seq, bool *queued)
+{
+	return do_range_op(c, REC_OP_ZERO, NULL, len, off, flags, volume, seq, queued);
+}
+
+int core_flush(struct core *c, uint32_t volume, uint64_t *seq, bool *queued)
+{
+	int r;
+
+	*queued = false;
+	pthread_rwlock_rdlock(&c->fence);
+	r = dpx_fdatasync(c->fd);
+	if (r == 0)
+		r = bitmap_sync(c->oos, NULL, 0);
+	if (r == 0) {
+		*queued = sequence(c, REC_OP_FLUSH, 0, 0, 0, NULL, 0, volume, seq) == SEQ_QUEUED;
+		atomic_fetch_add(&c->n_flushes, 1);
+	}
+	pthread_rwlock_unlock(&c->fence);
+	return r;
+}
+
+int64_t core_pread(struct core *c, void *buf, uint64_t len, uint64_t off, bool locked)
+{
+	uint64_t t0 = 0, t1 = 0;
+	ssize_t n;
+
+	if (off > c->size || len > c->size - off)
+		return -EINVAL;
+	if (len == 0)
+		return 0;
+	if (locked) {
+		t0 = off >> c->track_shift;
+		t1 = (off + len - 1) >> c->track_shift;
+		lock_tracks(c, t0, t1);
+	}
+	n = dpx_pread_full(c->fd, buf, (size_t)len, (off_t)off);
+	if (locked)
+		unlock_tracks(c, t0, t1);
+	return n;
+}
+
+/* ---- accessors ---------------------------------------------------------- */
+
+uint64_t core_next_seq(struct core *c)
+{
+	uint64_t s;
+
+	pthread_mutex_lock(&c->seq_lock);
+	s = c->next_seq;
+	pthread_mutex_unlock(&c->seq_lock);
+	return s;
+}
+
+void core_stats(struct core *c, struct core_stats *st)
+{
+	st->writes = atomic_load(&c->n_writes);
+	st->trims = atomic_load(&c->n_trims);
+	st->zeros = atomic_load(&c->n_zeros);
+	st->flushes = atomic_load(&c->n_flushes);
+	st->bytes_written = atomic_load(&c->n_bytes);
+	st->not_queued = atomic_load(&c->n_not_queued);
+	st->large_ranges = atomic_load(&c->n_large);
+	st->history_errors = atomic_load(&c->n_hist_err);
+}
+
+uint32_t core_pending(struct core *c, uint64_t track)
+{
+	uint32_t *chunk, n;
+
+	if (track >= c->ntracks)
+		return 0;
+	chunk = atomic_load_explicit(&c->pend[track / PEND_CHUNK], memory_order_acquire);
+	if (chunk == NULL)
+		return 0;
+	pthread_mutex_lock(pend_lock(c, track));
+	n = chunk[track % PEND_CHUNK];
+	pthread_mutex_unlock(pend_lock(c, track));
+	return n;
+}
+
+/* ---- consumer side ---------------------------------------------------------- */
+
+bool core_wait(struct core *c, int64_t timeout_ns) { return ring_wait(c->ring, timeout_ns); }
+void core_kick(struct core *c) { ring_kick(c->ring); }
+
+size_t core_peek(struct core *c, size_t max, const unsigned char **ptr)
+{
+	return ring_peek(c->ring, max, ptr);
+}
+
+int core_advance(struct core *c, size_t n) { return ring_advance(c->ring, n); }
+
+int64_t core_release(struct core *c, uint64_t seq)
+{
+	uint64_t n;
+
+	pthread_mutex_lock(&c->consumer_lock);
+	n = ring_release(c->ring, seq, on_release, c);
+	pthread_mutex_unlock(&c->consumer_lock);
+	return (int64_t)n;
+}
+
+int core_rewind(struct core *c, uint64_t seq)
+{
+	int r;
+
+	pthread_mutex_lock(&c->consumer_lock);
+	r = ring_rewind(c->ring, seq);
+	pthread_mutex_unlock(&c->consumer_lock);
+	return r;
+}
+
+void core_ring_stats(struct core *c, struct ring_stats *st) { ring_stats(c->ring, st); }
+
+void core_drop(struct core *c)
+{
+	pthread_mutex_lock(&c->seq_lock);
+	atomic_store(&c->clear_enabled, false);
+	ring_drop(c->ring);
+	pthread_mutex_unlock(&c->seq_lock);
+}
+
+bool core_dropped(struct core *c) { return ring_dropped(c->ring); }
+
+int core_resume(struct core *c, uint64_t first_seq)
+{
+	int r = 0;
+
+	pthread_mutex_lock(&c->consumer_lock);
+	pthread_mutex_lock(&c->seq_lock);
+	if (!ring_dropped(c->ring)) {
+		r = -EALREADY;
+	} else if (first_seq < c->next_seq) {
+		r = -EINVAL;
+	} else {
+		/* Holding the sequencer: no new reservations; the reset waits for
+		 * the ones being filled and takes back every dropped record's
+		 * pending counts (their bits stay set). */
+		ring_reset(c->ring, first_seq, on_discard, c);
+		c->next_seq = first_seq;
+	}
+	pthread_mutex_unlock(&c->seq_lock);
+	pthread_mutex_unlock(&c->consumer_lock);
+	return r;
+}
+
+void core_set_clear_on_release(struct core *c, bool on) { atomic_store(&c->clear_enabled, on); }
+bool core_clear_on_release(struct core *c) { return atomic_load(&c->clear_enabled); }
+
+void core_fence(struct core *c) { pthread_rwlock_wrlock(&c->fence); }
+void core_unfence(struct core *c) { pthread_rwlock_unlock(&c->fence); }
+
+int core_set_cr(struct core *c, struct bitmap *cr)
+{
+	if (cr != NULL && (bitmap_nbits(cr) != bitmap_nbits(c->oos) ||
+	                   bitmap_track_size(cr) != bitmap_track_size(c->oos)))
+		return -EINVAL;
+	pthread_rwlock_wrlock(&c->fence);
+	c->cr = cr;
+	pthread_rwlock_unlock(&c->fence);
+	return 0;
+}

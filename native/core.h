@@ -1,0 +1,105 @@
+/*
+ * core.h: the primary's write path, one call per request (DESIGN §3).
+ *
+ * core_write/trim/zero:
+ *   1. lock the tracks' stripes (ascending, so overlapping writes are
+ *      serialised and disjoint ones are not);
+ *   2. make the range's extents active in the activity log (write-ahead),
+ *      count the write as pending on its tracks, set their OOS (and CR) bits;
+ *   3. write the device;
+ *   4. under the sequencer: next seq, CLOCK_REALTIME timestamp, reserve
+ *      the record in the send ring (and append it to the history file);
+ *      then fill and commit the record outside the sequencer;
+ *   5. end the activity-log range, unlock.
+ * Seq is assigned after the local write while the track locks are held:
+ * overlapping writes get seqs in disk order, and a write issued after
+ * another returned gets the larger seq.
+ *
+ * Pending counts: each track counts the writes in flight or queued and not
+ * yet released that touch it. core_release() clears a track's OOS bit when
+ * its count reaches 0, unless bit clearing is off: a ring drop turns it off
+ * (the writes made while dropped exist only as OOS bits), and only the
+ * owner turns it back on, once a catch-up has shipped them.
+ *
+ * The bitmaps, activity log and history stay owned by the caller and must
+ * outlive the core. Every call is thread-safe except core_close().
+ */
+#ifndef DUPLEX_CORE_H
+#define DUPLEX_CORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ring.h"
+
+struct bitmap;
+struct actlog;
+struct core;
+
+#define CORE_FUA 1u
+
+struct core_stats {
+	uint64_t writes, trims, zeros, flushes;
+	uint64_t bytes_written;
+	uint64_t not_queued;   /* requests done locally but not queued */
+	uint64_t large_ranges; /* ranges too large for the activity log */
+	uint64_t history_errors;
+};
+
+/* Open the device (regular file or block device) read-write. size: bytes
+ * exported (<= the device's size). oos covers size; al's extent size is a
+ * multiple of oos's track size. history_path: NULL or a file that receives
+ * every record in seq order (test aid). 0 or -errno with a message. */
+int core_open(struct core **out, const char *device_path, uint64_t size, struct bitmap *oos,
+              struct actlog *al, size_t ring_size, uint64_t first_seq,
+              const char *history_path, char *err, size_t errlen);
+
+/* clean: fdatasync the device, then quiesce the activity log (sync oos,
+ * empty transaction). Frees the core in any case. 0 or -errno. */
+int core_close(struct core *c, bool clean, char *err, size_t errlen);
+
+/* 0 with *seq and *queued set, or -errno (nothing sequenced). */
+int core_write(struct core *c, const void *buf, uint64_t len, uint64_t off, uint32_t flags,
+               uint32_t volume, uint64_t *seq, bool *queued);
+int core_trim(struct core *c, uint64_t off, uint64_t len, uint32_t flags, uint32_t volume,
+              uint64_t *seq, bool *queued);
+int core_zero(struct core *c, uint64_t off, uint64_t len, uint32_t flags, uint32_t volume,
+              uint64_t *seq, bool *queued);
+/* fdatasync the device, sync the OOS bitmap, append a FLUSH record. */
+int core_flush(struct core *c, uint32_t volume, uint64_t *seq, bool *queued);
+
+/* Read the device. locked: hold the track locks (a snapshot of the range
+ * no write is half-way through). Bytes read or -errno. */
+int64_t core_pread(struct core *c, void *buf, uint64_t len, uint64_t off, bool locked);
+
+uint64_t core_next_seq(struct core *c);
+void core_stats(struct core *c, struct core_stats *st);
+uint32_t core_pending(struct core *c, uint64_t track);
+
+/* Consumer side (one consumer thread). */
+bool core_wait(struct core *c, int64_t timeout_ns);
+void core_kick(struct core *c);
+size_t core_peek(struct core *c, size_t max, const unsigned char **ptr);
+int core_advance(struct core *c, size_t n);
+int64_t core_release(struct core *c, uint64_t seq);
+int core_rewind(struct core *c, uint64_t seq);
+void core_ring_stats(struct core *c, struct ring_stats *st);
+
+/* Go Ahead on purpose: drop the ring (bit clearing turns off). */
+void core_drop(struct core *c);
+bool core_dropped(struct core *c);
+/* Leave DROPPED: empty ring, next seq = first_seq (>= next seq, else
+ * -EINVAL; -EALREADY when not dropped). Bit clearing stays off. */
+int core_resume(struct core *c, uint64_t first_seq);
+void core_set_clear_on_release(struct core *c, bool on);
+bool core_clear_on_release(struct core *c);
+
+/* Write fence: waits for requests in flight and holds off new ones. */
+void core_fence(struct core *c);
+void core_unfence(struct core *c);
+/* CR hook: writes also mark cr (NULL: none). Fenced inside. -EINVAL when
+ * its geometry differs from the OOS bitmap's. */
+int core_set_cr(struct core *c, struct bitmap *cr);
+
+#endif /* DUPLEX_CORE_H */
