@@ -8,6 +8,10 @@
 
 SHELL := /bin/bash
 PY := .venv/bin/python
+# The venv first on PATH: `python3` in scripts (#!/usr/bin/env python3) and in
+# tools like nbdsh is then the interpreter nbdkit embeds, with our packages,
+# not whatever else (pyenv, /usr/local) the machine has first on PATH.
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
 PYTEST_ARGS ?=
 BENCH ?= all
 

@@ -21,6 +21,32 @@ ROOT_DIR = os.path.dirname(NATIVE_DIR)
 MODULES = ["crc32c", "bitmap", "actlog", "ring", "core"]
 
 
+def _native_path(name: str, absolute: bool) -> str:
+    """A file in native/. setuptools refuses absolute source paths and
+    resolves relative ones from the cwd (the project root under pip);
+    cffi's own compile() changes directory, so it needs absolute ones."""
+    path = os.path.join(NATIVE_DIR, name)
+    return path if absolute else os.path.relpath(path)
+
+
+def make_builder(absolute: bool = False) -> FFI:
+    """The FFI builder for replicator._core."""
+    builder = FFI()
+    builder.cdef(CDEF)
+    builder.set_source(
+        "replicator._core",
+        "\n".join(f'#include "{m}.h"' for m in MODULES),
+        sources=[_native_path(m + ".c", absolute) for m in MODULES],
+        include_dirs=[NATIVE_DIR],
+        define_macros=[("_GNU_SOURCE", None)],
+        extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra", "-pthread"],
+        extra_link_args=["-pthread"],
+        depends=[_native_path(f, absolute) for f in sorted(os.listdir(NATIVE_DIR))
+                 if f.endswith(".h")],
+    )
+    return builder
+
+
 CDEF = r"""
 /* crc32c.h */
 uint32_t crc32c(uint32_t crc, const void *buf, size_t len);
@@ -144,26 +170,21 @@ void core_unfence(struct core *c);
 int core_set_cr(struct core *c, struct bitmap *cr);
 """
 
-ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
-ffibuilder.set_source(
-    "replicator._core",
-    "\n".join(f'#include "{m}.h"' for m in MODULES),
-    sources=[os.path.join(NATIVE_DIR, m + ".c") for m in MODULES],
-    include_dirs=[NATIVE_DIR],
-    define_macros=[("_GNU_SOURCE", None)],
-    extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra", "-pthread"],
-    extra_link_args=["-pthread"],
-    depends=[os.path.join(NATIVE_DIR, f) for f in os.listdir(NATIVE_DIR) if f.endswith(".h")],
-)
+ffibuilder = make_builder()
 
 
 def build_in_place() -> str:
     """Compile replicator/_core*.so next to replicator/__init__.py."""
     tmpdir = os.path.join(ROOT_DIR, "build", "cffi-core")
     os.makedirs(tmpdir, exist_ok=True)
-    so = ffibuilder.compile(tmpdir=tmpdir, verbose=False)
-    dest = os.path.join(ROOT_DIR, "replicator", os.path.basename(so))
+    so = make_builder(absolute=True).compile(tmpdir=tmpdir, verbose=False)
+    pkg = os.path.join(ROOT_DIR, "replicator")
+    dest = os.path.join(pkg, os.path.basename(so))
+    # One module file only: a stale _core.abi3.so (pip) or
+    # _core.cpython-*.so (here) must not shadow the fresh one.
+    for f in os.listdir(pkg):
+        if f.startswith("_core.") and f.endswith(".so") and os.path.join(pkg, f) != dest:
+            os.unlink(os.path.join(pkg, f))
     os.replace(so, dest)
     return dest
 

@@ -12,6 +12,7 @@ import errno
 
 import nbdkit
 
+from replicator.node import setup_logging
 from replicator.primary import Engine, EngineError
 
 API_VERSION = 2
@@ -31,6 +32,7 @@ def config_complete() -> None:
     for key in ("config", "resource", "node"):
         if key not in _params:
             raise RuntimeError(f"duplex plugin: missing parameter {key}=")
+    setup_logging()
 
 
 def thread_model() -> int:

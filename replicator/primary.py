@@ -22,6 +22,7 @@ from replicator.errors import DuplexError
 from replicator.metadata import DISK_UPTODATE, Metadata, load_metadata
 from replicator.seqmark import SeqMark
 from replicator.shipper import Shipper
+from replicator.status import new_status
 
 log = logging.getLogger("duplex.primary")
 
@@ -180,21 +181,13 @@ class Engine:
         sh = self.shipper.snapshot()
         written = self.core.next_seq - 1
         applied = sh["applied"]
-        return {
-            "resource": self.resource.name,
-            "node": self.node.name,
-            "role": "Primary",
-            "connection": sh["connection"],
-            "disk": DISK_UPTODATE,
-            "peer": {"name": self.peer.name, "address": self.peer.address_str(),
-                     "disk": sh["peer_disk"]},
-            "seq": {"written": written, "journaled": sh["journaled"], "applied": applied},
-            "lag": {"writes": max(0, written - applied) if applied else written - self.shipper.base_seq,
-                    "bytes": sh["lag_bytes"], "seconds": sh["lag_seconds"]},
-            "out_of_sync_bytes": min(self.oos.count() * self.md.track_size, self.size),
-            "nbd_uri": self.node.export_uri(),
-            "sync": None,
-            "reason": sh["reason"],
-            "ring": self.core.ring_stats,
-            "uptime_seconds": round(time.time() - self.started, 1),
-        }
+        return new_status(
+            self.resource, self.node, running=True, role="Primary",
+            connection=sh["connection"], disk=DISK_UPTODATE,
+            peer={"disk": sh["peer_disk"]},
+            seq={"written": written, "journaled": sh["journaled"], "applied": applied},
+            lag={"writes": max(0, written - applied), "bytes": sh["lag_bytes"],
+                 "seconds": sh["lag_seconds"]},
+            out_of_sync_bytes=self.oos.dirty_bytes(self.size),
+            nbd_uri=self.node.export_uri(), reason=sh["reason"],
+            ring=self.core.ring_stats, uptime_seconds=round(time.time() - self.started, 1))

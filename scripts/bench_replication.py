@@ -40,7 +40,7 @@ for _p in (str(REPO / "tests"), str(REPO / "scripts")):
 from bench_table import Table, fmt_bytes, fmt_count, fmt_mbps, fmt_ns, ratio  # noqa: E402
 from fixtures.images import shm_directory  # noqa: E402
 from fixtures.nbdkit import start_nbdkit  # noqa: E402
-from fixtures.processes import ManagedProcess, ProcessGroup  # noqa: E402
+from fixtures.processes import ManagedProcess, ProcessGroup, peak_rss_bytes  # noqa: E402
 
 PASSTHROUGH_PLUGIN = REPO / "scripts" / "passthrough_plugin.py"
 THREAD_MODELS = ("serialize_all_requests", "serialize_requests", "parallel")
@@ -80,12 +80,38 @@ class Running:
     """A started target: where fio connects and what to measure and stop."""
 
     uri: str
-    #: (label, process) of each server process whose peak RSS is reported.
-    processes: list[tuple[str, ManagedProcess]]
+    #: (label, peak RSS in bytes) of each server process, read while they run.
+    rss: Callable[[], list[tuple[str, int | None]]]
     stop: Callable[[], None]
     #: Extra numbers measured by the target itself after the run, e.g.
     #: {"lag_p50_ns": ..., "lag_p99_ns": ...} for replication lag.
     metrics: Callable[[], dict[str, float]] = field(default=lambda: {})
+
+
+def rss_of(*named: tuple[str, ManagedProcess]) -> Callable[[], list[tuple[str, int | None]]]:
+    """An ``rss`` callable for processes we started directly."""
+    return lambda: [(name, p.peak_rss_bytes()) for name, p in named]
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, comm) of every live descendant of ``pid``."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append((int(entry), comm))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child[0])
+    return out
 
 
 @dataclass
@@ -118,7 +144,7 @@ class FilePluginTarget(Target):
     def start(self, ctx: Context) -> Running:
         server = start_nbdkit(ctx.procs, "file", [str(ctx.image)], workdir=ctx.workdir,
                               name="nbdkit-file")
-        return Running(server.uri, [("nbdkit", server.process)], server.stop)
+        return Running(server.uri, rss_of(("nbdkit", server.process)), server.stop)
 
 
 class PassthroughTarget(Target):
@@ -137,7 +163,7 @@ class PassthroughTarget(Target):
         server = start_nbdkit(ctx.procs, PASSTHROUGH_PLUGIN,
                               [f"file={ctx.image}", f"threads={self.model}"],
                               workdir=ctx.workdir, name="nbdkit-passthrough")
-        return Running(server.uri, [("nbdkit", server.process)], server.stop)
+        return Running(server.uri, rss_of(("nbdkit", server.process)), server.stop)
 
 
 class DuplexTarget(Target):
@@ -191,12 +217,13 @@ class DuplexTarget(Target):
                 lab.sock.unlink(missing_ok=True)
                 pair.close()
 
-        def processes() -> list[tuple[str, ManagedProcess]]:
-            return [("primary", lab.primary), ("secondary", lab.secondary)]
+        def rss() -> list[tuple[str, int | None]]:
+            # `duplex up` runs the primary's nbdkit as a child: report that one.
+            nbdkits = [pid for pid, comm in descendants(lab.primary.pid) if comm == "nbdkit"]
+            primary = peak_rss_bytes(nbdkits[0]) if nbdkits else lab.primary.peak_rss_bytes()
+            return [("primary", primary), ("secondary", lab.secondary.peak_rss_bytes())]
 
-        running = Running(lab.uri, processes(), stop, sampler.metrics)
-        running.child_rss = True  # the primary's nbdkit is a child of `duplex up`
-        return running
+        return Running(lab.uri, rss, stop, sampler.metrics)
 
 
 class _LagSampler:
@@ -246,6 +273,7 @@ class Result:
     rss: list[tuple[str, int | None]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     unavailable: str | None = None
+    failed: str | None = None
 
 
 def parse_size(text: str) -> int:
@@ -300,21 +328,41 @@ def measure(target: Target, workload: Workload, options: argparse.Namespace,
             result.unavailable = str(e)
             progress(f"{target.label}: not available yet: {e}")
             return result
+        except Exception as e:
+            # Shown as a failed row: the other targets' numbers still count.
+            result.failed = f"could not start: {e}"
+            progress(f"{target.label}: {result.failed}")
+            _dump_logs(procs)
+            return result
+        stopped = False
         try:
             progress(f"{target.label}, {workload.label}: {options.runtime:g} s ...")
             write = run_fio(running.uri, workload, options.runtime, options.ramp,
                             shm / "fio.json")
+            # VmHWM must be read while the process still exists.
+            rss = running.rss()
+            stopped = True
+            running.stop()  # (c) waits here until the secondary has applied all
             result.iops = write["iops"]
             result.bw_bytes = write["bw_bytes"]
             pct = (write.get("lat_ns") or write["clat_ns"]).get("percentile", {})
             result.p99_ns = pct.get("99.000000")
             result.metrics = running.metrics()
-            # VmHWM must be read while the process still exists.
-            result.rss = [(name, p.peak_rss_bytes()) for name, p in running.processes]
-        finally:
-            running.stop()
+            result.rss = rss
+        except Exception as e:
+            result.failed = f"run failed: {e}"
+            progress(f"{target.label}: {result.failed}")
+            _dump_logs(procs)
+            if not stopped:
+                running.stop()
     image.unlink(missing_ok=True)
     return result
+
+
+def _dump_logs(procs: ProcessGroup) -> None:
+    """The server logs of a failed run, on stderr (they are deleted with the scratch dir)."""
+    for title, text in procs.logs(tail_bytes=3000):
+        print(f"--- {title} ---\n{text.rstrip()}", file=sys.stderr)
 
 
 def build_table(results: Sequence[Result], options: argparse.Namespace) -> Table:
@@ -328,8 +376,9 @@ def build_table(results: Sequence[Result], options: argparse.Namespace) -> Table
         rows = [r for r in results if r.workload.key == workload.key]
         base = {r.target_key: r.iops for r in rows}
         for r in rows:
-            if r.unavailable is not None:
-                table.add_row(f"{r.target_label}: not available yet",
+            if r.unavailable is not None or r.failed is not None:
+                state = "not available yet" if r.failed is None else "FAILED"
+                table.add_row(f"{r.target_label}: {state}",
                               *([None] * (len(table.columns) - 1)))
                 continue
             rss = ", ".join(f"{name} {fmt_bytes(v) if v else '?'}" for name, v in r.rss)
@@ -344,11 +393,20 @@ def build_table(results: Sequence[Result], options: argparse.Namespace) -> Table
                    "preallocated on /dev/shm; each run starts a fresh server")
     table.add_note("vs (a), vs (b): IOPS of the row over IOPS of (a) / (b) in the same "
                    "workload; p99 lat: fio total latency; peak RSS: VmHWM of the server")
+    said = set()
     for r in results:
-        if r.unavailable is not None:
-            table.add_note(f"{r.target_label}: {r.unavailable}")
-            break
+        why = r.unavailable or r.failed
+        if why is not None and (r.target_key, why) not in said:
+            said.add((r.target_key, why))
+            table.add_note(f"{r.target_label}: {_one_line(why)}")
     return table
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """First and last line of a (multi-line) error; the whole of it went to stderr."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    short = lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1]}"
+    return short if len(short) <= limit else short[:limit - 3] + "..."
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

@@ -22,8 +22,14 @@ class Workload:
     threads: int = 4
     ops_per_thread: int = 400
     seed: int = 1
+    pace: float = 0.0  # seconds between a thread's requests
     errors: list[str] = field(default_factory=list)
     done_ops: int = 0
+    # Cleared by a Sampler now and then to let the secondary go quiet.
+    gate: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.gate.set()
 
     def _worker(self, n: int) -> None:
         rnd = random.Random(self.seed * 1000 + n)
@@ -32,6 +38,7 @@ class Workload:
             h.connect_uri(self.uri)
             hot = self.size // 16
             for i in range(self.ops_per_thread):
+                self.gate.wait()
                 r = rnd.random()
                 length = rnd.choice((512, 4096, 4096, 8192, 65536, 200_000 // 512 * 512))
                 base = 0 if rnd.random() < 0.5 else hot
@@ -47,6 +54,8 @@ class Workload:
                 else:
                     h.flush()
                 self.done_ops += 1
+                if self.pace:
+                    time.sleep(self.pace)
         except Exception as e:  # reported by run()
             self.errors.append(f"worker {n}: {e}")
         finally:
@@ -70,6 +79,7 @@ class Sampler:
 
     image: Path
     status: callable
+    gate: threading.Event | None = None  # a Workload's gate: sample in quiet moments too
     samples: list[tuple[int, str]] = field(default_factory=list)
     discarded: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -86,9 +96,21 @@ class Sampler:
             self.discarded += 1
 
     def _loop(self) -> None:
+        n = 0
         while not self._stop.is_set():
-            self._one()
-            time.sleep(0.02)
+            n += 1
+            if self.gate is not None and n % 2 == 0:
+                # Every other sample in a lull: writers hold, the secondary
+                # catches up to some seq, and the sample is whole.
+                self.gate.clear()
+                time.sleep(0.03)
+                try:
+                    self._one()
+                finally:
+                    self.gate.set()
+            else:
+                self._one()
+            time.sleep(0.03)
 
     def __enter__(self) -> "Sampler":
         self._t = threading.Thread(target=self._loop, daemon=True)

@@ -13,7 +13,7 @@ ECHO_SERVER = """
 import socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((sys.argv[1], 7789)); s.listen()
-print('listening', flush=True)
+print('LISTEN' + 'ING', flush=True)  # not literally in argv, which the log echoes
 while True:
     c, _ = s.accept()
     c.sendall(c.recv(100).upper()); c.close()
@@ -45,7 +45,7 @@ def test_pair_is_two_hosts_that_reach_each_other(netns_pair: NetnsPair) -> None:
     assert _ping(pair, pair.ns_a, "127.0.0.1")
     server = pair.popen(pair.ns_b, [sys.executable, "-c", ECHO_SERVER, pair.addr_b],
                         name="echo")
-    wait_until(lambda: "listening" in server.log_text(), timeout=30, what="echo server",
+    wait_until(lambda: "LISTENING" in server.log_text(), timeout=30, what="echo server",
                process=server)
     res = _tcp(pair)
     assert res.returncode == 0, res.stderr
@@ -58,7 +58,7 @@ def test_link_down_cuts_traffic_and_link_up_restores_it(netns_pair: NetnsPair) -
     pair = netns_pair
     server = pair.popen(pair.ns_b, [sys.executable, "-c", ECHO_SERVER, pair.addr_b],
                         name="echo")
-    wait_until(lambda: "listening" in server.log_text(), timeout=30, what="echo server",
+    wait_until(lambda: "LISTENING" in server.log_text(), timeout=30, what="echo server",
                process=server)
     assert _tcp(pair).returncode == 0
     pair.link_down()

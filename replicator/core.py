@@ -1,0 +1,782 @@
+"""The C core, seen from Python: CRC32C, track bitmaps, the activity log and
+the primary's write path with its send ring.
+
+This is the only module that touches cffi objects; everything else uses the
+classes here. Every call into C releases the GIL (cffi does that for API-mode
+calls), so a request costs one C call during which other threads run.
+
+Errors:
+- CoreError (BitmapError, ActivityLogError): a file, geometry or state
+  problem; the message names the file and the reason.
+- OSError(errno): an I/O error on the write path (device, fdatasync).
+- ValueError / IndexError: a caller passed an impossible range or index.
+
+Do not import replicator.records or replicator.crc32c here: crc32c.py
+imports this module for its fast path.
+"""
+from __future__ import annotations
+
+import errno as _errno
+import os
+import uuid as _uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+from replicator._core import ffi as _ffi, lib as _lib  # ImportError until built
+
+__all__ = [
+    "CoreError", "BitmapError", "ActivityLogError",
+    "crc32c", "crc32c_sw", "crc32c_hw", "crc32c_hw_available",
+    "Bitmap", "ActivityLog", "Core", "WriteResult", "tokens",
+    "BITMAP_HEADER_SIZE", "RECORD_HEADER_SIZE",
+]
+
+BITMAP_HEADER_SIZE = 4096
+RECORD_HEADER_SIZE = 48
+_ERRLEN = 1024
+_NONE = 0xFFFFFFFFFFFFFFFF
+_U32 = 0xFFFFFFFF
+
+
+class CoreError(Exception):
+    """A problem in the C core's files or state (not a plain I/O error)."""
+
+
+class BitmapError(CoreError):
+    """A bitmap file is torn, foreign, damaged, busy or cannot be written."""
+
+
+class ActivityLogError(CoreError):
+    """An activity-log file is torn, foreign, damaged, busy or cannot be written."""
+
+
+def _errbuf():
+    return _ffi.new("char[]", _ERRLEN)
+
+
+def _errmsg(buf, fallback: str) -> str:
+    msg = _ffi.string(buf).decode("utf-8", "replace")
+    return msg or fallback
+
+
+def _path_arg(path) -> bytes:
+    return os.fsencode(os.fspath(path))
+
+
+def _uuid_arg(value) -> bytes:
+    if isinstance(value, _uuid.UUID):
+        value = value.bytes
+    if not isinstance(value, (bytes, bytearray)) or len(value) != 16:
+        raise ValueError(f"resource UUID must be 16 bytes, got {value!r}")
+    return bytes(value)
+
+
+def _oserror(rc: int, what: str) -> OSError:
+    err = -rc
+    return OSError(err, f"{os.strerror(err)}: {what}")
+
+
+# ---- CRC32C -------------------------------------------------------------
+
+def crc32c(data, crc: int = 0) -> int:
+    """CRC32C of *data* (bytes, bytearray, memoryview), continuing from *crc*;
+    SSE4.2 when the CPU has it."""
+    buf = _ffi.from_buffer(data)
+    return _lib.crc32c(crc, buf, len(buf))
+
+
+def crc32c_sw(data, crc: int = 0) -> int:
+    """CRC32C through the portable table path."""
+    buf = _ffi.from_buffer(data)
+    return _lib.crc32c_sw(crc, buf, len(buf))
+
+
+def crc32c_hw(data, crc: int = 0) -> int:
+    """CRC32C through the SSE4.2 path (the table path if the CPU lacks it)."""
+    buf = _ffi.from_buffer(data)
+    return _lib.crc32c_hw(crc, buf, len(buf))
+
+
+def crc32c_hw_available() -> bool:
+    """True when this CPU runs the SSE4.2 path."""
+    return bool(_lib.crc32c_hw_available())
+
+
+def tokens(span) -> bytes:
+    """The 48-byte headers of the records packed in *span* (a TOKENS payload)."""
+    src = _ffi.from_buffer(span)
+    n = len(src)
+    if n == 0:
+        return b""
+    out = _ffi.new("char[]", n)  # char[]: ffi.unpack gives bytes
+    w = _lib.ring_tokens(src, n, _ffi.cast("unsigned char *", out), n)
+    if w < 0:
+        raise ValueError(f"span of {n} bytes is not a sequence of whole records")
+    return _ffi.unpack(out, w)
+
+
+# ---- bitmaps ------------------------------------------------------------
+
+class Bitmap:
+    """A track bitmap, in memory or backed by a file (see native/bitmap.h).
+
+    Set bits reach the file only at sync() or a clean close(); the activity
+    log covers what changed since. Thread-safe, except close().
+    """
+
+    __slots__ = ("_p", "path", "track_size", "nbits", "was_dirty", "uuid", "_users")
+
+    def __init__(self, ptr, path: str | None):
+        """Wrap a C bitmap; use create(), open() or copy() instead."""
+        self._p = ptr
+        self.path = path
+        self.track_size: int = _lib.bitmap_track_size(ptr)
+        self.nbits: int = _lib.bitmap_nbits(ptr)
+        self.was_dirty: bool = bool(_lib.bitmap_was_dirty(ptr))
+        u = _ffi.new("uint8_t[16]")
+        _lib.bitmap_uuid(ptr, u)
+        self.uuid: bytes = bytes(u)
+        self._users = 0
+
+    @classmethod
+    def create(cls, path: str | None, uuid: bytes, track_size: int, nbits: int) -> "Bitmap":
+        """A new all-clear bitmap; path None keeps it in memory only. A file is
+        written beside *path* and renamed over it (atomic)."""
+        if track_size <= 0 or track_size > _U32:
+            raise ValueError(f"track size {track_size} out of range")
+        if nbits <= 0:
+            raise ValueError(f"bit count {nbits} must be positive")
+        out = _ffi.new("struct bitmap **")
+        err = _errbuf()
+        p = _ffi.NULL if path is None else _path_arg(path)
+        rc = _lib.bitmap_create(out, p, _uuid_arg(uuid), track_size, nbits, err, _ERRLEN)
+        if rc < 0:
+            raise BitmapError(_errmsg(err, f"bitmap {path}: {os.strerror(-rc)}"))
+        return cls(out[0], None if path is None else os.fspath(path))
+
+    @classmethod
+    def open(cls, path: str, uuid: bytes, track_size: int) -> "Bitmap":
+        """Open a bitmap file after checking it is whole and ours; marks it
+        DIRTY durably. was_dirty tells whether the last run stopped cleanly
+        (if not, OR in the activity log: ActivityLog.recover_into)."""
+        if track_size <= 0 or track_size > _U32:
+            raise ValueError(f"track size {track_size} out of range")
+        out = _ffi.new("struct bitmap **")
+        err = _errbuf()
+        rc = _lib.bitmap_open(out, _path_arg(path), _uuid_arg(uuid), track_size, err, _ERRLEN)
+        if rc < 0:
+            raise BitmapError(_errmsg(err, f"bitmap {path}: {os.strerror(-rc)}"))
+        return cls(out[0], os.fspath(path))
+
+    def _ptr(self):
+        if self._p is None:
+            raise BitmapError(f"bitmap {self.path or '(memory)'} is closed")
+        return self._p
+
+    def __repr__(self) -> str:
+        state = "closed" if self._p is None else f"{self.count()}/{self.nbits} set"
+        return f"<Bitmap {self.path or '(memory)'} track_size={self.track_size} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        """True after close() or abandon()."""
+        return self._p is None
+
+    @property
+    def sync_count(self) -> int:
+        """Successful syncs since open (tests and metrics)."""
+        return _lib.bitmap_sync_count(self._ptr())
+
+    def _range_error(self, off: int, length: int) -> ValueError:
+        return ValueError(f"byte range {off}+{length} is outside the bitmap "
+                          f"({self.nbits} tracks of {self.track_size} bytes)")
+
+    def set_range(self, off: int, length: int) -> int:
+        """Set the tracks touching [off, off+length); returns bits newly set."""
+        if off < 0 or length < 0:
+            raise self._range_error(off, length)
+        r = _lib.bitmap_set_range(self._ptr(), off, length)
+        if r < 0:
+            raise self._range_error(off, length)
+        return r
+
+    def clear_range(self, off: int, length: int) -> int:
+        """Clear the tracks touching [off, off+length); returns bits cleared."""
+        if off < 0 or length < 0:
+            raise self._range_error(off, length)
+        r = _lib.bitmap_clear_range(self._ptr(), off, length)
+        if r < 0:
+            raise self._range_error(off, length)
+        return r
+
+    def test_range(self, off: int, length: int) -> bool:
+        """True when any track touching [off, off+length) is set."""
+        if off < 0 or length < 0:
+            raise self._range_error(off, length)
+        r = _lib.bitmap_test_range(self._ptr(), off, length)
+        if r < 0:
+            raise self._range_error(off, length)
+        return bool(r)
+
+    def _check_bit(self, i: int) -> None:
+        if not 0 <= i < self.nbits:
+            raise IndexError(f"track {i} outside the bitmap of {self.nbits} tracks")
+
+    def set_bit(self, i: int) -> bool:
+        """Set track i; returns its previous value."""
+        self._check_bit(i)
+        return bool(_lib.bitmap_set_bit(self._ptr(), i))
+
+    def clear_bit(self, i: int) -> bool:
+        """Clear track i; returns its previous value."""
+        self._check_bit(i)
+        return bool(_lib.bitmap_clear_bit(self._ptr(), i))
+
+    def test_bit(self, i: int) -> bool:
+        """Whether track i is set."""
+        self._check_bit(i)
+        return bool(_lib.bitmap_test_bit(self._ptr(), i))
+
+    def count(self) -> int:
+        """Number of set tracks."""
+        return _lib.bitmap_count(self._ptr())
+
+    def find_next(self, i: int) -> int:
+        """First set track >= i, or -1."""
+        r = _lib.bitmap_find_next(self._ptr(), max(i, 0))
+        return -1 if r == _NONE else r
+
+    def find_next_zero(self, i: int) -> int:
+        """First clear track >= i, or nbits."""
+        return _lib.bitmap_find_next_zero(self._ptr(), max(i, 0))
+
+    def runs(self, device_size: int | None = None) -> Iterator[tuple[int, int]]:
+        """(byte_offset, byte_length) of each run of set tracks, in order; the
+        last run is cut at device_size when given."""
+        p = self._ptr()
+        ts = self.track_size
+        i = _lib.bitmap_find_next(p, 0)
+        while i != _NONE:
+            j = _lib.bitmap_find_next_zero(p, i)
+            off, end = i * ts, j * ts
+            if device_size is not None:
+                end = min(end, device_size)
+            if end > off:
+                yield off, end - off
+            if j >= self.nbits:
+                return
+            i = _lib.bitmap_find_next(p, j)
+
+    def dirty_bytes(self, device_size: int | None = None) -> int:
+        """count() * track_size; the partial last track counted only up to
+        device_size when given."""
+        n = self.count() * self.track_size
+        if device_size is not None and self.nbits and _lib.bitmap_test_bit(self._ptr(), self.nbits - 1):
+            n -= max(0, self.nbits * self.track_size - device_size)
+        return n
+
+    def _same_geometry(self, other: "Bitmap") -> None:
+        if (other.nbits, other.track_size, other.uuid) != (self.nbits, self.track_size, self.uuid):
+            raise ValueError(
+                f"bitmaps differ: {self.path or '(memory)'} has {self.nbits} tracks of "
+                f"{self.track_size} for {_uuid.UUID(bytes=self.uuid)}, "
+                f"{other.path or '(memory)'} has {other.nbits} tracks of {other.track_size} "
+                f"for {_uuid.UUID(bytes=other.uuid)}")
+
+    def merge_from(self, other: "Bitmap") -> int:
+        """self |= other (same geometry and UUID); returns bits newly set."""
+        self._same_geometry(other)
+        return _lib.bitmap_merge(self._ptr(), other._ptr())
+
+    def subtract(self, other: "Bitmap") -> int:
+        """self &= ~other (same geometry and UUID); returns bits cleared."""
+        self._same_geometry(other)
+        return _lib.bitmap_subtract(self._ptr(), other._ptr())
+
+    def copy(self, path: str | None = None) -> "Bitmap":
+        """A frozen copy: in memory, or a durable file at *path*."""
+        out = _ffi.new("struct bitmap **")
+        err = _errbuf()
+        p = _ffi.NULL if path is None else _path_arg(path)
+        rc = _lib.bitmap_copy(out, self._ptr(), p, err, _ERRLEN)
+        if rc < 0:
+            raise BitmapError(_errmsg(err, f"bitmap {path}: {os.strerror(-rc)}"))
+        return Bitmap(out[0], None if path is None else os.fspath(path))
+
+    def clear_all(self) -> None:
+        """Clear every track."""
+        _lib.bitmap_clear_all(self._ptr())
+
+    def sync(self) -> None:
+        """Write changed pages and fdatasync (no-op in memory)."""
+        err = _errbuf()
+        rc = _lib.bitmap_sync(self._ptr(), err, _ERRLEN)
+        if rc < 0:
+            raise BitmapError(_errmsg(err, f"bitmap {self.path}: {os.strerror(-rc)}"))
+
+    def close(self) -> None:
+        """Clean close: bits, their checksum and CLEAN reach the file. Idempotent."""
+        if self._p is None:
+            return
+        if self._users:
+            raise CoreError(f"bitmap {self.path or '(memory)'} is still used by an open Core")
+        p, self._p = self._p, None
+        err = _errbuf()
+        rc = _lib.bitmap_close(p, err, _ERRLEN)
+        if rc < 0:
+            raise BitmapError(_errmsg(err, f"bitmap {self.path}: {os.strerror(-rc)}"))
+
+    def abandon(self) -> None:
+        """Drop without a clean close, as a crash would leave the file (DIRTY,
+        bits as of the last sync). For tests and emergency stops."""
+        if self._p is None:
+            return
+        if self._users:
+            raise CoreError(f"bitmap {self.path or '(memory)'} is still used by an open Core")
+        p, self._p = self._p, None
+        _lib.bitmap_abandon(p)
+
+    def __enter__(self) -> "Bitmap":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        # Never a clean close behind the owner's back: leave it DIRTY.
+        try:
+            if self._p is not None and not self._users:
+                _lib.bitmap_abandon(self._p)
+                self._p = None
+        except Exception:
+            pass
+
+
+# ---- activity log -------------------------------------------------------
+
+class ActivityLog:
+    """The activity log (see native/actlog.h): write-ahead record of the
+    extents that may hold writes not yet in the on-disk bitmap."""
+
+    __slots__ = ("_p", "path", "extent_size", "slots", "_users")
+
+    def __init__(self, ptr, path: str):
+        """Wrap a C activity log; use create() or open() instead."""
+        self._p = ptr
+        self.path = path
+        self.extent_size: int = _lib.actlog_extent_size(ptr)
+        self.slots: int = _lib.actlog_slots(ptr)
+        self._users = 0
+
+    @classmethod
+    def create(cls, path: str, uuid: bytes, extent_size: int, slots: int) -> "ActivityLog":
+        """A new activity log with an empty active set (atomic replace)."""
+        if not 0 < slots <= _U32:
+            raise ValueError(f"slots {slots} out of range")
+        out = _ffi.new("struct actlog **")
+        err = _errbuf()
+        rc = _lib.actlog_create(out, _path_arg(path), _uuid_arg(uuid), extent_size, slots,
+                                err, _ERRLEN)
+        if rc < 0:
+            raise ActivityLogError(_errmsg(err, f"activity log {path}: {os.strerror(-rc)}"))
+        return cls(out[0], os.fspath(path))
+
+    @classmethod
+    def open(cls, path: str, uuid: bytes) -> "ActivityLog":
+        """Open and validate; the newest valid transaction is the recovery set."""
+        out = _ffi.new("struct actlog **")
+        err = _errbuf()
+        rc = _lib.actlog_open(out, _path_arg(path), _uuid_arg(uuid), err, _ERRLEN)
+        if rc < 0:
+            raise ActivityLogError(_errmsg(err, f"activity log {path}: {os.strerror(-rc)}"))
+        return cls(out[0], os.fspath(path))
+
+    def _ptr(self):
+        if self._p is None:
+            raise ActivityLogError(f"activity log {self.path} is closed")
+        return self._p
+
+    def __repr__(self) -> str:
+        return f"<ActivityLog {self.path} extent_size={self.extent_size} slots={self.slots}>"
+
+    def recovered_extents(self) -> list[int]:
+        """Extents of the durable set found at open (empty after create)."""
+        p = self._ptr()
+        n = _lib.actlog_recovered(p, _ffi.NULL, 0)
+        buf = _ffi.new("uint64_t[]", max(n, 1))
+        _lib.actlog_recovered(p, buf, n)
+        return [buf[i] for i in range(n)]
+
+    def active_extents(self) -> list[int]:
+        """Extents active now (at open: the recovered set)."""
+        p = self._ptr()
+        while True:
+            n = _lib.actlog_active(p, _ffi.NULL, 0)
+            buf = _ffi.new("uint64_t[]", max(n, 1))
+            m = _lib.actlog_active(p, buf, n)
+            if m <= n:
+                return sorted(buf[i] for i in range(m))
+
+    def recover_into(self, bitmap: Bitmap) -> int:
+        """OR every track of every recovered extent into *bitmap*; returns the
+        number of tracks newly set."""
+        err = _errbuf()
+        r = _lib.actlog_recover_into(self._ptr(), bitmap._ptr(), err, _ERRLEN)
+        if r < 0:
+            raise ActivityLogError(_errmsg(err, f"activity log {self.path}: {os.strerror(-r)}"))
+        return r
+
+    def begin(self, offset: int, length: int, bitmap: Bitmap | None = None) -> None:
+        """Make the extents of a byte range active (write-ahead); *bitmap* is
+        synced before any eviction. Core does this itself; for tools and tests."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"bad range {offset}+{length}")
+        rc = _lib.actlog_begin(self._ptr(), offset, length,
+                               _ffi.NULL if bitmap is None else bitmap._ptr())
+        if rc == -_errno.E2BIG:
+            raise ValueError(f"range {offset}+{length} needs more than {self.slots} extents")
+        if rc < 0:
+            raise _oserror(rc, f"activity log {self.path}")
+
+    def end(self, offset: int, length: int) -> None:
+        """Undo one begin() of the same range."""
+        _lib.actlog_end(self._ptr(), offset, length)
+
+    def quiesce(self, bitmap: Bitmap | None = None) -> None:
+        """Wait for in-flight ranges, sync *bitmap*, write an empty transaction."""
+        err = _errbuf()
+        rc = _lib.actlog_quiesce(self._ptr(), _ffi.NULL if bitmap is None else bitmap._ptr(),
+                                 err, _ERRLEN)
+        if rc < 0:
+            raise ActivityLogError(_errmsg(err, f"activity log {self.path}: {os.strerror(-rc)}"))
+
+    @property
+    def stats(self) -> dict:
+        """transactions, evictions, waits, active, slots, extent_size, last_txn."""
+        st = _ffi.new("struct actlog_stats *")
+        _lib.actlog_stats(self._ptr(), st)
+        return {"transactions": st.transactions, "evictions": st.evictions,
+                "waits": st.waits, "active": st.active, "slots": st.slots,
+                "extent_size": st.extent_size, "last_txn": st.last_txn}
+
+    def close(self, bitmap: Bitmap | None = None) -> None:
+        """Close. With *bitmap*: first sync it and write an empty transaction
+        (Core.close() already does this). Without: the durable active set
+        stays, and the next open recovers it. Idempotent."""
+        if self._p is None:
+            return
+        if self._users:
+            raise CoreError(f"activity log {self.path} is still used by an open Core")
+        try:
+            if bitmap is not None:
+                self.quiesce(bitmap)
+        finally:
+            p, self._p = self._p, None
+            _lib.actlog_close(p)
+
+    def __enter__(self) -> "ActivityLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            if self._p is not None and not self._users:
+                _lib.actlog_close(self._p)
+                self._p = None
+        except Exception:
+            pass
+
+
+# ---- the write path -----------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """seq: the request's sequence number. queued: its record is in the send
+    ring (False: done locally and marked out of sync only)."""
+
+    seq: int
+    queued: bool
+
+
+class Core:
+    """The primary's write path (native/core.h) and its send ring.
+
+    Producers: write(), trim(), zero(), flush() from any number of threads.
+    Consumer (one thread): wait(), peek(), advance(), tokens(), release(),
+    rewind(), resume(). close() only when no other call is running.
+    """
+
+    def __init__(self, device_path: str, size: int, oos: Bitmap, al: ActivityLog,
+                 ring_size: int, first_seq: int, history_path: str | None = None,
+                 cr: Bitmap | None = None):
+        """Open *device_path* (file or block device) for *size* bytes."""
+        self._c = None
+        if size <= 0:
+            raise ValueError(f"device size {size} must be positive")
+        if first_seq < 0:
+            raise ValueError(f"first seq {first_seq} must be >= 0")
+        out = _ffi.new("struct core **")
+        err = _errbuf()
+        hist = _ffi.NULL if history_path is None else _path_arg(history_path)
+        rc = _lib.core_open(out, _path_arg(device_path), size, oos._ptr(), al._ptr(),
+                            ring_size, first_seq, hist, err, _ERRLEN)
+        if rc < 0:
+            raise CoreError(_errmsg(err, f"device {device_path}: {os.strerror(-rc)}"))
+        self._c = out[0]
+        self.device_path = os.fspath(device_path)
+        self.size = size
+        self.oos = oos
+        self.al = al
+        self.cr: Bitmap | None = None
+        oos._users += 1
+        al._users += 1
+        if cr is not None:
+            self.set_cr(cr)
+
+    def _ptr(self):
+        if self._c is None:
+            raise CoreError(f"core for {getattr(self, 'device_path', '?')} is closed")
+        return self._c
+
+    def __repr__(self) -> str:
+        return f"<Core {self.device_path} size={self.size}>"
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length <= 0 or offset + length > self.size or length > _U32:
+            raise ValueError(f"range {offset}+{length} is outside the device "
+                             f"{self.device_path} ({self.size} bytes) or empty")
+
+    def write(self, data, offset: int, fua: bool = False, volume: int = 0) -> WriteResult:
+        """Write *data* at *offset*: mark, write the device, sequence, queue."""
+        buf = _ffi.from_buffer(data)
+        n = len(buf)
+        self._check(offset, n)
+        seq = _ffi.new("uint64_t *")
+        queued = _ffi.new("bool *")
+        rc = _lib.core_write(self._ptr(), buf, n, offset, 1 if fua else 0, volume, seq, queued)
+        if rc < 0:
+            raise _oserror(rc, f"write of {n} bytes at {offset} to {self.device_path}")
+        return WriteResult(seq[0], bool(queued[0]))
+
+    def _zeroing(self, fn, name: str, offset: int, length: int, volume: int,
+                 fua: bool) -> WriteResult:
+        self._check(offset, length)
+        seq = _ffi.new("uint64_t *")
+        queued = _ffi.new("bool *")
+        rc = fn(self._ptr(), offset, length, 1 if fua else 0, volume, seq, queued)
+        if rc < 0:
+            raise _oserror(rc, f"{name} of {length} bytes at {offset} on {self.device_path}")
+        return WriteResult(seq[0], bool(queued[0]))
+
+    def trim(self, offset: int, length: int, volume: int = 0, fua: bool = False) -> WriteResult:
+        """Discard a range; it reads as zeros afterwards (on both sides)."""
+        return self._zeroing(_lib.core_trim, "trim", offset, length, volume, fua)
+
+    def zero(self, offset: int, length: int, volume: int = 0, fua: bool = False) -> WriteResult:
+        """Write zeros over a range (punching holes where that is cheaper)."""
+        return self._zeroing(_lib.core_zero, "zero", offset, length, volume, fua)
+
+    def flush(self, volume: int = 0) -> WriteResult:
+        """fdatasync the device, sync the OOS bitmap, queue a FLUSH record."""
+        seq = _ffi.new("uint64_t *")
+        queued = _ffi.new("bool *")
+        rc = _lib.core_flush(self._ptr(), volume, seq, queued)
+        if rc < 0:
+            raise _oserror(rc, f"flush of {self.device_path}")
+        return WriteResult(seq[0], bool(queued[0]))
+
+    def pread(self, length: int, offset: int, locked: bool = False) -> bytes:
+        """Read the device. locked: hold the track locks (no write half-way)."""
+        if length == 0:
+            return b""
+        self._check(offset, length)
+        buf = _ffi.new("char[]", length)
+        n = _lib.core_pread(self._ptr(), buf, length, offset, locked)
+        if n < 0:
+            raise _oserror(n, f"read of {length} bytes at {offset} from {self.device_path}")
+        return _ffi.unpack(buf, n)
+
+    def pread_into(self, buf, offset: int, locked: bool = False) -> int:
+        """Read len(buf) bytes at *offset* into a writable buffer; bytes read."""
+        dst = _ffi.from_buffer(buf, require_writable=True)
+        n = len(dst)
+        if n == 0:
+            return 0
+        self._check(offset, n)
+        r = _lib.core_pread(self._ptr(), dst, n, offset, locked)
+        if r < 0:
+            raise _oserror(r, f"read of {n} bytes at {offset} from {self.device_path}")
+        return r
+
+    # -- consumer side ---------------------------------------------------
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait for records to send; False on timeout, drop or wake()."""
+        return bool(_lib.core_wait(self._ptr(), int(max(timeout_s, 0.0) * 1e9)))
+
+    def wake(self) -> None:
+        """Make a wait() in progress return now (e.g. to shut down)."""
+        _lib.core_kick(self._ptr())
+
+    def peek(self, max_bytes: int) -> memoryview:
+        """Whole records from the send cursor, up to *max_bytes* (at least one
+        record when any), as a read-only view of the ring: no copy. Valid
+        until those records are released or the ring is resumed."""
+        pp = _ffi.new("unsigned char **")
+        n = _lib.core_peek(self._ptr(), max(max_bytes, 0), pp)
+        if n == 0:
+            return memoryview(b"")
+        return memoryview(_ffi.buffer(pp[0], n)).toreadonly()
+
+    def advance(self, nbytes: int) -> None:
+        """Move the send cursor past *nbytes* of whole records (as peeked)."""
+        rc = _lib.core_advance(self._ptr(), nbytes)
+        if rc == -_errno.EPIPE:
+            raise CoreError("the send ring was dropped")
+        if rc < 0:
+            raise ValueError(f"advance by {nbytes} bytes does not end on a record boundary "
+                             "within the records ready to send")
+
+    tokens = staticmethod(tokens)
+
+    def release(self, seq: int) -> int:
+        """Free every held record with seq <= *seq* (journaled by the peer);
+        clears OOS bits whose tracks have nothing else pending. Returns the
+        number of records released."""
+        if seq < 0:
+            return 0
+        return _lib.core_release(self._ptr(), min(seq, _NONE - 1))
+
+    def rewind(self, seq: int) -> bool:
+        """Send again from the record after *seq*; False if that record is no
+        longer held (released or dropped): a resync is needed."""
+        if not 0 <= seq < _NONE:
+            return False
+        return _lib.core_rewind(self._ptr(), seq) == 0
+
+    def drop(self) -> None:
+        """Drop the ring on purpose (go Ahead): writes only mark OOS."""
+        _lib.core_drop(self._ptr())
+
+    def resume(self, first_seq: int | None = None) -> None:
+        """Leave DROPPED with an empty ring; the next record gets *first_seq*
+        (default: next_seq). Bit clearing stays off: see clear_on_release."""
+        p = self._ptr()
+        if first_seq is None:
+            first_seq = _lib.core_next_seq(p)
+        rc = _lib.core_resume(p, first_seq)
+        if rc == -_errno.EALREADY:
+            raise CoreError("the send ring is not dropped")
+        if rc < 0:
+            raise ValueError(f"first seq {first_seq} is below the next seq "
+                             f"{_lib.core_next_seq(p)}: seqs are never reused")
+
+    @property
+    def clear_on_release(self) -> bool:
+        """Whether release() clears OOS bits. A drop turns it off (the writes
+        made while dropped exist only as bits); turn it on again only once a
+        catch-up has shipped everything written while dropped."""
+        return bool(_lib.core_clear_on_release(self._ptr()))
+
+    @clear_on_release.setter
+    def clear_on_release(self, on: bool) -> None:
+        _lib.core_set_clear_on_release(self._ptr(), bool(on))
+
+    @contextmanager
+    def fence(self):
+        """Hold off new requests and wait for those in flight, for the block."""
+        p = self._ptr()
+        _lib.core_fence(p)
+        try:
+            yield self
+        finally:
+            _lib.core_unfence(p)
+
+    def set_cr(self, cr: Bitmap | None) -> None:
+        """Writes also mark *cr* from now on (None: stop). Fenced inside."""
+        if cr is not None:
+            if (cr.nbits, cr.track_size) != (self.oos.nbits, self.oos.track_size):
+                raise ValueError(f"CR bitmap has {cr.nbits} tracks of {cr.track_size}, "
+                                 f"OOS has {self.oos.nbits} of {self.oos.track_size}")
+            ptr = cr._ptr()
+        else:
+            ptr = _ffi.NULL
+        rc = _lib.core_set_cr(self._ptr(), ptr)
+        if rc < 0:
+            raise ValueError("CR bitmap geometry differs from the OOS bitmap")
+        if self.cr is not None:
+            self.cr._users -= 1
+        self.cr = cr
+        if cr is not None:
+            cr._users += 1
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def next_seq(self) -> int:
+        """The seq the next request will get."""
+        return _lib.core_next_seq(self._ptr())
+
+    @property
+    def dropped(self) -> bool:
+        """True while the ring is DROPPED (Ahead)."""
+        return bool(_lib.core_dropped(self._ptr()))
+
+    @property
+    def ring_stats(self) -> dict:
+        """capacity, bytes (held), unsent_bytes, records (held), oldest_seq and
+        newest_seq (None when empty), drops, dropped."""
+        st = _ffi.new("struct ring_stats *")
+        _lib.core_ring_stats(self._ptr(), st)
+        held = st.records_held
+        return {"capacity": st.capacity, "bytes": st.bytes_used,
+                "unsent_bytes": st.bytes_unsent, "records": held,
+                "oldest_seq": st.oldest_seq if held else None,
+                "newest_seq": st.newest_seq if held else None,
+                "drops": st.drops, "dropped": bool(st.dropped)}
+
+    @property
+    def stats(self) -> dict:
+        """Request counters: writes, trims, zeros, flushes, bytes_written,
+        not_queued, large_ranges, history_errors."""
+        st = _ffi.new("struct core_stats *")
+        _lib.core_stats(self._ptr(), st)
+        return {k: getattr(st, k) for k in ("writes", "trims", "zeros", "flushes",
+                                             "bytes_written", "not_queued",
+                                             "large_ranges", "history_errors")}
+
+    def pending(self, track: int) -> int:
+        """Requests in flight or queued and unreleased touching *track*."""
+        return _lib.core_pending(self._ptr(), track)
+
+    def close(self, clean: bool = True) -> None:
+        """Close. clean: fdatasync the device, sync the OOS bitmap and empty
+        the activity log, so the bitmaps can then be closed cleanly.
+        Records still in the ring are lost (their OOS bits stay set)."""
+        if self._c is None:
+            return
+        c, self._c = self._c, None
+        err = _errbuf()
+        rc = _lib.core_close(c, clean, err, _ERRLEN)
+        self.oos._users -= 1
+        self.al._users -= 1
+        if self.cr is not None:
+            self.cr._users -= 1
+        if rc < 0:
+            raise CoreError(_errmsg(err, f"device {self.device_path}: {os.strerror(-rc)}"))
+
+    def __enter__(self) -> "Core":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            if self._c is not None:
+                self.close(clean=False)
+        except Exception:
+            pass

@@ -1,0 +1,92 @@
+"""The benchmark's own parts: the pass-through plugin (b) and the table printer."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import nbd
+import pytest
+
+from fixtures.nbdkit import NbdkitServer, nbd_connect
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import bench_table  # noqa: E402
+from bench_replication import parse_size  # noqa: E402
+
+PLUGIN = SCRIPTS / "passthrough_plugin.py"
+
+
+@pytest.mark.parametrize("threads", ["serialize_all_requests", "parallel"])
+def test_passthrough_plugin_writes_trims_and_zeros_the_file(
+        nbdkit_server: Callable[..., NbdkitServer], sparse_image: Callable[..., Path],
+        threads: str) -> None:
+    image = sparse_image(4 << 20)
+    server = nbdkit_server(PLUGIN, f"file={image}", f"threads={threads}")
+    data = os.urandom(256 * 1024)
+    h = nbd_connect(server.uri)
+    try:
+        assert h.get_size() == 4 << 20
+        assert h.can_trim() and h.can_zero() and h.can_fua() and h.can_flush()
+        h.pwrite(data, 512 * 1024)
+        h.pwrite(b"\xff" * 4096, 0, nbd.CMD_FLAG_FUA)
+        h.zero(8192, 512 * 1024 + 4096)
+        h.trim(65536, 512 * 1024 + 128 * 1024)
+        h.flush()
+        assert h.pread(256 * 1024, 512 * 1024) == (
+            data[:4096] + bytes(8192) + data[12288:128 * 1024] + bytes(65536)
+            + data[192 * 1024:])
+    finally:
+        h.shutdown()
+    raw = image.read_bytes()
+    assert raw[:4096] == b"\xff" * 4096
+    assert raw[512 * 1024:512 * 1024 + 4096] == data[:4096]
+    assert raw[512 * 1024 + 4096:512 * 1024 + 12288] == bytes(8192)
+    assert raw[512 * 1024 + 128 * 1024:512 * 1024 + 192 * 1024] == bytes(65536)
+    assert raw[512 * 1024 + 192 * 1024:768 * 1024] == data[192 * 1024:]
+
+
+def test_passthrough_plugin_refuses_an_unknown_parameter(
+        nbdkit_server: Callable[..., NbdkitServer], sparse_image: Callable[..., Path]) -> None:
+    image = sparse_image(1 << 20)
+    with pytest.raises(Exception, match="unknown parameter 'flie'"):
+        nbdkit_server(PLUGIN, f"flie={image}")
+
+
+def test_table_aligns_columns_and_shows_missing_values_as_dashes() -> None:
+    t = bench_table.Table("T", ["target", ("IOPS", ">"), ("vs (a)", ">")])
+    t.add_section("4 KiB random write")
+    t.add_row("(a) file", bench_table.fmt_count(105000), None)
+    t.add_row("(b) python pass-through", bench_table.fmt_count(950), bench_table.ratio(950, 105000))
+    t.add_note("a note")
+    lines = t.render().splitlines()
+    assert lines[0] == "T"
+    header = lines[2]
+    assert header.startswith("target") and header.endswith("vs (a)")
+    rows = [ln for ln in lines if ln.startswith("(")]
+    assert rows[0].split() == ["(a)", "file", "105.0k", "-"]
+    assert rows[1].split()[-2:] == ["950", "0.01x"]
+    # Right-aligned numbers end in the same column as their header.
+    assert len(rows[0]) == len(rows[1]) == len(header)
+    assert "[4 KiB random write]" in lines and lines[-1] == "  a note"
+
+
+def test_table_refuses_a_row_of_the_wrong_width() -> None:
+    t = bench_table.Table("T", ["a", "b"])
+    with pytest.raises(ValueError, match="row has 1 cells"):
+        t.add_row("only one")
+
+
+def test_formatters() -> None:
+    assert bench_table.fmt_ns(850) == "850 ns"
+    assert bench_table.fmt_ns(45_300) == "45.3 us"
+    assert bench_table.fmt_ns(1_250_000) == "1.25 ms"
+    assert bench_table.fmt_bytes(4096) == "4.0 KiB"
+    assert bench_table.fmt_bytes(3 << 30) == "3.00 GiB"
+    assert bench_table.ratio(1, 0) is None and bench_table.ratio(None, 2) is None
+    assert parse_size("1G") == 1 << 30 and parse_size("64MiB") == 64 << 20
+    with pytest.raises(Exception, match="expected a number"):
+        parse_size("lots")
