@@ -6,8 +6,9 @@
  * sync; bitmap_sync() writes only those. A setter changes the word first
  * and marks the page after, while a syncer clears the page mark before it
  * copies the page, so a concurrent change is either in the copy or leaves
- * the page marked for the next sync. Bits are independent, so a page
- * copied while another bit in it changes is still right bit by bit.
+ * the page marked for the next sync. The copy reads word by word
+ * atomically; bits are independent, so a page copied while another bit in
+ * it changes is still right bit by bit.
  */
 #include "bitmap.h"
 
@@ -416,12 +417,41 @@ int bitmap_copy(struct bitmap **out, struct bitmap *src, const char *path, char 
 	return 0;
 }
 
+/* Write pages [p, q) of bits at their place in the file. The words are
+ * read one by one with atomic loads into a bounce buffer (other threads may
+ * be changing them), so the kernel never reads memory that is being
+ * written. */
+static int write_pages(struct bitmap *bm, uint64_t *bounce, size_t bounce_pages, size_t p,
+                       size_t q)
+{
+	while (p < q) {
+		size_t n = q - p < bounce_pages ? q - p : bounce_pages;
+		uint64_t w0 = (uint64_t)p * WORDS_PER_PAGE;
+		int r;
+		for (uint64_t i = 0; i < n * WORDS_PER_PAGE; i++)
+			bounce[i] = atomic_load_explicit(&bm->words[w0 + i], memory_order_relaxed);
+		r = dpx_pwrite_full(bm->fd, bounce, n * DPX_PAGE,
+		                    (off_t)(BITMAP_HEADER_SIZE + (uint64_t)p * DPX_PAGE));
+		if (r < 0)
+			return r;
+		p += n;
+	}
+	return 0;
+}
+
 int bitmap_sync(struct bitmap *bm, char *err, size_t errlen)
 {
+	enum { BOUNCE_PAGES = 64 };
+	uint64_t *bounce;
 	int r = 0;
 
 	if (bm->fd < 0)
 		return 0;
+	bounce = malloc(BOUNCE_PAGES * DPX_PAGE);
+	if (bounce == NULL) {
+		dpx_seterr(err, errlen, "bitmap %s: out of memory", bm->path);
+		return -ENOMEM;
+	}
 	/* One sync at a time: a second caller must not return before pages a
 	 * first caller took off the dirty list are on disk. */
 	pthread_mutex_lock(&bm->sync_lock);
@@ -433,8 +463,7 @@ int bitmap_sync(struct bitmap *bm, char *err, size_t errlen)
 		}
 		for (q = p + 1; q < bm->npages && atomic_exchange(&bm->dirty[q], 0); q++)
 			;
-		r = dpx_pwrite_full(bm->fd, (const char *)bm->words + p * DPX_PAGE,
-		                    (q - p) * DPX_PAGE, (off_t)(BITMAP_HEADER_SIZE + p * DPX_PAGE));
+		r = write_pages(bm, bounce, BOUNCE_PAGES, p, q);
 		if (r < 0) {
 			for (size_t i = p; i < q; i++)
 				atomic_store(&bm->dirty[i], 1);
@@ -450,6 +479,7 @@ int bitmap_sync(struct bitmap *bm, char *err, size_t errlen)
 		atomic_fetch_add(&bm->syncs, 1);
 out:
 	pthread_mutex_unlock(&bm->sync_lock);
+	free(bounce);
 	return r;
 }
 

@@ -18,7 +18,7 @@ from cffi import FFI
 
 NATIVE_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT_DIR = os.path.dirname(NATIVE_DIR)
-MODULES = ["crc32c", "bitmap", "actlog", "ring", "core"]
+MODULES = ["crc32c", "bitmap", "actlog", "ring", "collide", "core"]
 
 
 def _native_path(name: str, absolute: bool) -> str:
@@ -131,6 +131,10 @@ int64_t ring_tokens(const unsigned char *span, size_t len, unsigned char *out, s
 /* core.h */
 #define CORE_FUA 1
 struct core;
+struct core_result {
+    uint64_t seq;
+    bool queued;
+};
 struct core_stats {
     uint64_t writes, trims, zeros, flushes;
     uint64_t bytes_written;
@@ -143,12 +147,12 @@ int core_open(struct core **out, const char *device_path, uint64_t size, struct 
               const char *history_path, char *err, size_t errlen);
 int core_close(struct core *c, bool clean, char *err, size_t errlen);
 int core_write(struct core *c, const void *buf, uint64_t len, uint64_t off, uint32_t flags,
-               uint32_t volume, uint64_t *seq, bool *queued);
+               uint32_t volume, struct core_result *res);
 int core_trim(struct core *c, uint64_t off, uint64_t len, uint32_t flags, uint32_t volume,
-              uint64_t *seq, bool *queued);
+              struct core_result *res);
 int core_zero(struct core *c, uint64_t off, uint64_t len, uint32_t flags, uint32_t volume,
-              uint64_t *seq, bool *queued);
-int core_flush(struct core *c, uint32_t volume, uint64_t *seq, bool *queued);
+              struct core_result *res);
+int core_flush(struct core *c, uint32_t volume, struct core_result *res);
 int64_t core_pread(struct core *c, void *buf, uint64_t len, uint64_t off, bool locked);
 uint64_t core_next_seq(struct core *c);
 void core_stats(struct core *c, struct core_stats *st);
@@ -168,6 +172,12 @@ bool core_clear_on_release(struct core *c);
 void core_fence(struct core *c);
 void core_unfence(struct core *c);
 int core_set_cr(struct core *c, struct bitmap *cr);
+int core_freeze(struct core *c, struct bitmap *frozen, struct bitmap *cr, size_t collide_cap,
+                bool stream, uint64_t *base);
+int64_t core_drain_track(struct core *c, uint64_t t, void *buf, size_t cap);
+int64_t core_collisions(struct core *c, void *out, size_t cap);
+bool core_collision_overflowed(struct core *c);
+void core_thaw(struct core *c);
 """
 
 ffibuilder = make_builder()

@@ -24,6 +24,7 @@
 
 #include "actlog.h"
 #include "bitmap.h"
+#include "collide.h"
 #include "crc32c.h"
 #include "util.h"
 
@@ -38,7 +39,9 @@ struct core {
 	atomic_bool dsync_ok; /* pwritev2(RWF_DSYNC) works here */
 	uint64_t size;
 	struct bitmap *oos;
-	struct bitmap *cr; /* changed only under the write fence */
+	_Atomic(struct bitmap *) cr; /* read once per request */
+	struct bitmap *frozen; /* catch-up increment being drained, or NULL (fence) */
+	struct collide *collide; /* copies of frozen tracks hit by writes */
 	struct actlog *al;
 	struct ring *ring;
 	unsigned track_shift;
@@ -166,6 +169,8 @@ static inline pthread_mutex_t *pend_lock(struct core *c, uint64_t t)
  * release can clear a bit only at count 0, so it cannot undo our mark. */
 static void pend_add(struct core *c, uint64_t t0, uint64_t t1)
 {
+	struct bitmap *cr = atomic_load(&c->cr);
+
 	for (uint64_t t = t0; t <= t1;) {
 		pthread_mutex_t *m = pend_lock(c, t);
 		uint64_t group_end = ((t >> PEND_GROUP_SHIFT) + 1) << PEND_GROUP_SHIFT;
@@ -175,8 +180,8 @@ static void pend_add(struct core *c, uint64_t t0, uint64_t t1)
 		pthread_mutex_unlock(m);
 	}
 	bitmap_set_bits(c->oos, t0, t1);
-	if (c->cr != NULL)
-		bitmap_set_bits(c->cr, t0, t1);
+	if (cr != NULL)
+		bitmap_set_bits(cr, t0, t1);
 }
 
 /* Take counts back; clear a bit at count 0 when allowed. */
@@ -300,6 +305,7 @@ static void core_free(struct core *c)
 		free((void *)c->pend);
 	}
 	ring_destroy(c->ring);
+	collide_destroy(c->collide);
 	if (c->fd >= 0)
 		close(c->fd);
 	if (c->hist_fd >= 0)
@@ -473,6 +479,26 @@ static int write_history(struct core *c, const unsigned char *hdr, const void *d
 	return r;
 }
 
+/* Copy data into the ring and, if crc is given, compute the record CRC
+ * (header with crc 0, then data) on the way: in chunks that stay in cache,
+ * one pass over memory instead of two (and no non-temporal stores, which
+ * a single large memcpy would use). */
+static void copy_and_crc(unsigned char *dst, const void *src, size_t len, uint32_t *crc,
+                         const unsigned char *hdr)
+{
+	enum { CHUNK = 16384 };
+	uint32_t c = crc ? crc32c(0, hdr, RING_HEADER) : 0;
+
+	for (size_t o = 0; o < len; o += CHUNK) {
+		size_t n = len - o < CHUNK ? len - o : CHUNK;
+		memcpy(dst + o, (const unsigned char *)src + o, n);
+		if (crc)
+			c = crc32c(c, dst + o, n);
+	}
+	if (crc)
+		*crc = c;
+}
+
 enum seq_outcome {
 	SEQ_QUEUED,    /* the record is in the ring; its release takes the counts back */
 	SEQ_NO_RECORD, /* ring full or dropped: the caller takes the counts back */
@@ -513,13 +539,10 @@ static enum seq_outcome sequence(struct core *c, uint8_t op, uint8_t flags, uint
 	}
 	/* Fill without the sequencer held: copies of big writes run in
 	 * parallel; the ring publishes records in reservation order. */
-	if (dlen)
-		memcpy(rv.ptr + RING_HEADER, data, dlen);
+	copy_and_crc(rv.ptr + RING_HEADER, data, dlen, have_crc ? NULL : &crc, hdr);
 	memset(rv.ptr + RING_HEADER + dlen, 0, rsize - RING_HEADER - dlen);
-	if (!have_crc) {
-		crc = crc32c(crc32c(0, hdr, RING_HEADER), rv.ptr + RING_HEADER, dlen);
+	if (!have_crc)
 		wr32(hdr + REC_CRC, crc);
-	}
 	memcpy(rv.ptr, hdr, RING_HEADER);
 	if (!ring_commit(c->ring, &rv)) {
 		atomic_fetch_add(&c->n_not_queued, 1);
@@ -528,15 +551,31 @@ static enum seq_outcome sequence(struct core *c, uint8_t op, uint8_t flags, uint
 	return SEQ_QUEUED;
 }
 
+/* The collision rule (DESIGN §4): a track still frozen for the increment
+ * being drained goes into the increment as it is now, before this write
+ * changes it. Called with the tracks locked and the fence read-held. */
+static void collide_tracks(struct core *c, uint64_t t0, uint64_t t1)
+{
+	for (uint64_t t = t0; t <= t1; t++) {
+		if (!bitmap_clear_bit(c->frozen, t))
+			continue;
+		uint64_t off = t << c->track_shift;
+		uint64_t len = (uint64_t)1 << c->track_shift;
+		if (len > c->size - off)
+			len = c->size - off;
+		(void)collide_push_read(c->collide, c->fd, off, (uint32_t)len);
+	}
+}
+
 static int do_range_op(struct core *c, uint8_t op, const void *buf, uint64_t len, uint64_t off,
-                       uint32_t flags, uint32_t volume, uint64_t *seq, bool *queued)
+                       uint32_t flags, uint32_t volume, struct core_result *res)
 {
 	uint64_t t0, t1;
 	bool fua = (flags & CORE_FUA) != 0, al_held = false, large = false;
 	enum seq_outcome outcome;
 	int r;
 
-	*queued = false;
+	res->queued = false;
 	if (len == 0 || len > UINT32_MAX || off > c->size || len > c->size - off)
 		return -EINVAL;
 	t0 = off >> c->track_shift;
@@ -554,6 +593,8 @@ static int do_range_op(struct core *c, uint8_t op, const void *buf, uint64_t len
 	} else {
 		goto out;
 	}
+	if (c->frozen != NULL)
+		collide_tracks(c, t0, t1);
 	pend_add(c, t0, t1);
 	if (large) {
 		/* The marks themselves must be durable before the device changes. */
@@ -569,8 +610,8 @@ static int do_range_op(struct core *c, uint8_t op, const void *buf, uint64_t len
 		goto undo; /* the bits stay set: the device may have changed */
 
 	outcome = sequence(c, op, fua ? REC_FLAG_FUA : 0, off, (uint32_t)len, buf,
-	                   op == REC_OP_WRITE ? (uint32_t)len : 0, volume, seq);
-	*queued = outcome == SEQ_QUEUED;
+	                   op == REC_OP_WRITE ? (uint32_t)len : 0, volume, &res->seq);
+	res->queued = outcome == SEQ_QUEUED;
 	if (outcome == SEQ_NO_RECORD)
 		pend_sub(c, t0, t1, false); /* nothing will ever release it */
 	switch (op) {
@@ -597,34 +638,34 @@ out:
 }
 
 int core_write(struct core *c, const void *buf, uint64_t len, uint64_t off, uint32_t flags,
-               uint32_t volume, uint64_t *seq, bool *queued)
+               uint32_t volume, struct core_result *res)
 {
-	return do_range_op(c, REC_OP_WRITE, buf, len, off, flags, volume, seq, queued);
+	return do_range_op(c, REC_OP_WRITE, buf, len, off, flags, volume, res);
 }
 
 int core_trim(struct core *c, uint64_t off, uint64_t len, uint32_t flags, uint32_t volume,
-              uint64_t *seq, bool *queued)
+              struct core_result *res)
 {
-	return do_range_op(c, REC_OP_TRIM, NULL, len, off, flags, volume, seq, queued);
+	return do_range_op(c, REC_OP_TRIM, NULL, len, off, flags, volume, res);
 }
 
 int core_zero(struct core *c, uint64_t off, uint64_t len, uint32_t flags, uint32_t volume,
-              uint64_t *seq, bool *queued)
+              struct core_result *res)
 {
-	return do_range_op(c, REC_OP_ZERO, NULL, len, off, flags, volume, seq, queued);
+	return do_range_op(c, REC_OP_ZERO, NULL, len, off, flags, volume, res);
 }
 
-int core_flush(struct core *c, uint32_t volume, uint64_t *seq, bool *queued)
+int core_flush(struct core *c, uint32_t volume, struct core_result *res)
 {
 	int r;
 
-	*queued = false;
+	res->queued = false;
 	pthread_rwlock_rdlock(&c->fence);
 	r = dpx_fdatasync(c->fd);
 	if (r == 0)
 		r = bitmap_sync(c->oos, NULL, 0);
 	if (r == 0) {
-		*queued = sequence(c, REC_OP_FLUSH, 0, 0, 0, NULL, 0, volume, seq) == SEQ_QUEUED;
+		res->queued = sequence(c, REC_OP_FLUSH, 0, 0, 0, NULL, 0, volume, &res->seq) == SEQ_QUEUED;
 		atomic_fetch_add(&c->n_flushes, 1);
 	}
 	pthread_rwlock_unlock(&c->fence);
@@ -767,8 +808,82 @@ int core_set_cr(struct core *c, struct bitmap *cr)
 	if (cr != NULL && (bitmap_nbits(cr) != bitmap_nbits(c->oos) ||
 	                   bitmap_track_size(cr) != bitmap_track_size(c->oos)))
 		return -EINVAL;
+	atomic_store(&c->cr, cr);
+	return 0;
+}
+
+/* ---- catch-up increments ------------------------------------------------ */
+
+int core_freeze(struct core *c, struct bitmap *frozen, struct bitmap *cr, size_t collide_cap,
+                bool stream, uint64_t *base)
+{
+	int r = 0;
+
+	if (bitmap_nbits(frozen) != bitmap_nbits(c->oos) ||
+	    bitmap_track_size(frozen) != bitmap_track_size(c->oos) ||
+	    (cr != NULL && (bitmap_nbits(cr) != bitmap_nbits(c->oos) ||
+	                    bitmap_track_size(cr) != bitmap_track_size(c->oos))))
+		return -EINVAL;
+	if (c->collide == NULL && (r = collide_create(&c->collide, collide_cap)) < 0)
+		return r;
 	pthread_rwlock_wrlock(&c->fence);
+	/* No request is in flight: the OOS bitmap, the seq and the device
+	 * agree, and this instant is the increment's point in time. */
+	bitmap_clear_all(frozen);
+	bitmap_merge(frozen, c->oos);
+	if (cr != NULL)
+		bitmap_clear_all(cr);
+	collide_reset(c->collide, collide_cap);
+	c->frozen = frozen;
 	c->cr = cr;
+	pthread_mutex_lock(&c->consumer_lock);
+	pthread_mutex_lock(&c->seq_lock);
+	*base = c->next_seq - 1;
+	if (stream && ring_dropped(c->ring))
+		ring_reset(c->ring, c->next_seq, on_discard, c);
+	pthread_mutex_unlock(&c->seq_lock);
+	pthread_mutex_unlock(&c->consumer_lock);
 	pthread_rwlock_unlock(&c->fence);
 	return 0;
+}
+
+int64_t core_drain_track(struct core *c, uint64_t t, void *buf, size_t cap)
+{
+	int64_t n = 0;
+	uint64_t off, len;
+
+	if (t >= c->ntracks)
+		return -EINVAL;
+	off = t << c->track_shift;
+	len = (uint64_t)1 << c->track_shift;
+	if (len > c->size - off)
+		len = c->size - off;
+	if (len > cap)
+		return -ENOBUFS;
+	pthread_rwlock_rdlock(&c->fence);
+	lock_tracks(c, t, t);
+	/* Under the track's lock: either we take it from the frozen map here,
+	 * or a write already took it into the collision queue. */
+	if (c->frozen != NULL && bitmap_clear_bit(c->frozen, t))
+		n = dpx_pread_full(c->fd, buf, (size_t)len, (off_t)off);
+	unlock_tracks(c, t, t);
+	pthread_rwlock_unlock(&c->fence);
+	return n;
+}
+
+int64_t core_collisions(struct core *c, void *out, size_t cap)
+{
+	return c->collide == NULL ? 0 : collide_take(c->collide, out, cap);
+}
+
+bool core_collision_overflowed(struct core *c)
+{
+	return c->collide != NULL && collide_overflowed(c->collide);
+}
+
+void core_thaw(struct core *c)
+{
+	pthread_rwlock_wrlock(&c->fence);
+	c->frozen = NULL;
+	pthread_rwlock_unlock(&c->fence);
 }

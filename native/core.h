@@ -39,6 +39,13 @@ struct core;
 
 #define CORE_FUA 1u
 
+/* What a request got: its seq and whether its record is in the ring
+ * (false: done locally and marked out of sync only). */
+struct core_result {
+	uint64_t seq;
+	bool queued;
+};
+
 struct core_stats {
 	uint64_t writes, trims, zeros, flushes;
 	uint64_t bytes_written;
@@ -59,15 +66,15 @@ int core_open(struct core **out, const char *device_path, uint64_t size, struct 
  * empty transaction). Frees the core in any case. 0 or -errno. */
 int core_close(struct core *c, bool clean, char *err, size_t errlen);
 
-/* 0 with *seq and *queued set, or -errno (nothing sequenced). */
+/* 0 with *res set, or -errno (nothing sequenced). */
 int core_write(struct core *c, const void *buf, uint64_t len, uint64_t off, uint32_t flags,
-               uint32_t volume, uint64_t *seq, bool *queued);
+               uint32_t volume, struct core_result *res);
 int core_trim(struct core *c, uint64_t off, uint64_t len, uint32_t flags, uint32_t volume,
-              uint64_t *seq, bool *queued);
+              struct core_result *res);
 int core_zero(struct core *c, uint64_t off, uint64_t len, uint32_t flags, uint32_t volume,
-              uint64_t *seq, bool *queued);
+              struct core_result *res);
 /* fdatasync the device, sync the OOS bitmap, append a FLUSH record. */
-int core_flush(struct core *c, uint32_t volume, uint64_t *seq, bool *queued);
+int core_flush(struct core *c, uint32_t volume, struct core_result *res);
 
 /* Read the device. locked: hold the track locks (a snapshot of the range
  * no write is half-way through). Bytes read or -errno. */
@@ -98,8 +105,26 @@ bool core_clear_on_release(struct core *c);
 /* Write fence: waits for requests in flight and holds off new ones. */
 void core_fence(struct core *c);
 void core_unfence(struct core *c);
-/* CR hook: writes also mark cr (NULL: none). Fenced inside. -EINVAL when
- * its geometry differs from the OOS bitmap's. */
+/* CR hook: requests from now on also mark cr (NULL: none); each request
+ * uses the old or the new one. For an exact cut, call it between
+ * core_fence() and core_unfence(). -EINVAL when its geometry differs from
+ * the OOS bitmap's. */
 int core_set_cr(struct core *c, struct bitmap *cr);
+
+/* Catch-up increments (DESIGN §4). core_freeze, under the write fence:
+ * copy the OOS bitmap into frozen, start recording writes in cr, arm the
+ * collision rule (a write to a track still set in frozen first copies the
+ * track into the collision queue of collide_cap bytes and clears it), and
+ * with stream resume a dropped ring at the next seq. *base: the last seq
+ * before this instant. core_drain_track: take track t from the frozen map
+ * and read it into buf (bytes read; 0 if a write already took it).
+ * core_collisions: move queued copies out (collide.h entry layout).
+ * core_thaw: disarm the collision rule. */
+int core_freeze(struct core *c, struct bitmap *frozen, struct bitmap *cr, size_t collide_cap,
+                bool stream, uint64_t *base);
+int64_t core_drain_track(struct core *c, uint64_t t, void *buf, size_t cap);
+int64_t core_collisions(struct core *c, void *out, size_t cap);
+bool core_collision_overflowed(struct core *c);
+void core_thaw(struct core *c);
 
 #endif /* DUPLEX_CORE_H */

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import struct
+import threading
 import uuid as _uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from replicator._core import ffi as _ffi, lib as _lib  # ImportError until built
 
@@ -492,13 +493,27 @@ class ActivityLog:
 
 # ---- the write path -----------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class WriteResult:
+class WriteResult(NamedTuple):
     """seq: the request's sequence number. queued: its record is in the send
     ring (False: done locally and marked out of sync only)."""
 
     seq: int
     queued: bool
+
+
+# The write path runs per request: bind the C functions once, and give each
+# thread one reusable result struct instead of allocating per call.
+_from_buffer = _ffi.from_buffer
+_core_write = _lib.core_write
+_tls = threading.local()
+
+
+def _result():
+    try:
+        return _tls.result
+    except AttributeError:
+        _tls.result = r = _ffi.new("struct core_result *")
+        return r
 
 
 class Core:
@@ -551,25 +566,27 @@ class Core:
 
     def write(self, data, offset: int, fua: bool = False, volume: int = 0) -> WriteResult:
         """Write *data* at *offset*: mark, write the device, sequence, queue."""
-        buf = _ffi.from_buffer(data)
+        buf = _from_buffer(data)
         n = len(buf)
-        self._check(offset, n)
-        seq = _ffi.new("uint64_t *")
-        queued = _ffi.new("bool *")
-        rc = _lib.core_write(self._ptr(), buf, n, offset, 1 if fua else 0, volume, seq, queued)
+        if offset < 0 or n == 0 or offset + n > self.size or n > _U32:
+            self._check(offset, n)
+        c = self._c
+        if c is None:
+            self._ptr()
+        out = _result()
+        rc = _core_write(c, buf, n, offset, 1 if fua else 0, volume, out)
         if rc < 0:
             raise _oserror(rc, f"write of {n} bytes at {offset} to {self.device_path}")
-        return WriteResult(seq[0], bool(queued[0]))
+        return WriteResult(out.seq, out.queued)
 
     def _zeroing(self, fn, name: str, offset: int, length: int, volume: int,
                  fua: bool) -> WriteResult:
         self._check(offset, length)
-        seq = _ffi.new("uint64_t *")
-        queued = _ffi.new("bool *")
-        rc = fn(self._ptr(), offset, length, 1 if fua else 0, volume, seq, queued)
+        out = _result()
+        rc = fn(self._ptr(), offset, length, 1 if fua else 0, volume, out)
         if rc < 0:
             raise _oserror(rc, f"{name} of {length} bytes at {offset} on {self.device_path}")
-        return WriteResult(seq[0], bool(queued[0]))
+        return WriteResult(out.seq, out.queued)
 
     def trim(self, offset: int, length: int, volume: int = 0, fua: bool = False) -> WriteResult:
         """Discard a range; it reads as zeros afterwards (on both sides)."""
@@ -581,12 +598,11 @@ class Core:
 
     def flush(self, volume: int = 0) -> WriteResult:
         """fdatasync the device, sync the OOS bitmap, queue a FLUSH record."""
-        seq = _ffi.new("uint64_t *")
-        queued = _ffi.new("bool *")
-        rc = _lib.core_flush(self._ptr(), volume, seq, queued)
+        out = _result()
+        rc = _lib.core_flush(self._ptr(), volume, out)
         if rc < 0:
             raise _oserror(rc, f"flush of {self.device_path}")
-        return WriteResult(seq[0], bool(queued[0]))
+        return WriteResult(out.seq, out.queued)
 
     def pread(self, length: int, offset: int, locked: bool = False) -> bytes:
         """Read the device. locked: hold the track locks (no write half-way)."""
@@ -696,7 +712,8 @@ class Core:
             _lib.core_unfence(p)
 
     def set_cr(self, cr: Bitmap | None) -> None:
-        """Writes also mark *cr* from now on (None: stop). Fenced inside."""
+        """Requests from now on also mark *cr* (None: stop). For an exact cut
+        (a freeze), call it inside ``with core.fence():``."""
         if cr is not None:
             if (cr.nbits, cr.track_size) != (self.oos.nbits, self.oos.track_size):
                 raise ValueError(f"CR bitmap has {cr.nbits} tracks of {cr.track_size}, "
@@ -712,6 +729,68 @@ class Core:
         self.cr = cr
         if cr is not None:
             cr._users += 1
+
+    # -- catch-up increments (DESIGN §4) -------------------------------------
+
+    def freeze(self, frozen: Bitmap, cr: Bitmap, collide_cap: int, stream: bool) -> int:
+        """Under the write fence: frozen := OOS, writes start marking *cr*,
+        the collision rule is armed, and with *stream* a dropped ring
+        resumes at the next seq. Returns the base seq (last seq before)."""
+        for b in (frozen, cr):
+            if (b.nbits, b.track_size) != (self.oos.nbits, self.oos.track_size):
+                raise ValueError(f"bitmap has {b.nbits} tracks of {b.track_size}, "
+                                 f"OOS has {self.oos.nbits} of {self.oos.track_size}")
+        base = _ffi.new("uint64_t *")
+        rc = _lib.core_freeze(self._ptr(), frozen._ptr(), cr._ptr(), collide_cap, stream, base)
+        if rc < 0:
+            raise _oserror(rc, "freeze")
+        if self.cr is not None:
+            self.cr._users -= 1
+        self.cr = cr
+        cr._users += 1
+        self._frozen = frozen  # the core points at it until thaw()
+        frozen._users += 1
+        return base[0]
+
+    def drain_track(self, track: int) -> bytes | None:
+        """Take *track* from the frozen map and read it (under its lock);
+        None if a write already put it in the collision queue."""
+        buf = _ffi.new("unsigned char[]", self.oos.track_size)
+        n = _lib.core_drain_track(self._ptr(), track, buf, self.oos.track_size)
+        if n < 0:
+            raise _oserror(n, f"reading track {track}")
+        return bytes(_ffi.buffer(buf, n)) if n else None
+
+    def collisions(self, max_bytes: int = 8 << 20) -> list[tuple[int, bytes]]:
+        """The collision copies queued so far: [(offset, data)], oldest first."""
+        cap = max(max_bytes, self.oos.track_size + 16)
+        buf = _ffi.new("unsigned char[]", cap)
+        out: list[tuple[int, bytes]] = []
+        while True:
+            n = _lib.core_collisions(self._ptr(), buf, cap)
+            if n < 0:
+                raise _oserror(n, "collision queue")
+            if n == 0:
+                return out
+            mv = _ffi.buffer(buf, n)
+            pos = 0
+            while pos < n:
+                off, length = struct.unpack_from("<QI", mv, pos)
+                out.append((off, bytes(mv[pos + 16:pos + 16 + length])))
+                pos += 16 + ((length + 7) & ~7)
+
+    @property
+    def collision_overflowed(self) -> bool:
+        """True when a collision copy did not fit: the increment is void."""
+        return bool(_lib.core_collision_overflowed(self._ptr()))
+
+    def thaw(self) -> None:
+        """Disarm the collision rule (the frozen map is drained or abandoned)."""
+        _lib.core_thaw(self._ptr())
+        frozen = getattr(self, "_frozen", None)
+        if frozen is not None:
+            frozen._users -= 1
+            self._frozen = None
 
     # -- state -------------------------------------------------------------
 

@@ -28,7 +28,14 @@ the higher generation.
 A RECORDS payload is one or more records in :mod:`replicator.records`
 encoding, so a DATA frame's validated records go to disk in one write. A
 TOKENS payload is a list of 48-byte tokens (announcements without data).
-INCR_DATA / INCR_COMMIT are reserved for staged catch-up increments.
+INCR_DATA and INCR_COMMIT stage catch-up increments (DESIGN §4): an
+INCR_DATA payload is ``u64 incr_id, u64 offset, u32 length, u32 volume``
+then the data; an INCR_COMMIT payload is ``u64 incr_id, u64 base_seq``. An
+increment's entries carry its base seq as seq_hi, so they stay live until
+the image has been brought to that seq, i.e. until the increment was
+applied. An increment is applied only once its COMMIT entry is durable
+(redo: a crash while applying it applies it again on restart); the entries
+of an increment that never committed are dead and freed as if applied.
 
 An entry never spans the end of the log area: when it does not fit, it is
 written at the start of the area instead, and a reader that finds no valid
@@ -67,6 +74,7 @@ catches up. The journal never overwrites unapplied data.
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import stat
@@ -102,6 +110,20 @@ ENTRY_INCR_COMMIT = 4  # reserved: the COMMIT(k) marker of an increment
 ENTRY_TYPE_NAMES = {ENTRY_RECORDS: "records", ENTRY_TOKENS: "tokens",
                     ENTRY_INCR_DATA: "increment data", ENTRY_INCR_COMMIT: "increment commit"}
 # magic, type, flags, lsn, payload_len, prev, seq_hi, crc, reserved
+_INCR_DATA = struct.Struct("<QQII")
+_INCR_COMMIT = struct.Struct("<QQ")
+
+
+class _Concat:
+    """Two buffers as one payload for _append_entry (len + CRC + write)."""
+
+    def __init__(self, head: bytes, body: memoryview):
+        self.parts = [head, body]
+
+    def __len__(self) -> int:
+        return len(self.parts[0]) + len(self.parts[1])
+
+
 _EH = struct.Struct("<IHHQIIQII")
 ENTRY_HEADER_SIZE = _EH.size  # 40
 _EH_CRC_AT = 32
@@ -291,6 +313,7 @@ class Journal:
                     raise JournalError(f"journal {path}: checkpoint token: {e}") from None
             j._head, j._next_lsn, j._prev = tail_pos, tail_lsn, tail_prev
             j._scan()
+            j._forget_uncommitted()
             j._committed_lsn = j._next_lsn - 1
             return j
         except BaseException:
@@ -442,11 +465,14 @@ class Journal:
                 f"the oldest entry holds seqs up to {oldest.seq_hi}, applied only through "
                 f"{self._applied_seq}); cannot take {size} more bytes")
         hdr0 = _EH.pack(ENTRY_MAGIC, etype, 0, self._next_lsn, plen, self._prev, seq_hi, 0, 0)
-        crc = crc32c(payload, crc32c(hdr0))
+        parts = payload.parts if isinstance(payload, _Concat) else [payload]
+        crc = crc32c(hdr0)
+        for part in parts:
+            crc = crc32c(part, crc)
         hdr = _EH.pack(ENTRY_MAGIC, etype, 0, self._next_lsn, plen, self._prev, seq_hi, crc, 0)
         pad = b"\0" * (size - ENTRY_HEADER_SIZE - plen)
         try:
-            _pwritev_all(self._fd, [hdr, payload, pad], pos)
+            _pwritev_all(self._fd, [hdr, *parts, pad], pos)
         except OSError as e:
             raise JournalError(f"journal {self.path}: write of {size} bytes at offset {pos} "
                                f"failed: {e.strerror}") from None
@@ -456,6 +482,67 @@ class Journal:
         self._next_lsn += 1
         self._prev = crc
         return e
+
+    # -- increments -------------------------------------------------------
+
+    def append_incr_data(self, incr_id: int, base_seq: int, offset: int, data,
+                         volume: int = 0) -> int:
+        """Stage one piece of increment *incr_id*; returns its file position
+        (for :meth:`read_incr_data`). Not durable until :meth:`commit`."""
+        mv = memoryview(data).cast("B")
+        head = _INCR_DATA.pack(incr_id, offset, len(mv), volume)
+        e = self._append_entry(ENTRY_INCR_DATA, _Concat(head, mv), base_seq)
+        return e.pos + ENTRY_HEADER_SIZE
+
+    def append_incr_commit(self, incr_id: int, base_seq: int) -> None:
+        """Stage COMMIT(incr_id); durable after :meth:`commit`, and from then
+        on the increment is applied even across a crash."""
+        self._append_entry(ENTRY_INCR_COMMIT, _INCR_COMMIT.pack(incr_id, base_seq), base_seq)
+
+    def read_incr_data(self, pos: int) -> tuple[int, int, bytes]:
+        """(offset, volume, data) of the staged piece at *pos*."""
+        head = _pread_exact(self._fd, _INCR_DATA.size, pos)
+        incr_id, offset, length, volume = _INCR_DATA.unpack(head)
+        data = _pread_exact(self._fd, length, pos + _INCR_DATA.size)
+        if len(data) != length:
+            raise JournalError(f"journal {self.path}: staged increment {incr_id} data at "
+                               f"offset {pos} is truncated")
+        return offset, volume, data
+
+    def committed_increments(self) -> list[tuple[int, int, list[int]]]:
+        """Increments whose COMMIT is in the live log and whose base seq is
+        above the checkpoint: ``[(incr_id, base_seq, [data positions])]`` in
+        log order, to be applied (again) on restart."""
+        pieces: dict[int, list[int]] = {}
+        done = []
+        for e in self._live:
+            if e.type == ENTRY_INCR_DATA:
+                incr_id = _INCR_DATA.unpack(_pread_exact(self._fd, _INCR_DATA.size,
+                                                         e.pos + ENTRY_HEADER_SIZE))[0]
+                pieces.setdefault(incr_id, []).append(e.pos + ENTRY_HEADER_SIZE)
+            elif e.type == ENTRY_INCR_COMMIT:
+                incr_id, base = _INCR_COMMIT.unpack(_pread_exact(
+                    self._fd, _INCR_COMMIT.size, e.pos + ENTRY_HEADER_SIZE))
+                if base > self._applied_seq:
+                    done.append((incr_id, base, pieces.pop(incr_id, [])))
+                else:
+                    pieces.pop(incr_id, None)
+        return done
+
+    def _forget_uncommitted(self) -> None:
+        """Increments without a COMMIT in the live log will never be
+        applied: let their entries be freed with the next checkpoint."""
+        committed = set()
+        for e in self._live:
+            if e.type == ENTRY_INCR_COMMIT:
+                committed.add(_INCR_COMMIT.unpack(_pread_exact(
+                    self._fd, _INCR_COMMIT.size, e.pos + ENTRY_HEADER_SIZE))[0])
+        for i, e in enumerate(self._live):
+            if e.type == ENTRY_INCR_DATA:
+                incr_id = _INCR_DATA.unpack(_pread_exact(self._fd, _INCR_DATA.size,
+                                                         e.pos + ENTRY_HEADER_SIZE))[0]
+                if incr_id not in committed:
+                    self._live[i] = dataclasses.replace(e, seq_hi=0)
 
     # -- public API -----------------------------------------------------
 
@@ -580,9 +667,7 @@ class Journal:
         """
         for e in list(self._live):
             if e.type in (ENTRY_INCR_DATA, ENTRY_INCR_COMMIT):
-                raise JournalError(
-                    f"journal {self.path}: entry lsn {e.lsn} holds "
-                    f"{ENTRY_TYPE_NAMES[e.type]}, which this version cannot replay")
+                continue  # see committed_increments()
             base = e.pos + ENTRY_HEADER_SIZE
             payload = _pread_exact(self._fd, e.payload_len, base)
             if e.type == ENTRY_TOKENS:

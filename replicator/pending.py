@@ -120,6 +120,9 @@ class PendingQueue:
         self._received = applied_through
         self._bytes = 0  # encoded bytes of complete, unapplied records
         self._run_end: int | None = None  # end of the last run handed out
+        # Base seq of a catch-up increment being staged: the stream that
+        # follows it starts there, however far from applied_through.
+        self._base_hint = applied_through
 
     # -- building --------------------------------------------------------
 
@@ -153,10 +156,11 @@ class PendingQueue:
                     f"token for seq {seq} differs from the record already applied "
                     f"under that seq ({_describe(tok)} vs {_describe(self._applied_token)})")
             return False
-        if seq > self._applied + self._window:
+        floor = max(self._applied, self._base_hint)
+        if seq > floor + self._window:
             raise StreamError(
                 f"token for seq {seq} is more than {self._window} seqs past "
-                f"the applied seq {self._applied}")
+                f"the applied seq {floor}")
         known = self._entries.get(seq)
         if known is None:
             return True
@@ -281,6 +285,35 @@ class PendingQueue:
             last = tok
         self._applied = seq
         self._applied_token = last
+        self._run_end = None
+
+    # -- catch-up increments -------------------------------------------------
+
+    def expect_base(self, seq: int) -> None:
+        """An increment that will bring the image to *seq* is being staged:
+        accept tokens for the stream that follows it."""
+        self._base_hint = max(self._base_hint, seq)
+
+    def rebase(self, seq: int, token: Token | None = None) -> None:
+        """A committed increment brought the image to *seq*: every entry at
+        or below it is superseded; the in-order stream continues at seq+1."""
+        if seq < self._applied:
+            raise ValueError(f"rebase({seq}) goes back from applied seq {self._applied}")
+        for s in [s for s in self._entries if s <= seq]:
+            tok, loc = self._entries.pop(s)
+            if loc is not _NO_DATA:
+                self._bytes -= tok.size
+        self._applied = seq
+        self._applied_token = token
+        self._highest = max(self._highest, seq)
+        self._base_hint = max(self._base_hint, seq)
+        r = seq
+        while True:
+            nxt = self._entries.get(r + 1)
+            if nxt is None or nxt[1] is _NO_DATA:
+                break
+            r += 1
+        self._received = r
         self._run_end = None
 
     # -- state -----------------------------------------------------------

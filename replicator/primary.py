@@ -184,10 +184,12 @@ class Engine:
         return new_status(
             self.resource, self.node, running=True, role="Primary",
             connection=sh["connection"], disk=DISK_UPTODATE,
-            peer={"disk": sh["peer_disk"]},
+            peer={"disk": ("UpToDate" if sh["connection"] == "Established" and applied >= written
+                           else sh["peer_disk"])},
             seq={"written": written, "journaled": sh["journaled"], "applied": applied},
             lag={"writes": max(0, written - applied), "bytes": sh["lag_bytes"],
                  "seconds": sh["lag_seconds"]},
             out_of_sync_bytes=self.oos.dirty_bytes(self.size),
-            nbd_uri=self.node.export_uri(), reason=sh["reason"],
+            nbd_uri=self.node.export_uri(), reason=sh["reason"], sync=sh["sync"],
+            incr_bytes_sent=sh["incr_bytes_sent"],
             ring=self.core.ring_stats, uptime_seconds=round(time.time() - self.started, 1))

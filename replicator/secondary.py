@@ -23,8 +23,9 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass, field
 
-from replicator.applier import apply_run, record_data
+from replicator.applier import apply_run, pwrite_all, record_data
 from replicator.config import Node, Resource, load_config, select_node
 from replicator.control import ControlServer
 from replicator.devices import device_size
@@ -35,8 +36,8 @@ from replicator.metadata import (DISK_CONSISTENT, DISK_INCONSISTENT, DISK_UPTODA
 from replicator.peerlink import LinkError, PeerLink, pairing_uuid
 from replicator.pending import PendingQueue, StreamError
 from replicator.protocol.errors import ProtocolError
-from replicator.protocol.messages import (STATE_NEEDS_RESYNC, ZERO_UUID, Data, Message, State,
-                                          Tokens)
+from replicator.protocol.messages import (STATE_NEEDS_RESYNC, ZERO_UUID, Data, IncrBegin,
+                                          IncrCommit, IncrData, Message, State, Tokens)
 from replicator.records import iter_records
 from replicator.status import new_status
 
@@ -49,6 +50,17 @@ CHECKPOINT_BYTES = 64 << 20  # ...or after this much was applied
 
 class SecondaryError(DuplexError):
     """The secondary cannot start (metadata, journal, image)."""
+
+
+@dataclass
+class _Increment:
+    """A catch-up increment being received or waiting to be applied."""
+
+    id: int
+    base: int
+    staged: bool
+    positions: list[int] = field(default_factory=list)
+    bytes: int = 0
 
 
 class Secondary:
@@ -74,6 +86,11 @@ class Secondary:
         self._threads: list[threading.Thread] = []
         self._listener: socket.socket | None = None
         self.primary_needs_resync = False
+        self.receiving = True
+        self.incr: _Increment | None = None      # being received
+        self._committed: list[_Increment] = []   # committed, to apply
+        self._pause_apply = threading.Event()    # an in-place increment owns the image
+        self.inconsistent_reason = ""
         self.last_error = ""
         # Counted so that an observer can tell whether the image changed
         # while it read it: a sample is whole when no run was in flight.
@@ -102,7 +119,12 @@ class Secondary:
             log.info("%s: journal replay: applied through %d, %d records pending (through %d)",
                      res.name, pending.applied_through, len(pending), pending.received_through)
         fd = os.open(node.device, os.O_RDWR | os.O_CLOEXEC)
-        return cls(res, node, md, journal, fd, pending)
+        sec = cls(res, node, md, journal, fd, pending)
+        for incr_id, base, positions in journal.committed_increments():
+            # Redo: committed before the stop, maybe not (fully) applied.
+            log.info("%s: journal replay: re-applying committed increment %d", res.name, incr_id)
+            sec._apply_increment(_Increment(incr_id, base, True, positions))
+        return sec
 
     # -- lifecycle --------------------------------------------------------
 
@@ -160,6 +182,9 @@ class Secondary:
                 if self._stop.is_set():
                     return
                 raise
+            if not self.receiving:
+                sock.close()
+                continue
             threading.Thread(target=self._handshake, args=(sock, addr),
                              name="duplex-handshake", daemon=True).start()
 
@@ -211,6 +236,12 @@ class Secondary:
                 self._on_tokens(ev)
             elif isinstance(ev, Data):
                 self._on_data(ev)
+            elif isinstance(ev, IncrBegin):
+                self._on_incr_begin(ev)
+            elif isinstance(ev, IncrData):
+                self._on_incr_data(ev)
+            elif isinstance(ev, IncrCommit):
+                self._on_incr_commit(ev)
         except StreamError as e:
             raise ProtocolError(str(e)) from None
 
@@ -230,6 +261,100 @@ class Secondary:
             for tok, pos in self.journal.append(payload):
                 self.pending.add_record(tok, pos)
         self._commit_wake.set()
+
+    # -- catch-up increments (DESIGN §4) ------------------------------------
+
+    def _on_incr_begin(self, ev: IncrBegin) -> None:
+        with self._lock:
+            if self.incr is not None and self.incr.id != ev.incr_id:
+                log.warning("%s: increment %d abandoned by the primary (increment %d begins)",
+                            self.resource.name, self.incr.id, ev.incr_id)
+            if ev.base_seq < self.pending.applied_through:
+                raise StreamError(f"increment {ev.incr_id} has base seq {ev.base_seq}, below "
+                                  f"the applied seq {self.pending.applied_through}")
+            # Stage it in the journal when it fits (the image stays a valid
+            # past image until COMMIT); else write it straight to the image
+            # and say Inconsistent until it commits (DESIGN §4).
+            staged = self.journal.area_size - self.journal.used_bytes > 2 * ev.nbytes + (1 << 20)
+            self.incr = _Increment(ev.incr_id, ev.base_seq, staged)
+            self.pending.expect_base(ev.base_seq)
+        if not staged:
+            self._set_disk_inconsistent(f"increment {ev.incr_id} ({ev.nbytes} bytes) is larger "
+                                        "than the journal can stage")
+            # Nothing older may land on the image after the increment's data.
+            self._pause_apply.set()
+            self._wait_apply_idle()
+        log.info("%s: increment %d begins: %d tracks, %d bytes, base seq %d, %s",
+                 self.resource.name, ev.incr_id, ev.tracks, ev.nbytes, ev.base_seq,
+                 "staged in the journal" if staged else "written in place (Inconsistent)")
+
+    def _on_incr_data(self, ev: IncrData) -> None:
+        inc = self.incr
+        if inc is None or inc.id != ev.incr_id:
+            raise StreamError(f"INCR_DATA for increment {ev.incr_id}, which has not begun")
+        if ev.offset + len(ev.data) > self.size:
+            raise StreamError(f"INCR_DATA at {ev.offset}+{len(ev.data)} runs past the "
+                              f"device end {self.size}")
+        if inc.staged:
+            with self._lock:
+                self._wait_room(len(ev.data) + 32)
+                inc.positions.append(self.journal.append_incr_data(
+                    inc.id, inc.base, ev.offset, ev.data, ev.volume))
+        else:
+            pwrite_all(self.fd, ev.data, ev.offset)
+        inc.bytes += len(ev.data)
+
+    def _on_incr_commit(self, ev: IncrCommit) -> None:
+        inc = self.incr
+        if inc is None or inc.id != ev.incr_id or ev.end_seq != inc.base:
+            raise StreamError(f"INCR_COMMIT({ev.incr_id}, {ev.end_seq}) does not match the "
+                              f"increment in progress")
+        with self._lock:
+            self.incr = None
+            if inc.staged:
+                self._wait_room(64)
+                self.journal.append_incr_commit(inc.id, inc.base)
+            self._committed.append(inc)
+        with self._commit_lock:
+            self.journal.commit()
+        self._apply_wake.set()
+
+    def _apply_increment(self, inc: "_Increment") -> None:
+        """Apply a committed increment and move the stream past its base.
+        Staged: redo-logged, a crash re-applies it on restart."""
+        self.runs_started += 1
+        if inc.staged:
+            for pos in inc.positions:
+                off, _vol, data = self.journal.read_incr_data(pos)
+                pwrite_all(self.fd, data, off)
+        os.fdatasync(self.fd)
+        with self._lock:
+            self.pending.rebase(inc.base)
+            with self._commit_lock:
+                self.journal.commit()
+                self.journal.checkpoint(inc.base)
+            self.journaled = max(self.journaled, self.pending.received_through)
+            self._lock.notify_all()
+        self.runs_done += 1
+        if self.md.needs_initial_sync or self.md.disk != DISK_UPTODATE:
+            self.md.needs_initial_sync = False
+            self.md.disk = DISK_UPTODATE
+            self.md.save()
+        self._pause_apply.clear()
+        self.primary_needs_resync = False
+        log.info("%s: increment %d applied (%d bytes); consistent at seq %d",
+                 self.resource.name, inc.id, inc.bytes, inc.base)
+
+    def _set_disk_inconsistent(self, why: str) -> None:
+        self.md.disk = DISK_INCONSISTENT
+        self.md.save()
+        self.inconsistent_reason = why
+        log.warning("%s: disk Inconsistent until the increment commits: %s",
+                    self.resource.name, why)
+
+    def _wait_apply_idle(self) -> None:
+        while self.runs_started != self.runs_done:
+            time.sleep(0.01)
 
     def _wait_room(self, n: int) -> None:
         # Backpressure: never overwrite unapplied journal entries; the
@@ -260,7 +385,15 @@ class Secondary:
         since_ckpt = 0
         while True:
             with self._lock:
+                inc = self._committed.pop(0) if self._committed else None
+            if inc is not None:
+                self._apply_increment(inc)
+                self._ack()
+                continue
+            with self._lock:
                 limit = self.journaled - self.pending.applied_through
+                if self._pause_apply.is_set():
+                    limit = 0
                 run = self.pending.next_run(max_records=limit, max_bytes=RUN_BYTES) if limit > 0 else []
             if run:
                 self.runs_started += 1
@@ -307,10 +440,40 @@ class Secondary:
             except LinkError:
                 pass
 
+    # -- promotion hooks (replicator/promote.py drives these) -------------
+
+    def stop_receiving(self, reason: str = "promoted") -> None:
+        """Refuse new connections and close the current ones: nothing more
+        enters the queue after this."""
+        self.receiving = False
+        for link in list(self.links):
+            link.close(reason)
+        with self._lock:
+            self.links.clear()
+
+    def apply_all(self, timeout: float = 600.0) -> int:
+        """Wait until every journaled in-order record is applied, then make
+        the image durable and checkpoint. Returns the applied seq."""
+        self._commit_wake.set()
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                target = min(self.journaled, self.pending.received_through)
+                done = self.pending.applied_through >= target
+            if done:
+                break
+            if time.monotonic() > deadline:
+                raise SecondaryError(f"{self.resource.name}: applying the journal did not "
+                                     f"finish within {timeout:.0f} s")
+            self._apply_wake.set()
+            time.sleep(0.05)
+        self._checkpoint()
+        return self.pending.applied_through
+
     # -- status -----------------------------------------------------------
 
     def _disk(self) -> str:
-        if self.md.needs_initial_sync:
+        if self.md.needs_initial_sync or self.md.disk == DISK_INCONSISTENT:
             return DISK_INCONSISTENT
         if self.links and self.pending.applied_through >= self.journaled and not len(self.pending):
             return DISK_UPTODATE
@@ -329,7 +492,9 @@ class Secondary:
                 first_ts = oldest.ts_ns
             disk = self._disk()
         connection = "Established" if connected else "Connecting"
-        if connected and self.primary_needs_resync:
+        if connected and self.incr is not None:
+            connection = "SyncTarget"
+        elif connected and self.primary_needs_resync:
             connection = "Behind"
         return new_status(
             self.resource, self.node, running=True, role="Secondary",

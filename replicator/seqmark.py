@@ -13,7 +13,7 @@ import threading
 
 from replicator.metadata import Metadata
 
-RESERVE = 1 << 24
+RESERVE = 1 << 20
 
 
 class SeqMark:

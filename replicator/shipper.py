@@ -20,7 +20,9 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
+from replicator.catchup import CatchUp
 from replicator.peerlink import LinkError, PeerLink, RefusedError, local_primary_state
+from replicator.protocol.messages import STATE_NEEDS_RESYNC
 
 if TYPE_CHECKING:
     from replicator.primary import Engine
@@ -60,6 +62,10 @@ class Shipper:
         self.applied = 0
         self._released = 0
         self._samples: deque[tuple[int, int]] = deque()  # (last seq of a span, ts of its first record)
+        self._queued: deque[memoryview] = deque()  # announced spans whose DATA is not sent yet
+        self._incr_id = 0
+        self.sync = None  # SyncProgress while catching up
+        self.incr_bytes_sent = 0
 
     # -- control ----------------------------------------------------------
 
@@ -97,7 +103,7 @@ class Shipper:
                 lag_s = -1.0  # unknown: nothing sent yet
             connection = self.connection
             reason = self.reason
-            if self.needs_resync:
+            if self.needs_resync and connection != "SyncSource":
                 connection = "Ahead"
                 reason = f"resync needed: {self._resync_reason}"
             return {
@@ -108,6 +114,8 @@ class Shipper:
                 "applied": self.applied,
                 "lag_bytes": self.core.ring_stats.get("bytes", 0),
                 "lag_seconds": round(lag_s, 3) if lag_s >= 0 else None,
+                "sync": self.sync.as_dict() if self.sync else None,
+                "incr_bytes_sent": self.incr_bytes_sent,
             }
 
     # -- acks (reader thread) ---------------------------------------------
@@ -163,76 +171,97 @@ class Shipper:
             self.peer_disk = ps.disk
             self.journaled = ps.journaled_seq
             self.applied = ps.applied_seq
+            self._released = 0
             self._samples.clear()
         last = self.core.next_seq - 1
-        if ps.journaled_seq > last:
+        if ps.flags & STATE_NEEDS_RESYNC and not self.needs_resync:
+            self.needs_resync = True
+            self._resync_reason = "the peer has never been synced (initial sync)"
+        if ps.journaled_seq > last and not self.needs_resync:
             raise RefusedError(f"peer journaled seq {ps.journaled_seq}, beyond our last seq "
                                f"{last}: the two sides have different histories")
         if not self.needs_resync and not self.core.rewind(ps.journaled_seq):
             self.needs_resync = True
             self._resync_reason = (f"the send ring no longer holds seq {ps.journaled_seq + 1} "
                                    "(the peer was away too long)")
+        self._queued.clear()
         if self.needs_resync:
-            # Catch-up (increments) is the next milestone; until then stay
-            # connected, keep the OOS bitmap and say so.
-            log.warning("%s: cannot resume streaming: %s", self.res.name, self._resync_reason)
-            self._set("Established")
-            while not self._stopping.is_set() and link.alive():
-                self._stopping.wait(PING_INTERVAL)
-                link.ping()
-            return
-        log.info("%s: streaming to %s from seq %d", self.res.name, self.engine.peer.name,
-                 ps.journaled_seq + 1)
+            log.info("%s: catching up %s: %s", self.res.name, self.engine.peer.name,
+                     self._resync_reason)
+            self._set("SyncSource")
+            CatchUp(self, link).run()
+            log.info("%s: caught up; streaming to %s", self.res.name, self.engine.peer.name)
+        else:
+            log.info("%s: streaming to %s from seq %d", self.res.name, self.engine.peer.name,
+                     ps.journaled_seq + 1)
         self._set("Established")
         self._stream(link)
 
-    def _stream(self, link: PeerLink) -> None:
+    # -- helpers for the catch-up ------------------------------------------
+
+    def next_increment(self) -> int:
+        """A new increment id (unique for this run)."""
+        self._incr_id += 1
+        return self._incr_id
+
+    def wait_ack(self, timeout: float) -> None:
+        """Sleep until an ack arrives (or *timeout*)."""
+        self._wake.wait(timeout)
+        self._wake.clear()
+
+    # -- streaming --------------------------------------------------------
+
+    def pump(self, link: PeerLink, release: bool = True) -> bool:
+        """One round of streaming: release what the peer journaled, announce
+        what the ring holds (TOKENS ahead of data), send one DATA frame.
+        Returns whether anything was sent."""
         core = self.core
-        batch = self.res.batch_bytes
-        queued: deque[memoryview] = deque()
-        last_ping = time.monotonic()
-        while True:
+        if release:
             with self._lock:
                 journaled = self.journaled
             if journaled > self._released:
                 core.release(journaled)
                 self._released = journaled
+        if not link.alive():
+            raise LinkError(link.error or "connection closed")
+        announced = 0
+        while len(self._queued) < MAX_ANNOUNCED_SPANS and announced < 4:
+            span = core.peek(self.res.batch_bytes)
+            if not span:
+                break
+            core.advance(len(span))
+            tokens = core.tokens(span)
+            link.send_tokens(tokens)
+            first_ts = _SEQ_TS.unpack_from(tokens, 0)[1]
+            last_seq = _SEQ_TS.unpack_from(tokens, len(tokens) - 48)[0]
+            with self._lock:
+                self._samples.append((last_seq, first_ts))
+            self._queued.append(span)
+            announced += 1
+        if self._queued:
+            link.send_data(self._queued.popleft())
+            return True
+        return announced > 0
+
+    def _stream(self, link: PeerLink) -> None:
+        last_ping = time.monotonic()
+        while True:
             if self.needs_resync:
-                return self._session_ahead(link)
-            if not link.alive():
-                raise LinkError(link.error or "connection closed")
-            announced = 0
-            while len(queued) < MAX_ANNOUNCED_SPANS:
-                span = core.peek(batch)
-                if not span:
-                    break
-                core.advance(len(span))
-                tokens = core.tokens(span)
-                link.send_tokens(tokens)
-                first_seq, first_ts = _SEQ_TS.unpack_from(tokens, 0)
-                last_seq = _SEQ_TS.unpack_from(tokens, len(tokens) - 48)[0]
-                with self._lock:
-                    self._samples.append((last_seq, first_ts))
-                queued.append(span)
-                announced += 1
-                if announced >= 4 and queued:
-                    break  # let data move between announcements
-            if queued:
-                link.send_data(queued.popleft())
+                # The ring overflowed while connected: catch up, then stream.
+                self._queued.clear()
+                self._set("SyncSource")
+                CatchUp(self, link).run()
+                self._set("Established")
+                continue
+            if self.pump(link):
                 continue
             if self._stopping.is_set():
-                if core.ring_stats.get("records", 0) == 0 or time.monotonic() > self._drain_deadline:
+                if self.core.ring_stats.get("records", 0) == 0 or time.monotonic() > self._drain_deadline:
                     return
             now = time.monotonic()
             if now - last_ping >= PING_INTERVAL:
                 link.ping()
                 last_ping = now
-            if not core.wait(self.res.batch_interval_s if self.res.batch_interval_s > 0 else 0.002):
+            if not self.core.wait(self.res.batch_interval_s if self.res.batch_interval_s > 0 else 0.002):
                 self._wake.wait(0.05)
                 self._wake.clear()
-
-    def _session_ahead(self, link: PeerLink) -> None:
-        log.warning("%s: ring dropped while connected: %s", self.res.name, self._resync_reason)
-        while not self._stopping.is_set() and link.alive():
-            self._stopping.wait(PING_INTERVAL)
-            link.ping()

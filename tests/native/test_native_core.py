@@ -178,12 +178,16 @@ def test_pread_locked_reads_what_was_written(make_rig):
 def test_writes_mark_the_cr_bitmap_while_it_is_set(make_rig, res_uuid):
     rig = make_rig(size=1 << 20)
     cr = Bitmap.create(None, res_uuid, 4096, rig.oos.nbits)
-    rig.core.set_cr(cr)
+    with rig.core.fence():  # the freeze: an exact cut between requests
+        frozen = rig.oos.copy()
+        rig.core.set_cr(cr)
     rig.core.write(b"x", 4096 * 9)
     rig.core.set_cr(None)
     rig.core.write(b"x", 4096 * 11)
     assert [i for i in range(cr.nbits) if cr.test_bit(i)] == [9]
     assert rig.oos.test_bit(9) and rig.oos.test_bit(11)
+    assert frozen.count() == 0
+    frozen.close()
     with pytest.raises(CoreError, match="still used"):
         rig.oos.close()
     cr.close()

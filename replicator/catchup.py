@@ -1,0 +1,212 @@
+"""Catching up in increments without ever losing consistency (DESIGN §4,
+seed 004).
+
+The out-of-sync bitmap says which tracks the secondary may lack. Instead
+of copying them in bitmap order (which leaves the secondary Inconsistent
+until the end, as DRBD and HAST do), the primary ships *increments*:
+
+1. ``freeze``: under an instant write fence the OOS bitmap is copied to a
+   frozen map F and a fresh change-recording bitmap CR starts; the last seq
+   before the fence is the increment's base seq.
+2. drain: every track of F is read from the device and sent as INCR_DATA.
+   The collision rule lives in the C core: a write to a track still in F
+   first copies that track's current content into the increment (and
+   clears it from F). So the increment is exactly the device at the freeze.
+3. COMMIT(k, base): the secondary staged the increment in its journal and
+   applies it atomically; it acks journaled >= base once it is durable.
+4. OOS := (OOS - F) | CR, and repeat with what was written meanwhile.
+
+When the remainder fits the send ring, the freeze also resumes streaming:
+records after the base seq flow as usual and the secondary applies them
+after COMMIT(k). That is how the pair returns to Established.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from replicator.core import Bitmap
+from replicator.peerlink import LinkError, PeerLink
+from replicator.protocol.messages import IncrBegin, IncrCommit, IncrData
+
+if TYPE_CHECKING:
+    from replicator.shipper import Shipper
+
+log = logging.getLogger("duplex.catchup")
+
+COLLIDE_CAP = 32 << 20     # collision copies queued at most; beyond, the increment restarts
+PIECE_BYTES = 1 << 20      # INCR_DATA frames carry at most this much
+COMMIT_TIMEOUT = 120.0
+
+
+class IncrementAborted(Exception):
+    """The increment cannot be completed as a point-in-time image (the
+    collision queue overflowed); a new one starts from the current OOS."""
+
+
+@dataclass
+class SyncProgress:
+    """Resync progress, for status (done/total bytes, rate, ETA)."""
+
+    total_bytes: int = 0
+    done_bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
+    increment: int = 0
+
+    def as_dict(self) -> dict:
+        elapsed = max(1e-3, time.monotonic() - self.started)
+        rate = self.done_bytes / elapsed
+        left = max(0, self.total_bytes - self.done_bytes)
+        return {"done_bytes": self.done_bytes, "total_bytes": self.total_bytes,
+                "rate": round(rate), "eta_seconds": round(left / rate, 1) if rate > 0 else None,
+                "increment": self.increment}
+
+
+class CatchUp:
+    """Runs increments over *link* until the pair streams again."""
+
+    def __init__(self, shipper: "Shipper", link: PeerLink):
+        self.sh = shipper
+        self.core = shipper.core
+        self.engine = shipper.engine
+        self.link = link
+        self.track = self.engine.md.track_size
+        self.size = self.engine.size
+        self.rate = self.engine.resource.resync_rate
+
+    def _final(self, oos_bytes: int) -> bool:
+        # Stream again when what is left fits comfortably in the ring.
+        return oos_bytes <= self.engine.resource.ring_size // 4
+
+    def run(self) -> None:
+        """Increments until one of them resumed streaming and committed."""
+        if not self.core.dropped:
+            self.core.drop()  # writes only mark OOS while we catch up
+        oos = self.engine.oos
+        prog = SyncProgress(total_bytes=oos.dirty_bytes(self.size))
+        self.sh.sync = prog
+        while True:
+            final = self._final(oos.dirty_bytes(self.size))
+            prog.increment = self.sh.next_increment()
+            try:
+                self._increment(prog.increment, final, prog)
+            except IncrementAborted as e:
+                log.warning("%s: increment %d aborted: %s; starting another",
+                            self.engine.resource.name, prog.increment, e)
+                continue
+            if final:
+                break
+            prog.total_bytes = prog.done_bytes + oos.dirty_bytes(self.size)
+        self.sh.sync = None
+
+    def _increment(self, k: int, final: bool, prog: SyncProgress) -> None:
+        oos = self.engine.oos
+        uuid = bytes.fromhex(self.engine.md.node_uuid)
+        if self.core.next_seq - 1 <= self.sh.journaled:
+            # The base must be a seq the peer has not acked yet, or its ack
+            # could not tell us that this increment committed.
+            self.core.flush()
+        cr = Bitmap.create(None, uuid, oos.track_size, oos.nbits)
+        frozen = Bitmap.create(None, uuid, oos.track_size, oos.nbits)
+        base = self.core.freeze(frozen, cr, COLLIDE_CAP, stream=final)
+        original = frozen.copy()
+        tracks = original.count()
+        log.info("%s: increment %d: %d tracks (%d bytes) as of seq %d%s",
+                 self.engine.resource.name, k, tracks, original.dirty_bytes(self.size), base,
+                 ", then streaming" if final else "")
+        self.link.send(IncrBegin(k, base, tracks, original.dirty_bytes(self.size)))
+        committed = False
+        try:
+            self._drain(k, frozen, prog, final)
+            self.core.thaw()
+            self._send_collisions(k, prog)
+            if self.core.collision_overflowed:
+                raise IncrementAborted("too many writes hit frozen tracks at once")
+            self.link.send(IncrCommit(k, base))
+            self._await_commit(base, final)
+            committed = True
+        finally:
+            self.core.thaw()
+            if committed:
+                # What the increment covered is in sync as of the base; what
+                # was written since is in CR (and, streamed, in the ring).
+                oos.subtract(original)
+                oos.merge_from(cr)
+                self.core.set_cr(None)
+                if self.engine.md.needs_initial_sync:
+                    self.engine.md.needs_initial_sync = False
+                    self.engine.md.save()
+                if final:
+                    self.core.clear_on_release = True
+                    self.sh.needs_resync = False
+                    self.sh.journaled = max(self.sh.journaled, base)
+            else:
+                self.core.set_cr(None)
+                oos.merge_from(cr)  # nothing is lost: CR writes marked OOS anyway
+                if final and not self.core.dropped:
+                    self.core.drop()
+            cr.close()
+            frozen.close()
+            original.close()
+
+    def _drain(self, k: int, frozen: Bitmap, prog: SyncProgress, final: bool) -> None:
+        t = frozen.find_next(0)
+        pieces: list[tuple[int, bytes]] = []
+        pending = 0
+        while t >= 0:
+            if not self.link.alive():
+                raise LinkError(self.link.error or "connection closed")
+            data = self.core.drain_track(t)
+            if data is not None:
+                pieces.append((t * self.track, data))
+                pending += len(data)
+            if pending >= PIECE_BYTES:
+                self._send_pieces(k, pieces, prog)
+                pieces, pending = [], 0
+                self._send_collisions(k, prog)
+                if final:
+                    self.sh.pump(self.link, release=False)
+                if self.core.collision_overflowed:
+                    raise IncrementAborted("too many writes hit frozen tracks at once")
+            t = frozen.find_next(t + 1)
+        self._send_pieces(k, pieces, prog)
+
+    def _send_pieces(self, k: int, pieces: list[tuple[int, bytes]], prog: SyncProgress) -> None:
+        # Adjacent tracks travel as one piece.
+        run_off, run = None, []
+        for off, data in pieces + [(None, b"")]:
+            if run and (off is None or off != run_off + sum(len(d) for d in run)):
+                self._send_piece(k, run_off, b"".join(run), prog)
+                run = []
+            if off is not None:
+                if not run:
+                    run_off = off
+                run.append(data)
+
+    def _send_piece(self, k: int, off: int, data: bytes, prog: SyncProgress) -> None:
+        self.link.send(IncrData(k, off, data))
+        prog.done_bytes += len(data)
+        self.sh.incr_bytes_sent += len(data)
+        if self.rate:
+            # Rate limit: never ahead of rate * elapsed.
+            ahead = prog.done_bytes / self.rate - (time.monotonic() - prog.started)
+            if ahead > 0:
+                time.sleep(min(ahead, 1.0))
+
+    def _send_collisions(self, k: int, prog: SyncProgress) -> None:
+        for off, data in self.core.collisions():
+            self._send_piece(k, off, data, prog)
+
+    def _await_commit(self, base: int, final: bool) -> None:
+        deadline = time.monotonic() + COMMIT_TIMEOUT
+        while self.sh.journaled < base:
+            if not self.link.alive():
+                raise LinkError(self.link.error or "connection closed")
+            if time.monotonic() > deadline:
+                raise LinkError(f"the peer did not commit the increment (base seq {base}) "
+                                f"within {COMMIT_TIMEOUT:.0f} s")
+            if final:
+                self.sh.pump(self.link, release=False)
+            self.sh.wait_ack(0.05)

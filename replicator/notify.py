@@ -1,0 +1,75 @@
+"""systemd readiness notification (``sd_notify``), without libsystemd.
+
+Under ``Type=notify`` systemd passes ``$NOTIFY_SOCKET``: an AF_UNIX
+datagram socket (a path, or ``@name`` in the abstract namespace). A
+notification is one datagram of newline-separated ``KEY=VALUE`` lines:
+
+* ``READY=1``    -- the service is up: the secondary listens, or the
+  primary's nbdkit accepts on its export;
+* ``STATUS=...`` -- one line shown by ``systemctl status``;
+* ``STOPPING=1`` -- shutting down (after SIGTERM, or a promotion);
+* ``MAINPID=N``  -- not used: ``duplex up`` itself is the main process.
+
+Outside systemd (no ``$NOTIFY_SOCKET``) every call is a no-op returning
+False. A failed send is logged and also returns False: a notification
+must never take the daemon down.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Mapping
+
+log = logging.getLogger("duplex.notify")
+
+
+def _address(value: str) -> str | None:
+    """The sockaddr for a $NOTIFY_SOCKET value, or None if unsupported."""
+    if value.startswith("@"):
+        return "\0" + value[1:]  # abstract namespace
+    if value.startswith("/"):
+        return value
+    return None  # e.g. vsock:... -- not for a local daemon
+
+
+def sd_notify(*lines: str, env: Mapping[str, str] | None = None) -> bool:
+    """Send ``KEY=VALUE`` *lines* to $NOTIFY_SOCKET (from *env*, default
+    the process environment). True if a datagram was sent."""
+    value = (os.environ if env is None else env).get("NOTIFY_SOCKET")
+    if not value:
+        return False
+    for line in lines:
+        if "\n" in line or "=" not in line:
+            raise ValueError(f"sd_notify: {line!r} is not one KEY=VALUE line")
+    addr = _address(value)
+    if addr is None:
+        log.warning("NOTIFY_SOCKET=%s is not a unix socket path; not notifying", value)
+        return False
+    msg = "\n".join(lines).encode("utf-8")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(msg, addr)
+    except OSError as e:
+        log.warning("cannot notify systemd at %s: %s", value, e)
+        return False
+    return True
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def ready(status: str | None = None) -> bool:
+    """READY=1, with an optional STATUS line."""
+    return sd_notify("READY=1", *([f"STATUS={_one_line(status)}"] if status else []))
+
+
+def status(text: str) -> bool:
+    """A STATUS line for ``systemctl status``."""
+    return sd_notify(f"STATUS={_one_line(text)}")
+
+
+def stopping(status: str | None = None) -> bool:
+    """STOPPING=1, with an optional STATUS line."""
+    return sd_notify("STOPPING=1", *([f"STATUS={_one_line(status)}"] if status else []))
