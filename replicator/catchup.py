@@ -96,7 +96,7 @@ class CatchUp:
                 log.warning("%s: increment %d aborted: %s; starting another",
                             self.engine.resource.name, prog.increment, e)
                 continue
-            if final:
+            if final and not self.core.dropped:
                 break
             prog.total_bytes = prog.done_bytes + oos.dirty_bytes(self.size)
         self.sh.sync = None
@@ -138,7 +138,7 @@ class CatchUp:
                 if self.engine.md.needs_initial_sync:
                     self.engine.md.needs_initial_sync = False
                     self.engine.md.save()
-                if final:
+                if final and not self.core.dropped:
                     self.core.clear_on_release = True
                     self.sh.needs_resync = False
                     self.sh.journaled = max(self.sh.journaled, base)

@@ -3,8 +3,8 @@
     duplex [--config FILE] [--node NAME] [-v] COMMAND ...
 
 Each command is one small function ``cmd_<name>(args, ctx) -> int``,
-registered in :func:`build_parser`; later commands (promote, demote,
-connect, verify) add a function and a subparser. A :class:`DuplexError`
+registered in :func:`build_parser`; later commands (connect, verify) add
+a function and a subparser. A :class:`DuplexError`
 anywhere prints ``duplex: error: <message>`` and exits 1; argparse usage
 errors exit 2.
 """
@@ -167,6 +167,31 @@ def cmd_detach(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+def cmd_promote(args: argparse.Namespace, ctx: Context) -> int:
+    """Make this node's Secondary the Primary: apply, report losses, new generation."""
+    from replicator.promote import promote
+
+    resource, node = ctx.resolve(args.resource)
+    result = promote(ctx.config, resource, node, force=args.force)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.to_text(), end="")
+    return 0
+
+
+def cmd_demote(args: argparse.Namespace, ctx: Context) -> int:
+    """Make this node's stopped Primary a Secondary that resyncs from its peer."""
+    from replicator.promote import demote
+
+    resource, node = ctx.resolve(args.resource)
+    md = demote(ctx.config, resource, node)
+    print(f"{resource.name}: node {node.name} is now Secondary, disk {md.disk}: it must "
+          f"resync from its peer before its image counts as a copy")
+    print(f"  next: `duplex up {resource.name}` starts it as secondary")
+    return 0
+
+
 # --------------------------------------------------------------------------
 # parser
 
@@ -210,7 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("up", cmd_up, "run this node's side of a resource in the foreground")
     sp.add_argument("resource", metavar="RES")
     sp.add_argument("--role", choices=("primary", "secondary"),
-                    help="the role to start in (default: the role in the metadata)")
+                    help="the role to start in; must match the metadata's, except on fresh "
+                         "metadata (just made by create-md), where it is recorded")
+
+    sp = command("promote", cmd_promote,
+                 "failover: make this node's Secondary the Primary and write the loss report")
+    sp.add_argument("resource", metavar="RES")
+    sp.add_argument("--force", action="store_true",
+                    help="promote even while the primary is connected, or when this node's "
+                         "image is Inconsistent or Outdated")
+    sp.add_argument("--json", action="store_true",
+                    help="print the result and loss report as JSON")
+
+    sp = command("demote", cmd_demote,
+                 "make this node's stopped Primary a Secondary (it resyncs from its peer)")
+    sp.add_argument("resource", metavar="RES")
 
     sp = command("status", cmd_status, "show role, connection, disk, lag and sync progress")
     sp.add_argument("resource", metavar="RES", nargs="?",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno as _errno
 import os
 import struct
+import sys
 import threading
 import uuid as _uuid
 from contextlib import contextmanager
@@ -345,9 +346,11 @@ class Bitmap:
         self.close()
 
     def __del__(self):
-        # Never a clean close behind the owner's back: leave it DIRTY.
+        # Never a clean close behind the owner's back: leave it DIRTY. At
+        # interpreter exit, leave everything to the kernel: daemon threads
+        # may still be inside C calls.
         try:
-            if self._p is not None and not self._users:
+            if self._p is not None and not self._users and not sys.is_finalizing():
                 _lib.bitmap_abandon(self._p)
                 self._p = None
         except Exception:
@@ -484,7 +487,7 @@ class ActivityLog:
 
     def __del__(self):
         try:
-            if self._p is not None and not self._users:
+            if self._p is not None and not self._users and not sys.is_finalizing():
                 _lib.actlog_close(self._p)
                 self._p = None
         except Exception:
@@ -854,8 +857,10 @@ class Core:
         self.close()
 
     def __del__(self):
+        # Free the ring if the owner forgot close(); not at interpreter exit,
+        # when a daemon thread (the shipper) may still wait inside the core.
         try:
-            if self._c is not None:
+            if self._c is not None and not sys.is_finalizing():
                 self.close(clean=False)
         except Exception:
             pass

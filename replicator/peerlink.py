@@ -24,7 +24,7 @@ log = logging.getLogger("duplex.link")
 
 RECV_BYTES = 1 << 20
 HANDSHAKE_TIMEOUT = 10.0
-DEAD_AFTER = 15.0  # no frame at all for this long: the peer is gone
+DEAD_AFTER = 6.0  # no frame at all for this long: the peer is gone
 
 
 class LinkError(DuplexError):

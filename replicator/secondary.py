@@ -46,6 +46,9 @@ log = logging.getLogger("duplex.secondary")
 RUN_BYTES = 8 << 20          # apply at most this much between acks
 CHECKPOINT_INTERVAL = 1.0    # seconds between image fdatasync + journal checkpoint
 CHECKPOINT_BYTES = 64 << 20  # ...or after this much was applied
+# Tests only: seconds to pause after each piece of an increment is applied,
+# so that a kill can land in the middle of an apply.
+_SLOW_APPLY = float(os.environ.get("DUPLEX_TEST_SLOW_INCREMENT_APPLY", "0") or 0)
 
 
 class SecondaryError(DuplexError):
@@ -323,10 +326,14 @@ class Secondary:
         """Apply a committed increment and move the stream past its base.
         Staged: redo-logged, a crash re-applies it on restart."""
         self.runs_started += 1
+        log.info("%s: applying increment %d (%d pieces)", self.resource.name, inc.id,
+                 len(inc.positions))
         if inc.staged:
             for pos in inc.positions:
                 off, _vol, data = self.journal.read_incr_data(pos)
                 pwrite_all(self.fd, data, off)
+                if _SLOW_APPLY:
+                    time.sleep(_SLOW_APPLY)  # fault-injection tests: widen the window
         os.fdatasync(self.fd)
         with self._lock:
             self.pending.rebase(inc.base)

@@ -21,6 +21,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from replicator.catchup import CatchUp
+from replicator.core import CoreError
 from replicator.peerlink import LinkError, PeerLink, RefusedError, local_primary_state
 from replicator.protocol.messages import STATE_NEEDS_RESYNC
 
@@ -161,6 +162,9 @@ class Shipper:
             except (LinkError, OSError) as e:
                 if not self._stopping.is_set():
                     log.warning("%s: connection to %s lost: %s", self.res.name, peer.name, e)
+            except Exception:  # a bug must not silently end replication
+                log.exception("%s: shipper failed; reconnecting", self.res.name)
+                self._stopping.wait(BACKOFF_MAX)
             finally:
                 link.close()
         self._set("StandAlone", "stopped")
@@ -226,10 +230,19 @@ class Shipper:
             raise LinkError(link.error or "connection closed")
         announced = 0
         while len(self._queued) < MAX_ANNOUNCED_SPANS and announced < 4:
-            span = core.peek(self.res.batch_bytes)
-            if not span:
-                break
-            core.advance(len(span))
+            try:
+                span = core.peek(self.res.batch_bytes)
+                if not span:
+                    break
+                core.advance(len(span))
+            except CoreError:
+                # The ring overflowed under us: its spans are gone; the
+                # caller sees needs_resync and catches up instead.
+                if not core.dropped:
+                    raise
+                self._queued.clear()
+                self.ring_dropped()
+                return False
             tokens = core.tokens(span)
             link.send_tokens(tokens)
             first_ts = _SEQ_TS.unpack_from(tokens, 0)[1]
@@ -239,6 +252,10 @@ class Shipper:
             self._queued.append(span)
             announced += 1
         if self._queued:
+            if core.dropped:
+                self._queued.clear()
+                self.ring_dropped()
+                return False
             link.send_data(self._queued.popleft())
             return True
         return announced > 0

@@ -253,3 +253,45 @@ def test_device_error_raises_oserror_takes_no_seq_and_keeps_the_bit(shm_dir):
     assert lines[0].startswith("errno 27 "), lines  # EFBIG
     assert "write of 4096 bytes at 3145728" in lines[0]
     assert lines[1] == "next 2 bit True pending 0", lines
+
+
+@pytest.fixture
+def loop_device(shm_dir):
+    """A loop device over a random 8 MiB file on tmpfs; detached at teardown."""
+    if os.geteuid() != 0:
+        pytest.fail("loop devices need root; run the tests as root", pytrace=False)
+    backing = shm_dir / "backing.img"
+    backing.write_bytes(os.urandom(8 << 20))
+    dev = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_block_device_writes_trims_and_zeros(loop_device, shm_dir, res_uuid):
+    from replicator.core import ActivityLog
+    size = 8 << 20
+    oos = Bitmap.create(None, res_uuid, 4096, size // 4096)
+    al = ActivityLog.create(str(shm_dir / "al"), res_uuid, 64 << 10, 8)
+    with pytest.raises(CoreError, match=f"device {loop_device}: has {size} bytes, {size + 4096} requested"):
+        Core(loop_device, size + 4096, Bitmap.create(None, res_uuid, 4096, size // 4096 + 1),
+             al, 1 << 20, 1)
+    core = Core(loop_device, size, oos, al, 1 << 20, 1)
+    try:
+        core.write(b"w" * 8192, 4096, fua=True)
+        core.trim(1 << 20, 64 << 10)       # BLKZEROOUT: aligned
+        core.zero(3 << 20, 1000)           # unaligned: written as zeros
+        core.flush()
+        with open(loop_device, "rb") as f:
+            data = f.read()
+        assert data[4096:12288] == b"w" * 8192
+        assert data[1 << 20:(1 << 20) + (64 << 10)] == bytes(64 << 10)
+        assert data[3 << 20:(3 << 20) + 1000] == bytes(1000)
+        assert [t.op for t, _ in records.iter_records(drain(core))] == [
+            OP_WRITE, OP_TRIM, OP_ZERO, OP_FLUSH]
+    finally:
+        core.close()
+        oos.close()
+        al.close()

@@ -1,0 +1,413 @@
+"""Failover: ``duplex promote`` and ``duplex demote`` (DESIGN §7, seed 001 §2.7).
+
+Theory of operation
+-------------------
+Promotion turns a secondary into the primary of a new history:
+
+1. **Refuse** what would be unsafe, unless ``--force``: a secondary whose
+   primary is still connected (two primaries: split brain), and one whose
+   image is not a valid copy (Inconsistent: initial sync unfinished;
+   Outdated: demoted and never resynced).
+2. **Stop receiving**: close the links, accept no new ones. From here on
+   nothing enters the pending queue.
+3. **Apply every in-order run** of journaled records (the image becomes
+   the primary's exact state after write A), make it durable, checkpoint
+   the journal.
+4. **Loss report** (seed 001, FIG. 5): consistent through A with its
+   timestamp, every write known lost after A, and that nothing after the
+   last token is known. Written atomically as JSON to
+   ``meta-dir/loss-report.json``; the CLI also prints it.
+5. **New generation**: the old one is pushed onto ``history``,
+   ``bitmap_uuid`` names it (the OOS bitmap, cleared now, records this
+   node's changes relative to it, for the old primary's later resync), the
+   seq high-water mark moves past every seq this node has heard of, role
+   Primary, disk UpToDate. Saving the metadata is the commit point: a crash
+   before it leaves a Secondary that can be promoted again, with the same
+   report.
+
+A running secondary is promoted in place through its control socket
+(:func:`promote_running`, registered by ``replicator.node``), after which
+the daemon exits (``node.EXIT_PROMOTED``) so that ``duplex up`` -- or
+systemd -- starts the node again, now as primary. A stopped one is
+promoted offline (:func:`promote_offline`): its journal is replayed and
+applied here. :func:`promote` picks the right one.
+
+Demotion (:func:`demote`) is the reverse on a stopped Primary: role
+Secondary, disk **Outdated** -- the flag that says "resync from the peer
+before this image counts" (the catch-up engine clears it). The generation,
+history and OOS bitmap stay as they are: they are what the generation
+handshake needs to find this node's writes the peer never got. The journal
+is started over, since anything still in it belongs to a history this node
+left when it became primary.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from replicator.applier import apply_run, record_data
+from replicator.config import Config, Node, Resource
+from replicator.core import Bitmap, CoreError
+from replicator.errors import DuplexError
+from replicator.lossreport import LossReport, build_loss_report
+from replicator.metadata import (DISK_INCONSISTENT, DISK_OUTDATED, DISK_UPTODATE, ROLE_PRIMARY,
+                                 ROLE_SECONDARY, Metadata, MetaPaths, load_metadata, new_uuid)
+from replicator.pending import LossView
+
+if TYPE_CHECKING:  # secondary.py is only needed to promote
+    from replicator.secondary import Secondary
+
+log = logging.getLogger("duplex.promote")
+
+#: How long applying the journal may take before promote gives up.
+APPLY_TIMEOUT = 600.0
+#: Bytes applied per run when promoting offline.
+RUN_BYTES = 8 << 20
+#: Older generations kept in the metadata (DRBD keeps two; more costs nothing).
+HISTORY_MAX = 16
+
+# One promotion at a time in a daemon: a second request waits for nothing,
+# it is refused.
+_promoting = threading.Lock()
+
+
+class PromoteError(DuplexError):
+    """Promotion or demotion was refused, or failed; the message says why."""
+
+
+@dataclass
+class Promotion:
+    """The outcome of a promotion, as the control socket and --json carry it."""
+
+    resource: str
+    node: str
+    generation: str
+    previous_generation: str
+    report: LossReport
+    report_path: str
+    forced: list[str] = field(default_factory=list)  # what --force overrode
+
+    def to_dict(self) -> dict:
+        """Plain data: the loss report under ``loss_report``."""
+        return {
+            "resource": self.resource,
+            "node": self.node,
+            "role": ROLE_PRIMARY,
+            "generation": self.generation,
+            "previous_generation": self.previous_generation,
+            "consistent_through_seq": self.report.consistent_through_seq,
+            "loss_report_path": self.report_path,
+            "forced": list(self.forced),
+            "loss_report": self.report.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Promotion:
+        """Read back :meth:`to_dict` (the CLI's side of the control socket)."""
+        try:
+            report = LossReport.from_json(json.dumps(d["loss_report"]))
+            return cls(d["resource"], d["node"], d["generation"], d["previous_generation"],
+                       report, d["loss_report_path"], list(d.get("forced", [])))
+        except (KeyError, TypeError, ValueError) as e:
+            raise PromoteError(f"the promote reply is malformed: {e}") from None
+
+    def to_text(self) -> str:
+        """The report for people, then what happened and what comes next."""
+        lines = [self.report.to_text().rstrip("\n"), ""]
+        lines.append(f"{self.resource}: node {self.node} is now Primary "
+                     f"(generation {self.generation}, previous {self.previous_generation}).")
+        for what in self.forced:
+            lines.append(f"  forced: {what}")
+        lines.append(f"  loss report: {self.report_path}")
+        lines.append(f"  next: `duplex up {self.resource}` serves the image "
+                     f"(under systemd: systemctl start duplex@{self.resource})")
+        return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------
+# checks
+
+
+def _inconsistency(md: Metadata) -> str | None:
+    """Why this node's image is no valid copy, or None when it is one."""
+    if md.needs_initial_sync:
+        return ("its initial sync never finished (it was created without --assume-clean "
+                "and has not been fully synced since), so its image is not the primary's "
+                "data at any point in time")
+    if md.disk == DISK_INCONSISTENT:
+        return "its disk is Inconsistent: a resync was interrupted"
+    if md.disk == DISK_OUTDATED:
+        return ("its disk is Outdated: it was demoted and has not resynced from its peer "
+                "since, so the peer holds newer data")
+    return None
+
+
+def _state_word(md: Metadata) -> str:
+    return DISK_OUTDATED if md.disk == DISK_OUTDATED and not md.needs_initial_sync \
+        else DISK_INCONSISTENT
+
+
+def check_promotable(md: Metadata, resource: Resource, node: Node, *, connected: bool,
+                     force: bool) -> list[str]:
+    """Refuse an unsafe promotion unless *force*; returns, in words, what
+    *force* overrode (empty when nothing was unsafe)."""
+    name = f"{resource.name}: cannot promote node {node.name}"
+    if md.role == ROLE_PRIMARY:
+        raise PromoteError(f"{resource.name}: node {node.name} is already Primary "
+                           f"(generation {md.generation}); nothing to promote")
+    forced = []
+    why = _inconsistency(md)
+    if why:
+        if not force:
+            raise PromoteError(
+                f"{name}: it is {_state_word(md)}: "
+                f"{why}. --force promotes it anyway: its data becomes authoritative and "
+                f"the peer will need a full sync from it")
+        forced.append(f"promoted although {why}")
+    if connected:
+        peer = resource.peer_of(node.name)
+        if not force:
+            raise PromoteError(
+                f"{name}: its primary {peer.name} is connected and replicating to it; "
+                f"promoting now would make two primaries (split brain). Stop or fence "
+                f"{peer.name} first (scripts/failover runs the fence command); --force "
+                f"promotes anyway and disconnects it")
+        forced.append(f"promoted while the primary {peer.name} was connected "
+                      f"(its connection was closed)")
+    return forced
+
+
+# --------------------------------------------------------------------------
+# the common end of both paths
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write *text* to *path* so that a crash leaves the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(text.encode("utf-8"))
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _reset_bitmap(md: Metadata, all_dirty: bool) -> None:
+    """From now on the OOS bitmap records this node's changes relative to
+    the old generation: empty -- or every track, when the peer needs a full
+    sync because this image was declared good by force."""
+    try:
+        bm = Bitmap.open(str(md.paths.bitmap), bytes.fromhex(md.node_uuid), md.track_size)
+    except CoreError as e:
+        raise PromoteError(f"{md.resource}: cannot open the OOS bitmap: {e}") from None
+    try:
+        bm.clear_all()
+        if all_dirty:
+            bm.set_range(0, md.device_size)
+    finally:
+        bm.close()
+
+
+def _become_primary(md: Metadata, resource: Resource, node: Node, view: LossView,
+                    forced: list[str]) -> Promotion:
+    """Write the loss report, then commit the new generation and role."""
+    report = build_loss_report(view, resource=resource.name, created_ns=time.time_ns())
+    path = MetaPaths(node.meta_dir).loss_report
+    was_invalid = _inconsistency(md) is not None
+    _reset_bitmap(md, all_dirty=was_invalid)
+    write_atomic(path, report.to_json())
+    old = md.generation
+    md.history = ([old] + [h for h in md.history if h != old])[:HISTORY_MAX]
+    md.generation = new_uuid()
+    md.bitmap_uuid = old
+    # Seqs go on past anything this node heard of: a seq is never reused.
+    md.seq_hwm = max(md.seq_hwm, view.last_token_seq, view.applied_through)
+    md.role = ROLE_PRIMARY
+    md.disk = DISK_UPTODATE
+    if was_invalid:
+        md.needs_initial_sync = True  # as primary: the peer needs a full sync
+    md.save()  # the commit point
+    log.info("%s: promoted to Primary: consistent through seq %d, %d writes known lost, "
+             "generation %s (was %s)", resource.name, report.consistent_through_seq,
+             len(report.lost), md.generation, old)
+    return Promotion(resource.name, node.name, md.generation, old, report, str(path), forced)
+
+
+# --------------------------------------------------------------------------
+# promoting a running secondary (control socket handler)
+
+
+def promote_running(sec: "Secondary", force: bool = False) -> dict:
+    """Promote the secondary daemon *sec* in place; returns
+    :meth:`Promotion.to_dict`. The caller (``replicator.node``) stops the
+    daemon after a successful return. On failure the daemon stays a
+    secondary and accepts its primary again."""
+    if not _promoting.acquire(blocking=False):
+        raise PromoteError(f"{sec.resource.name}: a promotion is already in progress")
+    try:
+        # Refuse new connections before looking at the current ones, so
+        # that no primary slips in between the check and the stop.
+        was_receiving = sec.receiving
+        sec.receiving = False
+        try:
+            connected = any(link.alive() for link in tuple(sec.links))
+            forced = check_promotable(sec.md, sec.resource, sec.node,
+                                      connected=connected, force=bool(force))
+        except BaseException:
+            sec.receiving = was_receiving
+            raise
+        try:
+            sec.stop_receiving("promoted to Primary")
+            sec.apply_all(APPLY_TIMEOUT)
+            # Quiescent now: no link feeds the queue and every in-order run
+            # is applied, so the view is the final state.
+            result = _become_primary(sec.md, sec.resource, sec.node, sec.pending.loss_view(),
+                                     forced)
+        except BaseException:
+            sec.receiving = was_receiving  # still a secondary: let the primary back
+            raise
+        return result.to_dict()
+    finally:
+        _promoting.release()
+
+
+# --------------------------------------------------------------------------
+# promoting a stopped secondary
+
+
+def _take_daemon_lock(node: Node, resource: Resource) -> int:
+    """Hold the meta-dir's daemon lock (the one ``duplex up`` holds), so no
+    daemon starts while this command changes the node. Returns its fd."""
+    path = MetaPaths(node.meta_dir).lock
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise PromoteError(f"{path}: cannot open the daemon lock: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise PromoteError(f"{resource.name} is running on node {node.name} (a process holds "
+                           f"{path}) but does not answer on its control socket; "
+                           f"wait for it to start, or stop it, and try again") from None
+    return fd
+
+
+def _apply_journal(sec: "Secondary") -> int:
+    """Apply every in-order run of the replayed journal to the image, make
+    it durable and checkpoint. Everything replayed was committed, so every
+    complete run may be applied. Returns the applied seq."""
+    q = sec.pending
+    while True:
+        run = q.next_run(max_bytes=RUN_BYTES)
+        if not run:
+            break
+        items = [record_data(sec.journal.read_record(pos)) for _, pos in run]
+        apply_run({0: sec.fd}, items, {0: sec.size})
+        q.mark_applied(run[-1][0].seq)
+    os.fdatasync(sec.fd)
+    if q.applied_through > sec.journal.applied_seq:
+        sec.journal.checkpoint(q.applied_through, q.applied_token)
+    return q.applied_through
+
+
+def promote_offline(config_path: str, resource: Resource, node: Node,
+                    force: bool = False) -> dict:
+    """Promote this node while its daemon is stopped: replay and apply its
+    journal here, then the same report and metadata as a running one."""
+    from replicator.secondary import Secondary
+
+    lock_fd = _take_daemon_lock(node, resource)
+    try:
+        md = load_metadata(node.meta_dir, resource.name, node.name)
+        # Check before opening anything: a refusal changes nothing.
+        forced = check_promotable(md, resource, node, connected=False, force=force)
+        sec = Secondary.open(config_path, resource.name, node.name)
+        try:
+            applied = _apply_journal(sec)
+            log.info("%s: journal applied through seq %d", resource.name, applied)
+            result = _become_primary(sec.md, resource, node, sec.pending.loss_view(), forced)
+        finally:
+            sec.journal.close()
+            os.close(sec.fd)
+        return result.to_dict()
+    finally:
+        os.close(lock_fd)
+
+
+# --------------------------------------------------------------------------
+# what the CLI and scripts/failover call
+
+
+def promote(config: Config, resource: Resource, node: Node, force: bool = False) -> Promotion:
+    """Promote *node*: through its daemon when it runs, offline otherwise."""
+    from replicator.control import NotRunningError, request
+
+    try:
+        st = request(node.meta_dir, "status", resource=resource.name, timeout=10)
+    except NotRunningError:
+        return Promotion.from_dict(promote_offline(config.path, resource, node, force))
+    if st.get("role") == ROLE_PRIMARY:
+        raise PromoteError(f"{resource.name}: node {node.name} is already running as Primary")
+    reply = request(node.meta_dir, "promote", resource=resource.name,
+                    timeout=APPLY_TIMEOUT + 60, force=bool(force))
+    return Promotion.from_dict(reply)
+
+
+def demote(config: Config, resource: Resource, node: Node) -> Metadata:
+    """Make a stopped Primary a Secondary that must resync from its peer.
+
+    Refuses while the resource runs here (it may have clients) or is still
+    attached. Returns the saved metadata.
+    """
+    from replicator.control import is_running
+    from replicator.journal import Journal, JournalError
+
+    paths = MetaPaths(node.meta_dir)
+    stop_first = (f"stop it first (systemctl stop duplex@{resource.name}, or stop "
+                  f"`duplex up {resource.name}`): demote needs a Primary with no clients")
+    if is_running(node.meta_dir):
+        raise PromoteError(f"{resource.name} is running on node {node.name}; {stop_first}")
+    lock_fd = _take_daemon_lock(node, resource)
+    try:
+        md = load_metadata(node.meta_dir, resource.name, node.name)
+        if md.role != ROLE_PRIMARY:
+            raise PromoteError(f"{resource.name}: node {node.name} is already {md.role}; "
+                               f"nothing to demote")
+        if paths.attach.exists():
+            raise PromoteError(f"{resource.name}: node {node.name} still has its export "
+                               f"attached ({paths.attach}); run `duplex detach "
+                               f"{resource.name}` first")
+        # A journal left from before this node was primary holds another
+        # history's records: replaying them later would corrupt the image.
+        try:
+            Journal.create(str(paths.journal), bytes.fromhex(md.node_uuid),
+                           resource.journal_size, overwrite=True).close()
+        except JournalError as e:
+            raise PromoteError(f"{resource.name}: cannot start the journal over: {e}") from None
+        md.role = ROLE_SECONDARY
+        md.disk = DISK_OUTDATED
+        md.save()
+        log.info("%s: demoted to Secondary (Outdated until it resyncs from its peer)",
+                 resource.name)
+        return md
+    finally:
+        os.close(lock_fd)

@@ -1,0 +1,96 @@
+"""Fixtures of the failover tests: a Duplex pair in two namespaces (as in
+tests/e2e), plus the teardown of what a failover leaves running: a mount on
+the node's mount-point, an attached export, a detached ``duplex up``."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from fixtures.blockdev import mountpoints_of, unmount
+from fixtures.duplex_lab import Lab, RESOURCE
+
+# The e2e workload (libnbd writers with overlaps, trims and zeros).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+
+
+def _stop_detached_up(meta: Path) -> None:
+    """Kill the process group of a ``duplex up`` that scripts/failover started."""
+    pidfile = meta / "up.pid"
+    try:
+        pid = int(pidfile.read_text())
+    except (OSError, ValueError):
+        return
+    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
+
+def _undo_failover(lab: Lab) -> None:
+    """Unmount the failover's mount, detach the export, stop its server."""
+    errors = []
+    mnt = getattr(lab, "mount_point", None)
+    if mnt is not None and os.path.ismount(mnt):
+        try:
+            unmount(mnt)
+        except Exception as e:
+            errors.append(f"unmount {mnt}: {e}")
+    for node in ("alpha", "beta"):
+        record = lab.meta[node] / "attach.json"
+        if record.exists():
+            import json
+            dev = json.loads(record.read_text()).get("device", "")
+            for point in mountpoints_of(dev) if dev else ():
+                try:
+                    unmount(point)
+                except Exception as e:
+                    errors.append(f"unmount {point}: {e}")
+            r = lab.duplex(node, "detach", RESOURCE, check=False)
+            if r.returncode != 0:
+                errors.append(f"detach on {node}: {r.stderr.strip()}")
+        _stop_detached_up(lab.meta[node])
+    if errors:
+        raise RuntimeError("failover teardown: " + "; ".join(errors))
+
+
+@pytest.fixture
+def make_lab(netns_pair, procs, tmp_path: Path) -> Iterator[Callable[..., Lab]]:
+    """Factory: a Lab between the two namespaces of ``netns_pair``; at
+    teardown whatever a failover set up is undone and every process stops."""
+    labs: list[Lab] = []
+
+    def make(**kwargs) -> Lab:
+        lab = Lab(tmp_path / f"lab{len(labs)}", procs, netns_pair.ns_a, netns_pair.ns_b,
+                  netns_pair.addr_a, netns_pair.addr_b, **kwargs)
+        labs.append(lab)
+        return lab
+
+    try:
+        yield make
+    finally:
+        errors = []
+        for lab in labs:
+            try:
+                _undo_failover(lab)
+            except Exception as e:
+                errors.append(str(e))
+            lab.stop()
+            lab.sock.unlink(missing_ok=True)
+            Path(f"{lab.sock}.beta").unlink(missing_ok=True)
+        if errors:
+            raise RuntimeError("; ".join(errors))
