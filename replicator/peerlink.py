@@ -25,6 +25,7 @@ log = logging.getLogger("duplex.link")
 RECV_BYTES = 1 << 20
 HANDSHAKE_TIMEOUT = 10.0
 DEAD_AFTER = 6.0  # no frame at all for this long: the peer is gone
+KEEPALIVE = 1.0   # send a PING when nothing else went out for this long
 
 
 class LinkError(DuplexError):
@@ -72,8 +73,10 @@ class PeerLink:
         self._conn_lock = threading.Lock()
         self._closed = threading.Event()
         self._last_rx = time.monotonic()
+        self._last_tx = time.monotonic()
         self._ping_nonce = 0
         self._reader: threading.Thread | None = None
+        self._keeper: threading.Thread | None = None
 
     # -- establishing -----------------------------------------------------
 
@@ -148,6 +151,9 @@ class PeerLink:
         link._reader = threading.Thread(target=link._read_loop, name=f"duplex-rx-{link.peer_name}",
                                         daemon=True)
         link._reader.start()
+        link._keeper = threading.Thread(target=link._keepalive_loop,
+                                        name=f"duplex-ka-{link.peer_name}", daemon=True)
+        link._keeper.start()
         return link
 
     # -- sending ----------------------------------------------------------
@@ -163,6 +169,7 @@ class PeerLink:
                     _sendmsg_all(self.sock, out)
                 else:
                     self.sock.sendall(out)
+                self._last_tx = time.monotonic()
             except OSError as e:
                 self._fail(f"send failed: {e}")
                 raise LinkError(self.error) from None
@@ -183,6 +190,21 @@ class PeerLink:
     def ping(self) -> None:
         self._ping_nonce += 1
         self.send(Ping(self._ping_nonce, time.time_ns()))
+
+    def _keepalive_loop(self) -> None:
+        """Tell the peer we are alive while our side has nothing to say
+        (a secondary staging a long increment sends no ack for a while).
+        Skipped while another thread is sending: bytes are moving then."""
+        while not self._closed.wait(KEEPALIVE / 2):
+            if time.monotonic() - self._last_tx < KEEPALIVE:
+                continue
+            if not self._send_lock.acquire(blocking=False):
+                continue
+            self._send_lock.release()
+            try:
+                self.ping()
+            except LinkError:
+                return
 
     # -- receiving --------------------------------------------------------
 
@@ -253,8 +275,9 @@ class PeerLink:
 
     def close(self, reason: str = "closed") -> None:
         self._fail(reason)
-        if self._reader and self._reader is not threading.current_thread():
-            self._reader.join(5)
+        for t in (self._reader, self._keeper):
+            if t and t is not threading.current_thread():
+                t.join(5)
         self.sock.close()
 
 

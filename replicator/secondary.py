@@ -278,7 +278,8 @@ class Secondary:
             # Stage it in the journal when it fits (the image stays a valid
             # past image until COMMIT); else write it straight to the image
             # and say Inconsistent until it commits (DESIGN §4).
-            staged = self.journal.area_size - self.journal.used_bytes > 2 * ev.nbytes + (1 << 20)
+            staged = (self.journal.area_size - self.journal.used_bytes
+                      > ev.nbytes + ev.nbytes // 16 + (1 << 20))
             self.incr = _Increment(ev.incr_id, ev.base_seq, staged)
             self.pending.expect_base(ev.base_seq)
         if not staged:

@@ -145,3 +145,16 @@ class Writer:
         self._stop.set()
         for t in self._threads:
             t.join(timeout)
+
+
+def slow_link(netns_pair, lab: Lab, rate: str = "4 mbytes/second", loss_percent: int = 3) -> None:
+    """Make the replication link slow and lossy (nftables in beta's
+    namespace: packets from alpha to the replication port over *rate*, and
+    *loss_percent* of all, are dropped), so that the secondary lags and
+    data trails its tokens when the link is cut."""
+    rules = (
+        "table inet duplex_slow {\n chain in {\n  type filter hook input priority 0;\n"
+        f"  ip saddr {lab.addr_a} tcp dport {lab.port} limit rate over {rate} drop\n"
+        f"  ip saddr {lab.addr_a} tcp dport {lab.port} numgen random mod 100 < {loss_percent} drop\n"
+        " }\n}\n")
+    netns_pair.run(lab.ns_b, ["nft", "-f", "-"], input=rules.encode())

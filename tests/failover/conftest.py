@@ -3,10 +3,9 @@ tests/e2e), plus the teardown of what a failover leaves running: a mount on
 the node's mount-point, an attached export, a detached ``duplex up``."""
 from __future__ import annotations
 
+import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -14,10 +13,7 @@ from typing import Callable, Iterator
 import pytest
 
 from fixtures.blockdev import mountpoints_of, unmount
-from fixtures.duplex_lab import Lab, RESOURCE
-
-# The e2e workload (libnbd writers with overlaps, trims and zeros).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+from fixtures.duplex_lab import RESOURCE, Lab
 
 
 def _stop_detached_up(meta: Path) -> None:
@@ -53,7 +49,6 @@ def _undo_failover(lab: Lab) -> None:
     for node in ("alpha", "beta"):
         record = lab.meta[node] / "attach.json"
         if record.exists():
-            import json
             dev = json.loads(record.read_text()).get("device", "")
             for point in mountpoints_of(dev) if dev else ():
                 try:
