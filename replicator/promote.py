@@ -10,9 +10,11 @@ Promotion turns a secondary into the primary of a new history:
    Outdated: demoted and never resynced).
 2. **Stop receiving**: close the links, accept no new ones. From here on
    nothing enters the pending queue.
-3. **Apply every in-order run** of journaled records (the image becomes
-   the primary's exact state after write A), make it durable, checkpoint
-   the journal.
+3. **Apply every in-order run** of journaled records, and a committed
+   catch-up increment (the image becomes the primary's exact state after
+   write A), make it durable, checkpoint the journal. (An image promoted
+   by force although invalid gets nothing more applied: that would not
+   make it valid.)
 4. **Loss report** (seed 001, FIG. 5): consistent through A with its
    timestamp, every write known lost after A, and that nothing after the
    last token is known. Written atomically as JSON to
@@ -255,6 +257,38 @@ def _become_primary(md: Metadata, resource: Resource, node: Node, view: LossView
 # promoting a running secondary (control socket handler)
 
 
+def _disconnect(sec: "Secondary") -> None:
+    """Close every link, including one whose handshake was already under
+    way when receiving stopped (it may still add itself afterwards)."""
+    from replicator.peerlink import HANDSHAKE_TIMEOUT
+
+    sec.stop_receiving("promoted to Primary")
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT + 1
+    while time.monotonic() < deadline and any(
+            t.name == "duplex-handshake" and t.is_alive() for t in threading.enumerate()):
+        time.sleep(0.05)
+    sec.stop_receiving("promoted to Primary")
+
+
+def _drain(sec: "Secondary") -> int:
+    """Apply everything that can be applied: every in-order run, and a
+    catch-up increment that was committed but not yet applied (it moves
+    the queue past its base, after which more runs may follow)."""
+    deadline = time.monotonic() + APPLY_TIMEOUT
+    while True:
+        applied = sec.apply_all(max(1.0, deadline - time.monotonic()))
+        busy = bool(getattr(sec, "_committed", None)) or sec.runs_started != sec.runs_done
+        if not busy:
+            time.sleep(0.05)  # an increment popped but not yet started
+            busy = bool(getattr(sec, "_committed", None)) or sec.runs_started != sec.runs_done
+        if not busy and sec.pending.applied_through == applied:
+            return applied
+        if time.monotonic() > deadline:
+            raise PromoteError(f"{sec.resource.name}: applying the journal did not finish "
+                               f"within {APPLY_TIMEOUT:.0f} s")
+        time.sleep(0.05)
+
+
 def promote_running(sec: "Secondary", force: bool = False) -> dict:
     """Promote the secondary daemon *sec* in place; returns
     :meth:`Promotion.to_dict`. The caller (``replicator.node``) stops the
@@ -275,12 +309,21 @@ def promote_running(sec: "Secondary", force: bool = False) -> dict:
             sec.receiving = was_receiving
             raise
         try:
-            sec.stop_receiving("promoted to Primary")
-            sec.apply_all(APPLY_TIMEOUT)
-            # Quiescent now: no link feeds the queue and every in-order run
-            # is applied, so the view is the final state.
-            result = _become_primary(sec.md, sec.resource, sec.node, sec.pending.loss_view(),
-                                     forced)
+            _disconnect(sec)
+            if _inconsistency(sec.md) is None:
+                _drain(sec)
+            else:
+                # Forced past an invalid image: applying records on top of
+                # it (maybe under a half-written catch-up increment) would
+                # not make it valid; it is declared good as it is.
+                log.warning("%s: promoting an invalid image by force: nothing more is "
+                            "applied", sec.resource.name)
+            # No link feeds the queue any more and every in-order run is
+            # applied: the view is final. (Taken under the queue's lock:
+            # the applier thread may still be finishing a run.)
+            with sec._lock:
+                view = sec.pending.loss_view()
+            result = _become_primary(sec.md, sec.resource, sec.node, view, forced)
         except BaseException:
             sec.receiving = was_receiving  # still a secondary: let the primary back
             raise
@@ -338,12 +381,17 @@ def promote_offline(config_path: str, resource: Resource, node: Node,
     lock_fd = _take_daemon_lock(node, resource)
     try:
         md = load_metadata(node.meta_dir, resource.name, node.name)
-        # Check before opening anything: a refusal changes nothing.
-        forced = check_promotable(md, resource, node, connected=False, force=force)
+        if md.role == ROLE_PRIMARY:
+            check_promotable(md, resource, node, connected=False, force=force)  # raises
+        # Opening replays the journal and redoes a committed catch-up
+        # increment (as starting the daemon would), which may make an
+        # Inconsistent image consistent: check after it.
         sec = Secondary.open(config_path, resource.name, node.name)
         try:
-            applied = _apply_journal(sec)
-            log.info("%s: journal applied through seq %d", resource.name, applied)
+            forced = check_promotable(sec.md, resource, node, connected=False, force=force)
+            if _inconsistency(sec.md) is None:
+                applied = _apply_journal(sec)
+                log.info("%s: journal applied through seq %d", resource.name, applied)
             result = _become_primary(sec.md, resource, node, sec.pending.loss_view(), forced)
         finally:
             sec.journal.close()

@@ -63,7 +63,9 @@ class Shipper:
         self.applied = 0
         self._released = 0
         self._samples: deque[tuple[int, int]] = deque()  # (last seq of a span, ts of its first record)
-        self._queued: deque[memoryview] = deque()  # announced spans whose DATA is not sent yet
+        self._queued: deque[tuple[PeerLink, memoryview]] = deque()  # announced, DATA not sent yet
+        self._links: list[PeerLink] = []
+        self._rr = 0
         self._incr_id = 0
         self.sync = None  # SyncProgress while catching up
         self.incr_bytes_sent = 0
@@ -141,22 +143,29 @@ class Shipper:
         peer = self.engine.peer
         while not self._stopping.is_set():
             self._set("Connecting")
+            links: list[PeerLink] = []
             try:
-                link = PeerLink.connect(peer.address, role="primary", resource=self.res.name,
-                                        node=self.engine.node.name, secret=self.res.secret(),
-                                        local_state=local_primary_state(self.engine, self.needs_resync),
-                                        on_ack=self._on_ack, timeout=5.0)
+                # Several connections may carry the stream (config
+                # "connections"); the first one also carries the increments.
+                for _ in range(max(1, self.res.connections)):
+                    links.append(self._connect())
             except RefusedError as e:
+                for extra in links:
+                    extra.close()
                 self._set("StandAlone", str(e))
                 log.error("%s: peer %s refused: %s", self.res.name, peer.name, e)
                 self._stopping.wait(REFUSED_RETRY)
                 continue
             except (LinkError, OSError) as e:
+                for extra in links:
+                    extra.close()
                 self._set("Connecting", str(e))
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             backoff = BACKOFF_MIN
+            link = links[0]
+            self._links = links
             try:
                 self._session(link)
             except (LinkError, OSError) as e:
@@ -166,8 +175,16 @@ class Shipper:
                 log.exception("%s: shipper failed; reconnecting", self.res.name)
                 self._stopping.wait(BACKOFF_MAX)
             finally:
-                link.close()
+                for one in links:
+                    one.close()
+                self._links = []
         self._set("StandAlone", "stopped")
+
+    def _connect(self) -> PeerLink:
+        return PeerLink.connect(self.engine.peer.address, role="primary", resource=self.res.name,
+                                node=self.engine.node.name, secret=self.res.secret(),
+                                local_state=local_primary_state(self.engine, self.needs_resync),
+                                on_ack=self._on_ack, timeout=5.0)
 
     def _session(self, link: PeerLink) -> None:
         ps = link.peer_state
@@ -226,8 +243,9 @@ class Shipper:
             if journaled > self._released:
                 core.release(journaled)
                 self._released = journaled
-        if not link.alive():
-            raise LinkError(link.error or "connection closed")
+        for one in self._links or [link]:
+            if not one.alive():
+                raise LinkError(one.error or "connection closed")
         announced = 0
         while len(self._queued) < MAX_ANNOUNCED_SPANS and announced < 4:
             try:
@@ -244,19 +262,24 @@ class Shipper:
                 self.ring_dropped()
                 return False
             tokens = core.tokens(span)
-            link.send_tokens(tokens)
+            # A span's tokens and data travel on one connection, tokens
+            # first; spans are spread over the connections in turn.
+            self._rr += 1
+            out = self._links[self._rr % len(self._links)] if self._links else link
+            out.send_tokens(tokens)
             first_ts = _SEQ_TS.unpack_from(tokens, 0)[1]
             last_seq = _SEQ_TS.unpack_from(tokens, len(tokens) - 48)[0]
             with self._lock:
                 self._samples.append((last_seq, first_ts))
-            self._queued.append(span)
+            self._queued.append((out, span))
             announced += 1
         if self._queued:
             if core.dropped:
                 self._queued.clear()
                 self.ring_dropped()
                 return False
-            link.send_data(self._queued.popleft())
+            out, span = self._queued.popleft()
+            out.send_data(span)
             return True
         return announced > 0
 

@@ -194,8 +194,11 @@ class DuplexTarget(Target):
         pair = NetnsPair.create(ctx.procs)
         lab = None
         try:
+            # The product's defaults, not the small test geometry.
             lab = Lab(ctx.workdir / "lab", ctx.procs, pair.ns_a, pair.ns_b,
-                      pair.addr_a, pair.addr_b, size=ctx.options.size)
+                      pair.addr_a, pair.addr_b, size=ctx.options.size,
+                      options={"ring-size": "64MiB", "journal-size": "1GiB",
+                               "al-extent-size": "4MiB", "al-extents": 1024})
             lab.create_md(assume_clean=True)
             lab.start_secondary()
             lab.start_primary(history=False)
