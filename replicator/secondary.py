@@ -38,7 +38,6 @@ from replicator.pending import PendingQueue, StreamError
 from replicator.protocol.errors import ProtocolError
 from replicator.protocol.messages import (STATE_NEEDS_RESYNC, ZERO_UUID, Data, IncrBegin,
                                           IncrCommit, IncrData, Message, State, Tokens)
-from replicator.records import iter_records
 from replicator.status import new_status
 
 log = logging.getLogger("duplex.secondary")
@@ -46,6 +45,8 @@ log = logging.getLogger("duplex.secondary")
 RUN_BYTES = 8 << 20          # apply at most this much between acks
 CHECKPOINT_INTERVAL = 1.0    # seconds between image fdatasync + journal checkpoint
 CHECKPOINT_BYTES = 64 << 20  # ...or after this much was applied
+ACK_INTERVAL = 0.001         # acks are coalesced over this long
+HOT_BYTES = 32 << 20         # received data kept in memory for the applier
 # Tests only: seconds to pause after each piece of an increment is applied,
 # so that a kill can land in the middle of an apply.
 _SLOW_APPLY = float(os.environ.get("DUPLEX_TEST_SLOW_INCREMENT_APPLY", "0") or 0)
@@ -83,6 +84,9 @@ class Secondary:
         self._commit_lock = threading.Lock()
         self._commit_wake = threading.Event()
         self._apply_wake = threading.Event()
+        self._ack_wake = threading.Event()
+        self._hot: dict[int, memoryview] = {}   # seq -> data, not yet applied
+        self._hot_bytes = 0
         self._stop = threading.Event()
         self.journaled = pending.received_through  # replayed records are durable
         self.links: set[PeerLink] = set()
@@ -148,7 +152,7 @@ class Secondary:
         self._listener = ls
         self.control.start()
         for name, target in (("listen", self._accept_loop), ("commit", self._commit_loop),
-                             ("apply", self._apply_loop)):
+                             ("apply", self._apply_loop), ("ack", self._ack_loop)):
             t = threading.Thread(target=target, name=f"duplex-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -258,11 +262,15 @@ class Secondary:
     def _on_data(self, ev: Data) -> None:
         payload = ev.payload
         with self._lock:
-            for tok, _ in iter_records(payload, check_crc=False):  # CRCs checked by decode
+            for tok, _ in ev.records:  # structure and CRCs were checked by decode
                 self.pending.check_record(tok)
             self._wait_room(len(payload))
-            for tok, pos in self.journal.append(payload):
-                self.pending.add_record(tok, pos)
+            for (tok, pos), (_, data) in zip(self.journal.append(payload), ev.records):
+                if self.pending.add_record(tok, pos) and self._hot_bytes < HOT_BYTES:
+                    # Keep the data at hand for the applier: no read back
+                    # from the journal while it keeps up (bounded memory).
+                    self._hot[tok.seq] = data
+                    self._hot_bytes += tok.data_len
         self._commit_wake.set()
 
     # -- catch-up increments (DESIGN §4) ------------------------------------
@@ -338,6 +346,8 @@ class Secondary:
         os.fdatasync(self.fd)
         with self._lock:
             self.pending.rebase(inc.base)
+            for seq in [q for q in self._hot if q <= inc.base]:
+                self._hot_bytes -= len(self._hot.pop(seq))
             with self._commit_lock:
                 self.journal.commit()
                 self.journal.checkpoint(inc.base)
@@ -405,7 +415,17 @@ class Secondary:
                 run = self.pending.next_run(max_records=limit, max_bytes=RUN_BYTES) if limit > 0 else []
             if run:
                 self.runs_started += 1
-                items = [record_data(self.journal.read_record(pos)) for _, pos in run]
+                items = []
+                with self._lock:
+                    for tok, pos in run:
+                        data = self._hot.pop(tok.seq, None)
+                        if data is not None:
+                            self._hot_bytes -= tok.data_len
+                            items.append((tok, data))
+                        else:
+                            items.append(None)
+                items = [it if it is not None else record_data(self.journal.read_record(pos))
+                         for it, (_, pos) in zip(items, run)]
                 apply_run({0: self.fd}, items, {0: self.size})
                 with self._lock:
                     self.pending.mark_applied(run[-1][0].seq)
@@ -439,14 +459,25 @@ class Secondary:
             self._lock.notify_all()
 
     def _ack(self) -> None:
-        with self._lock:
-            links = list(self.links)
-            applied = self.pending.applied_through
-        for link in links:
-            try:
-                link.send_ack(self.journaled, applied)
-            except LinkError:
-                pass
+        """Ask the ack thread to tell the primary where we are."""
+        self._ack_wake.set()
+
+    def _ack_loop(self) -> None:
+        # Acks are coalesced: at most one per ACK_INTERVAL, always carrying
+        # the latest seqs, so a busy stream does not cost an ack per frame.
+        while not self._stop.is_set():
+            if not self._ack_wake.wait(0.5):
+                continue
+            time.sleep(ACK_INTERVAL)
+            self._ack_wake.clear()
+            with self._lock:
+                links = list(self.links)
+                applied = self.pending.applied_through
+            for link in links:
+                try:
+                    link.send_ack(self.journaled, applied)
+                except LinkError:
+                    pass
 
     # -- promotion hooks (replicator/promote.py drives these) -------------
 

@@ -284,7 +284,8 @@ class Shipper:
         return announced > 0
 
     def _stream(self, link: PeerLink) -> None:
-        last_ping = time.monotonic()
+        last_ping = last_send = time.monotonic()
+        interval = self.res.batch_interval_s
         while True:
             if self.needs_resync:
                 # The ring overflowed while connected: catch up, then stream.
@@ -293,7 +294,16 @@ class Shipper:
                 CatchUp(self, link).run()
                 self._set("Established")
                 continue
+            if not self._queued and interval > 0 and not self._stopping.is_set():
+                # Seed 001's batching rule: send when a batch is full or the
+                # interval since the last send is over, whichever is first.
+                # Fewer, larger frames also mean fewer GIL hand-offs with the
+                # nbdkit request threads.
+                left = interval - (time.monotonic() - last_send)
+                if left > 0 and self.core.ring_stats["unsent_bytes"] < self.res.batch_bytes:
+                    time.sleep(left)
             if self.pump(link):
+                last_send = time.monotonic()
                 continue
             if self._stopping.is_set():
                 if self.core.ring_stats.get("records", 0) == 0 or time.monotonic() > self._drain_deadline:
@@ -302,6 +312,6 @@ class Shipper:
             if now - last_ping >= PING_INTERVAL:
                 link.ping()
                 last_ping = now
-            if not self.core.wait(self.res.batch_interval_s if self.res.batch_interval_s > 0 else 0.002):
-                self._wake.wait(0.05)
+            if not self.core.wait(0.05):
+                self._wake.wait(0.01)
                 self._wake.clear()

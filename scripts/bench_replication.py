@@ -26,6 +26,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -195,8 +196,9 @@ class DuplexTarget(Target):
         lab = None
         try:
             # The product's defaults, not the small test geometry.
-            lab = Lab(ctx.workdir / "lab", ctx.procs, pair.ns_a, pair.ns_b,
-                      pair.addr_a, pair.addr_b, size=ctx.options.size,
+            ctx.workdir.mkdir(parents=True, exist_ok=True)
+            lab = Lab(Path(tempfile.mkdtemp(prefix="lab-", dir=ctx.workdir)), ctx.procs, pair.ns_a, pair.ns_b,
+                      pair.addr_a, pair.addr_b, size=ctx.options.size, preallocate=True,
                       options={"ring-size": "64MiB", "journal-size": "1GiB",
                                "al-extent-size": "4MiB", "al-extents": 1024})
             lab.create_md(assume_clean=True)
