@@ -11,6 +11,7 @@ errors exit 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ class Context:
 def _node_module():
     """replicator.node, imported only by the commands that need it."""
     try:
-        import replicator.node as node_mod
+        node_mod = importlib.import_module("replicator.node")
     except ModuleNotFoundError as e:
         if e.name != "replicator.node":
             raise

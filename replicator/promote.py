@@ -257,36 +257,13 @@ def _become_primary(md: Metadata, resource: Resource, node: Node, view: LossView
 # promoting a running secondary (control socket handler)
 
 
-def _disconnect(sec: "Secondary") -> None:
-    """Close every link, including one whose handshake was already under
-    way when receiving stopped (it may still add itself afterwards)."""
-    from replicator.peerlink import HANDSHAKE_TIMEOUT
-
-    sec.stop_receiving("promoted to Primary")
-    deadline = time.monotonic() + HANDSHAKE_TIMEOUT + 1
-    while time.monotonic() < deadline and any(
-            t.name == "duplex-handshake" and t.is_alive() for t in threading.enumerate()):
-        time.sleep(0.05)
-    sec.stop_receiving("promoted to Primary")
-
-
 def _drain(sec: "Secondary") -> int:
     """Apply everything that can be applied: every in-order run, and a
-    catch-up increment that was committed but not yet applied (it moves
-    the queue past its base, after which more runs may follow)."""
-    deadline = time.monotonic() + APPLY_TIMEOUT
-    while True:
-        applied = sec.apply_all(max(1.0, deadline - time.monotonic()))
-        busy = bool(getattr(sec, "_committed", None)) or sec.runs_started != sec.runs_done
-        if not busy:
-            time.sleep(0.05)  # an increment popped but not yet started
-            busy = bool(getattr(sec, "_committed", None)) or sec.runs_started != sec.runs_done
-        if not busy and sec.pending.applied_through == applied:
-            return applied
-        if time.monotonic() > deadline:
-            raise PromoteError(f"{sec.resource.name}: applying the journal did not finish "
-                               f"within {APPLY_TIMEOUT:.0f} s")
-        time.sleep(0.05)
+    catch-up increment that was committed but not yet applied."""
+    try:
+        return sec.apply_all(APPLY_TIMEOUT)
+    except DuplexError as e:
+        raise PromoteError(str(e)) from None
 
 
 def promote_running(sec: "Secondary", force: bool = False) -> dict:
@@ -309,7 +286,9 @@ def promote_running(sec: "Secondary", force: bool = False) -> dict:
             sec.receiving = was_receiving
             raise
         try:
-            _disconnect(sec)
+            # A handshake still under way re-checks sec.receiving under the
+            # secondary's lock, so no link can join after this.
+            sec.stop_receiving("promoted to Primary")
             if _inconsistency(sec.md) is None:
                 _drain(sec)
             else:
@@ -319,10 +298,8 @@ def promote_running(sec: "Secondary", force: bool = False) -> dict:
                 log.warning("%s: promoting an invalid image by force: nothing more is "
                             "applied", sec.resource.name)
             # No link feeds the queue any more and every in-order run is
-            # applied: the view is final. (Taken under the queue's lock:
-            # the applier thread may still be finishing a run.)
-            with sec._lock:
-                view = sec.pending.loss_view()
+            # applied: the view is final.
+            view = sec.loss_view()
             result = _become_primary(sec.md, sec.resource, sec.node, view, forced)
         except BaseException:
             sec.receiving = was_receiving  # still a secondary: let the primary back

@@ -212,10 +212,13 @@ class Secondary:
             self.last_error = f"connection from {addr[0]} refused: {e}"
             log.error("%s: %s", self.resource.name, self.last_error)
             return
+        with self._lock:
+            if not self.receiving:  # promoted while this handshake ran
+                link.close("this node no longer receives (promoted)")
+                return
+            self.links.add(link)
         self._adopt(link.peer_state)
         self.primary_needs_resync = bool(link.peer_state.flags & STATE_NEEDS_RESYNC)
-        with self._lock:
-            self.links.add(link)
         log.info("%s: primary %s connected from %s", self.resource.name, link.peer_name, addr[0])
         threading.Thread(target=self._reap, args=(link,), daemon=True).start()
 
@@ -498,7 +501,8 @@ class Secondary:
         while True:
             with self._lock:
                 target = min(self.journaled, self.pending.received_through)
-                done = self.pending.applied_through >= target
+                done = (self.pending.applied_through >= target and not self._committed
+                        and self.runs_started == self.runs_done)
             if done:
                 break
             if time.monotonic() > deadline:
@@ -508,6 +512,11 @@ class Secondary:
             time.sleep(0.05)
         self._checkpoint()
         return self.pending.applied_through
+
+    def loss_view(self):
+        """The pending queue's view for a loss report (seed 001 FIG. 5)."""
+        with self._lock:
+            return self.pending.loss_view()
 
     # -- status -----------------------------------------------------------
 
