@@ -13,7 +13,8 @@ import errno
 import nbdkit
 
 from replicator.node import setup_logging
-from replicator.primary import Engine, EngineError
+from replicator.errors import DuplexError
+from replicator.primary import Engine
 
 API_VERSION = 2
 
@@ -49,7 +50,7 @@ def get_ready() -> None:
     try:
         _engine = Engine.open(_params["config"], _params["resource"], _params["node"],
                               history_path=_params.get("history"))
-    except EngineError as e:
+    except DuplexError as e:
         raise RuntimeError(str(e)) from None
 
 

@@ -125,6 +125,9 @@ class Metadata:
     disk: str = DISK_INCONSISTENT
     needs_initial_sync: bool = True
     seq_hwm: int = 0
+    # `duplex connect --discard-my-data`: at the next handshake this node
+    # gives up its own changes and syncs from the peer (split brain).
+    discard_my_data: bool = False
     created: float = 0.0
     updated: float = 0.0
     # Where it lives; not part of the document.
@@ -163,7 +166,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "generation": (str,), "device_size": (int,), "track_size": (int,),
     "history": (list,), "bitmap_uuid": (str, type(None)),
     "peer_node_uuid": (str, type(None)), "role": (str,), "disk": (str,),
-    "needs_initial_sync": (bool,), "seq_hwm": (int,), "created": (float, int),
+    "needs_initial_sync": (bool,), "seq_hwm": (int,), "discard_my_data": (bool,),
+    "created": (float, int),
     "updated": (float, int),
 }
 
@@ -174,6 +178,7 @@ def _is_uuid(v: Any) -> bool:
 
 def _validate_body(body: dict[str, Any], where: Path) -> None:
     """Raise MetadataError naming the first field that is wrong."""
+    body.setdefault("discard_my_data", False)  # absent in the first format-1 files
     missing = [k for k in _FIELD_TYPES if k not in body]
     if missing:
         raise MetadataError(f"{where}: field {missing[0]!r} is missing")

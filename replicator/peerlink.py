@@ -12,13 +12,15 @@ import threading
 import time
 from collections.abc import Callable
 
+from replicator import generations
 from replicator.errors import DuplexError
 from replicator.protocol.connection import CLOSED, NEED_DATA, Connection
 from replicator.protocol.errors import ErrorCode, ProtocolError
 from replicator.protocol.frames import FrameType
 from replicator.protocol.state import NEGOTIATING
-from replicator.protocol.messages import (STATE_NEEDS_RESYNC, ZERO_UUID, Ack, Data, Error,
-                                          Message, Ping, Pong, State, Tokens)
+from replicator.protocol.messages import (STATE_HAS_BITMAP_UUID, STATE_NEEDS_RESYNC, ZERO_UUID,
+                                          Ack, Data, Error, Message, OosBitmap, Ping, Pong, State,
+                                          Tokens)
 
 log = logging.getLogger("duplex.link")
 
@@ -44,14 +46,17 @@ def pairing_uuid(md) -> bytes:
 
 
 def local_primary_state(engine, needs_resync: bool) -> State:
-    """The primary's STATE."""
+    """The primary's STATE. The primary's resource UUID is the resource's:
+    a fresh secondary adopts it at its first handshake."""
     md = engine.md
     stats = engine.core.ring_stats
-    return State(pairing_uuid(md), bytes.fromhex(md.generation), md.device_size,
+    history, has_bitmap = generations.state_history(md)
+    flags = (STATE_NEEDS_RESYNC if needs_resync else 0) | (STATE_HAS_BITMAP_UUID if has_bitmap else 0)
+    return State(bytes.fromhex(md.resource_uuid), bytes.fromhex(md.generation), md.device_size,
                  md.track_size, "primary", "UpToDate",
                  written_seq=engine.core.next_seq - 1,
                  oldest_held_seq=stats.get("oldest_seq", 0) or 0,
-                 flags=STATE_NEEDS_RESYNC if needs_resync else 0)
+                 flags=flags, history=history)
 
 
 class PeerLink:
@@ -77,6 +82,8 @@ class PeerLink:
         self._ping_nonce = 0
         self._reader: threading.Thread | None = None
         self._keeper: threading.Thread | None = None
+        self._bitmap: OosBitmap | None = None
+        self._bitmap_ready = threading.Event()
 
     # -- establishing -----------------------------------------------------
 
@@ -191,6 +198,13 @@ class PeerLink:
         self._ping_nonce += 1
         self.send(Ping(self._ping_nonce, time.time_ns()))
 
+    def wait_bitmap(self, timeout: float) -> OosBitmap:
+        """The BITMAP the peer announced in its STATE."""
+        if not self._bitmap_ready.wait(timeout) or self._bitmap is None:
+            raise LinkError(f"peer {self.peer_name} announced a BITMAP but sent none "
+                            f"within {timeout:.0f} s")
+        return self._bitmap
+
     def _keepalive_loop(self) -> None:
         """Tell the peer we are alive while our side has nothing to say
         (a secondary staging a long increment sends no ack for a while).
@@ -254,6 +268,9 @@ class PeerLink:
             now = time.time_ns()
             self.rtt = (now - ev.ping_ts_ns) / 1e9
             self.clock_offset_ns = ev.peer_ts_ns - (ev.ping_ts_ns + now) // 2
+        elif isinstance(ev, OosBitmap):
+            self._bitmap = ev
+            self._bitmap_ready.set()
         elif isinstance(ev, Error):
             self._fail(f"peer closed: {ev.message}")
         elif self.on_event:

@@ -19,7 +19,9 @@ from replicator.control import ControlServer
 from replicator.core import ActivityLog, Bitmap, Core, CoreError, WriteResult
 from replicator.devices import device_size
 from replicator.errors import DuplexError
-from replicator.metadata import DISK_UPTODATE, Metadata, load_metadata
+from replicator import generations
+from replicator.metadata import DISK_UPTODATE, Metadata, load_metadata, new_uuid
+from replicator.oosfiles import open_bitmaps
 from replicator.seqmark import SeqMark
 from replicator.shipper import Shipper
 from replicator.status import new_status
@@ -29,30 +31,6 @@ log = logging.getLogger("duplex.primary")
 
 class EngineError(DuplexError):
     """The primary cannot start: metadata, bitmap or device problem."""
-
-
-@dataclass
-class _Opened:
-    md: Metadata
-    oos: Bitmap
-    al: ActivityLog
-
-
-def open_bitmaps(md: Metadata, resource: Resource) -> _Opened:
-    """Open the OOS bitmap and activity log; after an unclean stop, OR every
-    active extent into the bitmap (DESIGN §5) and make that durable."""
-    uuid = bytes.fromhex(md.node_uuid)
-    try:
-        oos = Bitmap.open(str(md.paths.bitmap), uuid, md.track_size)
-        al = ActivityLog.open(str(md.paths.activity_log), uuid)
-    except CoreError as e:
-        raise EngineError(str(e)) from None
-    if oos.was_dirty:
-        n = al.recover_into(oos)
-        oos.sync()
-        log.warning("%s: previous run did not stop cleanly: %d tracks of the "
-                    "activity log marked out of sync", md.resource, n)
-    return _Opened(md, oos, al)
 
 
 class Engine:
@@ -77,6 +55,9 @@ class Engine:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._fd = os.open(node.device, os.O_RDONLY | os.O_CLOEXEC)
+        self._gen_lock = threading.Lock()
+        self._attached = False  # the peer follows our current generation
+        self._bumped = False    # a new generation was started since the peer left
 
     @classmethod
     def open(cls, config_path: str, resource_name: str, node_name: str,
@@ -132,16 +113,47 @@ class Engine:
         while not self._stop.wait(0.5):
             self.mark.advance(self.core.next_seq)
 
+    # -- generations (DESIGN §7) ---------------------------------------------
+
+    def attached(self) -> None:
+        """The peer has our generation now (handshake done)."""
+        with self._gen_lock:
+            self._attached = True
+            self._bumped = False
+
+    def detached(self) -> None:
+        """The peer is gone: the next write starts a new generation."""
+        self._attached = False
+
+    def _new_generation(self) -> None:
+        # A write without the peer begins a history the peer cannot know;
+        # recorded before the write completes, so that if the peer is
+        # promoted meanwhile, the next meeting sees split brain.
+        with self._gen_lock:
+            if self._attached or self._bumped:
+                return
+            self._bumped = True
+            if self.md.bitmap_uuid is not None:
+                return  # our generation is not the peer's yet (promoted, or bumped before)
+            old = generations.bump(self.md, new_uuid())
+            self.md.save()
+            log.info("%s: writing without the peer: new generation %s (was %s)",
+                     self.resource.name, self.md.generation[:8], old[:8])
+
     # -- the data path (plugin callbacks) ---------------------------------
 
     def write(self, buf, offset: int, fua: bool = False) -> WriteResult:
         """One NBD write: the whole primary write path in one C call."""
+        if not self._attached and not self._bumped:
+            self._new_generation()
         res = self.core.write(buf, offset, fua=fua)
         if not res.queued:
             self.shipper.ring_dropped()
         return res
 
     def trim(self, offset: int, length: int, fua: bool = False) -> WriteResult:
+        if not self._attached and not self._bumped:
+            self._new_generation()
         res = self.core.trim(offset, length)
         if fua:
             self.core.flush()
@@ -150,6 +162,8 @@ class Engine:
         return res
 
     def zero(self, offset: int, length: int, fua: bool = False) -> WriteResult:
+        if not self._attached and not self._bumped:
+            self._new_generation()
         res = self.core.zero(offset, length)
         if fua:
             self.core.flush()

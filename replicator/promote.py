@@ -369,8 +369,10 @@ def promote_offline(config_path: str, resource: Resource, node: Node,
             if _inconsistency(sec.md) is None:
                 applied = _apply_journal(sec)
                 log.info("%s: journal applied through seq %d", resource.name, applied)
+            sec.stop_receiving("promoted")  # also lets go of the bitmap file
             result = _become_primary(sec.md, resource, node, sec.pending.loss_view(), forced)
         finally:
+            sec.stop_receiving("promoted")
             sec.journal.close()
             os.close(sec.fd)
         return result.to_dict()

@@ -18,6 +18,7 @@ leaves the image holding a write the journal could not replay.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -31,13 +32,19 @@ from replicator.control import ControlServer
 from replicator.devices import device_size
 from replicator.errors import DuplexError
 from replicator.journal import Journal, JournalError
-from replicator.metadata import (DISK_CONSISTENT, DISK_INCONSISTENT, DISK_UPTODATE, Metadata,
-                                 load_metadata)
+from replicator.metadata import (DISK_CONSISTENT, DISK_INCONSISTENT, DISK_OUTDATED, DISK_UPTODATE,
+                                 Metadata, load_metadata)
 from replicator.peerlink import LinkError, PeerLink, pairing_uuid
+from replicator.oosfiles import open_bitmaps
 from replicator.pending import PendingQueue, StreamError
 from replicator.protocol.errors import ProtocolError
-from replicator.protocol.messages import (STATE_NEEDS_RESYNC, ZERO_UUID, Data, IncrBegin,
-                                          IncrCommit, IncrData, Message, State, Tokens)
+from replicator import generations
+from replicator.generations import Decision
+from replicator.protocol.errors import ErrorCode
+from replicator.protocol.messages import (STATE_DISCARD_MY_DATA, STATE_HAS_BITMAP_UUID,
+                                          STATE_NEEDS_RESYNC, STATE_SENDS_BITMAP, ZERO_UUID, Data,
+                                          IncrBegin, IncrCommit, IncrData, Message, OosBitmap,
+                                          State, Tokens)
 from replicator.status import new_status
 
 log = logging.getLogger("duplex.secondary")
@@ -54,6 +61,13 @@ _SLOW_APPLY = float(os.environ.get("DUPLEX_TEST_SLOW_INCREMENT_APPLY", "0") or 0
 
 class SecondaryError(DuplexError):
     """The secondary cannot start (metadata, journal, image)."""
+
+
+def _bits_of(bm, tracks: list[int]) -> bytes:
+    out = bytearray((bm.nbits + 7) // 8)
+    for t in tracks:
+        out[t // 8] |= 1 << (t % 8)
+    return bytes(out)
 
 
 @dataclass
@@ -98,6 +112,9 @@ class Secondary:
         self._committed: list[_Increment] = []   # committed, to apply
         self._pause_apply = threading.Event()    # an in-place increment owns the image
         self.inconsistent_reason = ""
+        self.standalone_reason = ""
+        self.own_oos = None          # this node's own OOS bitmap (as an old primary)
+        self._clear_own_oos_at: int | None = None
         self.last_error = ""
         # Counted so that an observer can tell whether the image changed
         # while it read it: a sample is whole when no run was in flight.
@@ -127,6 +144,11 @@ class Secondary:
                      res.name, pending.applied_through, len(pending), pending.received_through)
         fd = os.open(node.device, os.O_RDWR | os.O_CLOEXEC)
         sec = cls(res, node, md, journal, fd, pending)
+        # Our own out-of-sync tracks: empty on a secondary that was always
+        # one; an old primary's unshipped writes after a failover.
+        opened = open_bitmaps(md, res)
+        opened.al.close(opened.oos)
+        sec.own_oos = opened.oos
         for incr_id, base, positions in journal.committed_increments():
             # Redo: committed before the stop, maybe not (fully) applied.
             log.info("%s: journal replay: re-applying committed increment %d", res.name, incr_id)
@@ -171,6 +193,7 @@ class Secondary:
         if self._listener:
             self._listener.close()
         self.control.stop()
+        self._close_own_oos()
         self._checkpoint()
         self.journal.close()
         os.close(self.fd)
@@ -196,12 +219,116 @@ class Secondary:
                              name="duplex-handshake", daemon=True).start()
 
     def _state_for(self, peer: State) -> State:
+        """Our STATE, once the primary's is known: the generation handshake
+        (DESIGN §7) decides here whether we follow this primary."""
+        self._check_generations(peer)
         with self._lock:
+            history, has_bitmap = generations.state_history(self.md)
+            flags = ((STATE_NEEDS_RESYNC if self.md.needs_initial_sync else 0)
+                     | (STATE_HAS_BITMAP_UUID if has_bitmap else 0)
+                     | (STATE_DISCARD_MY_DATA if self.md.discard_my_data else 0)
+                     | (STATE_SENDS_BITMAP if self._own_oos_tracks() else 0))
             return State(pairing_uuid(self.md), bytes.fromhex(self.md.generation),
                          self.md.device_size, self.md.track_size, "secondary", self._disk(),
                          journaled_seq=self.journaled,
                          applied_seq=self.pending.applied_through,
-                         flags=STATE_NEEDS_RESYNC if self.md.needs_initial_sync else 0)
+                         flags=flags, history=history)
+
+    def _check_generations(self, peer_state: State) -> None:
+        """Refuse a primary whose data we must not follow: split brain,
+        unrelated data, or older data than ours (ProtocolError: the primary
+        is told why, and both sides report it)."""
+        if self.md.peer_node_uuid is None:
+            return  # never paired: we take the primary's data, whatever ours was
+        local = generations.of_metadata(self.md)
+        peer = generations.from_state(peer_state, bool(peer_state.flags & STATE_HAS_BITMAP_UUID))
+        decision = generations.compare(local, peer)
+        if decision in (Decision.SAME, Decision.PEER_AHEAD):
+            return
+        if self.md.discard_my_data and decision in (Decision.SPLIT_BRAIN, Decision.LOCAL_AHEAD):
+            log.warning("%s: %s: discarding this node's data as asked (--discard-my-data)",
+                        self.resource.name, generations.explain(decision, local, peer))
+            return
+        why = generations.explain(decision, local, peer)
+        if decision is Decision.SPLIT_BRAIN:
+            why += ("; nothing is merged: on the node whose changes are to be dropped, run "
+                    "`duplex connect RES --discard-my-data`")
+        elif decision is Decision.LOCAL_AHEAD:
+            why += ("; this node has newer data than the primary: promote it, or run "
+                    "`duplex connect RES --discard-my-data` to sync from the primary")
+        self.standalone_reason = why
+        log.error("%s: refusing primary: %s", self.resource.name, why)
+        raise ProtocolError(why, ErrorCode.STATE_MISMATCH)
+
+    def _follow(self, link: PeerLink) -> None:
+        """After a successful handshake: take the primary's generations, and
+        hand it our own out-of-sync tracks (an old primary coming back: its
+        writes that never reached the peer are overwritten by the resync)."""
+        ps = link.peer_state
+        peer = generations.from_state(ps, bool(ps.flags & STATE_HAS_BITMAP_UUID))
+        tracks = self._own_oos_tracks()
+        if tracks:
+            self._write_failback_report(peer, tracks)
+            link.send(OosBitmap(self.md.track_size, self.own_oos.nbits,
+                                _bits_of(self.own_oos, tracks)))
+            self._clear_own_oos_at = ps.written_seq  # cleared once an increment covers it
+        with self._lock:
+            changed = self.md.generation != peer.current or self.md.discard_my_data
+            if changed:
+                generations.adopt(self.md, peer)
+                if self.md.disk == DISK_OUTDATED:
+                    self.md.disk = DISK_CONSISTENT
+                self.md.save()
+            self.standalone_reason = ""
+
+    def _close_own_oos(self) -> None:
+        with self._lock:
+            bm, self.own_oos = self.own_oos, None
+        if bm is not None:
+            bm.close()
+
+    def _own_oos_tracks(self) -> list[int]:
+        """Tracks this node wrote as a primary that its peer never got.
+        Only a node that was primary (demoted: Outdated) or that gives up
+        its data has such tracks; a secondary's bitmap from create-md means
+        nothing here."""
+        bm = self.own_oos
+        if (bm is None or self.md.needs_initial_sync
+                or not (self.md.disk == DISK_OUTDATED or self.md.discard_my_data)
+                or not bm.count()):
+            return []
+        out, t = [], bm.find_next(0)
+        while t >= 0:
+            out.append(t)
+            t = bm.find_next(t + 1)
+        return out
+
+    def _write_failback_report(self, peer, tracks: list[int]) -> None:
+        """What this node wrote that its peer never got, as track ranges:
+        the resync that follows overwrites it."""
+        ranges: list[list[int]] = []
+        for t in tracks:
+            off = t * self.md.track_size
+            if ranges and ranges[-1][0] + ranges[-1][1] == off:
+                ranges[-1][1] += self.md.track_size
+            else:
+                ranges.append([off, self.md.track_size])
+        report = {"resource": self.resource.name, "node": self.node.name,
+                  "superseded_by_generation": peer.current,
+                  "our_generation": self.md.generation,
+                  "note": ("writes of this node that never reached its peer, by range (the "
+                           "exact writes are not kept); the resync from the peer overwrites "
+                           "them"),
+                  "ranges": [{"offset": o, "length": n} for o, n in ranges],
+                  "bytes": sum(n for _, n in ranges),
+                  "time": time.time()}
+        path = self.md.paths.meta_dir / "failback-report.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, path)
+        log.warning("%s: %d bytes in %d ranges written here never reached the peer; they "
+                    "are overwritten by the resync (listed in %s)", self.resource.name,
+                    report["bytes"], len(ranges), path)
 
     def _handshake(self, sock: socket.socket, addr) -> None:
         try:
@@ -218,6 +345,11 @@ class Secondary:
                 return
             self.links.add(link)
         self._adopt(link.peer_state)
+        try:
+            self._follow(link)
+        except (LinkError, DuplexError) as e:
+            link.close(str(e))
+            return
         self.primary_needs_resync = bool(link.peer_state.flags & STATE_NEEDS_RESYNC)
         log.info("%s: primary %s connected from %s", self.resource.name, link.peer_name, addr[0])
         threading.Thread(target=self._reap, args=(link,), daemon=True).start()
@@ -363,6 +495,12 @@ class Secondary:
             self.md.save()
         self._pause_apply.clear()
         self.primary_needs_resync = False
+        if self.own_oos is not None and self._clear_own_oos_at is not None \
+                and inc.base >= self._clear_own_oos_at:
+            # The primary merged our tracks before this increment froze.
+            self.own_oos.clear_all()
+            self.own_oos.sync()
+            self._clear_own_oos_at = None
         log.info("%s: increment %d applied (%d bytes); consistent at seq %d",
                  self.resource.name, inc.id, inc.bytes, inc.base)
 
@@ -488,6 +626,7 @@ class Secondary:
         """Refuse new connections and close the current ones: nothing more
         enters the queue after this."""
         self.receiving = False
+        self._close_own_oos()
         for link in list(self.links):
             link.close(reason)
         with self._lock:

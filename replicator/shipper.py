@@ -23,7 +23,10 @@ from typing import TYPE_CHECKING
 from replicator.catchup import CatchUp
 from replicator.core import CoreError
 from replicator.peerlink import LinkError, PeerLink, RefusedError, local_primary_state
-from replicator.protocol.messages import STATE_NEEDS_RESYNC
+from replicator import generations
+from replicator.generations import Decision
+from replicator.protocol.messages import (STATE_DISCARD_MY_DATA, STATE_HAS_BITMAP_UUID,
+                                          STATE_NEEDS_RESYNC, STATE_SENDS_BITMAP, ZERO_UUID)
 
 if TYPE_CHECKING:
     from replicator.primary import Engine
@@ -175,6 +178,7 @@ class Shipper:
                 log.exception("%s: shipper failed; reconnecting", self.res.name)
                 self._stopping.wait(BACKOFF_MAX)
             finally:
+                self.engine.detached()
                 for one in links:
                     one.close()
                 self._links = []
@@ -186,7 +190,55 @@ class Shipper:
                                 local_state=local_primary_state(self.engine, self.needs_resync),
                                 on_ack=self._on_ack, timeout=5.0)
 
+    def _agree_on_generations(self, link: PeerLink) -> None:
+        """DESIGN §7: decide who is ahead. Refuses (StandAlone) unless this
+        node is ahead or the same; takes the peer's own out-of-sync tracks
+        (an old primary coming back) into the OOS bitmap."""
+        ps = link.peer_state
+        md = self.engine.md
+        local = generations.of_metadata(md)
+        peer = generations.from_state(ps, bool(ps.flags & STATE_HAS_BITMAP_UUID))
+        fresh_peer = ps.resource_uuid == ZERO_UUID
+        decision = generations.compare(local, peer)
+        if ps.flags & STATE_DISCARD_MY_DATA and decision in (Decision.SPLIT_BRAIN,
+                                                              Decision.PEER_AHEAD):
+            log.warning("%s: %s; the peer discards its data (connect --discard-my-data)",
+                        self.res.name, generations.explain(decision, local, peer))
+            decision = Decision.LOCAL_AHEAD
+        if not fresh_peer and decision not in (Decision.SAME, Decision.LOCAL_AHEAD):
+            why = generations.explain(decision, local, peer)
+            if decision is Decision.SPLIT_BRAIN:
+                why += ("; nothing is merged: on the node whose changes are to be dropped, "
+                        "run `duplex connect RES --discard-my-data`")
+            elif decision is Decision.PEER_AHEAD:
+                why += "; demote this node (`duplex demote RES`) to sync from it"
+            raise RefusedError(why)
+        if ps.flags & STATE_SENDS_BITMAP:
+            bm = link.wait_bitmap(10.0)
+            merged = 0
+            for t in bm.tracks():
+                if t < self.engine.oos.nbits and not self.engine.oos.set_bit(t):
+                    merged += 1
+            self.engine.oos.sync()
+            log.warning("%s: peer %s brought %d out-of-sync tracks of its own (writes that "
+                        "never reached this node); they will be resent", self.res.name,
+                        link.peer_name, len(bm.tracks()))
+            if bm.tracks():
+                self.needs_resync = True
+                self._resync_reason = "the peer's own unshipped writes are overwritten"
+        changed = False
+        if md.bitmap_uuid is not None:
+            md.bitmap_uuid = None  # the peer takes our generation now
+            changed = True
+        if md.peer_node_uuid is None:
+            md.peer_node_uuid = md.resource_uuid  # paired: no longer fresh
+            changed = True
+        if changed:
+            md.save()
+        self.engine.attached()
+
     def _session(self, link: PeerLink) -> None:
+        self._agree_on_generations(link)
         ps = link.peer_state
         with self._lock:
             self.peer_disk = ps.disk

@@ -16,7 +16,9 @@ these)::
       "lag": {"writes": 3, "bytes": 12288, "seconds": 0.004},
       "out_of_sync_bytes": 0,
       "nbd_uri": "nbd+unix:///?socket=/run/duplex/r0.nbd",   # primary, else null
-      "sync": null,       # or {"done_bytes", "total_bytes", "rate", "eta_seconds"}
+      "sync": null,       # or {"done_bytes", "total_bytes", "rate", "eta_seconds",
+                          #     "increment"} (increment: optional)
+      "incr_bytes_sent": 0,   # optional (primary): catch-up bytes sent since up
       "reason": null      # why StandAlone / Inconsistent / down, in words
     }
 
@@ -55,6 +57,7 @@ _TEMPLATE: dict[str, Any] = {
     "reason": None,
 }
 _SYNC_KEYS = ("done_bytes", "total_bytes", "rate", "eta_seconds")
+SYNC_BAR_WIDTH = 20  # the sync line's bar: the whole line fits ~100 columns
 
 
 def new_status(resource: Resource, node: Node, **fields: Any) -> dict:
@@ -126,6 +129,35 @@ def progress_bar(done: float, total: float, width: int = 30) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}%"
 
 
+def format_eta(seconds: float) -> str:
+    """An ETA for people: whole seconds (``16s``), then ``4m05s``, ``2h03m``;
+    ``<1s`` when nearly done. No decimals: they would flicker under --watch."""
+    if seconds < 1:
+        return "<1s"
+    if seconds < 60:
+        return f"{int(round(seconds))}s"
+    return format_duration(seconds)
+
+
+def format_sync(sync: dict) -> str:
+    """One line of resync progress from a status ``sync`` dict::
+
+        [#########...........]  47.2%  1.2 GiB of 2.5 GiB, 85.0 MiB/s, eta 16s (increment 3)
+
+    A field that is missing or null (rate, eta, increment) is left out.
+    """
+    done, total = sync.get("done_bytes") or 0, sync.get("total_bytes") or 0
+    text = (f"{progress_bar(done, total, width=SYNC_BAR_WIDTH)}  "
+            f"{format_size(done)} of {format_size(total)}")
+    if sync.get("rate") is not None:
+        text += f", {format_size(sync['rate'])}/s"
+    if sync.get("eta_seconds") is not None:
+        text += f", eta {format_eta(float(sync['eta_seconds']))}"
+    if sync.get("increment") is not None:
+        text += f" (increment {sync['increment']})"
+    return text
+
+
 def format_status(d: dict) -> str:
     """A short human table of one status dict."""
     g = d.get
@@ -151,14 +183,10 @@ def format_status(d: dict) -> str:
         lines.append(f"  export        {g('nbd_uri')}")
     sync = g("sync")
     if isinstance(sync, dict):
-        done, total = sync.get("done_bytes") or 0, sync.get("total_bytes") or 0
-        line = (f"  sync          {progress_bar(done, total)}  "
-                f"{format_size(done)} of {format_size(total)}")
-        if sync.get("rate"):
-            line += f" at {format_size(sync['rate'])}/s"
-        if sync.get("eta_seconds") is not None:
-            line += f", ETA {format_duration(float(sync['eta_seconds']))}"
-        lines.append(line)
+        lines.append("  sync          " + format_sync(sync))
+    if g("incr_bytes_sent") is not None:
+        lines.append(f"  catch-up      {format_size(g('incr_bytes_sent') or 0)} "
+                     f"sent in increments")
     if g("reason"):
         lines.append(f"  reason        {g('reason')}")
     return "\n".join(lines)
@@ -167,3 +195,13 @@ def format_status(d: dict) -> str:
 def format_statuses(ds: list[dict]) -> str:
     """Several resources' tables, separated by blank lines."""
     return "\n\n".join(format_status(d) for d in ds)
+
+
+def watch_frame(text: str, header: str = "") -> str:
+    """What ``duplex status --watch`` writes to a terminal for one refresh:
+    cursor home, every line of *header* and *text* followed by erase-to-end
+    of line, then erase below. The previous frame is overwritten in place
+    rather than cleared first, so the screen does not flicker, and lines that
+    got shorter (or a table that lost lines) leave nothing behind."""
+    lines = ([header] if header else []) + text.split("\n")
+    return "\x1b[H" + "".join(f"{line}\x1b[K\n" for line in lines) + "\x1b[J"

@@ -67,11 +67,13 @@ class FrameType(IntEnum):
     ACK = 0x30
     PING = 0x31
     PONG = 0x32
+    BITMAP = 0x33  # secondary -> primary: its own out-of-sync tracks
     # 0x7_: connection control
     ERROR = 0x7F
 
 
-BULK_TYPES = frozenset({FrameType.TOKENS, FrameType.DATA, FrameType.INCR_DATA})
+BULK_TYPES = frozenset({FrameType.TOKENS, FrameType.DATA, FrameType.INCR_DATA,
+                        FrameType.BITMAP})
 _TYPES_BY_VALUE = {int(t): t for t in FrameType}
 
 

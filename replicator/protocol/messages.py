@@ -60,7 +60,11 @@ MAX_HISTORY = 8
 
 # STATE flags
 STATE_NEEDS_RESYNC = 1 << 0   # this node knows its data differs from the peer's (bitmap set)
-STATE_KNOWN_FLAGS = STATE_NEEDS_RESYNC
+STATE_HAS_BITMAP_UUID = 1 << 1  # history[0] is the generation the sender's bitmap is relative to
+STATE_DISCARD_MY_DATA = 1 << 2  # the sender (a secondary) gives up its own changes: sync from the peer
+STATE_SENDS_BITMAP = 1 << 3   # the sender follows with a BITMAP of tracks the peer must resend
+STATE_KNOWN_FLAGS = (STATE_NEEDS_RESYNC | STATE_HAS_BITMAP_UUID | STATE_DISCARD_MY_DATA
+                     | STATE_SENDS_BITMAP)
 
 _U16 = (1 << 16) - 1
 _U32 = (1 << 32) - 1
@@ -607,9 +611,54 @@ class Error(Message):
         return cls(code, _utf8("ERROR", "message", payload[_ERROR.size:]))
 
 
+_BITMAP = struct.Struct("<IIQ")
+
+
+@dataclass(frozen=True, slots=True)
+class OosBitmap(Message):
+    """A secondary's own out-of-sync tracks (its writes the peer never got,
+    as an old primary coming back), sent once after STATE: the primary
+    resends those tracks too. ``bits`` is the raw bit array, bit i = track i."""
+
+    TYPE: ClassVar[FrameType] = FrameType.BITMAP
+    track_size: int
+    nbits: int
+    bits: bytes
+
+    def __post_init__(self) -> None:
+        _uint("BITMAP", "track_size", self.track_size, _U32)
+        if self.track_size < 512 or self.track_size & (self.track_size - 1):
+            raise _fail("BITMAP", "track_size", f"{self.track_size} is not a power of two >= 512")
+        _uint("BITMAP", "nbits", self.nbits, _U64)
+        if len(self.bits) != (self.nbits + 7) // 8:
+            raise _fail("BITMAP", "bits", f"holds {len(self.bits)} bytes for {self.nbits} bits")
+        _set(self, "bits", bytes(self.bits))
+
+    def encode(self) -> bytes:
+        return _BITMAP.pack(self.track_size, 0, self.nbits) + self.bits
+
+    @classmethod
+    def decode(cls, payload) -> OosBitmap:
+        _at_least("BITMAP", payload, _BITMAP.size)
+        track, rsv, nbits = _BITMAP.unpack_from(payload)
+        if rsv:
+            raise _fail("BITMAP", "reserved", "is not zero")
+        return cls(track, nbits, bytes(payload[_BITMAP.size:]))
+
+    def tracks(self) -> list[int]:
+        """The set tracks, in order."""
+        out = []
+        for i, byte in enumerate(self.bits):
+            while byte:
+                low = byte & -byte
+                out.append(i * 8 + low.bit_length() - 1)
+                byte ^= low
+        return [t for t in out if t < self.nbits]
+
+
 MESSAGE_CLASSES: dict[FrameType, type[Message]] = {
     cls.TYPE: cls for cls in (Hello, Auth, State, Tokens, Data, Flush, IncrBegin,
-                              IncrData, IncrCommit, Ack, Ping, Pong, Error)
+                              IncrData, IncrCommit, Ack, Ping, Pong, Error, OosBitmap)
 }
 assert set(MESSAGE_CLASSES) == set(FrameType), "every frame type needs a message class"
 

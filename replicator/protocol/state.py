@@ -99,6 +99,7 @@ TRANSITIONS: dict[str, dict[PartyState, dict[F, PartyState]]] = {
         **_HANDSHAKE,
         ESTABLISHED: {
             F.ACK: ESTABLISHED,
+            F.BITMAP: ESTABLISHED,
             F.PING: ESTABLISHED,
             F.PONG: ESTABLISHED,
             F.ERROR: CLOSED,

@@ -35,7 +35,7 @@ def test_established_lets_the_primary_stream_and_the_secondary_only_ack():
     assert {t.name for t in TRANSITIONS["primary"][ESTABLISHED]} == {
         "TOKENS", "DATA", "FLUSH", "INCR_BEGIN", "INCR_DATA", "INCR_COMMIT", "PING", "PONG",
         "ERROR"}
-    assert {t.name for t in TRANSITIONS["secondary"][ESTABLISHED]} == {"ACK", "PING", "PONG",
+    assert {t.name for t in TRANSITIONS["secondary"][ESTABLISHED]} == {"ACK", "BITMAP", "PING", "PONG",
                                                                         "ERROR"}
 
 

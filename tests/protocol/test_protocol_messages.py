@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from replicator import records
 from replicator.protocol.errors import ProtocolError
 from replicator.protocol.frames import FrameType
-from replicator.protocol.messages import (MESSAGE_CLASSES, STATE_NEEDS_RESYNC, Ack, Auth, Data,
+from replicator.protocol.messages import (MESSAGE_CLASSES, OosBitmap, STATE_NEEDS_RESYNC, Ack, Auth, Data,
                                           Error, Flush, Hello, IncrBegin, IncrCommit, IncrData,
                                           Ping, Pong, State, Tokens, decode_message, truncate_utf8)
 
@@ -42,6 +42,7 @@ EXAMPLES = [
     Pong(42, 1_700_000_000_000_000_000, 1_700_000_000_000_500_000),
     Error(4, "peer node beta serves resource 'r1', this node serves 'r0'"),
     Error(65535, ""),
+    OosBitmap(65536, 20, b"\x05\x00\x08"),
 ]
 
 
@@ -265,3 +266,10 @@ def test_any_payload_decodes_or_raises_protocol_error_and_nothing_else(ftype, pa
         assert str(e).startswith(ftype.name + ":"), f"error does not name the message: {e}"
     else:
         assert msg.encode() == payload  # whatever decodes re-encodes to the same bytes
+
+
+def test_bitmap_lists_its_tracks_and_refuses_a_wrong_length():
+    bm = OosBitmap(65536, 20, b"\x05\x00\x08")
+    assert bm.tracks() == [0, 2, 19]
+    with pytest.raises(ProtocolError, match="bits"):
+        OosBitmap(65536, 20, b"\x05\x00")
