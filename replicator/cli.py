@@ -193,6 +193,34 @@ def cmd_demote(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+def cmd_connect(args: argparse.Namespace, ctx: Context) -> int:
+    """Resolve a refused connection: with --discard-my-data this node (the
+    loser of a split brain) gives up its changes and resyncs from its peer."""
+    from replicator.control import NotRunningError, request
+    from replicator.metadata import ROLE_PRIMARY, load_metadata
+
+    resource, node = ctx.resolve(args.resource)
+    if not args.discard_my_data:
+        print(f"{resource.name}: the nodes retry connecting on their own; to end a split "
+              f"brain, run `duplex connect {resource.name} --discard-my-data` on the node "
+              f"whose changes are to be dropped")
+        return 0
+    md = load_metadata(node.meta_dir, resource.name, node.name)
+    if md.role == ROLE_PRIMARY:
+        raise DuplexError(f"{resource.name}: node {node.name} is Primary: demote it first "
+                          f"(`duplex demote {resource.name}`), then discard its data")
+    try:
+        request(node.meta_dir, "connect", resource=resource.name, discard_my_data=True)
+        where = "the running secondary"
+    except NotRunningError:
+        md.discard_my_data = True
+        md.save()
+        where = "the metadata (applies at the next `duplex up`)"
+    print(f"{resource.name}: node {node.name} will discard its own changes and resync from "
+          f"its peer at the next handshake (set in {where})")
+    return 0
+
+
 # --------------------------------------------------------------------------
 # parser
 
@@ -251,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("demote", cmd_demote,
                  "make this node's stopped Primary a Secondary (it resyncs from its peer)")
     sp.add_argument("resource", metavar="RES")
+
+    sp = command("connect", cmd_connect,
+                 "resolve a refused connection (split brain) on the losing node")
+    sp.add_argument("resource", metavar="RES")
+    sp.add_argument("--discard-my-data", action="store_true",
+                    help="give up this node's changes and resync from the peer")
 
     sp = command("status", cmd_status, "show role, connection, disk, lag and sync progress")
     sp.add_argument("resource", metavar="RES", nargs="?",

@@ -120,7 +120,9 @@ class Secondary:
         # while it read it: a sample is whole when no run was in flight.
         self.runs_started = 0
         self.runs_done = 0
-        self.control = ControlServer(node.meta_dir, {"status": self.status}, name="secondary")
+        self.control = ControlServer(node.meta_dir, {"status": self.status,
+                                                     "connect": self.connect_cmd},
+                                     name="secondary")
 
     @classmethod
     def open(cls, config_path: str | None, resource_name: str, node_name: str | None) -> "Secondary":
@@ -652,6 +654,17 @@ class Secondary:
         self._checkpoint()
         return self.pending.applied_through
 
+    def connect_cmd(self, discard_my_data: bool = False, resource: str | None = None) -> dict:
+        """Control request ``connect``: --discard-my-data takes effect at the
+        next handshake (the primary retries on its own)."""
+        if discard_my_data:
+            with self._lock:
+                self.md.discard_my_data = True
+                self.md.save()
+            log.warning("%s: this node's own changes will be discarded at the next handshake",
+                        self.resource.name)
+        return {"resource": self.resource.name, "discard_my_data": self.md.discard_my_data}
+
     def loss_view(self):
         """The pending queue's view for a loss report (seed 001 FIG. 5)."""
         with self._lock:
@@ -679,6 +692,8 @@ class Secondary:
                 first_ts = oldest.ts_ns
             disk = self._disk()
         connection = "Established" if connected else "Connecting"
+        if not connected and self.standalone_reason:
+            connection = "StandAlone"
         if connected and self.incr is not None:
             connection = "SyncTarget"
         elif connected and self.primary_needs_resync:
@@ -690,6 +705,7 @@ class Secondary:
             seq={"written": highest, "journaled": self.journaled, "applied": applied},
             lag={"writes": highest - applied, "bytes": pending_bytes,
                  "seconds": round(max(0.0, (time.time_ns() - first_ts) / 1e9), 3) if first_ts else 0.0},
-            out_of_sync_bytes=0, reason=self.last_error if not connected else "",
+            out_of_sync_bytes=0,
+            reason=self.standalone_reason or (self.last_error if not connected else ""),
             journal={"used_bytes": self.journal.used_bytes, "size": self.journal.area_size},
             apply={"runs_started": self.runs_started, "runs_done": self.runs_done})
