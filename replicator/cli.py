@@ -193,6 +193,49 @@ def cmd_demote(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace, ctx: Context) -> int:
+    """Compare both sides track by track while replication runs; exit 0
+    when they agree, 1 when tracks differ (listed)."""
+    from replicator.control import request
+    from replicator.sizes import format_size
+
+    resource, node = ctx.resolve(args.resource)
+    request(node.meta_dir, "verify", resource=resource.name, fix=args.fix)
+    show_bar = sys.stderr.isatty() or args.progress
+    while True:
+        st = request(node.meta_dir, "verify-status", resource=resource.name)
+        if show_bar:
+            done, total = st["done_bytes"], max(1, st["total_bytes"])
+            filled = int(30 * done / total)
+            sys.stderr.write(f"\rverify [{'#' * filled}{'.' * (30 - filled)}] "
+                             f"{100 * done / total:5.1f}%  {format_size(done)} of "
+                             f"{format_size(total)}")
+            sys.stderr.flush()
+        if not st["running"]:
+            break
+        time.sleep(0.2)
+    if show_bar:
+        sys.stderr.write("\n")
+    if st.get("failure"):
+        raise DuplexError(f"{resource.name}: verify failed: {st['failure']}")
+    if args.json:
+        print(json.dumps(dict(st, resource=resource.name), indent=2))
+    else:
+        if not st["differing"]:
+            print(f"{resource.name}: verified {format_size(st['total_bytes'])} in "
+                  f"{st['seconds']} s: both sides hold the same data")
+        else:
+            print(f"{resource.name}: {format_size(st['differing_bytes'])} differ "
+                  f"({len(st['differing'])} ranges):")
+            for r in st["differing"]:
+                print(f"  offset {r['offset']} length {r['length']}")
+            print("  marked out of sync: a catch-up resends them" if st["marked_out_of_sync"]
+                  else f"  run `duplex verify {resource.name} --fix` to resend them")
+        if st["skipped"]:
+            print(f"  {len(st['skipped'])} ranges were written to throughout and not compared")
+    return 1 if st["differing"] else 0
+
+
 def cmd_connect(args: argparse.Namespace, ctx: Context) -> int:
     """Resolve a refused connection: with --discard-my-data this node (the
     loser of a split brain) gives up its changes and resyncs from its peer."""
@@ -279,6 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("demote", cmd_demote,
                  "make this node's stopped Primary a Secondary (it resyncs from its peer)")
     sp.add_argument("resource", metavar="RES")
+
+    sp = command("verify", cmd_verify,
+                 "compare both sides' data online (run on the primary)")
+    sp.add_argument("resource", metavar="RES")
+    sp.add_argument("--fix", action="store_true",
+                    help="mark differing tracks out of sync so that they are resent")
+    sp.add_argument("--json", action="store_true", help="the result as JSON")
+    sp.add_argument("--progress", action="store_true",
+                    help="show the progress bar even when stderr is not a terminal")
 
     sp = command("connect", cmd_connect,
                  "resolve a refused connection (split brain) on the losing node")

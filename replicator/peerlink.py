@@ -20,7 +20,7 @@ from replicator.protocol.frames import FrameType
 from replicator.protocol.state import NEGOTIATING
 from replicator.protocol.messages import (STATE_HAS_BITMAP_UUID, STATE_NEEDS_RESYNC, ZERO_UUID,
                                           Ack, Data, Error, Message, OosBitmap, Ping, Pong, State,
-                                          Tokens)
+                                          Tokens, VerifyReq, VerifySums)
 
 log = logging.getLogger("duplex.link")
 
@@ -84,6 +84,8 @@ class PeerLink:
         self._keeper: threading.Thread | None = None
         self._bitmap: OosBitmap | None = None
         self._bitmap_ready = threading.Event()
+        self._sums: dict[tuple[int, int], VerifySums] = {}
+        self._sums_cv = threading.Condition()
 
     # -- establishing -----------------------------------------------------
 
@@ -198,6 +200,20 @@ class PeerLink:
         self._ping_nonce += 1
         self.send(Ping(self._ping_nonce, time.time_ns()))
 
+    def request_sums(self, req: VerifyReq, timeout: float) -> VerifySums:
+        """Send a VERIFY_REQ and wait for its VERIFY_SUMS."""
+        self.send(req)
+        key = (req.verify_id, req.first_track)
+        deadline = time.monotonic() + timeout
+        with self._sums_cv:
+            while key not in self._sums:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed.is_set():
+                    raise LinkError(self.error or f"peer {self.peer_name} did not answer a "
+                                    f"verify request within {timeout:.0f} s")
+                self._sums_cv.wait(min(left, 0.5))
+            return self._sums.pop(key)
+
     def wait_bitmap(self, timeout: float) -> OosBitmap:
         """The BITMAP the peer announced in its STATE."""
         if not self._bitmap_ready.wait(timeout) or self._bitmap is None:
@@ -268,6 +284,10 @@ class PeerLink:
             now = time.time_ns()
             self.rtt = (now - ev.ping_ts_ns) / 1e9
             self.clock_offset_ns = ev.peer_ts_ns - (ev.ping_ts_ns + now) // 2
+        elif isinstance(ev, VerifySums):
+            with self._sums_cv:
+                self._sums[(ev.verify_id, ev.first_track)] = ev
+                self._sums_cv.notify_all()
         elif isinstance(ev, OosBitmap):
             self._bitmap = ev
             self._bitmap_ready.set()

@@ -25,6 +25,7 @@ from replicator.oosfiles import open_bitmaps
 from replicator.seqmark import SeqMark
 from replicator.shipper import Shipper
 from replicator.status import new_status
+from replicator.verify import Verifier
 
 log = logging.getLogger("duplex.primary")
 
@@ -51,7 +52,11 @@ class Engine:
         # Bits set when this run starts belong to data the (empty) ring no
         # longer holds: only a resync can clear them.
         self.shipper = Shipper(self, needs_resync=oos.count() > 0 or md.needs_initial_sync)
-        self.control = ControlServer(node.meta_dir, {"status": self.status}, name="primary")
+        self.verifier = Verifier(self)
+        self.control = ControlServer(node.meta_dir, {"status": self.status,
+                                                     "verify": self._verify_cmd,
+                                                     "verify-status": self._verify_status_cmd},
+                                     name="primary")
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._fd = os.open(node.device, os.O_RDONLY | os.O_CLOEXEC)
@@ -112,6 +117,21 @@ class Engine:
     def _housekeeping(self) -> None:
         while not self._stop.wait(0.5):
             self.mark.advance(self.core.next_seq)
+
+    # -- verify ------------------------------------------------------------------
+
+    def _verify_cmd(self, fix: bool = False, resource: str | None = None) -> dict:
+        return self.verifier.start(fix)
+
+    def _verify_status_cmd(self, resource: str | None = None) -> dict:
+        return self.verifier.status()
+
+    def mark_out_of_sync(self, tracks: list[int], reason: str) -> None:
+        """Mark *tracks* out of sync durably and have them resent."""
+        for t in tracks:
+            self.oos.set_bit(t)
+        self.oos.sync()
+        self.shipper.request_resync(reason)
 
     # -- generations (DESIGN §7) ---------------------------------------------
 

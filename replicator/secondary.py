@@ -35,6 +35,7 @@ from replicator.journal import Journal, JournalError
 from replicator.metadata import (DISK_CONSISTENT, DISK_INCONSISTENT, DISK_OUTDATED, DISK_UPTODATE,
                                  Metadata, load_metadata)
 from replicator.peerlink import LinkError, PeerLink, pairing_uuid
+from replicator.crc32c import crc32c
 from replicator.oosfiles import open_bitmaps
 from replicator.pending import PendingQueue, StreamError
 from replicator.protocol.errors import ProtocolError
@@ -44,7 +45,7 @@ from replicator.protocol.errors import ErrorCode
 from replicator.protocol.messages import (STATE_DISCARD_MY_DATA, STATE_HAS_BITMAP_UUID,
                                           STATE_NEEDS_RESYNC, STATE_SENDS_BITMAP, ZERO_UUID, Data,
                                           IncrBegin, IncrCommit, IncrData, Message, OosBitmap,
-                                          State, Tokens)
+                                          State, Tokens, VerifyReq, VerifySums)
 from replicator.status import new_status
 
 log = logging.getLogger("duplex.secondary")
@@ -236,6 +237,31 @@ class Secondary:
                          applied_seq=self.pending.applied_through,
                          flags=flags, history=history)
 
+    def _answer_verify(self, link: PeerLink, req: VerifyReq) -> None:
+        """Checksums of the requested tracks, read between apply runs once
+        everything written before the primary's read is applied (or after
+        a while anyway: the primary then retries what differs)."""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self.pending.applied_through >= req.after_seq and not self._committed:
+                    break
+            time.sleep(0.01)
+        ts = self.md.track_size
+        sums = []
+        with self._lock:  # no run is applied while we read
+            while self.runs_started != self.runs_done:
+                self._lock.wait(0.01)
+            applied = self.pending.applied_through
+            for t in range(req.first_track, req.first_track + req.count):
+                off = t * ts
+                n = max(0, min(ts, self.size - off))
+                sums.append(crc32c(os.pread(self.fd, n, off)) if n else 0)
+        try:
+            link.send(VerifySums(req.verify_id, req.first_track, applied, tuple(sums)))
+        except LinkError:
+            pass
+
     def _check_generations(self, peer_state: State) -> None:
         """Refuse a primary whose data we must not follow: split brain,
         unrelated data, or older data than ours (ProtocolError: the primary
@@ -386,6 +412,11 @@ class Secondary:
                 self._on_incr_data(ev)
             elif isinstance(ev, IncrCommit):
                 self._on_incr_commit(ev)
+            elif isinstance(ev, VerifyReq):
+                # Off the reader thread: waiting for the applier needs the
+                # frames that follow.
+                threading.Thread(target=self._answer_verify, args=(link, ev),
+                                 name="duplex-verify", daemon=True).start()
         except StreamError as e:
             raise ProtocolError(str(e)) from None
 

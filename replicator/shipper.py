@@ -270,6 +270,20 @@ class Shipper:
         self._set("Established")
         self._stream(link)
 
+    def current_link(self) -> PeerLink | None:
+        """The first connection, while the session is up (for verify)."""
+        links = self._links
+        if links and links[0].alive() and self.connection in ("Established", "SyncSource"):
+            return links[0]
+        return None
+
+    def request_resync(self, reason: str) -> None:
+        """Bits were set in the OOS bitmap behind the ring's back (verify
+        --fix): ship them with a catch-up."""
+        self._resync_reason = reason
+        self.needs_resync = True
+        self._wake.set()
+
     # -- helpers for the catch-up ------------------------------------------
 
     def next_increment(self) -> int:

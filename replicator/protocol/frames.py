@@ -68,12 +68,15 @@ class FrameType(IntEnum):
     PING = 0x31
     PONG = 0x32
     BITMAP = 0x33  # secondary -> primary: its own out-of-sync tracks
+    # 0x4_: online verify
+    VERIFY_REQ = 0x40   # primary -> secondary: checksums of these tracks, please
+    VERIFY_SUMS = 0x41  # secondary -> primary: the checksums
     # 0x7_: connection control
     ERROR = 0x7F
 
 
 BULK_TYPES = frozenset({FrameType.TOKENS, FrameType.DATA, FrameType.INCR_DATA,
-                        FrameType.BITMAP})
+                        FrameType.BITMAP, FrameType.VERIFY_SUMS})
 _TYPES_BY_VALUE = {int(t): t for t in FrameType}
 
 

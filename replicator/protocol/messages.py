@@ -57,6 +57,7 @@ ZERO_UUID = bytes(UUID_SIZE)
 MAX_NAME_BYTES = 255
 MAX_ERROR_MESSAGE = 4096
 MAX_HISTORY = 8
+MAX_VERIFY_TRACKS = 4096
 
 # STATE flags
 STATE_NEEDS_RESYNC = 1 << 0   # this node knows its data differs from the peer's (bitmap set)
@@ -656,9 +657,76 @@ class OosBitmap(Message):
         return [t for t in out if t < self.nbits]
 
 
+_VERIFY_REQ = struct.Struct("<QQQQ")
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReq(Message):
+    """Online verify: the CRC32C of tracks [first, first+count), read once
+    the secondary has applied through *after_seq*."""
+
+    TYPE: ClassVar[FrameType] = FrameType.VERIFY_REQ
+    verify_id: int
+    first_track: int
+    count: int
+    after_seq: int
+
+    def __post_init__(self) -> None:
+        for f in ("verify_id", "first_track", "count", "after_seq"):
+            _uint("VERIFY_REQ", f, getattr(self, f), _U64)
+        if not 1 <= self.count <= MAX_VERIFY_TRACKS:
+            raise _fail("VERIFY_REQ", "count", f"is {self.count}, expected 1..{MAX_VERIFY_TRACKS}")
+
+    def encode(self) -> bytes:
+        return _VERIFY_REQ.pack(self.verify_id, self.first_track, self.count, self.after_seq)
+
+    @classmethod
+    def decode(cls, payload) -> VerifyReq:
+        _exact("VERIFY_REQ", payload, _VERIFY_REQ.size)
+        return cls(*_VERIFY_REQ.unpack_from(payload))
+
+
+_VERIFY_SUMS = struct.Struct("<QQQ")
+
+
+@dataclass(frozen=True, slots=True)
+class VerifySums(Message):
+    """The answer to a VerifyReq: one CRC32C per track, in order, and the
+    seq through which the image was applied when it was read."""
+
+    TYPE: ClassVar[FrameType] = FrameType.VERIFY_SUMS
+    verify_id: int
+    first_track: int
+    applied_seq: int
+    sums: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        for f in ("verify_id", "first_track", "applied_seq"):
+            _uint("VERIFY_SUMS", f, getattr(self, f), _U64)
+        if not 1 <= len(self.sums) <= MAX_VERIFY_TRACKS:
+            raise _fail("VERIFY_SUMS", "sums", f"holds {len(self.sums)} checksums, "
+                        f"expected 1..{MAX_VERIFY_TRACKS}")
+        _set(self, "sums", tuple(_uint("VERIFY_SUMS", "sums", v, _U32) for v in self.sums))
+
+    def encode(self) -> bytes:
+        return (_VERIFY_SUMS.pack(self.verify_id, self.first_track, self.applied_seq)
+                + struct.pack(f"<{len(self.sums)}I", *self.sums))
+
+    @classmethod
+    def decode(cls, payload) -> VerifySums:
+        _at_least("VERIFY_SUMS", payload, _VERIFY_SUMS.size + 4)
+        vid, first, applied = _VERIFY_SUMS.unpack_from(payload)
+        rest = len(payload) - _VERIFY_SUMS.size
+        if rest % 4:
+            raise _fail("VERIFY_SUMS", "sums", f"are {rest} bytes, not a multiple of 4")
+        sums = struct.unpack_from(f"<{rest // 4}I", payload, _VERIFY_SUMS.size)
+        return cls(vid, first, applied, sums)
+
+
 MESSAGE_CLASSES: dict[FrameType, type[Message]] = {
     cls.TYPE: cls for cls in (Hello, Auth, State, Tokens, Data, Flush, IncrBegin,
-                              IncrData, IncrCommit, Ack, Ping, Pong, Error, OosBitmap)
+                              IncrData, IncrCommit, Ack, Ping, Pong, Error, OosBitmap,
+                              VerifyReq, VerifySums)
 }
 assert set(MESSAGE_CLASSES) == set(FrameType), "every frame type needs a message class"
 

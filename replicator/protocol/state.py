@@ -90,6 +90,7 @@ TRANSITIONS: dict[str, dict[PartyState, dict[F, PartyState]]] = {
             F.INCR_BEGIN: ESTABLISHED,
             F.INCR_DATA: ESTABLISHED,
             F.INCR_COMMIT: ESTABLISHED,
+            F.VERIFY_REQ: ESTABLISHED,
             F.PING: ESTABLISHED,
             F.PONG: ESTABLISHED,
             F.ERROR: CLOSED,
@@ -100,6 +101,7 @@ TRANSITIONS: dict[str, dict[PartyState, dict[F, PartyState]]] = {
         ESTABLISHED: {
             F.ACK: ESTABLISHED,
             F.BITMAP: ESTABLISHED,
+            F.VERIFY_SUMS: ESTABLISHED,
             F.PING: ESTABLISHED,
             F.PONG: ESTABLISHED,
             F.ERROR: CLOSED,

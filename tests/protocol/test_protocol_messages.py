@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from replicator import records
 from replicator.protocol.errors import ProtocolError
 from replicator.protocol.frames import FrameType
-from replicator.protocol.messages import (MESSAGE_CLASSES, OosBitmap, STATE_NEEDS_RESYNC, Ack, Auth, Data,
+from replicator.protocol.messages import (MESSAGE_CLASSES, OosBitmap, VerifyReq, VerifySums, STATE_NEEDS_RESYNC, Ack, Auth, Data,
                                           Error, Flush, Hello, IncrBegin, IncrCommit, IncrData,
                                           Ping, Pong, State, Tokens, decode_message, truncate_utf8)
 
@@ -43,6 +43,8 @@ EXAMPLES = [
     Error(4, "peer node beta serves resource 'r1', this node serves 'r0'"),
     Error(65535, ""),
     OosBitmap(65536, 20, b"\x05\x00\x08"),
+    VerifyReq(1, 256, 256, 99),
+    VerifySums(1, 256, 100, (0, 0xFFFFFFFF, 12345)),
 ]
 
 
