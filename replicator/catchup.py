@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from replicator.core import Bitmap
 from replicator.peerlink import LinkError, PeerLink
-from replicator.protocol.messages import IncrBegin, IncrCommit, IncrData
+from replicator.protocol.messages import IncrBegin, IncrCommit, IncrData, IncrZero
 
 if TYPE_CHECKING:
     from replicator.shipper import Shipper
@@ -174,7 +174,19 @@ class CatchUp:
         self._send_pieces(k, pieces, prog)
 
     def _send_pieces(self, k: int, pieces: list[tuple[int, bytes]], prog: SyncProgress) -> None:
-        # Adjacent tracks travel as one piece.
+        # All-zero tracks travel as markers (an initial sync of a mostly
+        # empty device moves almost nothing); adjacent ones as one marker.
+        zeros = [(off, len(d)) for off, d in pieces if not any(d)]
+        pieces = [(off, d) for off, d in pieces if any(d)]
+        zrun: list[int] | None = None
+        for off, n in zeros + [(None, 0)]:
+            if zrun and (off is None or off != zrun[0] + zrun[1] or zrun[1] + n > 1 << 30):
+                self.link.send(IncrZero(k, zrun[0], zrun[1]))
+                prog.done_bytes += zrun[1]
+                zrun = None
+            if off is not None:
+                zrun = [off, n] if zrun is None else [zrun[0], zrun[1] + n]
+        # Adjacent tracks with data travel as one piece.
         run_off, run = None, []
         for off, data in pieces + [(None, b"")]:
             if run and (off is None or off != run_off + sum(len(d) for d in run)):
@@ -196,8 +208,7 @@ class CatchUp:
                 time.sleep(min(ahead, 1.0))
 
     def _send_collisions(self, k: int, prog: SyncProgress) -> None:
-        for off, data in self.core.collisions():
-            self._send_piece(k, off, data, prog)
+        self._send_pieces(k, self.core.collisions(), prog)
 
     def _await_commit(self, base: int, final: bool) -> None:
         deadline = time.monotonic() + COMMIT_TIMEOUT

@@ -107,7 +107,9 @@ ENTRY_RECORDS = 1
 ENTRY_TOKENS = 2
 ENTRY_INCR_DATA = 3    # reserved: staged catch-up increment data
 ENTRY_INCR_COMMIT = 4  # reserved: the COMMIT(k) marker of an increment
+ENTRY_INCR_ZERO = 5    # a range of an increment that reads as zeros (no data)
 ENTRY_TYPE_NAMES = {ENTRY_RECORDS: "records", ENTRY_TOKENS: "tokens",
+                    ENTRY_INCR_ZERO: "increment zeros",
                     ENTRY_INCR_DATA: "increment data", ENTRY_INCR_COMMIT: "increment commit"}
 # magic, type, flags, lsn, payload_len, prev, seq_hi, crc, reserved
 _INCR_DATA = struct.Struct("<QQII")
@@ -494,15 +496,27 @@ class Journal:
         e = self._append_entry(ENTRY_INCR_DATA, _Concat(head, mv), base_seq)
         return e.pos + ENTRY_HEADER_SIZE
 
+    def append_incr_zero(self, incr_id: int, base_seq: int, offset: int, length: int,
+                         volume: int = 0) -> int:
+        """Stage a range of increment *incr_id* that reads as zeros."""
+        e = self._append_entry(ENTRY_INCR_ZERO, _INCR_DATA.pack(incr_id, offset, length, volume),
+                               base_seq)
+        return e.pos + ENTRY_HEADER_SIZE
+
     def append_incr_commit(self, incr_id: int, base_seq: int) -> None:
         """Stage COMMIT(incr_id); durable after :meth:`commit`, and from then
         on the increment is applied even across a crash."""
         self._append_entry(ENTRY_INCR_COMMIT, _INCR_COMMIT.pack(incr_id, base_seq), base_seq)
 
-    def read_incr_data(self, pos: int) -> tuple[int, int, bytes]:
-        """(offset, volume, data) of the staged piece at *pos*."""
+    def read_incr_data(self, pos: int) -> tuple[int, int, bytes | int]:
+        """(offset, volume, data) of the staged piece at *pos*; for a range
+        of zeros, its length instead of data."""
+        etype = _EH.unpack(_pread_exact(self._fd, ENTRY_HEADER_SIZE,
+                                        pos - ENTRY_HEADER_SIZE))[1]
         head = _pread_exact(self._fd, _INCR_DATA.size, pos)
         incr_id, offset, length, volume = _INCR_DATA.unpack(head)
+        if etype == ENTRY_INCR_ZERO:
+            return offset, volume, length
         data = _pread_exact(self._fd, length, pos + _INCR_DATA.size)
         if len(data) != length:
             raise JournalError(f"journal {self.path}: staged increment {incr_id} data at "
@@ -516,7 +530,7 @@ class Journal:
         pieces: dict[int, list[int]] = {}
         done = []
         for e in self._live:
-            if e.type == ENTRY_INCR_DATA:
+            if e.type in (ENTRY_INCR_DATA, ENTRY_INCR_ZERO):
                 incr_id = _INCR_DATA.unpack(_pread_exact(self._fd, _INCR_DATA.size,
                                                          e.pos + ENTRY_HEADER_SIZE))[0]
                 pieces.setdefault(incr_id, []).append(e.pos + ENTRY_HEADER_SIZE)
@@ -538,7 +552,7 @@ class Journal:
                 committed.add(_INCR_COMMIT.unpack(_pread_exact(
                     self._fd, _INCR_COMMIT.size, e.pos + ENTRY_HEADER_SIZE))[0])
         for i, e in enumerate(self._live):
-            if e.type == ENTRY_INCR_DATA:
+            if e.type in (ENTRY_INCR_DATA, ENTRY_INCR_ZERO):
                 incr_id = _INCR_DATA.unpack(_pread_exact(self._fd, _INCR_DATA.size,
                                                          e.pos + ENTRY_HEADER_SIZE))[0]
                 if incr_id not in committed:
@@ -666,7 +680,7 @@ class Journal:
         :meth:`open` (a torn tail is already cut off).
         """
         for e in list(self._live):
-            if e.type in (ENTRY_INCR_DATA, ENTRY_INCR_COMMIT):
+            if e.type in (ENTRY_INCR_DATA, ENTRY_INCR_COMMIT, ENTRY_INCR_ZERO):
                 continue  # see committed_increments()
             base = e.pos + ENTRY_HEADER_SIZE
             payload = _pread_exact(self._fd, e.payload_len, base)

@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from replicator.applier import apply_run, pwrite_all, record_data
+from replicator.applier import apply_run, pwrite_all, record_data, zero_range
 from replicator.config import Node, Resource, load_config, select_node
 from replicator.control import ControlServer
 from replicator.devices import device_size
@@ -44,7 +44,7 @@ from replicator.generations import Decision
 from replicator.protocol.errors import ErrorCode
 from replicator.protocol.messages import (STATE_DISCARD_MY_DATA, STATE_HAS_BITMAP_UUID,
                                           STATE_NEEDS_RESYNC, STATE_SENDS_BITMAP, ZERO_UUID, Data,
-                                          IncrBegin, IncrCommit, IncrData, Message, OosBitmap,
+                                          IncrBegin, IncrCommit, IncrData, IncrZero, Message, OosBitmap,
                                           State, Tokens, VerifyReq, VerifySums)
 from replicator.status import new_status
 
@@ -412,6 +412,8 @@ class Secondary:
                 self._on_incr_data(ev)
             elif isinstance(ev, IncrCommit):
                 self._on_incr_commit(ev)
+            elif isinstance(ev, IncrZero):
+                self._on_incr_zero(ev)
             elif isinstance(ev, VerifyReq):
                 # Off the reader thread: waiting for the applier needs the
                 # frames that follow.
@@ -484,6 +486,22 @@ class Secondary:
             pwrite_all(self.fd, ev.data, ev.offset)
         inc.bytes += len(ev.data)
 
+    def _on_incr_zero(self, ev: IncrZero) -> None:
+        inc = self.incr
+        if inc is None or inc.id != ev.incr_id:
+            raise StreamError(f"INCR_ZERO for increment {ev.incr_id}, which has not begun")
+        if ev.offset + ev.length > self.size:
+            raise StreamError(f"INCR_ZERO at {ev.offset}+{ev.length} runs past the device "
+                              f"end {self.size}")
+        if inc.staged:
+            with self._lock:
+                self._wait_room(32)
+                inc.positions.append(self.journal.append_incr_zero(
+                    inc.id, inc.base, ev.offset, ev.length, ev.volume))
+        else:
+            zero_range(self.fd, ev.offset, ev.length)
+        inc.bytes += ev.length
+
     def _on_incr_commit(self, ev: IncrCommit) -> None:
         inc = self.incr
         if inc is None or inc.id != ev.incr_id or ev.end_seq != inc.base:
@@ -508,7 +526,10 @@ class Secondary:
         if inc.staged:
             for pos in inc.positions:
                 off, _vol, data = self.journal.read_incr_data(pos)
-                pwrite_all(self.fd, data, off)
+                if isinstance(data, int):
+                    zero_range(self.fd, off, data)
+                else:
+                    pwrite_all(self.fd, data, off)
                 if _SLOW_APPLY:
                     time.sleep(_SLOW_APPLY)  # fault-injection tests: widen the window
         os.fdatasync(self.fd)

@@ -63,6 +63,7 @@ class FrameType(IntEnum):
     INCR_BEGIN = 0x20
     INCR_DATA = 0x21
     INCR_COMMIT = 0x22
+    INCR_ZERO = 0x23   # an all-zero track of the increment: no data on the wire
     # 0x3_: feedback and liveness
     ACK = 0x30
     PING = 0x31

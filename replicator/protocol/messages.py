@@ -657,6 +657,37 @@ class OosBitmap(Message):
         return [t for t in out if t < self.nbits]
 
 
+_INCR_ZERO = struct.Struct("<QQII")
+
+
+@dataclass(frozen=True, slots=True)
+class IncrZero(Message):
+    """An increment's range that reads as zeros: sent as a marker, not data
+    (the initial sync of a mostly empty device moves almost nothing)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.INCR_ZERO
+    incr_id: int
+    offset: int
+    length: int
+    volume: int = 0
+
+    def __post_init__(self) -> None:
+        _uint("INCR_ZERO", "incr_id", self.incr_id, _U64)
+        _uint("INCR_ZERO", "offset", self.offset, _U64)
+        _uint("INCR_ZERO", "length", self.length, _U32)
+        _uint("INCR_ZERO", "volume", self.volume, _U32)
+        if not self.length:
+            raise _fail("INCR_ZERO", "length", "is 0")
+
+    def encode(self) -> bytes:
+        return _INCR_ZERO.pack(self.incr_id, self.offset, self.length, self.volume)
+
+    @classmethod
+    def decode(cls, payload) -> IncrZero:
+        _exact("INCR_ZERO", payload, _INCR_ZERO.size)
+        return cls(*_INCR_ZERO.unpack_from(payload))
+
+
 _VERIFY_REQ = struct.Struct("<QQQQ")
 
 
@@ -726,7 +757,7 @@ class VerifySums(Message):
 MESSAGE_CLASSES: dict[FrameType, type[Message]] = {
     cls.TYPE: cls for cls in (Hello, Auth, State, Tokens, Data, Flush, IncrBegin,
                               IncrData, IncrCommit, Ack, Ping, Pong, Error, OosBitmap,
-                              VerifyReq, VerifySums)
+                              VerifyReq, VerifySums, IncrZero)
 }
 assert set(MESSAGE_CLASSES) == set(FrameType), "every frame type needs a message class"
 

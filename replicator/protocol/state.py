@@ -90,6 +90,7 @@ TRANSITIONS: dict[str, dict[PartyState, dict[F, PartyState]]] = {
             F.INCR_BEGIN: ESTABLISHED,
             F.INCR_DATA: ESTABLISHED,
             F.INCR_COMMIT: ESTABLISHED,
+            F.INCR_ZERO: ESTABLISHED,
             F.VERIFY_REQ: ESTABLISHED,
             F.PING: ESTABLISHED,
             F.PONG: ESTABLISHED,

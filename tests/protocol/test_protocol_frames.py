@@ -51,7 +51,7 @@ def test_frame_type_numbers_are_stable():
     # These numbers are on the wire: changing one breaks every deployed peer.
     assert {t.name: int(t) for t in FrameType} == {
         "HELLO": 0x01, "AUTH": 0x02, "STATE": 0x03, "TOKENS": 0x10, "DATA": 0x11,
-        "FLUSH": 0x12, "INCR_BEGIN": 0x20, "INCR_DATA": 0x21, "INCR_COMMIT": 0x22,
+        "FLUSH": 0x12, "INCR_BEGIN": 0x20, "INCR_DATA": 0x21, "INCR_COMMIT": 0x22, "INCR_ZERO": 0x23,
         "ACK": 0x30, "PING": 0x31, "PONG": 0x32, "BITMAP": 0x33,
         "VERIFY_REQ": 0x40, "VERIFY_SUMS": 0x41, "ERROR": 0x7F}
 

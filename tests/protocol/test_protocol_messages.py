@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from replicator import records
 from replicator.protocol.errors import ProtocolError
 from replicator.protocol.frames import FrameType
-from replicator.protocol.messages import (MESSAGE_CLASSES, OosBitmap, VerifyReq, VerifySums, STATE_NEEDS_RESYNC, Ack, Auth, Data,
+from replicator.protocol.messages import (MESSAGE_CLASSES, OosBitmap, VerifyReq, VerifySums, IncrZero, STATE_NEEDS_RESYNC, Ack, Auth, Data,
                                           Error, Flush, Hello, IncrBegin, IncrCommit, IncrData,
                                           Ping, Pong, State, Tokens, decode_message, truncate_utf8)
 
@@ -44,6 +44,7 @@ EXAMPLES = [
     Error(65535, ""),
     OosBitmap(65536, 20, b"\x05\x00\x08"),
     VerifyReq(1, 256, 256, 99),
+    IncrZero(3, 131072, 65536),
     VerifySums(1, 256, 100, (0, 0xFFFFFFFF, 12345)),
 ]
 
