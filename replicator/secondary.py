@@ -38,6 +38,7 @@ from replicator.peerlink import LinkError, PeerLink, pairing_uuid
 from replicator.crc32c import crc32c
 from replicator.oosfiles import open_bitmaps
 from replicator.pending import PendingQueue, StreamError
+from replicator import snapshot
 from replicator.protocol.errors import ProtocolError
 from replicator import generations
 from replicator.generations import Decision
@@ -80,6 +81,7 @@ class _Increment:
     staged: bool
     positions: list[int] = field(default_factory=list)
     bytes: int = 0
+    snapshot: snapshot.Snapshot | None = None  # in place, with a reflink clone
 
 
 class Secondary:
@@ -145,6 +147,12 @@ class Secondary:
         if len(pending):
             log.info("%s: journal replay: applied through %d, %d records pending (through %d)",
                      res.name, pending.applied_through, len(pending), pending.received_through)
+        snap = snapshot.pending(node.meta_dir)
+        if snap is not None:
+            if journal.applied_seq >= snap.base:
+                snapshot.drop(snap, node.meta_dir)  # it committed before the stop
+            else:
+                snapshot.restore(snap, node.device, node.meta_dir)
         fd = os.open(node.device, os.O_RDWR | os.O_CLOEXEC)
         sec = cls(res, node, md, journal, fd, pending)
         # Our own out-of-sync tracks: empty on a secondary that was always
@@ -460,15 +468,24 @@ class Secondary:
                       > ev.nbytes + ev.nbytes // 16 + (1 << 20))
             self.incr = _Increment(ev.incr_id, ev.base_seq, staged)
             self.pending.expect_base(ev.base_seq)
+        how = "staged in the journal"
         if not staged:
-            self._set_disk_inconsistent(f"increment {ev.incr_id} ({ev.nbytes} bytes) is larger "
-                                        "than the journal can stage")
             # Nothing older may land on the image after the increment's data.
             self._pause_apply.set()
             self._wait_apply_idle()
+            self.incr.snapshot = snapshot.take(self.fd, self.node.device, self.node.meta_dir,
+                                               ev.incr_id, ev.base_seq)
+            if self.incr.snapshot is not None:
+                how = f"written in place; the reflink snapshot {self.incr.snapshot.path} keeps " \
+                      f"the previous image until it commits"
+                self.inconsistent_reason = ""
+            else:
+                how = "written in place (Inconsistent until it commits)"
+                self._set_disk_inconsistent(f"increment {ev.incr_id} ({ev.nbytes} bytes) is "
+                                            f"larger than the journal can stage, and "
+                                            f"{self.node.device} cannot be cloned (no reflink)")
         log.info("%s: increment %d begins: %d tracks, %d bytes, base seq %d, %s",
-                 self.resource.name, ev.incr_id, ev.tracks, ev.nbytes, ev.base_seq,
-                 "staged in the journal" if staged else "written in place (Inconsistent)")
+                 self.resource.name, ev.incr_id, ev.tracks, ev.nbytes, ev.base_seq, how)
 
     def _on_incr_data(self, ev: IncrData) -> None:
         inc = self.incr
@@ -540,6 +557,8 @@ class Secondary:
             with self._commit_lock:
                 self.journal.commit()
                 self.journal.checkpoint(inc.base)
+            if inc.snapshot is not None:
+                snapshot.drop(inc.snapshot, self.node.meta_dir)
             self.journaled = max(self.journaled, self.pending.received_through)
             self._lock.notify_all()
         self.runs_done += 1
@@ -678,11 +697,20 @@ class Secondary:
 
     def stop_receiving(self, reason: str = "promoted") -> None:
         """Refuse new connections and close the current ones: nothing more
-        enters the queue after this."""
+        enters the queue after this. An increment written in place that
+        will now never commit is rolled back to its reflink snapshot."""
         self.receiving = False
         self._close_own_oos()
         for link in list(self.links):
             link.close(reason)
+        inc = self.incr
+        if inc is not None and inc.snapshot is not None:
+            with self._lock:
+                self.incr = None
+                os.close(self.fd)
+                snapshot.restore(inc.snapshot, self.node.device, self.node.meta_dir)
+                self.fd = os.open(self.node.device, os.O_RDWR | os.O_CLOEXEC)
+                self._pause_apply.clear()
         with self._lock:
             self.links.clear()
 
@@ -724,6 +752,15 @@ class Secondary:
 
     # -- status -----------------------------------------------------------
 
+    def _incr_note(self) -> str:
+        inc = self.incr
+        if inc is None or inc.staged:
+            return ""
+        if inc.snapshot is not None:
+            return (f"increment {inc.id} is written in place; the reflink snapshot "
+                    f"{inc.snapshot.path} is the consistent image until it commits")
+        return self.inconsistent_reason
+
     def _disk(self) -> str:
         if self.md.needs_initial_sync or self.md.disk == DISK_INCONSISTENT:
             return DISK_INCONSISTENT
@@ -758,6 +795,7 @@ class Secondary:
             lag={"writes": highest - applied, "bytes": pending_bytes,
                  "seconds": round(max(0.0, (time.time_ns() - first_ts) / 1e9), 3) if first_ts else 0.0},
             out_of_sync_bytes=0,
-            reason=self.standalone_reason or (self.last_error if not connected else ""),
+            reason=self.standalone_reason or self._incr_note() or (
+                self.last_error if not connected else ""),
             journal={"used_bytes": self.journal.used_bytes, "size": self.journal.area_size},
             apply={"runs_started": self.runs_started, "runs_done": self.runs_done})
