@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from replicator.errors import DuplexError
+from replicator.fileio import pwritev_all
 from replicator.records import (HEADER_SIZE, OP_FLUSH, OP_NAMES, OP_TRIM, OP_WRITE, OP_ZERO,
                                 Token, unpack_token)
 
@@ -187,7 +188,7 @@ def apply_run(images: Mapping[int, int], items: Iterable[tuple[Token, object]],
         if len(batch) == 1:
             stats.syscalls += pwrite_all(fd, batch[0], b_off)
         else:
-            stats.syscalls += _pwritev_all(fd, batch, b_off)
+            stats.syscalls += pwritev_all(fd, batch, b_off)
         batch = []
 
     for tok, data in items:
@@ -216,16 +217,3 @@ def apply_run(images: Mapping[int, int], items: Iterable[tuple[Token, object]],
     return stats
 
 
-def _pwritev_all(fd: int, bufs: list, offset: int) -> int:
-    views = [memoryview(b).cast("B") for b in bufs if len(b)]
-    calls = 0
-    while views:
-        n = os.pwritev(fd, views, offset)
-        calls += 1
-        offset += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]
-    return calls

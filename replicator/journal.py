@@ -86,6 +86,7 @@ from dataclasses import dataclass
 
 from replicator.crc32c import crc32c
 from replicator.errors import DuplexError
+from replicator.fileio import pwritev_all
 from replicator.records import (HEADER_SIZE, RecordError, Token, iter_tokens, padded,
                                 record_crc, unpack_token)
 
@@ -188,19 +189,6 @@ def _pread_exact(fd: int, n: int, offset: int) -> bytes:
         n -= len(b)
         offset += len(b)
     return b"".join(chunks)
-
-
-def _pwritev_all(fd: int, bufs: list, offset: int) -> None:
-    """pwritev until every byte of *bufs* is written (short writes happen)."""
-    views = [memoryview(b).cast("B") for b in bufs if len(b)]
-    while views:
-        n = os.pwritev(fd, views, offset)
-        offset += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]
 
 
 class Journal:
@@ -381,7 +369,7 @@ class Journal:
                         tok.pack() if tok else b"\0" * HEADER_SIZE)
         block = body + _SB_CRC.pack(crc32c(body))
         try:
-            _pwritev_all(self._fd, [block], SB_OFFSETS[gen % 2])
+            pwritev_all(self._fd, [block], SB_OFFSETS[gen % 2])
             if fsync:
                 os.fdatasync(self._fd)
         except OSError as e:
@@ -474,7 +462,7 @@ class Journal:
         hdr = _EH.pack(ENTRY_MAGIC, etype, 0, self._next_lsn, plen, self._prev, seq_hi, crc, 0)
         pad = b"\0" * (size - ENTRY_HEADER_SIZE - plen)
         try:
-            _pwritev_all(self._fd, [hdr, *parts, pad], pos)
+            pwritev_all(self._fd, [hdr, *parts, pad], pos)
         except OSError as e:
             raise JournalError(f"journal {self.path}: write of {size} bytes at offset {pos} "
                                f"failed: {e.strerror}") from None

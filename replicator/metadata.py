@@ -27,6 +27,7 @@ from typing import Any
 
 from replicator.crc32c import crc32c
 from replicator.errors import DuplexError
+from replicator.fileio import atomic_write
 
 MAGIC = "duplex-metadata"
 VERSION = 1
@@ -148,7 +149,7 @@ class Metadata:
         """Validate and write atomically (temp, fsync, rename, fsync dir)."""
         self.updated = time.time()
         _validate_body(self.to_body(), self.paths.metadata)
-        _atomic_write(self.paths.metadata, encode_metadata(self.to_body()))
+        atomic_write(self.paths.metadata, encode_metadata(self.to_body()))
 
 
 def _canonical(body: dict[str, Any]) -> bytes:
@@ -231,27 +232,6 @@ def decode_metadata(data: bytes, where: Path) -> dict[str, Any]:
         )
     _validate_body(body, where)
     return body
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)  # make the rename itself durable
-    finally:
-        os.close(dfd)
 
 
 def create_metadata(meta_dir: str | os.PathLike, resource: str, node: str,

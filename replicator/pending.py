@@ -230,14 +230,17 @@ class PendingQueue:
         self._entries[seq][1] = location
         self._bytes += token.size
         if seq == self._received + 1:
-            r = seq
-            while True:
-                nxt = self._entries.get(r + 1)
-                if nxt is None or nxt[1] is _NO_DATA:
-                    break
-                r += 1
-            self._received = r
+            self._received = self._complete_run_end(seq)
         return True
+
+    def _complete_run_end(self, seq: int) -> int:
+        """The last seq of the run of complete entries starting at *seq*
+        (which is applied or complete)."""
+        while True:
+            nxt = self._entries.get(seq + 1)
+            if nxt is None or nxt[1] is _NO_DATA:
+                return seq
+            seq += 1
 
     # -- applying --------------------------------------------------------
 
@@ -307,13 +310,7 @@ class PendingQueue:
         self._applied_token = token
         self._highest = max(self._highest, seq)
         self._base_hint = max(self._base_hint, seq)
-        r = seq
-        while True:
-            nxt = self._entries.get(r + 1)
-            if nxt is None or nxt[1] is _NO_DATA:
-                break
-            r += 1
-        self._received = r
+        self._received = self._complete_run_end(seq)
         self._run_end = None
 
     # -- state -----------------------------------------------------------

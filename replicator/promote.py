@@ -58,6 +58,7 @@ from replicator.applier import apply_run, record_data
 from replicator.config import Config, Node, Resource
 from replicator.core import Bitmap, CoreError
 from replicator.errors import DuplexError
+from replicator.fileio import atomic_write
 from replicator.lossreport import LossReport, build_loss_report
 from replicator.metadata import (DISK_INCONSISTENT, DISK_OUTDATED, DISK_UPTODATE, ROLE_PRIMARY,
                                  ROLE_SECONDARY, Metadata, MetaPaths, load_metadata, new_uuid)
@@ -191,25 +192,8 @@ def check_promotable(md: Metadata, resource: Resource, node: Node, *, connected:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write *text* to *path* so that a crash leaves the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(text.encode("utf-8"))
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Replace *path* with *text* durably (a report others may read)."""
+    atomic_write(path, text.encode("utf-8"), 0o644)
 
 
 def _reset_bitmap(md: Metadata, all_dirty: bool) -> None:

@@ -36,6 +36,7 @@ from replicator.metadata import (DISK_CONSISTENT, DISK_INCONSISTENT, DISK_OUTDAT
                                  Metadata, load_metadata)
 from replicator.peerlink import LinkError, PeerLink, pairing_uuid
 from replicator.crc32c import crc32c
+from replicator.fileio import atomic_write
 from replicator.oosfiles import open_bitmaps
 from replicator.pending import PendingQueue, StreamError
 from replicator import snapshot
@@ -359,9 +360,7 @@ class Secondary:
                   "bytes": sum(n for _, n in ranges),
                   "time": time.time()}
         path = self.md.paths.meta_dir / "failback-report.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, (json.dumps(report, indent=2) + "\n").encode(), 0o644)
         log.warning("%s: %d bytes in %d ranges written here never reached the peer; they "
                     "are overwritten by the resync (listed in %s)", self.resource.name,
                     report["bytes"], len(ranges), path)

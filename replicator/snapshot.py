@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from replicator.errors import DuplexError
+from replicator.fileio import atomic_write
 
 log = logging.getLogger("duplex.snapshot")
 
@@ -75,17 +76,8 @@ def take(image_fd: int, image: str, meta_dir: str | os.PathLike, incr_id: int,
 
 
 def _write_marker(meta_dir, snap: Snapshot) -> None:
-    m = marker_path(meta_dir)
-    tmp = m.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"path": snap.path, "incr_id": snap.incr_id, "base": snap.base}))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, m)
-    dfd = os.open(meta_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(marker_path(meta_dir), json.dumps(
+        {"path": snap.path, "incr_id": snap.incr_id, "base": snap.base}).encode())
 
 
 def pending(meta_dir: str | os.PathLike) -> Snapshot | None:

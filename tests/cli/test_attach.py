@@ -1,32 +1,52 @@
 """attach/detach against a real nbdkit (memory plugin on a unix socket):
-a real /dev/loopN whose writes reach the export, and nothing left behind."""
+a real /dev/loopN whose writes reach the export, nothing left behind, a
+dead FUSE mount (its nbdfuse gone) cleaned up, two nodes of one resource
+side by side on one machine. Also the --watch redraw of ``duplex status``."""
 from __future__ import annotations
 
+import errno
+import importlib.machinery
+import importlib.util
+import io
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from fixtures.blockdev import loop_backing_file
-from fixtures.leaks import leftovers
+from fixtures.blockdev import loop_backing_file, loop_devices_backed_by, mounts
+from fixtures.leaks import leftovers, pids_with_cmdline_containing, zombie_free
 from fixtures.nbdkit import nbd_connect
 from replicator import cli
-from replicator.attach import AttachError, attach, detach
+from replicator.attach import AttachError, attach, detach, fuse_base_dir, is_mounted
 from replicator.config import parse_config
+from replicator.status import format_status, watch_frame
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _config(setup_dir: Path, config_text, alpha_socket: Path, beta_socket: Path | None = None):
+    """(config, resource r0) with alpha's (and beta's) export on the given sockets."""
+    text = config_text(setup_dir).replace(f'export = "unix:{setup_dir}/r0.nbd"',
+                                          f'export = "unix:{alpha_socket}"')
+    if beta_socket is not None:
+        beta_meta = f'meta-dir = "{setup_dir}/beta-meta"\n'
+        text = text.replace(beta_meta, beta_meta + f'export = "unix:{beta_socket}"\n')
+    (setup_dir / "duplex.toml").write_text(text)
+    cfg = parse_config(text, str(setup_dir / "duplex.toml"))
+    return cfg, cfg.resource("r0")
 
 
 @pytest.fixture
 def served(setup_dir, config_text, nbdkit_server):
     """(config, resource, alpha, server): alpha's export served by nbdkit memory 64M."""
     server = nbdkit_server("memory", "64M")
-    text = config_text(setup_dir).replace(f'export = "unix:{setup_dir}/r0.nbd"',
-                                          f'export = "unix:{server.socket_path}"')
-    (setup_dir / "duplex.toml").write_text(text)
     (setup_dir / "alpha-meta").mkdir()
-    cfg = parse_config(text, str(setup_dir / "duplex.toml"))
-    r = cfg.resource("r0")
+    cfg, r = _config(setup_dir, config_text, server.socket_path)
     return cfg, r, r.node("alpha"), server
 
 
@@ -37,14 +57,44 @@ def run_dir(tmp_path):
     try:
         yield d
     finally:
-        # Safety net if a test failed half-way: undo whatever is recorded.
-        rec = tmp_path / "alpha-meta" / "attach.json"
-        if rec.exists():
-            data = json.loads(rec.read_text())
-            subprocess.run(["losetup", "-d", data["device"]], capture_output=True)
-            subprocess.run(["fusermount3", "-u", data["mount_dir"]], capture_output=True)
+        # Safety net if a test failed half-way: take down whatever is under
+        # d (also a dead FUSE mount, which no attach record may describe).
+        for dev in loop_devices_backed_by(d):
+            subprocess.run(["losetup", "-d", dev], capture_output=True)
+        left_mounts = [mp for _, mp, fstype in mounts() if fstype.startswith("fuse")
+                       and mp.startswith(str(d))]
+        for mp in reversed(left_mounts):
+            if subprocess.run(["fusermount3", "-u", mp], capture_output=True).returncode:
+                subprocess.run(["umount", "-l", mp], capture_output=True)
+        for pid in zombie_free(pids_with_cmdline_containing(str(d))):
+            os.kill(pid, signal.SIGKILL)  # an nbdfuse this test started
         left = leftovers(d)
         assert left.is_empty(), f"attach left behind: {left}"
+        assert not left_mounts and not left.processes, f"attach left behind: {left_mounts}"
+
+
+def _write_and_check(device: str, server_uri: str, payload: bytes, offset: int) -> None:
+    """Write *payload* through *device* and prove it reached the NBD server."""
+    fd = os.open(device, os.O_RDWR)
+    try:
+        os.pwrite(fd, payload, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    h = nbd_connect(server_uri)
+    try:
+        assert h.pread(len(payload), offset) == payload
+    finally:
+        h.shutdown()
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not zombie_free([pid]):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_attach_gives_a_loop_device_whose_writes_reach_the_export(served, run_dir):

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from fixtures.duplex_lab import VENV_BIN
-from workload import Workload
+from fixtures.workload import Workload
 
 CLIENT = Path(__file__).with_name("peer_client.py")
 

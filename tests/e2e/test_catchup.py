@@ -12,7 +12,7 @@ import time
 
 from fixtures.duplex_lab import replay_history
 from test_replication import _check_samples_are_prefixes
-from workload import Sampler, Workload
+from fixtures.workload import Sampler, Workload
 
 
 def _track_states(lab, stop: threading.Event, seen: set) -> None:

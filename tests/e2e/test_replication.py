@@ -13,7 +13,7 @@ import pytest
 
 from fixtures.blockdev import mkfs, mounted
 from fixtures.duplex_lab import replay_history
-from workload import Sampler, Workload
+from fixtures.workload import Sampler, Workload
 
 
 def _check_samples_are_prefixes(lab, samples) -> int:

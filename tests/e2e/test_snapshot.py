@@ -15,7 +15,7 @@ import pytest
 
 from fixtures.blockdev import mkfs, mounted
 from fixtures.duplex_lab import Lab, replay_history
-from workload import Workload
+from fixtures.workload import Workload
 
 OPTIONS = {"ring-size": "1MiB", "journal-size": "4MiB", "resync-rate": "4MiB"}
 

@@ -11,7 +11,7 @@ import time
 import nbd
 
 from fixtures.duplex_lab import RESOURCE
-from workload import Workload
+from fixtures.workload import Workload
 
 TRACK = 64 << 10
 

@@ -5,6 +5,7 @@ import json
 import subprocess
 
 from fixtures.duplex_lab import REPO, RESOURCE, VENV_BIN, Lab, duplex_env
+from fixtures.workload import random_op
 
 
 def run_failover(lab: Lab, *args: str, node: str = "beta", timeout: float = 120
@@ -108,23 +109,10 @@ class Writer:
         h = nbd.NBD()
         try:
             h.connect_uri(self.uri)
-            hot = self.size // 16
             i = 0
             while not self._stop.is_set():
                 i += 1
-                length = rnd.choice((512, 4096, 4096, 8192, 65536))
-                base, span = (0, hot) if rnd.random() < 0.5 else (hot, self.size - hot)
-                off = base + rnd.randrange(0, (span - length) // 512) * 512
-                r = rnd.random()
-                if r < 0.80:
-                    h.pwrite(bytes([n + 1, i & 0xFF]) * (length // 2), off,
-                             nbd.CMD_FLAG_FUA if rnd.random() < 0.05 else 0)
-                elif r < 0.88:
-                    h.trim(length, off)
-                elif r < 0.96:
-                    h.zero(length, off)
-                else:
-                    h.flush()
+                random_op(h, rnd, n, i, self.size, (512, 4096, 4096, 8192, 65536))
                 self.ops += 1
                 if self.pace:
                     time.sleep(self.pace)

@@ -1,0 +1,48 @@
+"""Writing files whole: positional vectored writes that survive short
+writes, and durable atomic replacement of small files (metadata, reports,
+markers): a crash leaves the old file or the new one, never a torn one."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def pwritev_all(fd: int, bufs: list, offset: int) -> int:
+    """pwritev until every byte of *bufs* is written at *offset* (short
+    writes happen); returns the number of syscalls."""
+    views = [memoryview(b).cast("B") for b in bufs if len(b)]
+    calls = 0
+    while views:
+        n = os.pwritev(fd, views, offset)
+        calls += 1
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+    return calls
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> None:
+    """Replace *path* with *data*: write a temporary file beside it, fsync
+    it, rename it over, fsync the directory (so the rename is durable)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
