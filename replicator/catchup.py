@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 
 from replicator.core import Bitmap
 from replicator.peerlink import LinkError, PeerLink
-from replicator.protocol.messages import IncrBegin, IncrCommit, IncrData, IncrZero
+from replicator.protocol.messages import IncrBegin, IncrCommit, IncrData, IncrZero, VerifyReq
+from replicator.verify import track_digest, track_runs
 
 if TYPE_CHECKING:
     from replicator.shipper import Shipper
@@ -38,6 +39,7 @@ log = logging.getLogger("duplex.catchup")
 
 COLLIDE_CAP = 32 << 20     # collision copies queued at most; beyond, the increment restarts
 PIECE_BYTES = 1 << 20      # INCR_DATA frames carry at most this much
+MATCH_BATCH = 256          # tracks whose digests are asked for at once
 COMMIT_TIMEOUT = 120.0
 
 
@@ -152,26 +154,47 @@ class CatchUp:
             original.close()
 
     def _drain(self, k: int, frozen: Bitmap, prog: SyncProgress, final: bool) -> None:
-        t = frozen.find_next(0)
         pieces: list[tuple[int, bytes]] = []
         pending = 0
+        t = frozen.find_next(0)
         while t >= 0:
-            if not self.link.alive():
-                raise LinkError(self.link.error or "connection closed")
-            data = self.core.drain_track(t)
-            if data is not None:
-                pieces.append((t * self.track, data))
+            batch = []
+            while t >= 0 and len(batch) < MATCH_BATCH:
+                batch.append(t)
+                t = frozen.find_next(t + 1)
+            # An old copy being synced for the first time: tracks it already
+            # holds are not sent (nothing is applied on it meanwhile, so its
+            # digests stay true until the commit).
+            theirs = self._peer_digests(batch) if self.sh.peer_initial_sync else {}
+            for tr in batch:
+                if not self.link.alive():
+                    raise LinkError(self.link.error or "connection closed")
+                data = self.core.drain_track(tr)
+                if data is None:
+                    continue  # a write took it into the collision queue
+                if tr in theirs and theirs[tr] == track_digest(data):
+                    prog.done_bytes += len(data)
+                    self.sh.matched_bytes += len(data)
+                    continue
+                pieces.append((tr * self.track, data))
                 pending += len(data)
-            if pending >= PIECE_BYTES:
-                self._send_pieces(k, pieces, prog)
-                pieces, pending = [], 0
-                self._send_collisions(k, prog)
-                if final:
-                    self.sh.pump(self.link, release=False)
-                if self.core.collision_overflowed:
-                    raise IncrementAborted("too many writes hit frozen tracks at once")
-            t = frozen.find_next(t + 1)
+                if pending >= PIECE_BYTES:
+                    self._send_pieces(k, pieces, prog)
+                    pieces, pending = [], 0
+                    self._send_collisions(k, prog)
+                    if final:
+                        self.sh.pump(self.link, release=False)
+                    if self.core.collision_overflowed:
+                        raise IncrementAborted("too many writes hit frozen tracks at once")
         self._send_pieces(k, pieces, prog)
+
+    def _peer_digests(self, tracks: list[int]) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for first, count in track_runs(tracks):
+            self.sh.verify_ids += 1
+            sums = self.link.request_sums(VerifyReq(self.sh.verify_ids, first, count, 0), 60.0)
+            out.update((first + i, v) for i, v in enumerate(sums.sums))
+        return out
 
     def _send_pieces(self, k: int, pieces: list[tuple[int, bytes]], prog: SyncProgress) -> None:
         # All-zero tracks travel as markers (an initial sync of a mostly

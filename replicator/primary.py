@@ -225,5 +225,5 @@ class Engine:
                  "seconds": sh["lag_seconds"]},
             out_of_sync_bytes=self.oos.dirty_bytes(self.size),
             nbd_uri=self.node.export_uri(), reason=sh["reason"], sync=sh["sync"],
-            incr_bytes_sent=sh["incr_bytes_sent"],
+            incr_bytes_sent=sh["incr_bytes_sent"], matched_bytes=sh["matched_bytes"],
             ring=self.core.ring_stats, uptime_seconds=round(time.time() - self.started, 1))

@@ -35,7 +35,6 @@ from replicator.journal import Journal, JournalError
 from replicator.metadata import (DISK_CONSISTENT, DISK_INCONSISTENT, DISK_OUTDATED, DISK_UPTODATE,
                                  Metadata, load_metadata)
 from replicator.peerlink import LinkError, PeerLink, pairing_uuid
-from replicator.crc32c import crc32c
 from replicator.fileio import atomic_write
 from replicator.oosfiles import open_bitmaps
 from replicator.pending import PendingQueue, StreamError
@@ -49,6 +48,7 @@ from replicator.protocol.messages import (STATE_DISCARD_MY_DATA, STATE_HAS_BITMA
                                           IncrBegin, IncrCommit, IncrData, IncrZero, Message, OosBitmap,
                                           State, Tokens, VerifyReq, VerifySums)
 from replicator.status import new_status
+from replicator.verify import track_digest
 
 log = logging.getLogger("duplex.secondary")
 
@@ -265,7 +265,7 @@ class Secondary:
             for t in range(req.first_track, req.first_track + req.count):
                 off = t * ts
                 n = max(0, min(ts, self.size - off))
-                sums.append(crc32c(os.pread(self.fd, n, off)) if n else 0)
+                sums.append(track_digest(os.pread(self.fd, n, off)) if n else 0)
         try:
             link.send(VerifySums(req.verify_id, req.first_track, applied, tuple(sums)))
         except LinkError:

@@ -72,6 +72,9 @@ class Shipper:
         self._incr_id = 0
         self.sync = None  # SyncProgress while catching up
         self.incr_bytes_sent = 0
+        self.matched_bytes = 0      # initial sync: tracks the peer already held
+        self.peer_initial_sync = False
+        self.verify_ids = 0         # ids of VERIFY_REQ (verify and catch-up share the link)
 
     # -- control ----------------------------------------------------------
 
@@ -122,6 +125,7 @@ class Shipper:
                 "lag_seconds": round(lag_s, 3) if lag_s >= 0 else None,
                 "sync": self.sync.as_dict() if self.sync else None,
                 "incr_bytes_sent": self.incr_bytes_sent,
+                "matched_bytes": self.matched_bytes,
             }
 
     # -- acks (reader thread) ---------------------------------------------
@@ -247,7 +251,8 @@ class Shipper:
             self._released = 0
             self._samples.clear()
         last = self.core.next_seq - 1
-        if ps.flags & STATE_NEEDS_RESYNC and not self.needs_resync:
+        self.peer_initial_sync = bool(ps.flags & STATE_NEEDS_RESYNC)
+        if self.peer_initial_sync and not self.needs_resync:
             self.needs_resync = True
             self._resync_reason = "the peer has never been synced (initial sync)"
         if ps.journaled_seq > last and not self.needs_resync:

@@ -11,13 +11,13 @@ increment resends it.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from replicator.crc32c import crc32c
 from replicator.errors import DuplexError
 from replicator.protocol.messages import MAX_VERIFY_TRACKS, VerifyReq
 
@@ -34,6 +34,12 @@ SUMS_TIMEOUT = 60.0
 
 class VerifyError(DuplexError):
     """Verify cannot run (no peer, one already running)."""
+
+
+def track_digest(data) -> int:
+    """The 64-bit digest both sides compare for a track (BLAKE2b: a CRC is
+    too weak to decide that two tracks are equal without sending them)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
 def track_ranges(tracks: list[int], track_size: int, size: int) -> list[dict]:
@@ -82,7 +88,6 @@ class Verifier:
     def __init__(self, engine: "Engine"):
         self.engine = engine
         self.run: VerifyRun | None = None
-        self._ids = 0
         self._lock = threading.Lock()
 
     def start(self, fix: bool = False) -> dict:
@@ -154,13 +159,14 @@ class Verifier:
                 local[t] = None  # the peer may lack it on purpose: in flight
                 continue
             off = t * ts
-            local[t] = crc32c(core.pread(min(ts, size - off), off, locked=True))
+            local[t] = track_digest(core.pread(min(ts, size - off), off, locked=True))
         remote: dict[int, int] = {}
-        for first, count in _runs(tracks):
+        for first, count in track_runs(tracks):
             for i in range(0, count, MAX_VERIFY_TRACKS):
-                self._ids += 1
+                eng.shipper.verify_ids += 1
                 n = min(MAX_VERIFY_TRACKS, count - i)
-                sums = link.request_sums(VerifyReq(self._ids, first + i, n, after), SUMS_TIMEOUT)
+                sums = link.request_sums(VerifyReq(eng.shipper.verify_ids, first + i, n, after),
+                                         SUMS_TIMEOUT)
                 for j, v in enumerate(sums.sums):
                     remote[first + i + j] = v
         diff, inflight = set(), set()
@@ -173,7 +179,8 @@ class Verifier:
         return diff, inflight
 
 
-def _runs(tracks: list[int]) -> list[tuple[int, int]]:
+def track_runs(tracks: list[int]) -> list[tuple[int, int]]:
+    """Consecutive tracks as (first, count) runs."""
     out: list[list[int]] = []
     for t in tracks:
         if out and out[-1][0] + out[-1][1] == t:

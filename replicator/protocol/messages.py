@@ -722,8 +722,9 @@ _VERIFY_SUMS = struct.Struct("<QQQ")
 
 @dataclass(frozen=True, slots=True)
 class VerifySums(Message):
-    """The answer to a VerifyReq: one CRC32C per track, in order, and the
-    seq through which the image was applied when it was read."""
+    """The answer to a VerifyReq: one 64-bit digest per track (see
+    replicator.verify.track_digest), in order, and the seq through which the
+    image was applied when it was read."""
 
     TYPE: ClassVar[FrameType] = FrameType.VERIFY_SUMS
     verify_id: int
@@ -737,20 +738,20 @@ class VerifySums(Message):
         if not 1 <= len(self.sums) <= MAX_VERIFY_TRACKS:
             raise _fail("VERIFY_SUMS", "sums", f"holds {len(self.sums)} checksums, "
                         f"expected 1..{MAX_VERIFY_TRACKS}")
-        _set(self, "sums", tuple(_uint("VERIFY_SUMS", "sums", v, _U32) for v in self.sums))
+        _set(self, "sums", tuple(_uint("VERIFY_SUMS", "sums", v, _U64) for v in self.sums))
 
     def encode(self) -> bytes:
         return (_VERIFY_SUMS.pack(self.verify_id, self.first_track, self.applied_seq)
-                + struct.pack(f"<{len(self.sums)}I", *self.sums))
+                + struct.pack(f"<{len(self.sums)}Q", *self.sums))
 
     @classmethod
     def decode(cls, payload) -> VerifySums:
-        _at_least("VERIFY_SUMS", payload, _VERIFY_SUMS.size + 4)
+        _at_least("VERIFY_SUMS", payload, _VERIFY_SUMS.size + 8)
         vid, first, applied = _VERIFY_SUMS.unpack_from(payload)
         rest = len(payload) - _VERIFY_SUMS.size
-        if rest % 4:
-            raise _fail("VERIFY_SUMS", "sums", f"are {rest} bytes, not a multiple of 4")
-        sums = struct.unpack_from(f"<{rest // 4}I", payload, _VERIFY_SUMS.size)
+        if rest % 8:
+            raise _fail("VERIFY_SUMS", "sums", f"are {rest} bytes, not a multiple of 8")
+        sums = struct.unpack_from(f"<{rest // 8}Q", payload, _VERIFY_SUMS.size)
         return cls(vid, first, applied, sums)
 
 

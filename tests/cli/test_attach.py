@@ -24,7 +24,7 @@ from fixtures.nbdkit import nbd_connect
 from replicator import cli
 from replicator.attach import AttachError, attach, detach, fuse_base_dir, is_mounted
 from replicator.config import parse_config
-from replicator.status import format_status, watch_frame
+from replicator.status import format_status, offline_status, watch_frame
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -175,3 +175,279 @@ def test_cli_attach_prints_the_device_and_detach_undoes_it(served, run_dir, caps
     assert cli.main([*argv, "detach", "r0"]) == 1
     assert capsys.readouterr().err == (f"duplex: error: resource r0 is not attached on node alpha "
                                        f"(no {alpha.meta_dir}/attach.json)\n")
+
+
+# --------------------------------------------------------------------------
+# a dead FUSE mount: the server died, nbdfuse is gone, the mount is left
+
+
+def _make_the_mount_dead(device: str, server, record: dict) -> None:
+    """Kill the NBD server under an attached *device* and leave what that
+    leaves: a FUSE mount whose daemon is gone (stat on it fails ENOTCONN).
+
+    nbdfuse exits when its server dies in some versions and situations; the
+    1.14 of Debian 12 rather answers EIO and stays. So once I/O has failed,
+    nbdfuse is killed if it is still there: the mount is then exactly as dead
+    as when nbdfuse exits on its own (it never unmounts on the way out)."""
+    server.stop()
+    fd = os.open(device, os.O_RDWR | os.O_DIRECT)
+    try:
+        with pytest.raises(OSError):
+            os.pread(fd, 4096, 0)
+    finally:
+        os.close(fd)
+    pid = record["nbdfuse_pid"]
+    if not _wait_gone(pid, 1.0):
+        os.kill(pid, signal.SIGKILL)
+        assert _wait_gone(pid, 5.0), f"nbdfuse {pid} did not exit"
+    with pytest.raises(OSError) as ei:
+        os.stat(record["mount_dir"])
+    assert ei.value.errno == errno.ENOTCONN
+    assert not os.path.ismount(record["mount_dir"])  # why ismount cannot be used
+    assert is_mounted(record["mount_dir"])           # ...and mountinfo can
+
+
+def test_detach_after_the_server_died_unmounts_the_dead_mount_and_attach_works_again(
+        served, run_dir, setup_dir, config_text, nbdkit_server):
+    cfg, r, alpha, server = served
+    device = attach(cfg, r, alpha, run_dir=run_dir, method="fuse")
+    record = json.loads((Path(alpha.meta_dir) / "attach.json").read_text())
+    _make_the_mount_dead(device, server, record)
+
+    assert detach(cfg, r, alpha) == device
+    assert not is_mounted(record["mount_dir"]), "detach left the dead FUSE mount"
+    assert loop_backing_file(device) != record["fuse_file"]
+    assert not (Path(alpha.meta_dir) / "attach.json").exists()
+
+    # The export comes back (a new server, a new socket): attach works again.
+    server2 = nbdkit_server("memory", "64M")
+    cfg2, r2 = _config(setup_dir, config_text, server2.socket_path)
+    alpha2 = r2.node("alpha")
+    device2 = attach(cfg2, r2, alpha2, run_dir=run_dir, method="fuse")
+    try:
+        _write_and_check(device2, server2.uri, os.urandom(4096) * 2, 3 << 20)
+    finally:
+        assert detach(cfg2, r2, alpha2) == device2
+    assert not is_mounted(record["mount_dir"])
+
+
+def test_attach_over_a_dead_mount_without_a_record_unmounts_it_first(
+        served, run_dir, setup_dir, config_text, nbdkit_server):
+    # What a crash leaves: the record is gone, the dead mount is not.
+    cfg, r, alpha, server = served
+    device = attach(cfg, r, alpha, run_dir=run_dir, method="fuse")
+    record_path = Path(alpha.meta_dir) / "attach.json"
+    record = json.loads(record_path.read_text())
+    _make_the_mount_dead(device, server, record)
+    subprocess.run(["losetup", "-d", device], check=True, capture_output=True)
+    record_path.unlink()
+
+    server2 = nbdkit_server("memory", "64M")
+    cfg2, r2 = _config(setup_dir, config_text, server2.socket_path)
+    alpha2 = r2.node("alpha")
+    device2 = attach(cfg2, r2, alpha2, run_dir=run_dir, method="fuse")
+    try:
+        assert json.loads(record_path.read_text())["mount_dir"] == record["mount_dir"]
+        _write_and_check(device2, server2.uri, os.urandom(8192), 1 << 20)
+    finally:
+        detach(cfg2, r2, alpha2)
+
+
+def test_attach_and_detach_report_os_errors_as_attach_errors(served, tmp_path, capsys,
+                                                              monkeypatch):
+    cfg, r, alpha, _ = served
+    not_a_dir = tmp_path / "run-is-a-file"
+    not_a_dir.write_text("")
+    with pytest.raises(AttachError) as ei:
+        attach(cfg, r, alpha, run_dir=not_a_dir, method="fuse")
+    assert str(ei.value) == (f"creating the attach directory "
+                             f"{not_a_dir}/r0/alpha/fuse: Not a directory")
+    assert not (Path(alpha.meta_dir) / "attach.json").exists()
+
+    # The same through the CLI: one line, exit 1, no traceback.
+    monkeypatch.setattr("replicator.attach.DEFAULT_RUN_DIR", str(not_a_dir))
+    monkeypatch.setattr("replicator.attach.choose_method", lambda: "fuse")
+    assert cli.main(["--config", cfg.path, "--node", "alpha", "attach", "r0"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"duplex: error: creating the attach directory "
+                   f"{not_a_dir}/r0/alpha/fuse: Not a directory\n")
+
+    # detach: an attach record that is a directory, not a file.
+    (Path(alpha.meta_dir) / "attach.json").mkdir()
+    try:
+        with pytest.raises(AttachError) as ei:
+            detach(cfg, r, alpha)
+        assert str(ei.value).startswith(f"{alpha.meta_dir}/attach.json: cannot read "
+                                        f"the attach record: ")
+    finally:
+        (Path(alpha.meta_dir) / "attach.json").rmdir()
+
+
+# --------------------------------------------------------------------------
+# two nodes of one resource on one machine (the test lab, the demo)
+
+
+@pytest.fixture
+def served_both(setup_dir, config_text, nbdkit_server):
+    """(config, resource, alpha, beta, alpha's server, beta's server)."""
+    sa, sb = nbdkit_server("memory", "64M"), nbdkit_server("memory", "64M")
+    for name in ("alpha-meta", "beta-meta"):
+        (setup_dir / name).mkdir()
+    cfg, r = _config(setup_dir, config_text, sa.socket_path, sb.socket_path)
+    return cfg, r, r.node("alpha"), r.node("beta"), sa, sb
+
+
+def test_two_nodes_attach_side_by_side_each_in_its_own_directory(served_both, run_dir):
+    cfg, r, alpha, beta, sa, sb = served_both
+    dev_a = attach(cfg, r, alpha, run_dir=run_dir, method="fuse")
+    try:
+        dev_b = attach(cfg, r, beta, run_dir=run_dir, method="fuse")
+        try:
+            rec_a = json.loads((Path(alpha.meta_dir) / "attach.json").read_text())
+            rec_b = json.loads((Path(beta.meta_dir) / "attach.json").read_text())
+            assert rec_a["mount_dir"] == str(fuse_base_dir(r, alpha, run_dir) / "fuse")
+            assert rec_b["mount_dir"] == str(fuse_base_dir(r, beta, run_dir) / "fuse")
+            assert rec_a["mount_dir"] != rec_b["mount_dir"] and dev_a != dev_b
+            a, b = os.urandom(4096), os.urandom(4096)
+            _write_and_check(dev_a, sa.uri, a, 0)
+            _write_and_check(dev_b, sb.uri, b, 0)
+        finally:
+            assert detach(cfg, r, beta) == dev_b
+        # alpha's device outlives beta's detach, and still reaches alpha's server.
+        assert loop_backing_file(dev_a) == rec_a["fuse_file"]
+        _write_and_check(dev_a, sa.uri, a[::-1], 8192)
+    finally:
+        assert detach(cfg, r, alpha) == dev_a
+
+
+def test_attach_never_unmounts_a_mount_another_node_recorded(served_both, run_dir):
+    # beta's attach.json records the mount in the directory alpha is about
+    # to use (as records of the old shared /run/duplex/RES/fuse could): to
+    # alpha it looks like a leftover, but it is beta's, and beta's device
+    # must keep working.
+    cfg, r, alpha, beta, sa, _ = served_both
+    device = attach(cfg, r, alpha, run_dir=run_dir, method="fuse")
+    os.replace(Path(alpha.meta_dir) / "attach.json", Path(beta.meta_dir) / "attach.json")
+    rec = json.loads((Path(beta.meta_dir) / "attach.json").read_text())
+    try:
+        with pytest.raises(AttachError) as ei:
+            attach(cfg, r, alpha, run_dir=run_dir, method="fuse")
+        assert str(ei.value) == (
+            f"{rec['mount_dir']} is mounted and node beta's attach record "
+            f"({beta.meta_dir}/attach.json) says it is beta's: not touching it "
+            f"(run `duplex --node beta detach r0` first)")
+        assert is_mounted(rec["mount_dir"])
+        assert loop_backing_file(device) == rec["fuse_file"]
+        _write_and_check(device, sa.uri, os.urandom(4096), 4096)
+        assert not (Path(alpha.meta_dir) / "attach.json").exists()
+    finally:
+        assert detach(cfg, r, beta) == device
+    assert not is_mounted(rec["mount_dir"])
+
+
+# --------------------------------------------------------------------------
+# scripts/failover: the attach step
+
+
+def _load_failover(monkeypatch):
+    """scripts/failover as a module (it has no .py suffix)."""
+    loader = importlib.machinery.SourceFileLoader("duplex_failover_script",
+                                                  str(REPO / "scripts" / "failover"))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    mod = importlib.util.module_from_spec(spec)
+    # @dataclass looks its module up in sys.modules while the class is made.
+    monkeypatch.setitem(sys.modules, loader.name, mod)
+    loader.exec_module(mod)
+    return mod
+
+
+def test_failover_attach_step_reports_an_os_error_as_a_step_failure(served, monkeypatch,
+                                                                     capsys):
+    cfg, r, alpha, _ = served
+    failover = _load_failover(monkeypatch)
+
+    def broken_attach(config, resource, node, **kwargs):
+        raise OSError(errno.ENOTCONN, "Transport endpoint is not connected",
+                      "/run/duplex/r0/alpha/fuse")
+    monkeypatch.setattr("replicator.attach.attach", broken_attach)
+    f = failover.Failover(cfg, r, alpha, "alpha", no_fence=True, force=False, dry_run=False,
+                          wait_disconnect=0.0, serve_timeout=1.0)
+    with pytest.raises(failover.StepFailed) as ei:
+        f.attach()
+    assert str(ei.value) == (f"attaching {alpha.export_uri()} as a block device failed: "
+                             f"/run/duplex/r0/alpha/fuse: Transport endpoint is not connected")
+
+
+# --------------------------------------------------------------------------
+# duplex status --watch (here because this helper owns only this test file;
+# it belongs with tests/cli/test_status.py)
+
+
+class _Terminal(io.StringIO):
+    """A stdout that says it is a terminal and logs each write as an event."""
+
+    def __init__(self, events: list, tty: bool = True):
+        super().__init__()
+        self.events, self.tty = events, tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> int:
+        self.events.append(("write", s))
+        return super().write(s)
+
+
+def _watch(monkeypatch, config_file, tty: bool, frames: int = 3) -> list:
+    events: list = []
+    fetched = iter(range(1, 100))
+
+    def fake_status(resource, node, timeout):
+        d = offline_status(resource, node, None, f"test frame {next(fetched)}")
+        events.append(("fetch", d["reason"]))
+        return d
+
+    sleeps = []
+
+    def fake_sleep(s):
+        sleeps.append(s)
+        if len(sleeps) == frames:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_status_of", fake_status)
+    monkeypatch.setattr(cli.time, "sleep", fake_sleep)
+    monkeypatch.setattr(cli.time, "strftime", lambda fmt, *a: "2024-01-02 03:04:05")
+    monkeypatch.setattr(sys, "stdout", _Terminal(events, tty))
+    code = cli.main(["--config", str(config_file), "--node", "alpha", "status", "r0",
+                     "--watch", "0.5"])
+    assert code == 0 and sleeps == [0.5] * frames
+    return [e for e in events if e != ("write", "")]
+
+
+def test_status_watch_on_a_terminal_fetches_first_then_redraws_in_one_write(
+        monkeypatch, config_file, setup_dir):
+    cfg = parse_config(config_file.read_text(), str(config_file))
+    r = cfg.resource("r0")
+    events = _watch(monkeypatch, config_file, tty=True)
+    header = "2024-01-02 03:04:05 (every 0.5s, Ctrl-C to stop)"
+    expected = []
+    for i in (1, 2, 3):
+        d = offline_status(r, r.node("alpha"), None, f"test frame {i}")
+        expected += [("fetch", f"test frame {i}"),
+                     ("write", watch_frame(format_status(d), header=header))]
+    # Nothing is cleared while the status is fetched: one write per frame,
+    # after the fetch, overwriting the previous frame in place.
+    assert events == expected
+    assert all("\x1b[2J" not in s for kind, s in events if kind == "write")
+
+
+def test_status_watch_to_a_pipe_prints_plain_frames_separated_by_a_blank_line(
+        monkeypatch, config_file, setup_dir):
+    cfg = parse_config(config_file.read_text(), str(config_file))
+    r = cfg.resource("r0")
+    events = _watch(monkeypatch, config_file, tty=False)
+    out = "".join(s for kind, s in events if kind == "write")
+    assert "\x1b" not in out
+    frames = [format_status(offline_status(r, r.node("alpha"), None, f"test frame {i}"))
+              for i in (1, 2, 3)]
+    assert out == "".join(f"{f}\n\n" for f in frames)
+    assert [e[0] for e in events if e[0] == "fetch"] == ["fetch"] * 3

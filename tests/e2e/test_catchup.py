@@ -69,14 +69,19 @@ def test_link_cut_goes_ahead_then_catches_up_through_valid_images(make_lab, netn
     assert cut_time < 60
 
 
-def test_initial_sync_copies_a_device_with_data_and_skips_zero_tracks(make_lab):
+def test_initial_sync_sends_neither_zero_tracks_nor_tracks_the_old_copy_holds(make_lab):
     lab = make_lab(size=16 << 20, options={"journal-size": "64MiB"})
-    with open(lab.image["beta"], "r+b") as f:
-        f.write(os.urandom(1 << 20))  # an old copy: the zero tracks must still be zeroed
     data = os.urandom(4 << 20)
     with open(lab.image["alpha"], "r+b") as f:
         f.seek(8 << 20)
         f.write(data)
+    # Beta holds an old copy: the same data but three tracks, and junk where
+    # alpha has zeros.
+    old = bytearray(lab.image["alpha"].read_bytes())
+    old[:1 << 20] = os.urandom(1 << 20)
+    for t in (130, 140, 150):
+        old[t * 65536:t * 65536 + 100] = b"old!" * 25
+    lab.image["beta"].write_bytes(old)
     lab.create_md(assume_clean=False)
     st = lab.status("beta")
     assert st["disk"] == "Inconsistent", st
@@ -87,8 +92,10 @@ def test_initial_sync_copies_a_device_with_data_and_skips_zero_tracks(make_lab):
     assert lab.control("beta")["disk"] == "UpToDate"
     st = lab.control("alpha")
     assert st["out_of_sync_bytes"] == 0
-    # All-zero tracks travel as markers: only the 4 MiB of data moved.
-    assert len(data) <= st["incr_bytes_sent"] <= len(data) + (64 << 10), st["incr_bytes_sent"]
+    # Only the three differing tracks carried data; zero tracks went as
+    # markers and matching tracks not at all.
+    assert st["incr_bytes_sent"] == 3 * 65536, st["incr_bytes_sent"]
+    assert st["matched_bytes"] >= len(data) - 3 * 65536, st["matched_bytes"]
 
 
 def test_kill9_secondary_while_applying_an_increment_reapplies_it(make_lab, netns_pair, procs):
