@@ -6,12 +6,21 @@ Two ways, chosen by what the kernel has:
 * kernel nbd (``/sys/module/nbd`` or ``/dev/nbd0`` exists, and
   ``nbd-client`` is installed): ``nbd-client`` connects a free
   ``/dev/nbdX`` to the export;
-* otherwise FUSE: ``nbdfuse RUN/<res>/fuse/nbd URI`` presents the export as
-  a file, and ``losetup --find --show`` puts a loop device on that file.
+* otherwise FUSE: ``nbdfuse RUN/<res>/<node>/fuse/nbd URI`` presents the
+  export as a file, and ``losetup --find --show`` puts a loop device on that
+  file. The directory is per node, so the two nodes of a resource can both
+  be attached on one machine (the test lab, the demo).
 
 What was set up is recorded in ``meta-dir/attach.json``, so ``detach`` can
 undo exactly that: ``losetup -d``, ``fusermount3 -u`` (which makes nbdfuse
 exit; it is killed only if it does not), or ``nbd-client -d``.
+
+A FUSE mount whose nbdfuse is gone (it died, or exited when its server did)
+stays mounted but dead: stat() on it fails with ENOTCONN, so
+``os.path.ismount`` says False. Mounts are therefore looked up in
+``/proc/self/mountinfo``, where a dead mount is still listed, and unmounted
+with ``fusermount3 -u`` (``umount -l`` when that keeps failing). A mount that
+another node's attach record describes is never touched.
 """
 from __future__ import annotations
 
@@ -21,8 +30,9 @@ import shutil
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from replicator.config import DEFAULT_RUN_DIR, Config, Node, Resource
 from replicator.errors import DuplexError
@@ -33,6 +43,101 @@ WAIT_S = 10.0  # how long to wait for nbdfuse / loop devices to settle
 
 class AttachError(DuplexError):
     """Attaching or detaching the export's block device failed."""
+
+
+def _os_error_text(e: OSError) -> str:
+    """``PATH: reason`` for an OSError (no errno number, no repr quotes)."""
+    reason = e.strerror or str(e)
+    return f"{e.filename}: {reason}" if e.filename else reason
+
+
+@contextmanager
+def _os_step(what: str) -> Iterator[None]:
+    """Turn an OSError in the block into AttachError saying *what* failed."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename and e.filename in what:
+            raise AttachError(f"{what}: {e.strerror or e}") from None
+        raise AttachError(f"{what}: {_os_error_text(e)}") from None
+
+
+def fuse_base_dir(resource: Resource, node: Node,
+                  run_dir: str | os.PathLike | None = None) -> Path:
+    """Where the FUSE attach of *node* keeps its mount (``fuse/``), nbdfuse's
+    pid file and log: ``RUN/<resource>/<node>``. Per node, so that two nodes
+    of one resource on one machine never share (or unmount) each other's."""
+    return Path(DEFAULT_RUN_DIR if run_dir is None else run_dir) / resource.name / node.name
+
+
+def _unescape_mount_field(s: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo.
+    return s.encode().decode("unicode_escape") if "\\" in s else s
+
+
+def _mount_points() -> list[str]:
+    """Every mount point this process sees (also dead FUSE mounts)."""
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return [_unescape_mount_field(line.split()[4]) for line in f]
+
+
+def is_mounted(path: str | os.PathLike) -> bool:
+    """Whether something is mounted on *path*, also a dead FUSE mount (which
+    ``os.path.ismount`` misses: stat() on it fails with ENOTCONN)."""
+    # realpath does not fail on a dead mount: it only lstat()s, ignoring errors.
+    return os.path.realpath(path) in _mount_points()
+
+
+def _unmount(mount_dir: str) -> None:
+    """Unmount the FUSE mount *mount_dir*, live or dead; AttachError if it stays.
+
+    ``fusermount3 -u`` is retried for a moment (the loop driver may release
+    the file just after ``losetup -d``); if the mount still stays, ``umount
+    -l`` takes it out of the tree, and the kernel drops it once its last user
+    lets go. Callers make sure no loop device of ours still uses it."""
+    err = ""
+    deadline = time.monotonic() + 2.0
+    while True:
+        try:
+            p = subprocess.run(["fusermount3", "-u", mount_dir], stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, timeout=30)
+            err = p.stderr.strip() or f"exit {p.returncode}"
+        except FileNotFoundError:
+            err = "fusermount3 is not installed"
+        except subprocess.TimeoutExpired:
+            err = "did not finish within 30s"
+        if not is_mounted(mount_dir):
+            return
+        if time.monotonic() >= deadline or "not installed" in err:
+            break
+        time.sleep(0.05)
+    try:
+        p = subprocess.run(["umount", "-l", mount_dir], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=30)
+        lazy_err = p.stderr.strip() or f"exit {p.returncode}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        lazy_err = str(e)
+    if is_mounted(mount_dir):
+        raise AttachError(f"cannot unmount {mount_dir}: fusermount3 -u: {err}; "
+                          f"umount -l: {lazy_err}")
+
+
+def _unmount_quietly(mount_dir: str) -> None:
+    """:func:`_unmount` while already failing: keep the first error."""
+    try:
+        _unmount(mount_dir)
+    except AttachError:
+        pass
+
+
+def _loops_backed_by(path: str) -> list[str]:
+    """Loop devices whose backing file is *path*."""
+    found = []
+    for entry in sorted(Path("/sys/block").glob("loop*")):
+        device = f"/dev/{entry.name}"
+        if _loop_backing_file(device) == path:
+            found.append(device)
+    return found
 
 
 def _run(argv: list[str], what: str, timeout: float = 30.0) -> str:
@@ -85,18 +190,56 @@ def _record_path(node: Node) -> Path:
 def _read_record(node: Node) -> dict[str, Any] | None:
     path = _record_path(node)
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        raise AttachError(f"{path}: cannot read the attach record: "
+                          f"{e.strerror or e}") from None
+    except ValueError as e:
         raise AttachError(f"{path}: cannot read the attach record: {e}") from None
+    if (not isinstance(record, dict) or record.get("method") not in ("nbd", "fuse")
+            or not isinstance(record.get("device"), str)):
+        raise AttachError(f"{path}: not an attach record (it needs \"method\": \"nbd\" "
+                          f"or \"fuse\" and a \"device\"); remove it if nothing is attached")
+    return record
 
 
 def _write_record(node: Node, record: dict[str, Any]) -> None:
     path = _record_path(node)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    with _os_step(f"writing the attach record {path}"):
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+def _other_owner(resource: Resource, node: Node, mount_dir: str) -> tuple[str, Path] | None:
+    """(node name, record path) of another node of *resource* whose attach
+    record describes *mount_dir*, if any: that mount is not ours to touch."""
+    want = os.path.realpath(mount_dir)
+    mine = os.path.realpath(_record_path(node))
+    for other in resource.nodes.values():
+        path = _record_path(other)
+        if other.name == node.name or os.path.realpath(path) == mine:
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # none (the usual case), or unreadable: it claims nothing
+        theirs = record.get("mount_dir") if isinstance(record, dict) else None
+        if theirs and os.path.realpath(theirs) == want:
+            return other.name, path
+    return None
+
+
+def _refuse_if_other_owns(resource: Resource, node: Node, mount_dir: str) -> None:
+    owner = _other_owner(resource, node, mount_dir)
+    if owner is not None:
+        name, path = owner
+        raise AttachError(
+            f"{mount_dir} belongs to node {name} (its attach record {path} names it): "
+            f"node {node.name} does not touch it (run `duplex --node {name} detach "
+            f"{resource.name}` first)")
 
 
 def _loop_backing_file(device: str) -> str | None:
@@ -162,12 +305,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _is_nbdfuse(pid: int) -> bool:
+def _is_our_nbdfuse(pid: int, fuse_file: str | None) -> bool:
+    """Whether *pid* is an nbdfuse serving *fuse_file* (not a recycled pid)."""
     try:
-        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return os.path.basename(argv0) == b"nbdfuse"
+    return (os.path.basename(argv[0]) == b"nbdfuse"
+            and (fuse_file is None or os.fsencode(fuse_file) in argv))
 
 
 def _wait(cond, timeout: float = WAIT_S) -> bool:
@@ -199,36 +344,65 @@ def _attach_nbd(uri: str, node: Node) -> dict[str, Any]:
     raise AttachError("no free /dev/nbdX device (all are connected)")
 
 
-def _attach_fuse(uri: str, resource: Resource, run_dir: Path) -> dict[str, Any]:
+def _clear_leftover_mount(resource: Resource, node: Node, mount_dir: Path,
+                          fuse_file: Path) -> None:
+    """Unmount what a crash left on *mount_dir* (no record describes it):
+    typically a dead mount whose nbdfuse is gone. Refuses when another
+    node's record claims it, or a loop device still uses its file."""
+    if not is_mounted(mount_dir):
+        return
+    _refuse_if_other_owns(resource, node, str(mount_dir))
+    users = _loops_backed_by(str(fuse_file))
+    if users:
+        # Unmounting (even lazily) under a live loop device would hide it.
+        raise AttachError(
+            f"{mount_dir} is left over from an earlier attach and {', '.join(users)} "
+            f"still uses {fuse_file}: unmount what uses {users[0]}, `losetup -d` it, "
+            f"and attach again")
+    _unmount(str(mount_dir))
+
+
+def _attach_fuse(uri: str, resource: Resource, node: Node, run_dir: Path) -> dict[str, Any]:
     for tool in ("nbdfuse", "losetup", "fusermount3"):
         if not shutil.which(tool):
             raise AttachError(f"{tool} is not installed (needed to attach without kernel nbd)")
-    base = run_dir / resource.name
+    # Canonical, as the kernel reports it in mountinfo and loop backing files.
+    base = Path(os.path.realpath(fuse_base_dir(resource, node, run_dir)))
     mount_dir = base / "fuse"
     fuse_file = mount_dir / "nbd"
     pidfile = base / "nbdfuse.pid"
     logfile = base / "nbdfuse.log"
-    mount_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if os.path.ismount(mount_dir):
-        # Left behind by a crash (we hold no record of it): unmount first.
-        _run(["fusermount3", "-u", str(mount_dir)], f"unmounting stale {mount_dir}")
-    pidfile.unlink(missing_ok=True)
-    with open(logfile, "wb") as log:
-        # Own session: nbdfuse must outlive this command and its terminal.
-        proc = subprocess.Popen(
-            ["nbdfuse", "-P", str(pidfile), str(fuse_file), uri],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        )
+    # Before mkdir: mkdir on a dead mount fails with ENOTCONN.
+    _clear_leftover_mount(resource, node, mount_dir, fuse_file)
+    with _os_step(f"creating the attach directory {mount_dir}"):
+        mount_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _os_step(f"starting nbdfuse on {mount_dir} (log {logfile})"):
+        pidfile.unlink(missing_ok=True)
+        with open(logfile, "wb") as log:
+            # Own session: nbdfuse must outlive this command and its terminal.
+            proc = subprocess.Popen(
+                ["nbdfuse", "-P", str(pidfile), str(fuse_file), uri],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            )
 
     def ready() -> bool:
-        return pidfile.exists() and os.path.ismount(mount_dir) and fuse_file.exists()
+        try:
+            return pidfile.exists() and is_mounted(mount_dir) and fuse_file.exists()
+        except OSError:  # ENOTCONN: nbdfuse mounted, then died
+            return False
 
     if not _wait(lambda: ready() or proc.poll() is not None) or not ready():
-        err = logfile.read_text(errors="replace").strip()
-        if proc.poll() is None:
+        try:
+            err = logfile.read_text(errors="replace").strip()
+        except OSError as e:
+            err = f"(its log: {_os_error_text(e)})"
+        hung = proc.poll() is None
+        if hung:
             proc.kill()
-            proc.wait()
-            subprocess.run(["fusermount3", "-u", "-q", str(mount_dir)], capture_output=True)
+        proc.wait()
+        if is_mounted(mount_dir):
+            _unmount_quietly(str(mount_dir))
+        if hung:
             raise AttachError(f"nbdfuse did not present {fuse_file} within {WAIT_S:g}s: {err}")
         raise AttachError(f"nbdfuse could not attach {uri}: {err or f'exit {proc.returncode}'}")
     try:
@@ -238,7 +412,7 @@ def _attach_fuse(uri: str, resource: Resource, run_dir: Path) -> dict[str, Any]:
         device = _run(["losetup", "--find", "--show", "--direct-io=on", str(fuse_file)],
                       f"setting up a loop device on {fuse_file}").strip()
     except AttachError:
-        subprocess.run(["fusermount3", "-u", str(mount_dir)], capture_output=True)
+        _unmount_quietly(str(mount_dir))
         _wait(lambda: proc.poll() is not None)
         if proc.poll() is None:
             proc.kill()
@@ -249,28 +423,39 @@ def _attach_fuse(uri: str, resource: Resource, run_dir: Path) -> dict[str, Any]:
 
 
 def attach(config: Config, resource: Resource, node: Node, *,
-           run_dir: str | os.PathLike = DEFAULT_RUN_DIR, method: str | None = None) -> str:
+           run_dir: str | os.PathLike | None = None, method: str | None = None) -> str:
     """Give a block device for *node*'s export; return its path.
 
+    *run_dir* holds the FUSE mounts (default :data:`DEFAULT_RUN_DIR`, looked
+    up at call time); see :func:`fuse_base_dir`.
     *method* is ``"nbd"`` or ``"fuse"`` (default: :func:`choose_method`).
-    Refuses when already attached, or when nothing serves the export.
+    Refuses when already attached, or when nothing serves the export. Every
+    failure, also an unexpected OSError, is an :class:`AttachError` naming
+    what failed.
     """
+    try:
+        return _attach(resource, node, Path(DEFAULT_RUN_DIR if run_dir is None else run_dir),
+                       method)
+    except OSError as e:  # a safety net: the steps name their own errors
+        raise AttachError(f"attaching resource {resource.name} on node {node.name}: "
+                          f"{_os_error_text(e)}") from None
+
+
+def _attach(resource: Resource, node: Node, run_dir: Path, method: str | None) -> str:
     record = _read_record(node)
     if record is not None:
         if _record_is_live(record):
-            raise AttachError(
-                f"resource {resource.name} is already attached as {record['device']} "
-                f"(run `duplex detach {resource.name}` first)"
-            )
-        _undo(record, strict=False)  # stale leftovers of a crash or reboot
-        _record_path(node).unlink(missing_ok=True)
+            raise AttachError(_already_attached(resource, record))
+        _undo(record, resource, node, strict=False)  # stale leftovers of a crash or reboot
+        with _os_step(f"removing the stale attach record {_record_path(node)}"):
+            _record_path(node).unlink(missing_ok=True)
     uri = node.export_uri()
     check_export(uri, resource.name, node.name)
     method = method or choose_method()
     if method == "nbd":
         record = _attach_nbd(uri, node)
     elif method == "fuse":
-        record = _attach_fuse(uri, resource, Path(run_dir))
+        record = _attach_fuse(uri, resource, node, run_dir)
     else:
         raise AttachError(f"unknown attach method {method!r} (nbd or fuse)")
     record.update(resource=resource.name, node=node.name, created=time.time())
@@ -278,13 +463,26 @@ def attach(config: Config, resource: Resource, node: Node, *,
     return record["device"]
 
 
+def _already_attached(resource: Resource, record: dict[str, Any]) -> str:
+    """Why attach refuses a live *record*; says so when its nbdfuse is gone."""
+    device, res = record["device"], resource.name
+    pid = record.get("nbdfuse_pid")
+    if record.get("method") == "fuse" and pid and not (
+            _pid_alive(pid) and _is_our_nbdfuse(pid, record.get("fuse_file"))):
+        return (f"resource {res} is already attached as {device}, but its nbdfuse "
+                f"(pid {pid}) has exited and the device no longer reaches the export "
+                f"(unmount what uses {device}, then run `duplex detach {res}`)")
+    return f"resource {res} is already attached as {device} (run `duplex detach {res}` first)"
+
+
 # --------------------------------------------------------------------------
 # detach
 
 
-def _undo(record: dict[str, Any], strict: bool) -> None:
+def _undo(record: dict[str, Any], resource: Resource, node: Node, strict: bool) -> None:
     """Tear down what *record* describes. With *strict*, a step that fails
-    raises; otherwise (cleaning up stale state) it is skipped."""
+    raises; otherwise (cleaning up stale state) it is skipped. A FUSE mount
+    that another node's record describes is refused, strict or not."""
     device = record.get("device", "")
 
     def step(fn) -> None:
@@ -300,38 +498,55 @@ def _undo(record: dict[str, Any], strict: bool) -> None:
         return
 
     fuse_file, mount_dir = record.get("fuse_file"), record.get("mount_dir")
-    if device and _loop_backing_file(device) == fuse_file:
+    if mount_dir:
+        # Records of older versions all named /run/duplex/RES/fuse: then
+        # the loop device and mount may well be the other node's by now.
+        _refuse_if_other_owns(resource, node, mount_dir)
+    if device and fuse_file and _loop_backing_file(device) == fuse_file:
         step(lambda: _run(["losetup", "-d", device], f"detaching {device}"))
         if not _wait(lambda: _loop_backing_file(device) != fuse_file) and strict:
             raise AttachError(f"{device} is still in use after losetup -d (who holds it open?)")
-    if mount_dir and os.path.ismount(mount_dir):
+    if mount_dir and is_mounted(mount_dir):
+        users = _loops_backed_by(fuse_file) if fuse_file else []
+
         def unmount() -> None:
-            # The loop driver may release the file a moment after losetup -d.
-            for _ in range(40):
-                p = subprocess.run(["fusermount3", "-u", mount_dir], capture_output=True, text=True)
-                if p.returncode == 0 or not os.path.ismount(mount_dir):
-                    return
-                time.sleep(0.05)
-            raise AttachError(f"fusermount3 -u {mount_dir} failed: {p.stderr.strip()}")
+            if users:  # never unmount (even lazily) under a live loop device
+                raise AttachError(f"cannot unmount {mount_dir}: {', '.join(users)} still "
+                                  f"uses {fuse_file}")
+            _unmount(mount_dir)
         step(unmount)
     pid = record.get("nbdfuse_pid")
-    if pid and not _wait(lambda: not _pid_alive(pid), timeout=5.0) and _is_nbdfuse(pid):
-        os.kill(pid, signal.SIGTERM)
-        if not _wait(lambda: not _pid_alive(pid), timeout=5.0):
-            os.kill(pid, signal.SIGKILL)
-            _wait(lambda: not _pid_alive(pid), timeout=2.0)
+    if (pid and not _wait(lambda: not _pid_alive(pid), timeout=5.0)
+            and _is_our_nbdfuse(pid, fuse_file)):
+        try:
+            os.kill(pid, signal.SIGTERM)
+            if not _wait(lambda: not _pid_alive(pid), timeout=5.0):
+                os.kill(pid, signal.SIGKILL)
+                _wait(lambda: not _pid_alive(pid), timeout=2.0)
+        except ProcessLookupError:
+            pass  # it exited just now
     if mount_dir:
         try:
             os.rmdir(mount_dir)
         except OSError:
-            pass
+            pass  # still mounted (a non-strict step failed) or not empty: leave it
 
 
 def detach(config: Config, resource: Resource, node: Node) -> str:
     """Undo :func:`attach`; return the device path that was detached.
 
-    Refuses while the device is mounted.
+    Refuses while the device is mounted. Also takes away a dead FUSE mount
+    (its nbdfuse gone with the server). Every failure, also an unexpected
+    OSError, is an :class:`AttachError` naming what failed.
     """
+    try:
+        return _detach(resource, node)
+    except OSError as e:  # a safety net: the steps name their own errors
+        raise AttachError(f"detaching resource {resource.name} on node {node.name}: "
+                          f"{_os_error_text(e)}") from None
+
+
+def _detach(resource: Resource, node: Node) -> str:
     record = _read_record(node)
     if record is None:
         raise AttachError(f"resource {resource.name} is not attached on node {node.name} "
@@ -342,17 +557,10 @@ def detach(config: Config, resource: Resource, node: Node) -> str:
         if where:
             raise AttachError(f"{device} is mounted on {where}; unmount it first")
         holders = Path(f"/sys/block/{os.path.basename(device)}/holders")
-        if holders.is_dir() and any(holders.iterdir()):
-            raise AttachError(f"{device} is in use by {', '.join(p.name for p in holders.iterdir())}")
-    _undo(record, strict=True)
-    _record_path(node).unlink(missing_ok=True)
+        users = sorted(p.name for p in holders.iterdir()) if holders.is_dir() else []
+        if users:
+            raise AttachError(f"{device} is in use by {', '.join(users)}")
+    _undo(record, resource, node, strict=True)
+    with _os_step(f"removing the attach record {_record_path(node)}"):
+        _record_path(node).unlink(missing_ok=True)
     return device
-
-
-def fuse_base_dir(resource, node, run_dir=DEFAULT_RUN_DIR):  # TEMP shim: old layout
-    return Path(run_dir) / resource.name
-
-
-def is_mounted(path) -> bool:  # TEMP shim for the tests
-    with open("/proc/self/mountinfo") as f:
-        return any(l.split()[4] == os.path.realpath(path) for l in f)

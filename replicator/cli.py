@@ -112,7 +112,7 @@ def _status_of(resource: Resource, node: Node, timeout: float) -> dict:
 
 def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
     """Show the status of one resource, or of every resource of this node."""
-    from replicator.status import format_status, format_statuses
+    from replicator.status import format_status, format_statuses, watch_frame
 
     if args.resource:
         targets = [ctx.resolve(args.resource)]
@@ -123,27 +123,35 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
             raise DuplexError(f"{ctx.config.path}: no resource has a node called {me!r} "
                               f"(use --node NAME)")
 
-    def show() -> None:
+    def render() -> str:
+        # Fetch and format before anything is written: the old frame stays
+        # on screen while the status is fetched, so nothing flickers.
         ds = [_status_of(r, n, args.timeout) for r, n in targets]
         if args.json:
             out = ds[0] if args.resource else ds
-            print(json.dumps(out, indent=None if args.watch is not None else 2))
-        else:
-            print(format_status(ds[0]) if args.resource else format_statuses(ds))
-        sys.stdout.flush()
+            return json.dumps(out, indent=None if args.watch is not None else 2)
+        return format_status(ds[0]) if args.resource else format_statuses(ds)
 
     if args.watch is None:
-        show()
+        print(render())
+        sys.stdout.flush()
         return 0
-    clear = sys.stdout.isatty() and not args.json
+    # On a terminal each refresh overwrites the previous one in place (one
+    # write); to a pipe or file, or as JSON, frames are plain text: JSON one
+    # line each, human frames separated by a blank line.
+    redraw = sys.stdout.isatty() and not args.json
     try:
         while True:
-            if clear:
-                sys.stdout.write("\x1b[H\x1b[2J")
-                print(time.strftime("%Y-%m-%d %H:%M:%S"), f"(every {args.watch:g}s, Ctrl-C to stop)")
-            show()
-            if not clear and not args.json:
-                print()
+            text = render()
+            if redraw:
+                header = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} "
+                          f"(every {args.watch:g}s, Ctrl-C to stop)")
+                sys.stdout.write(watch_frame(text, header=header))
+            elif args.json:
+                sys.stdout.write(text + "\n")
+            else:
+                sys.stdout.write(text + "\n\n")
+            sys.stdout.flush()
             time.sleep(args.watch)
     except KeyboardInterrupt:
         return 0
