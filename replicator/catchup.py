@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -40,7 +41,19 @@ log = logging.getLogger("duplex.catchup")
 COLLIDE_CAP = 32 << 20     # collision copies queued at most; beyond, the increment restarts
 PIECE_BYTES = 1 << 20      # INCR_DATA frames carry at most this much
 MATCH_BATCH = 256          # tracks whose digests are asked for at once
+MATCH_AHEAD = 4            # batches whose digests are asked for in advance
 COMMIT_TIMEOUT = 120.0
+
+
+def _batches(frozen: Bitmap, size: int):
+    """The set tracks of *frozen*, in batches of at most *size*."""
+    t = frozen.find_next(0)
+    while t >= 0:
+        batch = []
+        while t >= 0 and len(batch) < size:
+            batch.append(t)
+            t = frozen.find_next(t + 1)
+        yield batch
 
 
 class IncrementAborted(Exception):
@@ -156,16 +169,26 @@ class CatchUp:
     def _drain(self, k: int, frozen: Bitmap, prog: SyncProgress, final: bool) -> None:
         pieces: list[tuple[int, bytes]] = []
         pending = 0
-        t = frozen.find_next(0)
-        while t >= 0:
-            batch = []
-            while t >= 0 and len(batch) < MATCH_BATCH:
-                batch.append(t)
-                t = frozen.find_next(t + 1)
-            # An old copy being synced for the first time: tracks it already
-            # holds are not sent (nothing is applied on it meanwhile, so its
-            # digests stay true until the commit).
-            theirs = self._peer_digests(batch) if self.sh.peer_initial_sync else {}
+        match = self.sh.peer_initial_sync
+        batches = _batches(frozen, MATCH_BATCH)
+        # An old copy being synced for the first time: tracks it already
+        # holds are not sent (nothing is applied on it meanwhile, so its
+        # digests stay true until the commit). Digests are asked for a few
+        # batches ahead, so that hashing on both sides overlaps the sending.
+        ahead: deque[tuple[list[int], list[VerifyReq]]] = deque()
+        while True:
+            while len(ahead) < (MATCH_AHEAD if match else 1):
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                ahead.append((batch, self._ask_digests(batch) if match else []))
+            if not ahead:
+                break
+            batch, reqs = ahead.popleft()
+            theirs: dict[int, int] = {}
+            for req in reqs:
+                sums = self.link.await_sums(req, 60.0)
+                theirs.update((req.first_track + i, v) for i, v in enumerate(sums.sums))
             for tr in batch:
                 if not self.link.alive():
                     raise LinkError(self.link.error or "connection closed")
@@ -188,13 +211,14 @@ class CatchUp:
                         raise IncrementAborted("too many writes hit frozen tracks at once")
         self._send_pieces(k, pieces, prog)
 
-    def _peer_digests(self, tracks: list[int]) -> dict[int, int]:
-        out: dict[int, int] = {}
+    def _ask_digests(self, tracks: list[int]) -> list[VerifyReq]:
+        reqs = []
         for first, count in track_runs(tracks):
             self.sh.verify_ids += 1
-            sums = self.link.request_sums(VerifyReq(self.sh.verify_ids, first, count, 0), 60.0)
-            out.update((first + i, v) for i, v in enumerate(sums.sums))
-        return out
+            req = VerifyReq(self.sh.verify_ids, first, count, 0)
+            self.link.send(req)
+            reqs.append(req)
+        return reqs
 
     def _send_pieces(self, k: int, pieces: list[tuple[int, bytes]], prog: SyncProgress) -> None:
         # All-zero tracks travel as markers (an initial sync of a mostly

@@ -203,6 +203,10 @@ class PeerLink:
     def request_sums(self, req: VerifyReq, timeout: float) -> VerifySums:
         """Send a VERIFY_REQ and wait for its VERIFY_SUMS."""
         self.send(req)
+        return self.await_sums(req, timeout)
+
+    def await_sums(self, req: VerifyReq, timeout: float) -> VerifySums:
+        """Wait for the VERIFY_SUMS answering *req* (already sent)."""
         key = (req.verify_id, req.first_track)
         deadline = time.monotonic() + timeout
         with self._sums_cv:
