@@ -20,6 +20,9 @@ Fixtures (all function-scoped):
   options=()) -> Path`` (the mount point), unmounted at teardown.
 - ``sparse_image`` -> factory ``(size, name="disk.img", dir=None) -> Path``.
 - ``shm_dir`` -> a fresh directory on /dev/shm, removed at teardown.
+- ``make_lab`` -> factory ``(**Lab kwargs) -> Lab``: a Duplex pair between
+  the two namespaces of ``netns_pair``; at teardown each lab's
+  ``teardown_hooks`` run, then its processes stop.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
 from fixtures import blockdev as _blockdev  # noqa: E402
+from fixtures.duplex_lab import Lab  # noqa: E402
 from fixtures.images import make_sparse_image, shm_directory  # noqa: E402
 from fixtures.nbdkit import NbdkitServer, start_nbdkit  # noqa: E402
 from fixtures.netns import NetnsPair, list_namespaces, remove_namespace, remove_stale_namespaces  # noqa: E402
@@ -185,3 +189,30 @@ def shm_dir() -> Iterator[Path]:
     """A fresh directory on tmpfs (/dev/shm), removed at teardown."""
     with shm_directory() as path:
         yield path
+
+
+@pytest.fixture
+def make_lab(netns_pair: NetnsPair, procs: ProcessGroup, tmp_path: Path) -> Iterator[Callable[..., Lab]]:
+    """Factory: a Lab (config, images, metadata dirs) between the two
+    namespaces of ``netns_pair``; torn down even when the test fails."""
+    labs: list[Lab] = []
+
+    def make(**kwargs) -> Lab:
+        lab = Lab(tmp_path / f"lab{len(labs)}", procs, netns_pair.ns_a, netns_pair.ns_b,
+                  netns_pair.addr_a, netns_pair.addr_b, **kwargs)
+        labs.append(lab)
+        return lab
+
+    try:
+        yield make
+    finally:
+        errors = []
+        for lab in labs:
+            for hook in lab.teardown_hooks:
+                try:
+                    hook()
+                except Exception as e:
+                    errors.append(str(e))
+            lab.stop()
+        if errors:
+            raise FixtureError("lab teardown: " + "; ".join(errors))

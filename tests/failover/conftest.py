@@ -8,7 +8,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 
@@ -64,28 +64,13 @@ def _undo_failover(lab: Lab) -> None:
 
 
 @pytest.fixture
-def make_lab(netns_pair, procs, tmp_path: Path) -> Iterator[Callable[..., Lab]]:
-    """Factory: a Lab between the two namespaces of ``netns_pair``; at
-    teardown whatever a failover set up is undone and every process stops."""
-    labs: list[Lab] = []
+def make_lab(make_lab: Callable[..., Lab]) -> Callable[..., Lab]:
+    """The shared lab factory, whose teardown also undoes what a failover
+    set up (mounts, attached exports, a detached ``duplex up``)."""
 
     def make(**kwargs) -> Lab:
-        lab = Lab(tmp_path / f"lab{len(labs)}", procs, netns_pair.ns_a, netns_pair.ns_b,
-                  netns_pair.addr_a, netns_pair.addr_b, **kwargs)
-        labs.append(lab)
+        lab = make_lab(**kwargs)
+        lab.teardown_hooks.append(lambda: _undo_failover(lab))
         return lab
 
-    try:
-        yield make
-    finally:
-        errors = []
-        for lab in labs:
-            try:
-                _undo_failover(lab)
-            except Exception as e:
-                errors.append(str(e))
-            lab.stop()
-            lab.sock.unlink(missing_ok=True)
-            Path(f"{lab.sock}.beta").unlink(missing_ok=True)
-        if errors:
-            raise RuntimeError("; ".join(errors))
+    return make
