@@ -454,21 +454,33 @@ class Secondary:
 
     def _on_incr_begin(self, ev: IncrBegin) -> None:
         with self._lock:
-            if self.incr is not None and self.incr.id != ev.incr_id:
+            prev = self.incr
+            if prev is not None and prev.id != ev.incr_id:
                 log.warning("%s: increment %d abandoned by the primary (increment %d begins)",
-                            self.resource.name, self.incr.id, ev.incr_id)
+                            self.resource.name, prev.id, ev.incr_id)
             if ev.base_seq < self.pending.applied_through:
                 raise StreamError(f"increment {ev.incr_id} has base seq {ev.base_seq}, below "
                                   f"the applied seq {self.pending.applied_through}")
             # Stage it in the journal when it fits (the image stays a valid
             # past image until COMMIT); else write it straight to the image
-            # and say Inconsistent until it commits (DESIGN §4).
-            staged = (self.journal.area_size - self.journal.used_bytes
-                      > ev.nbytes + ev.nbytes // 16 + (1 << 20))
+            # and say Inconsistent until it commits (DESIGN §4). An abandoned
+            # increment that was written in place left the image torn: the
+            # next one goes in place too, under the same snapshot (the one
+            # taken before the tearing), until one commits.
+            torn = prev is not None and not prev.staged
+            staged = not torn and (self.journal.area_size - self.journal.used_bytes
+                                   > ev.nbytes + ev.nbytes // 16 + (1 << 20))
             self.incr = _Increment(ev.incr_id, ev.base_seq, staged)
             self.pending.expect_base(ev.base_seq)
         how = "staged in the journal"
-        if not staged:
+        if torn:
+            self.incr.snapshot = prev.snapshot
+            if prev.snapshot is not None:
+                how = (f"written in place, still under the snapshot {prev.snapshot.path} "
+                       f"(increment {prev.id} was abandoned half-way)")
+            else:
+                how = "written in place over an abandoned increment (Inconsistent)"
+        elif not staged:
             # Nothing older may land on the image after the increment's data.
             self._pause_apply.set()
             self._wait_apply_idle()

@@ -49,7 +49,6 @@ class Shipper:
         self.engine = engine
         self.core = engine.core
         self.res = engine.resource
-        self.base_seq = self.core.next_seq - 1
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -99,7 +98,8 @@ class Shipper:
             self._resync_reason = "send ring overflowed"
             log.warning("%s: send ring overflowed: going Ahead (writes only mark "
                         "the out-of-sync bitmap)", self.res.name)
-        self._wake.set()
+        if not self._wake.is_set():  # every write while Ahead comes here
+            self._wake.set()
 
     def snapshot(self) -> dict:
         """A consistent view for status."""
