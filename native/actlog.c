@@ -249,19 +249,6 @@ static int al_alloc(struct actlog **out, const char *path, const uint8_t uuid[16
 	return 0;
 }
 
-static int lock_fd(int fd, const char *path, char *err, size_t errlen)
-{
-	if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-		int e = errno;
-		if (e == EWOULDBLOCK)
-			dpx_seterr(err, errlen, "activity log %s: in use (locked by another open)", path);
-		else
-			dpx_seterr(err, errlen, "activity log %s: cannot lock: %s", path, strerror(e));
-		return -e;
-	}
-	return 0;
-}
-
 int actlog_create(struct actlog **out, const char *path, const uint8_t uuid[16],
                   uint64_t extent_size, uint32_t slots, char *err, size_t errlen)
 {
@@ -287,7 +274,7 @@ int actlog_create(struct actlog **out, const char *path, const uint8_t uuid[16],
 		return r;
 	}
 	old_fd = open(path, O_RDWR | O_CLOEXEC);
-	if (old_fd >= 0 && (r = lock_fd(old_fd, path, err, errlen)) < 0)
+	if (old_fd >= 0 && (r = dpx_lock(old_fd, "activity log", path, err, errlen)) < 0)
 		goto fail;
 	tmp = malloc(strlen(path) + 5);
 	if (tmp == NULL) {
@@ -302,7 +289,7 @@ int actlog_create(struct actlog **out, const char *path, const uint8_t uuid[16],
 		dpx_seterr(err, errlen, "activity log %s: cannot create %s: %s", path, tmp, strerror(-r));
 		goto fail;
 	}
-	if ((r = lock_fd(al->fd, tmp, err, errlen)) < 0)
+	if ((r = dpx_lock(al->fd, "activity log", tmp, err, errlen)) < 0)
 		goto fail;
 	memset(hdr, 0, sizeof(hdr));
 	memcpy(h->magic, AL_MAGIC, 8);
@@ -385,29 +372,12 @@ int actlog_open(struct actlog **out, const char *path, const uint8_t uuid[16], c
 	uint32_t stored, computed;
 	uint64_t expected;
 	int fd, r, best = -1, valid[2];
-	ssize_t n;
+	ssize_t n = 0;
 
 	*out = NULL;
-	fd = open(path, O_RDWR | O_CLOEXEC);
-	if (fd < 0) {
-		r = -errno;
-		dpx_seterr(err, errlen, "activity log %s: cannot open: %s", path, strerror(-r));
-		return r;
-	}
-	if ((r = lock_fd(fd, path, err, errlen)) < 0)
-		goto fail;
-	if (fstat(fd, &st) != 0) {
-		r = -errno;
-		dpx_seterr(err, errlen, "activity log %s: cannot stat: %s", path, strerror(-r));
-		goto fail;
-	}
-	memset(hdr, 0, sizeof(hdr));
-	n = dpx_pread_full(fd, hdr, sizeof(hdr), 0);
-	if (n < 0) {
-		r = (int)n;
-		dpx_seterr(err, errlen, "activity log %s: cannot read header: %s", path, strerror(-r));
-		goto fail;
-	}
+	fd = dpx_open_locked("activity log", path, &st, hdr, sizeof(hdr), &n, err, errlen);
+	if (fd < 0)
+		return fd;
 	memcpy(&h, hdr, sizeof(h));
 	r = -EINVAL;
 	if (n >= 8 && memcmp(h.magic, AL_MAGIC, 8) != 0) {

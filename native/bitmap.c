@@ -174,19 +174,6 @@ static bool geometry_ok(uint32_t track_size, uint64_t nbits, char *err, size_t e
 }
 
 /* Refuse to take over a file another process (or another open) holds. */
-static int lock_fd(int fd, const char *path, char *err, size_t errlen)
-{
-	if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-		int e = errno;
-		if (e == EWOULDBLOCK)
-			dpx_seterr(err, errlen, "bitmap %s: in use (locked by another open)", path);
-		else
-			dpx_seterr(err, errlen, "bitmap %s: cannot lock: %s", path, strerror(e));
-		return -e;
-	}
-	return 0;
-}
-
 int bitmap_create(struct bitmap **out, const char *path, const uint8_t uuid[16],
                   uint32_t track_size, uint64_t nbits, char *err, size_t errlen)
 {
@@ -208,7 +195,7 @@ int bitmap_create(struct bitmap **out, const char *path, const uint8_t uuid[16],
 	}
 	/* If the target exists and is open elsewhere, do not replace it. */
 	old_fd = open(path, O_RDWR | O_CLOEXEC);
-	if (old_fd >= 0 && (r = lock_fd(old_fd, path, err, errlen)) < 0)
+	if (old_fd >= 0 && (r = dpx_lock(old_fd, "bitmap", path, err, errlen)) < 0)
 		goto fail;
 	tmp = malloc(strlen(path) + 5);
 	if (tmp == NULL) {
@@ -224,7 +211,7 @@ int bitmap_create(struct bitmap **out, const char *path, const uint8_t uuid[16],
 		dpx_seterr(err, errlen, "bitmap %s: cannot create %s: %s", path, tmp, strerror(-r));
 		goto fail;
 	}
-	if ((r = lock_fd(bm->fd, tmp, err, errlen)) < 0)
+	if ((r = dpx_lock(bm->fd, "bitmap", tmp, err, errlen)) < 0)
 		goto fail;
 	if (ftruncate(bm->fd, (off_t)(BITMAP_HEADER_SIZE + bm->bits_bytes)) != 0) {
 		r = -errno;
@@ -270,30 +257,13 @@ int bitmap_open(struct bitmap **out, const char *path, const uint8_t uuid[16],
 	struct stat st;
 	uint32_t stored, computed;
 	uint64_t expected;
-	ssize_t n;
+	ssize_t n = 0;
 	int fd, r;
 
 	*out = NULL;
-	fd = open(path, O_RDWR | O_CLOEXEC);
-	if (fd < 0) {
-		r = -errno;
-		dpx_seterr(err, errlen, "bitmap %s: cannot open: %s", path, strerror(-r));
-		return r;
-	}
-	if ((r = lock_fd(fd, path, err, errlen)) < 0)
-		goto fail;
-	if (fstat(fd, &st) != 0) {
-		r = -errno;
-		dpx_seterr(err, errlen, "bitmap %s: cannot stat: %s", path, strerror(-r));
-		goto fail;
-	}
-	memset(block, 0, sizeof(block));
-	n = dpx_pread_full(fd, block, sizeof(block), 0);
-	if (n < 0) {
-		r = (int)n;
-		dpx_seterr(err, errlen, "bitmap %s: cannot read header: %s", path, strerror(-r));
-		goto fail;
-	}
+	fd = dpx_open_locked("bitmap", path, &st, block, sizeof(block), &n, err, errlen);
+	if (fd < 0)
+		return fd;
 	memcpy(&h, block, sizeof(h));
 	if (n >= 8 && memcmp(h.magic, BITMAP_MAGIC, 8) != 0) {
 		r = -EINVAL;

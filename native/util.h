@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -120,6 +122,56 @@ static inline int dpx_fsync_parent(const char *path)
 		r = -errno;
 	close(fd);
 	return r;
+}
+
+/* An exclusive flock: one user of a metadata file at a time. 0 or -errno. */
+static inline int dpx_lock(int fd, const char *what, const char *path, char *err, size_t errlen)
+{
+	if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+		int e = errno;
+		if (e == EWOULDBLOCK)
+			dpx_seterr(err, errlen, "%s %s: in use (locked by another open)", what, path);
+		else
+			dpx_seterr(err, errlen, "%s %s: cannot lock: %s", what, path, strerror(e));
+		return -e;
+	}
+	return 0;
+}
+
+/* Open a metadata file (bitmap, activity log) for update: O_RDWR, an
+ * exclusive flock (one user at a time), fstat, and read up to hdrlen bytes
+ * of its header into hdr (zero-filled first; *nread: bytes read). Returns
+ * the fd, or -errno with a message naming *what* and *path*. */
+static inline int dpx_open_locked(const char *what, const char *path, struct stat *st,
+                                  void *hdr, size_t hdrlen, ssize_t *nread,
+                                  char *err, size_t errlen)
+{
+	int fd = open(path, O_RDWR | O_CLOEXEC), r;
+
+	if (fd < 0) {
+		r = -errno;
+		dpx_seterr(err, errlen, "%s %s: cannot open: %s", what, path, strerror(-r));
+		return r;
+	}
+	if ((r = dpx_lock(fd, what, path, err, errlen)) < 0) {
+		close(fd);
+		return r;
+	}
+	if (fstat(fd, st) != 0) {
+		r = -errno;
+		dpx_seterr(err, errlen, "%s %s: cannot stat: %s", what, path, strerror(-r));
+		close(fd);
+		return r;
+	}
+	memset(hdr, 0, hdrlen);
+	*nread = dpx_pread_full(fd, hdr, hdrlen, 0);
+	if (*nread < 0) {
+		r = (int)*nread;
+		dpx_seterr(err, errlen, "%s %s: cannot read header: %s", what, path, strerror(-r));
+		close(fd);
+		return r;
+	}
+	return fd;
 }
 
 #endif /* DUPLEX_UTIL_H */
