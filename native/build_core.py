@@ -18,7 +18,7 @@ from cffi import FFI
 
 NATIVE_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT_DIR = os.path.dirname(NATIVE_DIR)
-MODULES = ["crc32c", "bitmap", "actlog", "ring", "collide", "core"]
+MODULES = ["crc32c", "bitmap", "actlog", "ring", "collide", "records", "core"]
 
 
 def _native_path(name: str, absolute: bool) -> str:
@@ -53,6 +53,9 @@ uint32_t crc32c(uint32_t crc, const void *buf, size_t len);
 uint32_t crc32c_sw(uint32_t crc, const void *buf, size_t len);
 uint32_t crc32c_hw(uint32_t crc, const void *buf, size_t len);
 bool crc32c_hw_available(void);
+
+/* records.h */
+int64_t records_check(const unsigned char *buf, size_t len, uint64_t *bad_off, int *fault);
 
 /* bitmap.h */
 #define BITMAP_VERSION 1

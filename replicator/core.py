@@ -105,6 +105,17 @@ def crc32c_hw_available() -> bool:
     return bool(_lib.crc32c_hw_available())
 
 
+def check_records(buf) -> int | None:
+    """Check structure and CRC of every record packed in *buf* in one C
+    call: the number of records, or None when one is bad (the caller then
+    finds and words the problem record by record)."""
+    src = _ffi.from_buffer(buf)
+    bad = _ffi.new("uint64_t *")
+    fault = _ffi.new("int *")
+    n = _lib.records_check(src, len(src), bad, fault)
+    return None if n < 0 else n
+
+
 def tokens(span) -> bytes:
     """The 48-byte headers of the records packed in *span* (a TOKENS payload)."""
     src = _ffi.from_buffer(span)

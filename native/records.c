@@ -1,0 +1,56 @@
+/* records.c: check packed records in one call (see records.h). */
+#include "records.h"
+
+#include <string.h>
+
+#include "crc32c.h"
+#include "ring.h"
+
+static uint32_t rd32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static uint16_t rd16(const unsigned char *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+
+int64_t records_check(const unsigned char *buf, size_t len, uint64_t *bad_off, int *fault)
+{
+	static const unsigned char zero4[4];
+	size_t pos = 0;
+	int64_t n = 0;
+
+	while (pos < len) {
+		const unsigned char *h = buf + pos;
+		uint32_t length, dlen, crc;
+		uint8_t op;
+		size_t size;
+
+		*bad_off = pos;
+		if (len - pos < RING_HEADER) {
+			*fault = RECORDS_TRUNCATED;
+			return -1;
+		}
+		length = rd32(h + REC_LENGTH);
+		dlen = rd32(h + REC_DATA_LEN);
+		op = h[REC_OP];
+		if (op < REC_OP_WRITE || op > REC_OP_FLUSH || rd16(h + 38) != 0 || rd32(h + 44) != 0 ||
+		    (op == REC_OP_WRITE ? dlen != length : dlen != 0)) {
+			*fault = RECORDS_BAD_SHAPE;
+			return -1;
+		}
+		size = RING_HEADER + (((size_t)dlen + 7) & ~(size_t)7);
+		if (size > len - pos) {
+			*fault = RECORDS_TRUNCATED;
+			return -1;
+		}
+		/* CRC32C of the header with its crc field zeroed, then the data. */
+		crc = crc32c(0, h, REC_CRC);
+		crc = crc32c(crc, zero4, 4);
+		crc = crc32c(crc, h + REC_CRC + 4, RING_HEADER - REC_CRC - 4);
+		crc = crc32c(crc, h + RING_HEADER, dlen);
+		if (crc != rd32(h + REC_CRC)) {
+			*fault = RECORDS_BAD_CRC;
+			return -1;
+		}
+		pos += size;
+		n++;
+	}
+	*fault = RECORDS_OK;
+	return n;
+}

@@ -1,0 +1,25 @@
+/*
+ * records.h: checking a buffer of packed records (replicator/records.py
+ * layout: 48-byte header, data padded to 8) in one call: structure and
+ * CRC32C of every record. The receiver checks a whole DATA frame this way
+ * instead of one call per record.
+ */
+#ifndef DUPLEX_RECORDS_H
+#define DUPLEX_RECORDS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Why a record is refused (the Python layer words the message). */
+enum records_fault {
+	RECORDS_OK = 0,
+	RECORDS_TRUNCATED = 1, /* header or data runs past the buffer */
+	RECORDS_BAD_SHAPE = 2, /* unknown op, data_len/length mismatch, reserved bits */
+	RECORDS_BAD_CRC = 3,
+};
+
+/* The number of records in buf, or -1 with *bad_off the offset of the
+ * first bad record and *fault why. */
+int64_t records_check(const unsigned char *buf, size_t len, uint64_t *bad_off, int *fault);
+
+#endif
