@@ -14,7 +14,6 @@ import argparse
 import importlib
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass

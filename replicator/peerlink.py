@@ -19,8 +19,8 @@ from replicator.protocol.errors import ErrorCode, ProtocolError
 from replicator.protocol.frames import FrameType
 from replicator.protocol.state import NEGOTIATING
 from replicator.protocol.messages import (STATE_HAS_BITMAP_UUID, STATE_NEEDS_RESYNC, ZERO_UUID,
-                                          Ack, Data, Error, Message, OosBitmap, Ping, Pong, State,
-                                          Tokens, VerifyReq, VerifySums)
+                                          Ack, Error, Message, OosBitmap, Ping, Pong, State,
+                                          VerifyReq, VerifySums)
 
 log = logging.getLogger("duplex.link")
 

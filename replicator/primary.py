@@ -12,7 +12,6 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 
 from replicator.config import Node, Resource, load_config, select_node
 from replicator.control import ControlServer
