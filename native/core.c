@@ -64,7 +64,6 @@ struct core {
 	    n_hist_err;
 };
 
-static const unsigned char zero_buf[65536];
 
 /* ---- small helpers ---------------------------------------------------- */
 
@@ -267,31 +266,13 @@ static int dev_write(struct core *c, const void *buf, uint64_t len, uint64_t off
 	return r;
 }
 
-/* Make [off, off+len) read as zeros, by the cheapest means that works. */
+/* Make [off, off+len) read as zeros (util.h), then FUA if asked. */
 static int dev_zero(struct core *c, uint64_t off, uint64_t len, bool punch_first, bool fua)
 {
-	int r;
+	int r = dpx_zero_range(c->fd, c->is_blk, off, len, punch_first);
 
-	if (c->is_blk) {
-		uint64_t range[2] = {off, len};
-		/* BLKDISCARD would not promise zeros; BLKZEROOUT does. */
-		if (off % 512 == 0 && len % 512 == 0 && ioctl(c->fd, BLKZEROOUT, range) == 0)
-			goto done;
-	} else {
-		int first = punch_first ? FALLOC_FL_PUNCH_HOLE : FALLOC_FL_ZERO_RANGE;
-		int second = punch_first ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE;
-		if (fallocate(c->fd, first | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
-			goto done;
-		if (fallocate(c->fd, second | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
-			goto done;
-	}
-	for (uint64_t done = 0; done < len;) {
-		uint64_t n = len - done < sizeof(zero_buf) ? len - done : sizeof(zero_buf);
-		if ((r = dpx_pwrite_full(c->fd, zero_buf, (size_t)n, (off_t)(off + done))) < 0)
-			return r;
-		done += n;
-	}
-done:
+	if (r < 0)
+		return r;
 	return fua ? dpx_fdatasync(c->fd) : 0;
 }
 

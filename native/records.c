@@ -1,6 +1,7 @@
 /* records.c: check packed records in one call (see records.h). */
 #include "records.h"
 
+#include <stdbool.h>
 #include <string.h>
 
 #include "crc32c.h"
@@ -9,16 +10,29 @@
 static uint32_t rd32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static uint16_t rd16(const unsigned char *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 
-int64_t records_check(const unsigned char *buf, size_t len, uint64_t *bad_off, int *fault)
+bool records_header_ok(const unsigned char *h)
+{
+	uint32_t length = rd32(h + REC_LENGTH), dlen = rd32(h + REC_DATA_LEN);
+	uint8_t op = h[REC_OP];
+
+	if (op < REC_OP_WRITE || op > REC_OP_FLUSH || rd16(h + 38) != 0 || rd32(h + 44) != 0)
+		return false;
+	return op == REC_OP_WRITE ? dlen == length : dlen == 0;
+}
+
+static uint64_t rd64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+int64_t records_check(const unsigned char *buf, size_t len, uint64_t *bad_off, int *fault,
+                      uint64_t *max_seq)
 {
 	static const unsigned char zero4[4];
 	size_t pos = 0;
 	int64_t n = 0;
 
+	*max_seq = 0;
 	while (pos < len) {
 		const unsigned char *h = buf + pos;
-		uint32_t length, dlen, crc;
-		uint8_t op;
+		uint32_t dlen, crc;
 		size_t size;
 
 		*bad_off = pos;
@@ -26,14 +40,11 @@ int64_t records_check(const unsigned char *buf, size_t len, uint64_t *bad_off, i
 			*fault = RECORDS_TRUNCATED;
 			return -1;
 		}
-		length = rd32(h + REC_LENGTH);
-		dlen = rd32(h + REC_DATA_LEN);
-		op = h[REC_OP];
-		if (op < REC_OP_WRITE || op > REC_OP_FLUSH || rd16(h + 38) != 0 || rd32(h + 44) != 0 ||
-		    (op == REC_OP_WRITE ? dlen != length : dlen != 0)) {
+		if (!records_header_ok(h)) {
 			*fault = RECORDS_BAD_SHAPE;
 			return -1;
 		}
+		dlen = rd32(h + REC_DATA_LEN);
 		size = RING_HEADER + (((size_t)dlen + 7) & ~(size_t)7);
 		if (size > len - pos) {
 			*fault = RECORDS_TRUNCATED;
@@ -48,9 +59,33 @@ int64_t records_check(const unsigned char *buf, size_t len, uint64_t *bad_off, i
 			*fault = RECORDS_BAD_CRC;
 			return -1;
 		}
+		if (rd64(h + REC_SEQ) > *max_seq)
+			*max_seq = rd64(h + REC_SEQ);
 		pos += size;
 		n++;
 	}
 	*fault = RECORDS_OK;
 	return n;
+}
+
+int64_t records_check_tokens(const unsigned char *buf, size_t len, uint64_t *bad_off, int *fault,
+                             uint64_t *max_seq)
+{
+	*max_seq = 0;
+	*bad_off = len - len % RING_HEADER;
+	if (len % RING_HEADER != 0) {
+		*fault = RECORDS_TRUNCATED;
+		return -1;
+	}
+	for (size_t pos = 0; pos < len; pos += RING_HEADER) {
+		if (!records_header_ok(buf + pos)) {
+			*bad_off = pos;
+			*fault = RECORDS_BAD_SHAPE;
+			return -1;
+		}
+		if (rd64(buf + pos + REC_SEQ) > *max_seq)
+			*max_seq = rd64(buf + pos + REC_SEQ);
+	}
+	*fault = RECORDS_OK;
+	return (int64_t)(len / RING_HEADER);
 }

@@ -7,6 +7,7 @@
 #ifndef DUPLEX_RECORDS_H
 #define DUPLEX_RECORDS_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -18,8 +19,17 @@ enum records_fault {
 	RECORDS_BAD_CRC = 3,
 };
 
+/* Shape of one 48-byte header: known op, data_len matching the op,
+ * reserved fields zero (no CRC: a token has no data). */
+bool records_header_ok(const unsigned char *h);
+
 /* The number of records in buf, or -1 with *bad_off the offset of the
- * first bad record and *fault why. */
-int64_t records_check(const unsigned char *buf, size_t len, uint64_t *bad_off, int *fault);
+ * first bad record and *fault why. *max_seq: the highest seq. */
+int64_t records_check(const unsigned char *buf, size_t len, uint64_t *bad_off, int *fault,
+                      uint64_t *max_seq);
+
+/* The same for a TOKENS payload: headers only, shape checked. */
+int64_t records_check_tokens(const unsigned char *buf, size_t len, uint64_t *bad_off, int *fault,
+                             uint64_t *max_seq);
 
 #endif

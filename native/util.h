@@ -12,6 +12,9 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/ioctl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -84,6 +87,36 @@ static inline int dpx_fdatasync(int fd)
 	while (fdatasync(fd) != 0) {
 		if (errno != EINTR)
 			return -errno;
+	}
+	return 0;
+}
+
+/* Make [off, off+len) of fd read as zeros by the cheapest means that
+ * works: BLKZEROOUT on a block device (BLKDISCARD would not promise
+ * zeros); on a file a punched hole or a zeroed range (punch_first picks
+ * the order), the size kept; else written zeros. 0 or -errno. */
+static inline int dpx_zero_range(int fd, int is_blk, uint64_t off, uint64_t len, int punch_first)
+{
+	static const unsigned char zeros[65536];
+
+	if (is_blk) {
+		uint64_t range[2] = {off, len};
+		if (off % 512 == 0 && len % 512 == 0 && ioctl(fd, BLKZEROOUT, range) == 0)
+			return 0;
+	} else {
+		int first = punch_first ? FALLOC_FL_PUNCH_HOLE : FALLOC_FL_ZERO_RANGE;
+		int second = punch_first ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE;
+		if (fallocate(fd, first | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
+			return 0;
+		if (fallocate(fd, second | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
+			return 0;
+	}
+	for (uint64_t done = 0; done < len;) {
+		uint64_t n = len - done < sizeof(zeros) ? len - done : sizeof(zeros);
+		int r = dpx_pwrite_full(fd, zeros, (size_t)n, (off_t)(off + done));
+		if (r < 0)
+			return r;
+		done += n;
 	}
 	return 0;
 }

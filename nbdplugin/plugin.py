@@ -12,6 +12,7 @@ import errno
 
 import nbdkit
 
+from nbdplugin import threadstate
 from replicator.node import setup_logging
 from replicator.errors import DuplexError
 from replicator.primary import Engine
@@ -69,6 +70,10 @@ def open(readonly: bool) -> int:
     return 1
 
 
+def close(h: int) -> None:
+    threadstate.unpin()
+
+
 def get_size(h: int) -> int:
     return _engine.size
 
@@ -115,6 +120,7 @@ def _fail(e: OSError) -> None:
 
 
 def pread(h: int, buf, offset: int, flags: int) -> None:
+    threadstate.pin()
     try:
         _engine.pread_into(buf, offset)
     except OSError as e:
@@ -122,6 +128,7 @@ def pread(h: int, buf, offset: int, flags: int) -> None:
 
 
 def pwrite(h: int, buf, offset: int, flags: int) -> None:
+    threadstate.pin()
     try:
         _engine.write(buf, offset, bool(flags & nbdkit.FLAG_FUA))
     except OSError as e:

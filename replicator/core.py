@@ -17,6 +17,7 @@ imports this module for its fast path.
 from __future__ import annotations
 
 import errno as _errno
+import heapq
 import os
 import struct
 import sys
@@ -105,15 +106,25 @@ def crc32c_hw_available() -> bool:
     return bool(_lib.crc32c_hw_available())
 
 
-def check_records(buf) -> int | None:
-    """Check structure and CRC of every record packed in *buf* in one C
-    call: the number of records, or None when one is bad (the caller then
+def scan_records(buf, tokens_only: bool = False) -> tuple[int, int] | None:
+    """Check every record packed in *buf* in one C call: structure and CRC
+    (with *tokens_only*, 48-byte headers without data: structure only).
+    Returns (count, highest seq), or None when one is bad (the caller then
     finds and words the problem record by record)."""
     src = _ffi.from_buffer(buf)
     bad = _ffi.new("uint64_t *")
     fault = _ffi.new("int *")
-    n = _lib.records_check(src, len(src), bad, fault)
-    return None if n < 0 else n
+    top = _ffi.new("uint64_t *")
+    check = _lib.records_check_tokens if tokens_only else _lib.records_check
+    n = check(src, len(src), bad, fault, top)
+    return None if n < 0 else (n, top[0])
+
+
+def check_records(buf) -> int | None:
+    """The number of records packed in *buf*, all checked (scan_records),
+    or None when one is bad."""
+    got = scan_records(buf)
+    return None if got is None else got[0]
 
 
 def tokens(span) -> bytes:
@@ -530,6 +541,26 @@ def _result():
         return r
 
 
+class ShipResult(NamedTuple):
+    """What one Core.ship() call did and why it returned: stop is
+    "timeout" (time to look around), "dropped" (the ring overflowed),
+    "io" (socket *fd_index* failed with *errnum*) or "bad"."""
+
+    stop: str
+    errnum: int
+    fd_index: int
+    next_fd: int
+    spans: int
+    records: int
+    bytes: int
+    samples: list  # (last seq of a span, ts of its first record)
+
+
+_SHIP_SAMPLES = 1024
+_SHIP_STOPS = {_lib.SHIP_TIMEOUT: "timeout", _lib.SHIP_DROPPED: "dropped", _lib.SHIP_IO: "io",
+               _lib.SHIP_BAD: "bad"}
+
+
 class Core:
     """The primary's write path (native/core.h) and its send ring.
 
@@ -671,6 +702,26 @@ class Core:
                              "within the records ready to send")
 
     tokens = staticmethod(tokens)
+
+    def ship(self, fds: list[int], first_fd: int, interval_s: float, batch_bytes: int,
+             return_after_s: float) -> "ShipResult":
+        """Stream the ring to the sockets *fds* in C (native/ship.h) for up
+        to *return_after_s*, the GIL released: TOKENS + DATA per span,
+        spans spread over *fds* from index *first_fd* on. The caller holds
+        the sockets' send locks."""
+        fdarr = _ffi.new("int[]", list(fds))
+        params = _ffi.new("struct ship_params *", {
+            "interval_ns": int(interval_s * 1e9), "batch_bytes": batch_bytes,
+            "return_after_ns": int(return_after_s * 1e9)})
+        res = _ffi.new("struct ship_result *")
+        samples = _ffi.new("uint64_t[]", 2 * _SHIP_SAMPLES)
+        rc = _lib.ship_stream(self._ptr(), fdarr, len(fds), first_fd, params, res, samples,
+                              _SHIP_SAMPLES)
+        if rc < 0:
+            raise ValueError("ship() needs at least one socket")
+        pairs = list(_ffi.unpack(samples, 2 * res.nsamples))
+        return ShipResult(_SHIP_STOPS.get(res.stop, "?"), res.errnum, res.fd_index, res.next_fd,
+                          res.spans, res.records, res.bytes, list(zip(pairs[::2], pairs[1::2])))
 
     def release(self, seq: int) -> int:
         """Free every held record with seq <= *seq* (journaled by the peer);
@@ -875,3 +926,166 @@ class Core:
                 self.close(clean=False)
         except Exception:
             pass
+
+
+# ---- the secondary's pending queue ----------------------------------------
+
+class RxFault(Exception):
+    """A call into the pending queue found a broken rule; nothing changed.
+
+    ``fault`` is an RXQ_* code of native/rxq.h; ``seq``, ``got``, ``had``
+    (48-byte headers, or None), ``limit``, ``floor``, ``off`` and ``errnum``
+    say what, for replicator/pending.py to word the message."""
+
+    def __init__(self, err) -> None:
+        self.fault = err.fault
+        self.seq = err.seq
+        self.limit = err.limit
+        self.floor = err.floor
+        self.off = err.off
+        self.errnum = err.errnum
+        self.got = bytes(_ffi.buffer(err.got, RECORD_HEADER_SIZE))
+        self.had = bytes(_ffi.buffer(err.had, RECORD_HEADER_SIZE))
+        super().__init__(f"rxq fault {self.fault} at seq {self.seq}")
+
+
+RXQ_FAULTS = {name[4:].lower(): getattr(_lib, name) for name in dir(_lib)
+              if name.startswith("RXQ_") and name not in ("RXQ_TOKEN", "RXQ_NONE",
+                                                          "RXQ_ANNOUNCED", "RXQ_COMPLETE")}
+
+
+class RxInfo(NamedTuple):
+    """The queue's counters, read in one call (native/rxq.h struct rxq_info)."""
+
+    applied: int
+    received: int
+    highest: int
+    base_hint: int
+    bytes: int
+    entries: int
+    run_end: int
+    run_records: int
+    applied_token: bytes | None
+
+
+class RxQueue:
+    """native/rxq.h: the pending queue's entries, one C call per frame.
+
+    Raw bytes in and out (48-byte headers, record buffers); the rules are
+    worded by replicator/pending.py, which owns this object. Not
+    thread-safe: the caller serialises calls, except that apply_run may run
+    (GIL released) while other calls go on.
+    """
+
+    ANNOUNCED = _lib.RXQ_ANNOUNCED
+    COMPLETE = _lib.RXQ_COMPLETE
+
+    def __init__(self, applied: int, applied_token: bytes | None, window: int) -> None:
+        out = _ffi.new("struct rxq **")
+        rc = _lib.rxq_new(out, applied, applied_token if applied_token else _ffi.NULL, window)
+        if rc < 0:
+            raise _oserror(rc, "pending queue")
+        self._q = _ffi.gc(out[0], _lib.rxq_free)
+        self._err = _ffi.new("struct rxq_err *")
+        self._info = _ffi.new("struct rxq_info *")
+        self._tok = _ffi.new("unsigned char[48]")
+        self._loc = _ffi.new("uint64_t *")
+        self._written = _ffi.new("uint64_t *")
+        self._hot: list = []     # heap of (highest seq, n, pinned frame buffer)
+        self._hot_seq = 0
+        self.hot_bytes = 0
+        self.hot_limit = 32 << 20
+
+    def info(self) -> RxInfo:
+        i = self._info
+        _lib.rxq_info(self._q, i)
+        tok = bytes(_ffi.buffer(i.applied_token, 48)) if i.has_applied_token else None
+        return RxInfo(i.applied, i.received, i.highest, i.base_hint, i.bytes, i.entries,
+                      i.run_end, i.run_records, tok)
+
+    def _fault(self) -> RxFault:
+        return RxFault(self._err)
+
+    def add_tokens(self, blob) -> int:
+        """Announce the 48-byte tokens packed in *blob*; how many were new."""
+        src = _ffi.from_buffer(blob)
+        n = _lib.rxq_add_tokens(self._q, src, len(src) // RECORD_HEADER_SIZE, self._err)
+        if n < 0:
+            raise self._fault()
+        return n
+
+    def add_records(self, buf, loc_base: int, dry_run: bool = False,
+                    hot_seq: int | None = None) -> int:
+        """The checked records packed in *buf*, stored from *loc_base* on.
+
+        With *hot_seq* (the frame's highest seq), *buf* is kept here until
+        that seq is applied, while the total kept stays under ``hot_limit``:
+        the applier writes from memory instead of reading the journal back.
+        *buf* must not change meanwhile (bytes, or a view of them)."""
+        src = _ffi.from_buffer(buf)
+        hot = (hot_seq is not None and not dry_run
+               and self.hot_bytes + len(src) <= self.hot_limit)
+        n = _lib.rxq_add_records(self._q, src, len(src), loc_base, 1 if hot else 0,
+                                 1 if dry_run else 0, self._err)
+        if n < 0:
+            raise self._fault()
+        if hot and n:
+            self._hot_seq += 1
+            heapq.heappush(self._hot, (hot_seq, self._hot_seq, src))
+            self.hot_bytes += len(src)
+        return n
+
+    def _release_hot(self) -> None:
+        # A frame is done with once its highest seq is applied (or rebased past).
+        if self._hot:
+            applied = self.info().applied
+            while self._hot and self._hot[0][0] <= applied:
+                self.hot_bytes -= len(heapq.heappop(self._hot)[2])
+
+    def add_record(self, token: bytes, loc: int, dry_run: bool = False) -> bool:
+        """One record by its header, stored at *loc*: new (True) or a duplicate."""
+        n = _lib.rxq_add_record(self._q, token, loc, 1 if dry_run else 0, self._err)
+        if n < 0:
+            raise self._fault()
+        return bool(n)
+
+    def get(self, seq: int) -> tuple[int, bytes | None, int]:
+        """(state, token, location) of *seq*; state 0 when unknown."""
+        st = _lib.rxq_get(self._q, seq, self._tok, self._loc)
+        if not st:
+            return 0, None, 0
+        return st, bytes(_ffi.buffer(self._tok, 48)), self._loc[0]
+
+    def take_run(self, max_records: int, max_bytes: int) -> int:
+        """Hand out the next in-order run (0: no limit); its length."""
+        n = _lib.rxq_take_run(self._q, max_records, max_bytes)
+        if n < 0:
+            raise MemoryError("pending queue: cannot hand out a run")
+        return n
+
+    def run_item(self, i: int) -> tuple[bytes, int]:
+        if _lib.rxq_run_item(self._q, i, self._tok, self._loc) < 0:
+            raise IndexError(i)
+        return bytes(_ffi.buffer(self._tok, 48)), self._loc[0]
+
+    def apply_run(self, journal_fd: int, image_fd: int, image_size: int) -> int:
+        """Write the handed-out run to the image; data bytes written."""
+        err = _ffi.new("struct rxq_err *")  # own buffer: runs beside the other calls
+        if _lib.rxq_apply_run(self._q, journal_fd, image_fd, image_size, self._written, err) < 0:
+            raise RxFault(err)
+        return self._written[0]
+
+    def mark_applied(self, seq: int) -> bool:
+        if _lib.rxq_mark_applied(self._q, seq) != 0:
+            return False
+        self._release_hot()
+        return True
+
+    def expect_base(self, seq: int) -> None:
+        _lib.rxq_expect_base(self._q, seq)
+
+    def rebase(self, seq: int, token: bytes | None) -> bool:
+        if _lib.rxq_rebase(self._q, seq, token if token else _ffi.NULL) != 0:
+            return False
+        self._release_hot()
+        return True

@@ -571,6 +571,23 @@ class Journal:
         base = e.pos + ENTRY_HEADER_SIZE
         return [(t, JournalPos(base + o, t.size, t.seq, e.lsn)) for t, o in found]
 
+    def append_frame(self, records, seq_hi: int) -> int:
+        """:meth:`append` for records already checked (a DATA frame's
+        payload, with its highest seq): one entry, no per-record work.
+        Returns the file offset of the first record; each record lies at
+        that offset plus its offset in *records*."""
+        mv = memoryview(records).cast("B")
+        if not len(mv):
+            raise ValueError("append_frame() needs at least one record")
+        return self._append_entry(ENTRY_RECORDS, mv, seq_hi).pos + ENTRY_HEADER_SIZE
+
+    def append_token_frame(self, tokens, seq_hi: int) -> None:
+        """:meth:`append_tokens` for a checked TOKENS payload."""
+        mv = memoryview(tokens).cast("B")
+        if not len(mv):
+            raise ValueError("append_token_frame() needs at least one token")
+        self._append_entry(ENTRY_TOKENS, mv, seq_hi)
+
     def append_tokens(self, tokens: bytes | bytearray | memoryview) -> list[Token]:
         """Append a TOKENS payload (48-byte headers, no data) as one entry,
         so announcements survive a restart for the loss report."""
@@ -597,12 +614,21 @@ class Journal:
         self._committed_lsn = lsn
         return lsn
 
-    def read_record(self, pos: JournalPos, verify: bool = True) -> bytes:
+    def read_record(self, pos: JournalPos | int, verify: bool = True) -> bytes:
         """The record (header + padded data) at *pos*, read with pread.
 
+        *pos* is a JournalPos or a record's file offset (the pending queue
+        keeps offsets); for an offset the header is read first for the size.
         With *verify*, the header's seq and the record CRC are checked, so
         a damaged journal is never applied to the image (JournalError).
         """
+        if isinstance(pos, int):
+            try:
+                head = unpack_token(_pread_exact(self._fd, HEADER_SIZE, pos))
+            except (OSError, RecordError) as e:
+                raise JournalError(f"journal {self.path}: no record at offset {pos}: "
+                                   f"{getattr(e, 'strerror', None) or e}") from None
+            pos = JournalPos(pos, head.size, head.seq, 0)
         try:
             raw = _pread_exact(self._fd, pos.size, pos.offset)
         except OSError as e:
@@ -683,6 +709,12 @@ class Journal:
                 off += tok.size
 
     # -- state ------------------------------------------------------------
+
+    @property
+    def fd(self) -> int:
+        """The journal file's descriptor (the C applier reads records back
+        through it)."""
+        return self._fd
 
     @property
     def applied_seq(self) -> int:

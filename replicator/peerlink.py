@@ -10,7 +10,8 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from replicator import generations
 from replicator.errors import DuplexError
@@ -24,7 +25,11 @@ from replicator.protocol.messages import (STATE_HAS_BITMAP_UUID, STATE_NEEDS_RES
 
 log = logging.getLogger("duplex.link")
 
+# Bytes asked of one recv. The secondary takes the stream in big bites;
+# the primary only reads acks, and a big recv buffer costs an mmap, a page
+# fault and a munmap (a TLB shootdown across the nbdkit threads) per call.
 RECV_BYTES = 1 << 20
+RECV_BYTES_SMALL = 64 << 10
 HANDSHAKE_TIMEOUT = 10.0
 DEAD_AFTER = 6.0  # no frame at all for this long: the peer is gone
 KEEPALIVE = 1.0   # send a PING when nothing else went out for this long
@@ -64,11 +69,14 @@ class PeerLink:
 
     def __init__(self, sock: socket.socket, conn: Connection,
                  on_event: Callable[["PeerLink", Message], None] | None = None,
-                 on_ack: Callable[[int, int], None] | None = None):
+                 on_ack: Callable[[int, int], None] | None = None,
+                 on_idle: Callable[["PeerLink"], None] | None = None):
         self.sock = sock
         self.conn = conn
         self.on_event = on_event
         self.on_ack = on_ack
+        self.on_idle = on_idle
+        self.recv_bytes = RECV_BYTES if conn.our_role == "secondary" else RECV_BYTES_SMALL
         self.peer_state: State = conn.peer_state_msg  # type: ignore[assignment]
         self.peer_name = conn.peer.node if conn.peer else "?"
         self.error: str | None = None
@@ -104,15 +112,19 @@ class PeerLink:
     def accept(cls, sock: socket.socket, *, role: str, resource: str, node: str,
                secret: bytes, state_for: Callable[[State], State],
                on_event: Callable[["PeerLink", Message], None] | None = None,
+               on_idle: Callable[["PeerLink"], None] | None = None,
                timeout: float = HANDSHAKE_TIMEOUT) -> "PeerLink":
         """Authenticate an accepted socket; *state_for(peer_state)* gives our
-        STATE once the peer's is known (the secondary answers the primary)."""
+        STATE once the peer's is known (the secondary answers the primary).
+        *on_idle(link)* runs on the reader thread whenever it has handled
+        every frame received so far, before it waits for more bytes (the
+        secondary's group commit)."""
         return cls._establish(sock, Connection(role, resource, node, secret),
-                              state_for, on_event, None, timeout)
+                              state_for, on_event, None, timeout, on_idle)
 
     @classmethod
     def _establish(cls, sock, conn: Connection, state_for, on_event, on_ack,
-                   timeout: float) -> "PeerLink":
+                   timeout: float, on_idle=None) -> "PeerLink":
         sock.settimeout(timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         deadline = time.monotonic() + timeout
@@ -156,7 +168,7 @@ class PeerLink:
                 raise
             raise LinkError(f"handshake failed: {e}") from None
         sock.settimeout(None)
-        link = cls(sock, conn, on_event, on_ack)
+        link = cls(sock, conn, on_event, on_ack, on_idle)
         link._reader = threading.Thread(target=link._read_loop, name=f"duplex-rx-{link.peer_name}",
                                         daemon=True)
         link._reader.start()
@@ -182,6 +194,26 @@ class PeerLink:
             except OSError as e:
                 self._fail(f"send failed: {e}")
                 raise LinkError(self.error) from None
+
+    @contextmanager
+    def stream_socket(self) -> Iterator[int]:
+        """Hold this link's send lock and give its socket's fd, for the C
+        shipping loop to write TOKENS and DATA frames straight to it (the
+        connection must be established: checked here, as for send_data)."""
+        if self._closed.is_set():
+            raise LinkError(self.error or "connection closed")
+        with self._send_lock:
+            with self._conn_lock:
+                self.conn.check_send(FrameType.DATA)
+            try:
+                yield self.sock.fileno()
+            finally:
+                self._last_tx = time.monotonic()
+
+    def failed(self, reason: str) -> LinkError:
+        """Mark the link failed (e.g. the C loop's write failed); the error to raise."""
+        self._fail(reason)
+        return LinkError(self.error)
 
     def send_tokens(self, tokens: bytes) -> None:
         self._send(lambda: self.conn.send_payload(FrameType.TOKENS, [tokens]))
@@ -250,8 +282,10 @@ class PeerLink:
                 with self._conn_lock:
                     ev = self.conn.next_event()
                 if ev is NEED_DATA:
+                    if self.on_idle is not None:
+                        self.on_idle(self)
                     try:
-                        data = sock.recv(RECV_BYTES)
+                        data = sock.recv(self.recv_bytes)
                     except socket.timeout:
                         if time.monotonic() - self._last_rx > DEAD_AFTER:
                             self._fail(f"no frame from {self.peer_name} for {DEAD_AFTER:.0f} s")

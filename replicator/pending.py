@@ -1,4 +1,4 @@
-"""The secondary's pending write queue (seed 001, FIG. 5). Pure: no I/O.
+"""The secondary's pending write queue (seed 001, FIG. 5).
 
 Theory of operation
 -------------------
@@ -37,12 +37,15 @@ secondary knows about the writes it does not have (seed 001 §2.7);
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from replicator.errors import DuplexError
-from replicator.records import OP_NAMES, Token
+from replicator.applier import ApplyError
+from replicator.core import RXQ_FAULTS, RxFault, RxInfo, RxQueue
+from replicator.records import OP_NAMES, Token, unpack_token
 
 #: How far past ``applied_through`` a token may be. A primary has at most a
 #: ring's worth of records in flight (a 64 MiB ring holds under 1.4 million
@@ -98,6 +101,11 @@ class PendingQueue:
     of that last applied record, kept for its timestamp (the loss report's
     "consistent through seq A at time T"). *window* bounds how far past
     ``applied_through`` a token may lie.
+
+    The entries live in C (native/rxq.h), so that a TOKENS or DATA frame
+    costs one call however many records it holds. A location is normally
+    an int (the record's offset in the journal, which the C applier reads
+    back); any other object is kept here beside it (tests, tools).
     """
 
     def __init__(self, applied_through: int, applied_token: Token | None = None,
@@ -109,20 +117,9 @@ class PendingQueue:
                              f"not applied_through {applied_through}")
         if window < 1:
             raise ValueError(f"window {window} must be at least 1")
-        self._applied = applied_through
-        self._applied_token = applied_token
-        self._window = window
-        # seq -> [token, location]; location is _NO_DATA while incomplete.
-        self._entries: dict[int, list[Any]] = {}
-        self._highest = applied_through
-        # Every seq <= _received is applied or complete; maintained as data
-        # arrives so the "journaled through" ack costs nothing.
-        self._received = applied_through
-        self._bytes = 0  # encoded bytes of complete, unapplied records
-        self._run_end: int | None = None  # end of the last run handed out
-        # Base seq of a catch-up increment being staged: the stream that
-        # follows it starts there, however far from applied_through.
-        self._base_hint = applied_through
+        self._rx = RxQueue(applied_through, applied_token.pack() if applied_token else None,
+                           window)
+        self._objs: dict[int, Any] = {}  # seq -> a location that is not an int
 
     # -- building --------------------------------------------------------
 
@@ -143,32 +140,21 @@ class PendingQueue:
                 q.add_record(tok, loc)
         return q
 
-    # -- receiving -------------------------------------------------------
+    @property
+    def hot_limit(self) -> int:
+        """Bytes of received frames kept in memory for the applier."""
+        return self._rx.hot_limit
 
-    def _check_token(self, tok: Token) -> bool:
-        """True if *tok* is new; False for a harmless duplicate; raises
-        StreamError if it contradicts what the queue knows."""
-        seq = tok.seq
-        if seq <= self._applied:
-            if (seq == self._applied and self._applied_token is not None
-                    and tok != self._applied_token):
-                raise StreamError(
-                    f"token for seq {seq} differs from the record already applied "
-                    f"under that seq ({_describe(tok)} vs {_describe(self._applied_token)})")
-            return False
-        floor = max(self._applied, self._base_hint)
-        if seq > floor + self._window:
-            raise StreamError(
-                f"token for seq {seq} is more than {self._window} seqs past "
-                f"the applied seq {floor}")
-        known = self._entries.get(seq)
-        if known is None:
-            return True
-        if known[0] != tok:
-            raise StreamError(
-                f"two different tokens for seq {seq}: {_describe(known[0])} "
-                f"then {_describe(tok)}")
-        return False
+    @hot_limit.setter
+    def hot_limit(self, n: int) -> None:
+        self._rx.hot_limit = n
+
+    @property
+    def hot_bytes(self) -> int:
+        """Bytes of received frames kept in memory right now."""
+        return self._rx.hot_bytes
+
+    # -- receiving -------------------------------------------------------
 
     def add_tokens(self, tokens: Iterable[Token]) -> int:
         """Announce writes (a TOKENS frame); returns how many were new.
@@ -177,21 +163,30 @@ class PendingQueue:
         re-send and is ignored. The same seq under a different header raises
         StreamError, and then no token of *tokens* is taken.
         """
-        toks = list(tokens)
-        new: dict[int, Token] = {}
-        for tok in toks:
-            if self._check_token(tok):
-                prev = new.get(tok.seq)
-                if prev is not None and prev != tok:
-                    raise StreamError(
-                        f"two different tokens for seq {tok.seq} in one batch: "
-                        f"{_describe(prev)} then {_describe(tok)}")
-                new[tok.seq] = tok
-        for seq, tok in new.items():
-            self._entries[seq] = [tok, _NO_DATA]
-            if seq > self._highest:
-                self._highest = seq
-        return len(new)
+        return self.add_token_bytes(b"".join(t.pack() for t in tokens))
+
+    def add_token_bytes(self, payload) -> int:
+        """:meth:`add_tokens` for a TOKENS payload as it arrived (packed
+        48-byte headers): one call for the whole frame."""
+        try:
+            return self._rx.add_tokens(payload)
+        except RxFault as f:
+            raise _stream_error(f) from None
+
+    def add_frame(self, payload, location: int, dry_run: bool = False,
+                  max_seq: int | None = None) -> int:
+        """The checked records of a DATA frame, stored from *location* on
+        (each record at location + its offset in *payload*). Duplicates are
+        ignored; a broken rule raises StreamError and changes nothing. With
+        *dry_run* only the check. Returns how many records were new.
+
+        Given the frame's *max_seq*, the queue may keep *payload* (immutable
+        bytes, or a view of them) until that seq is applied, within
+        :attr:`hot_limit` bytes, so the applier writes from memory."""
+        try:
+            return self._rx.add_records(payload, location, dry_run, max_seq)
+        except RxFault as f:
+            raise _stream_error(f) from None
 
     def check_record(self, token: Token) -> bool:
         """Would :meth:`add_record` take a record with this header?
@@ -201,18 +196,10 @@ class PendingQueue:
         without changing anything -- so a receiver can refuse a frame before
         it spends journal space on it.
         """
-        seq = token.seq
-        if seq <= self._applied:
-            self._check_token(token)  # raises on a conflict with A's token
-            return False
-        entry = self._entries.get(seq)
-        if entry is None:
-            raise StreamError(f"data for seq {seq} arrived before its token")
-        if entry[0] != token:
-            raise StreamError(
-                f"data for seq {seq} carries a header that differs from its token: "
-                f"{_describe(token)} vs token {_describe(entry[0])}")
-        return entry[1] is _NO_DATA
+        try:
+            return self._rx.add_record(token.pack(), 0, dry_run=True)
+        except RxFault as f:
+            raise _stream_error(f) from None
 
     def add_record(self, token: Token, location: Any) -> bool:
         """Record that the data of *token* is stored at *location*.
@@ -224,25 +211,40 @@ class PendingQueue:
         """
         if location is None or location is _NO_DATA:
             raise ValueError("a record's location must not be None")
-        if not self.check_record(token):
-            return False
-        seq = token.seq
-        self._entries[seq][1] = location
-        self._bytes += token.size
-        if seq == self._received + 1:
-            self._received = self._complete_run_end(seq)
-        return True
-
-    def _complete_run_end(self, seq: int) -> int:
-        """The last seq of the run of complete entries starting at *seq*
-        (which is applied or complete)."""
-        while True:
-            nxt = self._entries.get(seq + 1)
-            if nxt is None or nxt[1] is _NO_DATA:
-                return seq
-            seq += 1
+        loc = getattr(location, "offset", location)  # a JournalPos: its offset
+        try:
+            new = self._rx.add_record(token.pack(), loc if isinstance(loc, int) else 0)
+        except RxFault as f:
+            raise _stream_error(f) from None
+        if new and not isinstance(loc, int):
+            self._objs[token.seq] = location
+        return new
 
     # -- applying --------------------------------------------------------
+
+    def take_run(self, max_records: int | None = None, max_bytes: int | None = None) -> int:
+        """Hand out the in-order run of complete entries after
+        ``applied_through`` without building Python objects for it (see
+        :meth:`next_run`); returns its length. :meth:`apply_taken` writes
+        it, :meth:`mark_applied` with :attr:`run_end` drops it."""
+        return self._rx.take_run(max_records or 0, max_bytes or 0)
+
+    @property
+    def run_end(self) -> int | None:
+        """Last seq of the run handed out, None when there is none."""
+        return self._rx.info().run_end or None
+
+    def apply_taken(self, journal_fd: int, image_fd: int, image_size: int) -> int:
+        """Write the run handed out to the image (native/rxq.h: the data
+        read back from the journal at each int location, adjacent writes
+        merged). The only I/O of this module, done in C with the GIL
+        released; safe beside the other calls, which the caller serialises.
+        Returns the data bytes written. Raises OSError (I/O) or ApplyError
+        (a record that cannot go to this image), with nothing marked."""
+        try:
+            return self._rx.apply_run(journal_fd, image_fd, image_size)
+        except RxFault as f:
+            raise _apply_error(f) from None
 
     def next_run(self, max_records: int | None = None,
                  max_bytes: int | None = None) -> list[tuple[Token, Any]]:
@@ -255,20 +257,12 @@ class PendingQueue:
         larger than *max_bytes* still gets through). Nothing is removed:
         call :meth:`mark_applied` with the run's last seq once it is applied.
         """
-        run: list[tuple[Token, Any]] = []
-        nbytes = 0
-        seq = self._applied + 1
-        limit = self._received  # everything up to here is complete
-        while seq <= limit:
-            if max_records is not None and len(run) >= max_records:
-                break
-            tok, loc = self._entries[seq]
-            if run and max_bytes is not None and nbytes + tok.size > max_bytes:
-                break
-            run.append((tok, loc))
-            nbytes += tok.size
-            seq += 1
-        self._run_end = run[-1][0].seq if run else None
+        n = self.take_run(max_records, max_bytes)
+        run = []
+        for i in range(n):
+            raw, loc = self._rx.run_item(i)
+            tok = unpack_token(raw)
+            run.append((tok, self._objs.get(tok.seq, loc) if self._objs else loc))
         return run
 
     def mark_applied(self, seq: int) -> None:
@@ -278,57 +272,51 @@ class PendingQueue:
         last; anything else is a bug in the caller (ValueError), because
         marking a seq applied that was not handed out would skip writes.
         """
-        if self._run_end is None:
+        end = self._rx.info().run_end
+        if not end:
             raise ValueError(f"mark_applied({seq}) without a run handed out by next_run()")
-        if seq != self._run_end:
-            raise ValueError(f"mark_applied({seq}): the run handed out ends at seq {self._run_end}")
-        for s in range(self._applied + 1, seq + 1):
-            tok, _ = self._entries.pop(s)
-            self._bytes -= tok.size
-            last = tok
-        self._applied = seq
-        self._applied_token = last
-        self._run_end = None
+        if seq != end or not self._rx.mark_applied(seq):
+            raise ValueError(f"mark_applied({seq}): the run handed out ends at seq {end}")
+        self._forget_objs(seq)
+
+    def _forget_objs(self, seq: int) -> None:
+        if self._objs:
+            for s in [s for s in self._objs if s <= seq]:
+                del self._objs[s]
 
     # -- catch-up increments -------------------------------------------------
 
     def expect_base(self, seq: int) -> None:
         """An increment that will bring the image to *seq* is being staged:
         accept tokens for the stream that follows it."""
-        self._base_hint = max(self._base_hint, seq)
+        self._rx.expect_base(seq)
 
     def rebase(self, seq: int, token: Token | None = None) -> None:
         """A committed increment brought the image to *seq*: every entry at
         or below it is superseded; the in-order stream continues at seq+1."""
-        if seq < self._applied:
-            raise ValueError(f"rebase({seq}) goes back from applied seq {self._applied}")
-        for s in [s for s in self._entries if s <= seq]:
-            tok, loc = self._entries.pop(s)
-            if loc is not _NO_DATA:
-                self._bytes -= tok.size
-        self._applied = seq
-        self._applied_token = token
-        self._highest = max(self._highest, seq)
-        self._base_hint = max(self._base_hint, seq)
-        self._received = self._complete_run_end(seq)
-        self._run_end = None
+        if token is not None and token.seq != seq:
+            raise ValueError(f"rebase({seq}) given the token of seq {token.seq}")
+        if not self._rx.rebase(seq, token.pack() if token else None):
+            raise ValueError(f"rebase({seq}) goes back from applied seq {self.applied_through}")
+        self._forget_objs(seq)
 
     # -- state -----------------------------------------------------------
 
     @property
     def applied_through(self) -> int:
         """Every seq <= this is in the image (the "applied through" ack)."""
-        return self._applied
+        return self._rx.info().applied
 
     @property
     def applied_token(self) -> Token | None:
         """Token of the last applied record, when known (for its ts)."""
-        return self._applied_token
+        raw = self._rx.info().applied_token
+        return unpack_token(raw) if raw else None
 
     @property
     def highest_token_seq(self) -> int:
         """Highest seq announced so far (never less than applied_through)."""
-        return self._highest
+        return self._rx.info().highest
 
     @property
     def received_through(self) -> int:
@@ -337,16 +325,24 @@ class PendingQueue:
         This is the "journaled through" ack once the journal holding the
         data has been committed.
         """
-        return self._received
+        return self._rx.info().received
 
     @property
     def pending_bytes(self) -> int:
         """Encoded bytes of the complete records not yet applied."""
-        return self._bytes
+        return self._rx.info().bytes
+
+    def info(self) -> RxInfo:
+        """Every counter above in one call."""
+        return self._rx.info()
 
     def __len__(self) -> int:
         """Entries (complete or not) after applied_through."""
-        return len(self._entries)
+        return self._rx.info().entries
+
+    def _entry(self, seq: int) -> tuple[Token, bool] | None:
+        state, raw, _ = self._rx.get(seq)
+        return None if not state else (unpack_token(raw), state == RxQueue.COMPLETE)
 
     def first_gap(self) -> tuple[int, bool] | None:
         """The first seq that blocks applying, as ``(seq, known)``.
@@ -355,16 +351,18 @@ class PendingQueue:
         unknown), True when its token arrived but its data did not. None if
         nothing announced is missing.
         """
-        if self._received >= self._highest:
+        info = self._rx.info()
+        if info.received >= info.highest:
             return None
-        seq = self._received + 1
-        return seq, seq in self._entries
+        seq = info.received + 1
+        return seq, self._rx.get(seq)[0] != 0
 
     def oldest_pending(self) -> Token | None:
         """Token of the lowest announced seq not yet applied (the oldest
         write the image lacks, for the lag in seconds), or None."""
-        for seq in range(self._applied + 1, self._highest + 1):
-            e = self._entries.get(seq)
+        info = self._rx.info()
+        for seq in range(info.applied + 1, info.highest + 1):
+            e = self._entry(seq)
             if e is not None:
                 return e[0]
         return None
@@ -376,20 +374,67 @@ class PendingQueue:
         order: its token (None if never announced) and whether its data
         arrived. Nothing after ``last_token_seq`` is known.
         """
+        info = self._rx.info()
         entries = []
-        for seq in range(self._applied + 1, self._highest + 1):
-            e = self._entries.get(seq)
-            if e is None:
-                entries.append(LostEntry(seq, None, False))
-            else:
-                entries.append(LostEntry(seq, e[0], e[1] is not _NO_DATA))
-        return LossView(self._applied, self._applied_token, tuple(entries), self._highest)
+        for seq in range(info.applied + 1, info.highest + 1):
+            e = self._entry(seq)
+            entries.append(LostEntry(seq, None, False) if e is None else LostEntry(seq, *e))
+        return LossView(info.applied, self.applied_token, tuple(entries), info.highest)
 
     def __repr__(self) -> str:
-        gap = self.first_gap()
-        return (f"<PendingQueue applied_through={self._applied} "
-                f"received_through={self._received} highest={self._highest} "
-                f"entries={len(self._entries)} first_gap={gap}>")
+        info = self._rx.info()
+        return (f"<PendingQueue applied_through={info.applied} "
+                f"received_through={info.received} highest={info.highest} "
+                f"entries={info.entries} first_gap={self.first_gap()}>")
+
+
+_FAULTS = {v: k for k, v in RXQ_FAULTS.items()}
+
+
+def _stream_error(f: RxFault) -> Exception:
+    """The words for a rule the stream broke (native/rxq.h faults)."""
+    kind = _FAULTS.get(f.fault, "")
+    seq = f.seq
+    if kind == "nomem":
+        return MemoryError(f"pending queue: out of memory at seq {seq}")
+    if kind == "bad_record":
+        return StreamError(f"malformed record header at byte {f.off} of the frame")
+    got = _describe(unpack_token(f.got)) if kind not in ("window", "no_token") else ""
+    had = _describe(unpack_token(f.had)) if kind not in ("window", "no_token") else ""
+    if kind == "applied_differs":
+        return StreamError(f"token for seq {seq} differs from the record already applied "
+                           f"under that seq ({got} vs {had})")
+    if kind == "window":
+        return StreamError(f"token for seq {seq} is more than {f.limit} seqs past "
+                           f"the applied seq {f.floor}")
+    if kind == "token_differs":
+        return StreamError(f"two different tokens for seq {seq}: {had} then {got}")
+    if kind == "batch_differs":
+        return StreamError(f"two different tokens for seq {seq} in one batch: {had} then {got}")
+    if kind == "no_token":
+        return StreamError(f"data for seq {seq} arrived before its token")
+    if kind == "data_differs":
+        return StreamError(f"data for seq {seq} carries a header that differs from its "
+                           f"token: {got} vs token {had}")
+    return StreamError(f"pending queue: fault {f.fault} at seq {seq}")
+
+
+def _apply_error(f: RxFault) -> Exception:
+    kind = _FAULTS.get(f.fault, "")
+    if kind == "io":
+        return OSError(f.errnum, f"applying seq {f.seq}: {os.strerror(f.errnum)}")
+    if kind == "range":
+        t = unpack_token(f.got)
+        return ApplyError(f"record seq {f.seq}: {OP_NAMES.get(t.op, t.op)} of {t.length} bytes "
+                           f"at offset {t.offset} runs past the end of the {f.limit}-byte image")
+    if kind == "volume":
+        return ApplyError(f"record seq {f.seq}: no image for volume {unpack_token(f.got).volume}")
+    if kind == "journal":
+        return ApplyError(f"journal offset {f.off} does not hold record seq {f.seq}: "
+                           f"the journal is damaged or was overwritten")
+    if kind == "nomem":
+        return MemoryError(f"applying seq {f.seq}: out of memory")
+    return ApplyError(f"applying seq {f.seq}: fault {f.fault}")
 
 
 def _describe(tok: Token) -> str:

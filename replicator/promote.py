@@ -54,7 +54,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from replicator.applier import apply_run, record_data
 from replicator.config import Config, Node, Resource
 from replicator.core import Bitmap, CoreError
 from replicator.errors import DuplexError
@@ -72,7 +71,6 @@ log = logging.getLogger("duplex.promote")
 #: How long applying the journal may take before promote gives up.
 APPLY_TIMEOUT = 600.0
 #: Bytes applied per run when promoting offline.
-RUN_BYTES = 8 << 20
 #: Older generations kept in the metadata (DRBD keeps two; more costs nothing).
 HISTORY_MAX = 16
 
@@ -320,13 +318,8 @@ def _apply_journal(sec: "Secondary") -> int:
     it durable and checkpoint. Everything replayed was committed, so every
     complete run may be applied. Returns the applied seq."""
     q = sec.pending
-    while True:
-        run = q.next_run(max_bytes=RUN_BYTES)
-        if not run:
-            break
-        items = [record_data(sec.journal.read_record(pos)) for _, pos in run]
-        apply_run({0: sec.fd}, items, {0: sec.size})
-        q.mark_applied(run[-1][0].seq)
+    while sec.apply_next_run():
+        pass
     os.fdatasync(sec.fd)
     if q.applied_through > sec.journal.applied_seq:
         sec.journal.checkpoint(q.applied_through, q.applied_token)

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from replicator.crc32c import crc32c
 
 try:  # the C core checks a whole buffer of records in one call
-    from replicator.core import check_records as _check_all
+    from replicator.core import scan_records as _scan
 except ImportError:  # pragma: no cover - only before the core is built
-    _check_all = None
+    _scan = None
 
 HEADER = struct.Struct("<QQQIIIBBHII")
 HEADER_SIZE = HEADER.size  # 48
@@ -112,13 +112,21 @@ def encode_record(seq: int, ts_ns: int, offset: int, length: int, op: int,
     return hdr + bytes(data) + b"\0" * (padded(len(data)) - len(data))
 
 
+def scan_records(buf, tokens_only: bool = False) -> tuple[int, int] | None:
+    """(count, highest seq) of the records packed in *buf*, every one
+    checked in one C call (structure and CRC; *tokens_only*: 48-byte
+    headers, structure only); None when one is bad or the core is not
+    built (iter_records / iter_tokens then find and word the problem)."""
+    return _scan(buf, tokens_only) if _scan is not None else None
+
+
 def iter_records(buf, check_crc: bool = True):
     """Yield (token, data memoryview) for each record in a packed buffer.
 
     Raises RecordError naming the first bad record; nothing is yielded past it.
     """
     mv = memoryview(buf)
-    if check_crc and _check_all is not None and _check_all(mv) is not None:
+    if check_crc and scan_records(mv) is not None:
         check_crc = False  # all checked in one C call; else find the bad one below
     pos = 0
     while pos < len(mv):

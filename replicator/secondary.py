@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from replicator.applier import apply_run, pwrite_all, record_data, zero_range
+from replicator.applier import pwrite_all, zero_range
 from replicator.config import Node, Resource, load_config, select_node
 from replicator.control import ControlServer
 from replicator.devices import device_size
@@ -55,8 +55,7 @@ log = logging.getLogger("duplex.secondary")
 RUN_BYTES = 8 << 20          # apply at most this much between acks
 CHECKPOINT_INTERVAL = 1.0    # seconds between image fdatasync + journal checkpoint
 CHECKPOINT_BYTES = 64 << 20  # ...or after this much was applied
-ACK_INTERVAL = 0.001         # acks are coalesced over this long
-HOT_BYTES = 32 << 20         # received data kept in memory for the applier
+ACK_INTERVAL = 0.002         # "applied" acks are coalesced over this long
 # Tests only: seconds to pause after each piece of an increment is applied,
 # so that a kill can land in the middle of an apply.
 _SLOW_APPLY = float(os.environ.get("DUPLEX_TEST_SLOW_INCREMENT_APPLY", "0") or 0)
@@ -102,9 +101,9 @@ class Secondary:
         self._commit_lock = threading.Lock()
         self._commit_wake = threading.Event()
         self._apply_wake = threading.Event()
-        self._ack_wake = threading.Event()
-        self._hot: dict[int, memoryview] = {}   # seq -> data, not yet applied
-        self._hot_bytes = 0
+        self._ack_lock = threading.Lock()
+        self._last_ack = 0.0
+        self._ack_due = False
         self._stop = threading.Event()
         self.journaled = pending.received_through  # replayed records are durable
         self.links: set[PeerLink] = set()
@@ -186,7 +185,7 @@ class Secondary:
         self._listener = ls
         self.control.start()
         for name, target in (("listen", self._accept_loop), ("commit", self._commit_loop),
-                             ("apply", self._apply_loop), ("ack", self._ack_loop)):
+                             ("apply", self._apply_loop)):
             t = threading.Thread(target=target, name=f"duplex-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -369,7 +368,8 @@ class Secondary:
         try:
             link = PeerLink.accept(sock, role="secondary", resource=self.resource.name,
                                    node=self.node.name, secret=self.resource.secret(),
-                                   state_for=self._state_for, on_event=self._on_event)
+                                   state_for=self._state_for, on_event=self._on_event,
+                                   on_idle=self._on_idle)
         except (LinkError, DuplexError, OSError) as e:
             self.last_error = f"connection from {addr[0]} refused: {e}"
             log.error("%s: %s", self.resource.name, self.last_error)
@@ -432,23 +432,35 @@ class Secondary:
     def _on_tokens(self, ev: Tokens) -> None:
         with self._lock:
             self._wait_room(len(ev.payload))
-            self.pending.add_tokens(ev.tokens)
-            self.journal.append_tokens(ev.payload)
-        self._commit_wake.set()
+            # Queued first: a frame the queue refuses never reaches the journal.
+            if self.pending.add_token_bytes(ev.payload):
+                self.journal.append_token_frame(ev.payload, ev.max_seq)
 
     def _on_data(self, ev: Data) -> None:
+        # The frame was checked (structure, CRCs) in one C call by decode;
+        # here it is checked against the queue, journaled as one entry and
+        # queued, each in one call: no Python work per record.
         payload = ev.payload
         with self._lock:
-            for tok, _ in ev.records:  # structure and CRCs were checked by decode
-                self.pending.check_record(tok)
             self._wait_room(len(payload))
-            for (tok, pos), (_, data) in zip(self.journal.append(payload), ev.records):
-                if self.pending.add_record(tok, pos) and self._hot_bytes < HOT_BYTES:
-                    # Keep the data at hand for the applier: no read back
-                    # from the journal while it keeps up (bounded memory).
-                    self._hot[tok.seq] = data
-                    self._hot_bytes += tok.data_len
-        self._commit_wake.set()
+            if self.pending.add_frame(payload, 0, dry_run=True):
+                base = self.journal.append_frame(payload, ev.max_seq)
+                self.pending.add_frame(payload, base, max_seq=ev.max_seq)
+
+    def _on_idle(self, link: PeerLink) -> None:
+        """Reader thread, every frame received so far handled: commit the
+        journal (group commit: one fdatasync for all of it), then ack
+        "journaled" -- the primary frees its ring on it. Commit and ack ride
+        on the reader, so a frame costs no thread hand-off."""
+        with self._lock:
+            target = self.pending.received_through
+        if target <= self.journaled:
+            return
+        with self._commit_lock:
+            self.journal.commit()
+        self.journaled = max(self.journaled, target)
+        self._apply_wake.set()
+        self._send_ack(force=False)  # the applier sends it if it is due
 
     # -- catch-up increments (DESIGN §4) ------------------------------------
 
@@ -563,8 +575,6 @@ class Secondary:
         os.fdatasync(self.fd)
         with self._lock:
             self.pending.rebase(inc.base)
-            for seq in [q for q in self._hot if q <= inc.base]:
-                self._hot_bytes -= len(self._hot.pop(seq))
             with self._commit_lock:
                 self.journal.commit()
                 self.journal.checkpoint(inc.base)
@@ -634,28 +644,11 @@ class Secondary:
                 self._ack()
                 continue
             with self._lock:
-                limit = self.journaled - self.pending.applied_through
-                if self._pause_apply.is_set():
-                    limit = 0
-                run = self.pending.next_run(max_records=limit, max_bytes=RUN_BYTES) if limit > 0 else []
-            if run:
-                self.runs_started += 1
-                items = []
-                with self._lock:
-                    for tok, pos in run:
-                        data = self._hot.pop(tok.seq, None)
-                        if data is not None:
-                            self._hot_bytes -= tok.data_len
-                            items.append((tok, data))
-                        else:
-                            items.append(None)
-                items = [it if it is not None else record_data(self.journal.read_record(pos))
-                         for it, (_, pos) in zip(items, run)]
-                apply_run({0: self.fd}, items, {0: self.size})
-                with self._lock:
-                    self.pending.mark_applied(run[-1][0].seq)
-                self.runs_done += 1
-                since_ckpt += sum(t.size for t, _ in run)
+                limit = 0 if self._pause_apply.is_set() else \
+                    self.journaled - self.pending.applied_through
+            applied = self.apply_next_run(limit) if limit > 0 else 0
+            since_ckpt += applied
+            run = applied > 0
             now = time.monotonic()
             if since_ckpt and (since_ckpt >= CHECKPOINT_BYTES or now - last_ckpt >= CHECKPOINT_INTERVAL
                                or not run or self._room_wanted()):
@@ -665,10 +658,31 @@ class Secondary:
             if run:
                 self._ack()
                 continue
+            if self._ack_due:
+                self._send_ack(force=True)
             if self._stop.is_set():
                 return
             self._apply_wake.wait(0.2)
             self._apply_wake.clear()
+
+    def apply_next_run(self, limit: int | None = None) -> int:
+        """Write the next in-order run (at most *limit* records: only
+        journaled ones may go) to the image and mark it applied. The write
+        runs in C without the lock, reading the data back from the journal.
+        Returns the encoded bytes applied, 0 when nothing was ready."""
+        with self._lock:
+            if not self.pending.take_run(max_records=limit, max_bytes=RUN_BYTES):
+                return 0
+            end = self.pending.run_end
+        self.runs_started += 1
+        try:
+            self.pending.apply_taken(self.journal.fd, self.fd, self.size)
+            with self._lock:
+                before = self.pending.pending_bytes
+                self.pending.mark_applied(end)
+                return before - self.pending.pending_bytes
+        finally:
+            self.runs_done += 1
 
     def _room_wanted(self) -> bool:
         return self.journal.free_bytes < self.journal.area_size // 4
@@ -684,25 +698,27 @@ class Secondary:
             self._lock.notify_all()
 
     def _ack(self) -> None:
-        """Ask the ack thread to tell the primary where we are."""
-        self._ack_wake.set()
+        """Tell the primary where we are, at most once per ACK_INTERVAL."""
+        self._send_ack(force=False)
 
-    def _ack_loop(self) -> None:
-        # Acks are coalesced: at most one per ACK_INTERVAL, always carrying
-        # the latest seqs, so a busy stream does not cost an ack per frame.
-        while not self._stop.is_set():
-            if not self._ack_wake.wait(0.5):
-                continue
-            time.sleep(ACK_INTERVAL)
-            self._ack_wake.clear()
-            with self._lock:
-                links = list(self.links)
-                applied = self.pending.applied_through
-            for link in links:
-                try:
-                    link.send_ack(self.journaled, applied)
-                except LinkError:
-                    pass
+    def _send_ack(self, force: bool) -> None:
+        # Coalesced: a busy applier does not cost an ack per run; the
+        # applier sends the one still due when it goes idle.
+        now = time.monotonic()
+        with self._ack_lock:
+            if not force and now - self._last_ack < ACK_INTERVAL:
+                self._ack_due = True
+                return
+            self._last_ack = now
+            self._ack_due = False
+        with self._lock:
+            links = list(self.links)
+            applied = self.pending.applied_through
+        for link in links:
+            try:
+                link.send_ack(self.journaled, applied)
+            except LinkError:
+                pass
 
     # -- promotion hooks (replicator/promote.py drives these) -------------
 

@@ -14,10 +14,12 @@ knows which writes it is missing (seed 001's M1/M2 split).
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import threading
 import time
 from collections import deque
+from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 from replicator.catchup import CatchUp
@@ -39,6 +41,7 @@ BACKOFF_MAX = 2.0
 REFUSED_RETRY = 5.0
 PING_INTERVAL = 1.0
 MAX_ANNOUNCED_SPANS = 256
+RETURN_AFTER = 0.02  # the C streaming loop hands control back this often
 
 
 class Shipper:
@@ -309,11 +312,7 @@ class Shipper:
         Returns whether anything was sent."""
         core = self.core
         if release:
-            with self._lock:
-                journaled = self.journaled
-            if journaled > self._released:
-                core.release(journaled)
-                self._released = journaled
+            self._release()
         for one in self._links or [link]:
             if not one.alive():
                 raise LinkError(one.error or "connection closed")
@@ -354,8 +353,19 @@ class Shipper:
             return True
         return announced > 0
 
+    def _release(self) -> None:
+        """Free the ring up to what the peer journaled."""
+        with self._lock:
+            journaled = self.journaled
+        if journaled > self._released:
+            self.core.release(journaled)
+            self._released = journaled
+
     def _stream(self, link: PeerLink) -> None:
-        last_ping = last_send = time.monotonic()
+        """Stream the ring. The sending runs in C (Core.ship) with the
+        GIL released, coming back every RETURN_AFTER seconds (or when the
+        ring overflows or a socket fails) for acks, pings and stop."""
+        last_ping = time.monotonic()
         interval = self.res.batch_interval_s
         while True:
             if self.needs_resync:
@@ -365,24 +375,38 @@ class Shipper:
                 CatchUp(self, link).run()
                 self._set("Established")
                 continue
-            if not self._queued and interval > 0 and not self._stopping.is_set():
-                # Seed 001's batching rule: send when a batch is full or the
-                # interval since the last send is over, whichever is first.
-                # Fewer, larger frames also mean fewer GIL hand-offs with the
-                # nbdkit request threads.
-                left = interval - (time.monotonic() - last_send)
-                if left > 0 and self.core.ring_stats["unsent_bytes"] < self.res.batch_bytes:
-                    time.sleep(left)
-            if self.pump(link):
-                last_send = time.monotonic()
+            stopping = self._stopping.is_set()
+            if stopping and (self.core.ring_stats.get("records", 0) == 0
+                             or time.monotonic() > self._drain_deadline):
+                return
+            self._release()
+            links = self._links or [link]
+            for one in links:
+                if not one.alive():
+                    raise LinkError(one.error or "connection closed")
+            while self._queued:  # announced by a catch-up's pump(), not yet sent
+                out, span = self._queued.popleft()
+                out.send_data(span)
+            with ExitStack() as held:
+                fds = [held.enter_context(one.stream_socket()) for one in links]
+                res = self.core.ship(fds, self._rr, 0.0 if stopping else interval,
+                                     self.res.batch_bytes, RETURN_AFTER)
+            self._rr = res.next_fd
+            if res.samples:
+                with self._lock:
+                    self._samples.extend(res.samples)
+            if res.stop == "dropped":
+                self.ring_dropped()
                 continue
-            if self._stopping.is_set():
-                if self.core.ring_stats.get("records", 0) == 0 or time.monotonic() > self._drain_deadline:
-                    return
+            if res.stop == "io":
+                raise links[res.fd_index].failed(f"send failed: {os.strerror(res.errnum)}")
+            if res.stop == "bad":
+                raise CoreError(f"the send ring handed out a span that is not whole records "
+                                f"({os.strerror(res.errnum)})")
             now = time.monotonic()
             if now - last_ping >= PING_INTERVAL:
                 link.ping()
                 last_ping = now
-            if not self.core.wait(0.05):
-                self._wake.wait(0.01)
+            if stopping and not res.spans:
+                self._wake.wait(0.01)  # everything sent: wait for the acks
                 self._wake.clear()

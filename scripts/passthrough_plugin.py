@@ -22,8 +22,12 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import sys
 
 import nbdkit
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nbdplugin import threadstate  # noqa: E402  (the repository root, added above)
 
 API_VERSION = 2
 
@@ -38,22 +42,28 @@ _ZERO_CHUNK = bytes(1 << 20)
 
 _path: str | None = None
 _model = "serialize_all_requests"
+_pin = True
 _fd = -1
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 
 
 def config(key: str, value: str) -> None:
-    """Accept ``file=PATH`` and ``threads=MODEL``."""
-    global _path, _model
+    """Accept ``file=PATH``, ``threads=MODEL`` and ``pin=0|1``."""
+    global _path, _model, _pin
     if key == "file":
         _path = os.path.abspath(value)
+    elif key == "pin":
+        if value not in ("0", "1"):
+            raise ValueError(f"passthrough: pin={value!r}: expected 0 or 1")
+        _pin = value == "1"
     elif key == "threads":
         if value not in _MODELS:
             raise ValueError(f"passthrough: threads={value!r}: expected one of {', '.join(_MODELS)}")
         _model = value
     else:
-        raise ValueError(f"passthrough: unknown parameter {key!r} (expected file= or threads=)")
+        raise ValueError(f"passthrough: unknown parameter {key!r} (expected file=, threads= "
+                         f"or pin=)")
 
 
 def config_complete() -> None:
@@ -75,6 +85,11 @@ def thread_model() -> int:
 def open(readonly: bool) -> int:  # noqa: A001 - nbdkit's callback name
     """No per-connection state."""
     return 0
+
+
+def close(h: int) -> None:
+    """Drop the connection thread's pinned Python thread state."""
+    threadstate.unpin()
 
 
 def get_size(h: int) -> int:
@@ -109,6 +124,8 @@ def can_multi_conn(h: int) -> bool:
 
 def pread(h: int, buf: bytearray, offset: int, flags: int) -> None:
     """Read straight into nbdkit's buffer."""
+    if _pin:
+        threadstate.pin()
     n = os.preadv(_fd, [buf], offset)
     if n < len(buf):
         memoryview(buf)[n:] = bytes(len(buf) - n)  # past EOF reads as zeros
@@ -116,6 +133,8 @@ def pread(h: int, buf: bytearray, offset: int, flags: int) -> None:
 
 def pwrite(h: int, buf: bytes, offset: int, flags: int) -> None:
     """Write, and fdatasync for FUA."""
+    if _pin:
+        threadstate.pin()
     view = memoryview(buf)
     while view:
         n = os.pwrite(_fd, view, offset)

@@ -194,6 +194,11 @@ class Connection:
         self._cstate.close()
         return encode_frame(FrameType.ERROR, Error(code, text).encode())
 
+    def check_send(self, ftype: FrameType) -> None:
+        """LocalProtocolError unless a frame of *ftype* may be sent now
+        (for a sender that writes stream frames itself, e.g. in C)."""
+        self._check_send(ftype)
+
     def _check_send(self, ftype: FrameType) -> None:
         if self._error is not None:
             raise LocalProtocolError(f"cannot send {ftype.name}: the connection failed "

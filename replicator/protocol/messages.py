@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from replicator import records as _records
+from replicator.records import scan_records as _scan_records
 from replicator.protocol.errors import ProtocolError
 from replicator.protocol.frames import FrameType
 
@@ -307,12 +308,17 @@ class Tokens(Message):
     """Seed 001's M1: record headers sent ahead of their data.
 
     ``payload`` is the raw packed headers (kept as received, so the
-    secondary can journal them as they are); ``tokens`` the decoded list.
+    secondary can journal them as they are), checked in one C call at
+    construction; ``count`` and ``max_seq`` come from that check, and
+    ``tokens`` decodes the list on first use (the secondary's fast path
+    never does).
     """
 
     TYPE: ClassVar[FrameType] = FrameType.TOKENS
     payload: bytes
-    tokens: tuple[_records.Token, ...] = field(init=False, compare=False, repr=False)
+    count: int = field(init=False, compare=False, repr=False)
+    max_seq: int = field(init=False, compare=False, repr=False)
+    _tokens: tuple | None = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.payload, (bytes, bytearray, memoryview)):
@@ -320,12 +326,25 @@ class Tokens(Message):
         raw = bytes(self.payload)
         if not raw:
             raise _fail("TOKENS", "payload", "is empty (a TOKENS frame carries at least one token)")
-        try:
-            toks = tuple(_records.iter_tokens(raw))
-        except _records.RecordError as e:
-            raise _fail("TOKENS", "payload", f"is invalid: {e}") from None
+        scan = _scan_records(raw, tokens_only=True)
+        toks = None
+        if scan is None:  # find and word the bad one
+            try:
+                toks = tuple(_records.iter_tokens(raw))
+            except _records.RecordError as e:
+                raise _fail("TOKENS", "payload", f"is invalid: {e}") from None
+            scan = (len(toks), max(t.seq for t in toks))
         _set(self, "payload", raw)
-        _set(self, "tokens", toks)
+        _set(self, "count", scan[0])
+        _set(self, "max_seq", scan[1])
+        _set(self, "_tokens", toks)
+
+    @property
+    def tokens(self) -> tuple[_records.Token, ...]:
+        """The decoded tokens, in frame order."""
+        if self._tokens is None:
+            _set(self, "_tokens", tuple(_records.iter_tokens(self.payload)))
+        return self._tokens
 
     @classmethod
     def of(cls, tokens) -> Tokens:
@@ -353,14 +372,16 @@ class Data(Message):
 
     ``payload`` is a read-only memoryview (a slice of the receive buffer when
     decoded: not copied); construction checks every record's structure and
-    CRC once and keeps ``records`` as (Token, data memoryview) pairs, so
-    consumers never re-check or re-copy. The secondary journals ``payload``
-    as it is.
+    CRC once, in one C call, which also gives ``count`` and ``max_seq``.
+    ``records``, the (Token, data memoryview) pairs, is decoded on first
+    use; the secondary journals and queues ``payload`` as it is.
     """
 
     TYPE: ClassVar[FrameType] = FrameType.DATA
     payload: memoryview
-    records: tuple[tuple[_records.Token, memoryview], ...] = field(init=False, compare=False)
+    count: int = field(init=False, compare=False)
+    max_seq: int = field(init=False, compare=False)
+    _records: tuple | None = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.payload, (bytes, bytearray, memoryview)):
@@ -368,12 +389,25 @@ class Data(Message):
         mv = memoryview(self.payload).cast("B").toreadonly()
         if not len(mv):
             raise _fail("DATA", "payload", "is empty (a DATA frame carries at least one record)")
-        try:
-            recs = tuple(_records.iter_records(mv))
-        except _records.RecordError as e:
-            raise _fail("DATA", "payload", f"is invalid: {e}") from None
+        scan = _scan_records(mv)
+        recs = None
+        if scan is None:  # find and word the bad one
+            try:
+                recs = tuple(_records.iter_records(mv))
+            except _records.RecordError as e:
+                raise _fail("DATA", "payload", f"is invalid: {e}") from None
+            scan = (len(recs), max(t.seq for t, _ in recs))
         _set(self, "payload", mv)
-        _set(self, "records", recs)
+        _set(self, "count", scan[0])
+        _set(self, "max_seq", scan[1])
+        _set(self, "_records", recs)
+
+    @property
+    def records(self) -> tuple[tuple[_records.Token, memoryview], ...]:
+        """(Token, data memoryview) of each record, in frame order."""
+        if self._records is None:
+            _set(self, "_records", tuple(_records.iter_records(self.payload, check_crc=False)))
+        return self._records
 
     def encode(self) -> bytes:
         return bytes(self.payload)

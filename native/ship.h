@@ -1,0 +1,55 @@
+/*
+ * ship.h: the primary's streaming loop in C. replicator/shipper.py calls
+ * ship_stream() with the GIL released and gets control back at least every
+ * return_after_ns (pings, acks, status, stop), so between returns no Python
+ * runs for the stream and the nbdkit request threads keep the GIL to
+ * themselves.
+ *
+ * Each span of the send ring (whole records, up to batch_bytes) goes out as
+ * a TOKENS frame and a DATA frame (replicator/protocol/frames.py layout) in
+ * one writev, spans spread over the given sockets in turn. Seed 001's
+ * batching rule: a span is taken when batch_bytes are queued, or when
+ * interval_ns passed since the previous one.
+ *
+ * The caller holds the sockets' send locks and has checked that the
+ * connections are established; a frame is always written whole.
+ */
+#ifndef DUPLEX_SHIP_H
+#define DUPLEX_SHIP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct core;
+
+enum ship_stop {
+	SHIP_TIMEOUT = 0, /* return_after_ns elapsed (or the ring stayed empty) */
+	SHIP_DROPPED = 1, /* the ring overflowed: resync needed */
+	SHIP_IO = 2,      /* a socket failed: errnum, fd_index */
+	SHIP_BAD = 3,     /* the ring handed out something that is not records */
+};
+
+struct ship_params {
+	int64_t interval_ns;
+	uint64_t batch_bytes;
+	int64_t return_after_ns;
+};
+
+struct ship_result {
+	int stop;
+	int errnum;
+	int fd_index;
+	uint32_t next_fd;   /* round robin: pass back in as first_fd */
+	uint64_t spans;
+	uint64_t records;
+	uint64_t bytes;
+	uint64_t nsamples;  /* (last seq, first ts) pairs written to samples */
+};
+
+/* Stream until something to report. samples: room for samples_cap pairs
+ * (u64 last seq of a span, u64 ts of its first record), for the lag. */
+int ship_stream(struct core *c, const int *fds, uint32_t nfds, uint32_t first_fd,
+                const struct ship_params *p, struct ship_result *r,
+                uint64_t *samples, size_t samples_cap);
+
+#endif
