@@ -715,7 +715,12 @@ uint32_t core_pending(struct core *c, uint64_t track)
 /* ---- consumer side ---------------------------------------------------------- */
 
 bool core_wait(struct core *c, int64_t timeout_ns) { return ring_wait(c->ring, timeout_ns); }
+bool core_wait_bytes(struct core *c, uint64_t want, int64_t timeout_ns)
+{
+	return ring_wait_bytes(c->ring, want, timeout_ns);
+}
 void core_kick(struct core *c) { ring_kick(c->ring); }
+uint64_t core_kicks(struct core *c) { return ring_kicks(c->ring); }
 
 size_t core_peek(struct core *c, size_t max, const unsigned char **ptr)
 {

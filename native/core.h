@@ -86,7 +86,9 @@ uint32_t core_pending(struct core *c, uint64_t track);
 
 /* Consumer side (one consumer thread). */
 bool core_wait(struct core *c, int64_t timeout_ns);
+bool core_wait_bytes(struct core *c, uint64_t want, int64_t timeout_ns);
 void core_kick(struct core *c);
+uint64_t core_kicks(struct core *c);
 size_t core_peek(struct core *c, size_t max, const unsigned char **ptr);
 int core_advance(struct core *c, size_t n);
 int64_t core_release(struct core *c, uint64_t seq);

@@ -33,6 +33,7 @@ struct ring {
 	uint64_t newest_seq;
 	uint64_t kick_gen;
 	uint32_t consumer_waiting;
+	uint64_t want;             /* bytes the waiting consumer wants ready */
 	uint32_t reset_waiting;
 	uint64_t drops;
 };
@@ -78,6 +79,7 @@ int ring_create(struct ring **out, size_t size, uint64_t first_seq)
 	if (ring == NULL)
 		return -ENOMEM;
 	ring->size = size;
+	ring->want = 1;
 	ring->map_size = (size + 4095) & ~(size_t)4095;
 	/* Populated now: no page faults on the write path later. */
 	ring->buf = mmap(NULL, ring->map_size, PROT_READ | PROT_WRITE,
@@ -180,7 +182,8 @@ bool ring_commit(struct ring *ring, struct ring_resv *r)
 	queued = !r->discarded;
 	before = ring->published;
 	ring->published = ring->rfirst ? ring->rfirst->pos : ring->head;
-	if (ring->published != before && ring->consumer_waiting)
+	if (ring->published != before && ring->consumer_waiting &&
+	    ring->published - ring->send >= ring->want)
 		pthread_cond_signal(&ring->data_cond);
 	if (ring->rfirst == NULL && ring->reset_waiting)
 		pthread_cond_broadcast(&ring->idle_cond);
@@ -205,7 +208,7 @@ bool ring_dropped(struct ring *ring)
 	return d;
 }
 
-bool ring_wait(struct ring *ring, int64_t timeout_ns)
+bool ring_wait_bytes(struct ring *ring, uint64_t want, int64_t timeout_ns)
 {
 	struct timespec deadline;
 	uint64_t gen;
@@ -214,6 +217,8 @@ bool ring_wait(struct ring *ring, int64_t timeout_ns)
 	clock_gettime(CLOCK_MONOTONIC, &deadline);
 	if (timeout_ns < 0)
 		timeout_ns = 0;
+	if (want == 0)
+		want = 1;
 	deadline.tv_sec += timeout_ns / 1000000000;
 	deadline.tv_nsec += timeout_ns % 1000000000;
 	if (deadline.tv_nsec >= 1000000000) {
@@ -222,7 +227,8 @@ bool ring_wait(struct ring *ring, int64_t timeout_ns)
 	}
 	pthread_mutex_lock(&ring->lock);
 	gen = ring->kick_gen;
-	while (ring->send == ring->published && !ring->dropped && ring->kick_gen == gen) {
+	ring->want = want;
+	while (ring->published - ring->send < want && !ring->dropped && ring->kick_gen == gen) {
 		int r;
 		ring->consumer_waiting++;
 		r = pthread_cond_timedwait(&ring->data_cond, &ring->lock, &deadline);
@@ -230,9 +236,25 @@ bool ring_wait(struct ring *ring, int64_t timeout_ns)
 		if (r == ETIMEDOUT)
 			break;
 	}
-	ready = !ring->dropped && ring->send < ring->published;
+	ring->want = 1;
+	ready = !ring->dropped && ring->published - ring->send >= want;
 	pthread_mutex_unlock(&ring->lock);
 	return ready;
+}
+
+bool ring_wait(struct ring *ring, int64_t timeout_ns)
+{
+	return ring_wait_bytes(ring, 1, timeout_ns);
+}
+
+uint64_t ring_kicks(struct ring *ring)
+{
+	uint64_t gen;
+
+	pthread_mutex_lock(&ring->lock);
+	gen = ring->kick_gen;
+	pthread_mutex_unlock(&ring->lock);
+	return gen;
 }
 
 void ring_kick(struct ring *ring)

@@ -97,7 +97,11 @@ bool ring_dropped(struct ring *ring);
 /* Wait up to timeout_ns for records to send. True when there are; false on
  * timeout, drop or ring_kick(). */
 bool ring_wait(struct ring *ring, int64_t timeout_ns);
+/* The same, until at least want bytes are ready to send (a full batch). */
+bool ring_wait_bytes(struct ring *ring, uint64_t want, int64_t timeout_ns);
 void ring_kick(struct ring *ring);
+/* How many times ring_kick() was called. */
+uint64_t ring_kicks(struct ring *ring);
 
 /* A contiguous span of whole committed records from the send cursor: up to
  * max bytes, but at least one record when any. Returns its length (0: none)

@@ -43,9 +43,14 @@ static void frame_header(unsigned char h[FRAME_HEADER], uint8_t type, const void
 	memcpy(h + 12, &crc, 4);
 }
 
+static bool aborted(const struct ship_params *p)
+{
+	return p->abort != NULL && __atomic_load_n(p->abort, __ATOMIC_RELAXED);
+}
+
 /* Write iov[0..n) whole, waiting for room when the socket is non-blocking
- * (its reader thread uses a timeout). 0 or -errno. */
-static int writev_full(int fd, struct iovec *iov, int n)
+ * (its reader thread uses a timeout). 0 or -errno (-ECANCELED: aborted). */
+static int writev_full(int fd, struct iovec *iov, int n, const struct ship_params *p)
 {
 	while (n > 0) {
 		struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)n};
@@ -55,7 +60,9 @@ static int writev_full(int fd, struct iovec *iov, int n)
 				continue;
 			if (errno == EAGAIN || errno == EWOULDBLOCK) {
 				struct pollfd pfd = {.fd = fd, .events = POLLOUT};
-				if (poll(&pfd, 1, 1000) < 0 && errno != EINTR)
+				if (aborted(p))
+					return -ECANCELED;
+				if (poll(&pfd, 1, 100) < 0 && errno != EINTR)
 					return -errno;
 				continue;
 			}
@@ -74,23 +81,19 @@ static int writev_full(int fd, struct iovec *iov, int n)
 	return 0;
 }
 
-static void sleep_ns(int64_t ns)
-{
-	struct timespec ts = {.tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000};
-	nanosleep(&ts, NULL);
-}
-
 int ship_stream(struct core *c, const int *fds, uint32_t nfds, uint32_t first_fd,
                 const struct ship_params *p, struct ship_result *r,
                 uint64_t *samples, size_t samples_cap)
 {
-	int64_t start = now_ns(), last_send = start;
+	int64_t start = now_ns(), last_send = p->last_send_ns;
+	uint64_t kicks = core_kicks(c);
 	unsigned char *tokens = NULL;
 	size_t tokens_cap = 0;
 	uint32_t next = nfds ? first_fd % nfds : 0;
 
 	memset(r, 0, sizeof(*r));
 	r->next_fd = next;
+	r->last_send_ns = last_send;
 	if (nfds == 0)
 		return -EINVAL;
 	for (;;) {
@@ -107,21 +110,32 @@ int ship_stream(struct core *c, const int *fds, uint32_t nfds, uint32_t first_fd
 			r->stop = SHIP_DROPPED;
 			break;
 		}
+		if (aborted(p)) {
+			r->stop = SHIP_IO;
+			r->errnum = ECANCELED;
+			break;
+		}
+		if (core_kicks(c) != kicks) {
+			r->stop = SHIP_KICKED;
+			break;
+		}
 		if (left <= 0) {
 			r->stop = SHIP_TIMEOUT;
 			break;
 		}
 		core_ring_stats(c, &st);
 		if (st.bytes_unsent == 0) {
-			if (!core_wait(c, left) && !core_dropped(c)) {
+			if (!core_wait(c, left) && !core_dropped(c) && core_kicks(c) == kicks) {
 				r->stop = SHIP_TIMEOUT; /* idle: let the caller look around */
 				break;
 			}
 			continue;
 		}
 		if (st.bytes_unsent < p->batch_bytes && now - last_send < p->interval_ns) {
+			/* Seed 001's batching rule: wait for the interval to pass or
+			 * for a full batch, whichever comes first. */
 			int64_t wait = last_send + p->interval_ns - now;
-			sleep_ns(wait < left ? wait : left);
+			core_wait_bytes(c, p->batch_bytes, wait < left ? wait : left);
 			continue;
 		}
 		len = core_peek(c, p->batch_bytes, &span);
@@ -130,7 +144,7 @@ int ship_stream(struct core *c, const int *fds, uint32_t nfds, uint32_t first_fd
 		if (len > tokens_cap) { /* tokens never outgrow their span */
 			unsigned char *grown = realloc(tokens, len);
 			if (grown == NULL) {
-				r->stop = SHIP_IO;
+				r->stop = SHIP_BAD;
 				r->errnum = ENOMEM;
 				break;
 			}
@@ -149,7 +163,7 @@ int ship_stream(struct core *c, const int *fds, uint32_t nfds, uint32_t first_fd
 		iov[1] = (struct iovec){tokens, (size_t)ntok};
 		iov[2] = (struct iovec){dh, FRAME_HEADER};
 		iov[3] = (struct iovec){(void *)span, len};
-		if ((rc = writev_full(fds[next], iov, 4)) < 0) {
+		if ((rc = writev_full(fds[next], iov, 4, p)) < 0) {
 			r->stop = SHIP_IO;
 			r->errnum = -rc;
 			r->fd_index = (int)next;
@@ -178,6 +192,7 @@ int ship_stream(struct core *c, const int *fds, uint32_t nfds, uint32_t first_fd
 		next = (next + 1) % nfds;
 		r->next_fd = next;
 		last_send = now_ns();
+		r->last_send_ns = last_send;
 	}
 	free(tokens);
 	return 0;

@@ -12,7 +12,9 @@
  * interval_ns passed since the previous one.
  *
  * The caller holds the sockets' send locks and has checked that the
- * connections are established; a frame is always written whole.
+ * connections are established. A frame is always written whole: a peer
+ * that stops reading (journal backpressure) holds the loop in the middle of
+ * one, past return_after_ns, until it reads again or *abort is set.
  */
 #ifndef DUPLEX_SHIP_H
 #define DUPLEX_SHIP_H
@@ -25,14 +27,19 @@ struct core;
 enum ship_stop {
 	SHIP_TIMEOUT = 0, /* return_after_ns elapsed (or the ring stayed empty) */
 	SHIP_DROPPED = 1, /* the ring overflowed: resync needed */
-	SHIP_IO = 2,      /* a socket failed: errnum, fd_index */
-	SHIP_BAD = 3,     /* the ring handed out something that is not records */
+	SHIP_IO = 2,      /* a socket failed (errnum, fd_index), or *abort was set
+	                   * (ECANCELED; maybe mid-frame: the sockets are done) */
+	SHIP_BAD = 3,     /* the ring handed out something that is not records,
+	                   * or memory ran out (errnum) */
+	SHIP_KICKED = 4,  /* core_kick() between frames (e.g. stop asked) */
 };
 
 struct ship_params {
 	int64_t interval_ns;
 	uint64_t batch_bytes;
 	int64_t return_after_ns;
+	int64_t last_send_ns; /* CLOCK_MONOTONIC of the previous send (0: none) */
+	const int *abort;     /* set (any thread): give up, even mid-frame */
 };
 
 struct ship_result {
@@ -40,6 +47,7 @@ struct ship_result {
 	int errnum;
 	int fd_index;
 	uint32_t next_fd;   /* round robin: pass back in as first_fd */
+	int64_t last_send_ns; /* pass back in as params.last_send_ns */
 	uint64_t spans;
 	uint64_t records;
 	uint64_t bytes;

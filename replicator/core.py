@@ -543,8 +543,9 @@ def _result():
 
 class ShipResult(NamedTuple):
     """What one Core.ship() call did and why it returned: stop is
-    "timeout" (time to look around), "dropped" (the ring overflowed),
-    "io" (socket *fd_index* failed with *errnum*) or "bad"."""
+    "timeout" (time to look around), "kicked" (wake() was called),
+    "dropped" (the ring overflowed), "io" (socket *fd_index* failed with
+    *errnum*; ECANCELED after abort_ship()) or "bad"."""
 
     stop: str
     errnum: int
@@ -554,11 +555,12 @@ class ShipResult(NamedTuple):
     records: int
     bytes: int
     samples: list  # (last seq of a span, ts of its first record)
+    last_send_ns: int  # pass to the next ship() call
 
 
 _SHIP_SAMPLES = 1024
 _SHIP_STOPS = {_lib.SHIP_TIMEOUT: "timeout", _lib.SHIP_DROPPED: "dropped", _lib.SHIP_IO: "io",
-               _lib.SHIP_BAD: "bad"}
+               _lib.SHIP_BAD: "bad", _lib.SHIP_KICKED: "kicked"}
 
 
 class Core:
@@ -586,6 +588,7 @@ class Core:
         if rc < 0:
             raise CoreError(_errmsg(err, f"device {device_path}: {os.strerror(-rc)}"))
         self._c = out[0]
+        self._ship_abort = _ffi.new("int *")
         self.device_path = os.fspath(device_path)
         self.size = size
         self.oos = oos
@@ -704,15 +707,17 @@ class Core:
     tokens = staticmethod(tokens)
 
     def ship(self, fds: list[int], first_fd: int, interval_s: float, batch_bytes: int,
-             return_after_s: float) -> "ShipResult":
+             return_after_s: float, last_send_ns: int = 0) -> "ShipResult":
         """Stream the ring to the sockets *fds* in C (native/ship.h) for up
         to *return_after_s*, the GIL released: TOKENS + DATA per span,
-        spans spread over *fds* from index *first_fd* on. The caller holds
-        the sockets' send locks."""
+        spans spread over *fds* from index *first_fd* on; *last_send_ns*
+        (from the previous call's result) carries the batching interval
+        across calls. The caller holds the sockets' send locks."""
         fdarr = _ffi.new("int[]", list(fds))
         params = _ffi.new("struct ship_params *", {
             "interval_ns": int(interval_s * 1e9), "batch_bytes": batch_bytes,
-            "return_after_ns": int(return_after_s * 1e9)})
+            "return_after_ns": int(return_after_s * 1e9), "last_send_ns": last_send_ns,
+            "abort": self._ship_abort})
         res = _ffi.new("struct ship_result *")
         samples = _ffi.new("uint64_t[]", 2 * _SHIP_SAMPLES)
         rc = _lib.ship_stream(self._ptr(), fdarr, len(fds), first_fd, params, res, samples,
@@ -721,7 +726,15 @@ class Core:
             raise ValueError("ship() needs at least one socket")
         pairs = list(_ffi.unpack(samples, 2 * res.nsamples))
         return ShipResult(_SHIP_STOPS.get(res.stop, "?"), res.errnum, res.fd_index, res.next_fd,
-                          res.spans, res.records, res.bytes, list(zip(pairs[::2], pairs[1::2])))
+                          res.spans, res.records, res.bytes, list(zip(pairs[::2], pairs[1::2])),
+                          res.last_send_ns)
+
+    def abort_ship(self) -> None:
+        """Make ship() give up, in any thread, even in the middle of a frame
+        (a peer that stopped reading): for shutting down; the sockets it was
+        writing are unusable afterwards. Sticky."""
+        self._ship_abort[0] = 1
+        _lib.core_kick(self._ptr())
 
     def release(self, seq: int) -> int:
         """Free every held record with seq <= *seq* (journaled by the peer);

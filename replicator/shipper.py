@@ -71,6 +71,7 @@ class Shipper:
         self._queued: deque[tuple[PeerLink, memoryview]] = deque()  # announced, DATA not sent yet
         self._links: list[PeerLink] = []
         self._rr = 0
+        self._last_send_ns = 0
         self._incr_id = 0
         self.sync = None  # SyncProgress while catching up
         self.incr_bytes_sent = 0
@@ -90,8 +91,13 @@ class Shipper:
         self._drain_deadline = time.monotonic() + drain_timeout
         self._stopping.set()
         self._wake.set()
+        self.core.wake()
         if self._thread:
-            self._thread.join(drain_timeout + 5)
+            self._thread.join(drain_timeout + 1)
+            if self._thread.is_alive():
+                # Stuck mid-frame on a peer that does not read: give up.
+                self.core.abort_ship()
+                self._thread.join(5)
 
     def ring_dropped(self) -> None:
         """Called from the write path when the ring overflowed: from now on
@@ -389,9 +395,13 @@ class Shipper:
                 out.send_data(span)
             with ExitStack() as held:
                 fds = [held.enter_context(one.stream_socket()) for one in links]
-                res = self.core.ship(fds, self._rr, 0.0 if stopping else interval,
-                                     self.res.batch_bytes, RETURN_AFTER)
+                # A frame never exceeds what the peer accepts (the largest
+                # record, 32 MiB, is below the smallest limit).
+                batch = min(self.res.batch_bytes, *(one.conn.max_frame for one in links))
+                res = self.core.ship(fds, self._rr, 0.0 if stopping else interval, batch,
+                                     RETURN_AFTER, self._last_send_ns)
             self._rr = res.next_fd
+            self._last_send_ns = res.last_send_ns
             if res.samples:
                 with self._lock:
                     self._samples.extend(res.samples)
@@ -401,8 +411,8 @@ class Shipper:
             if res.stop == "io":
                 raise links[res.fd_index].failed(f"send failed: {os.strerror(res.errnum)}")
             if res.stop == "bad":
-                raise CoreError(f"the send ring handed out a span that is not whole records "
-                                f"({os.strerror(res.errnum)})")
+                raise CoreError(f"streaming failed: {os.strerror(res.errnum)} (memory, or a "
+                                f"ring span that is not whole records)")
             now = time.monotonic()
             if now - last_ping >= PING_INTERVAL:
                 link.ping()

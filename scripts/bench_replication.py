@@ -5,7 +5,11 @@ image on tmpfs through three servers, one after the other, in this run:
 
   (a) nbdkit's C ``file`` plugin: the limit without Python or replication;
   (b) ``scripts/passthrough_plugin.py``: nbdkit's embedded Python, writing
-      straight to the file, nothing else (the floor under any Python plugin);
+      straight to the file, nothing else, as any Python plugin is written;
+  (p) the same plugin keeping one Python thread state per connection thread
+      (``pin=1``), as Duplex's plugin does (nbdplugin/threadstate.py): the
+      floor under a Python plugin that avoids nbdkit's per-request
+      thread-state churn;
   (c) the Duplex primary, replicating to a secondary in another network
       namespace (shown as "not available yet" until the replication engine
       exists: never with made-up numbers).
@@ -39,7 +43,7 @@ for _p in (str(REPO / "tests"), str(REPO / "scripts")):
         sys.path.insert(0, _p)
 
 from bench_table import Table, fmt_bytes, fmt_count, fmt_mbps, fmt_ns, ratio  # noqa: E402
-from fixtures.images import shm_directory  # noqa: E402
+from fixtures.images import shm_directory, touch_pages  # noqa: E402
 from fixtures.nbdkit import start_nbdkit  # noqa: E402
 from fixtures.processes import ManagedProcess, ProcessGroup, peak_rss_bytes  # noqa: E402
 
@@ -149,20 +153,26 @@ class FilePluginTarget(Target):
 
 
 class PassthroughTarget(Target):
-    """(b) the pass-through Python plugin."""
-
-    key = "b"
+    """(b) the pass-through Python plugin, as any Python plugin is written;
+    (p) the same with its Python thread state pinned per connection thread
+    (nbdplugin/threadstate.py), as Duplex's plugin does: the floor under a
+    Python plugin that avoids nbdkit's per-request thread-state churn."""
 
     @property
     def label(self) -> str:  # type: ignore[override]
+        if self.pin:
+            return f"(p) Python pass-through, thread state pinned ({self.model})"
         return f"(b) Python pass-through ({self.model})"
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, pin: bool = False) -> None:
         self.model = model
+        self.pin = pin
+        self.key = "p" if pin else "b"
 
     def start(self, ctx: Context) -> Running:
         server = start_nbdkit(ctx.procs, PASSTHROUGH_PLUGIN,
-                              [f"file={ctx.image}", f"threads={self.model}"],
+                              [f"file={ctx.image}", f"threads={self.model}",
+                               f"pin={1 if self.pin else 0}"],
                               workdir=ctx.workdir, name="nbdkit-passthrough")
         return Running(server.uri, rss_of(("nbdkit", server.process)), server.stop)
 
@@ -321,10 +331,12 @@ def measure(target: Target, workload: Workload, options: argparse.Namespace,
     image.unlink(missing_ok=True)
     fd = os.open(image, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        # Allocated up front so no target pays for tmpfs page allocation.
         os.posix_fallocate(fd, 0, options.size)
     finally:
         os.close(fd)
+    # Allocated and touched up front, so no target pays for tmpfs page
+    # allocation or the first touch of fresh memory inside its run.
+    touch_pages(image)
     with ProcessGroup(shm / "logs") as procs:
         ctx = Context(procs, shm / "run", image, options)
         try:
@@ -374,8 +386,8 @@ def build_table(results: Sequence[Result], options: argparse.Namespace) -> Table
     """The report: one section per workload, one row per target, ratios of IOPS."""
     table = Table("Replication cost: fio nbd engine -> nbdkit, image on tmpfs",
                   ["target", ("IOPS", ">"), ("MB/s", ">"), ("p99 lat", ">"),
-                   ("vs (a)", ">"), ("vs (b)", ">"), ("lag p50", ">"), ("lag p99", ">"),
-                   "peak RSS"])
+                   ("vs (a)", ">"), ("vs (b)", ">"), ("vs (p)", ">"), ("lag p50", ">"),
+                   ("lag p99", ">"), "peak RSS"])
     for workload in {r.workload.key: r.workload for r in results}.values():
         table.add_section(workload.label)
         rows = [r for r in results if r.workload.key == workload.key]
@@ -390,14 +402,17 @@ def build_table(results: Sequence[Result], options: argparse.Namespace) -> Table
             table.add_row(
                 r.target_label, fmt_count(r.iops), fmt_mbps(r.bw_bytes), fmt_ns(r.p99_ns),
                 ratio(r.iops, base.get("a")) if r.target_key != "a" else None,
-                ratio(r.iops, base.get("b")) if r.target_key not in ("a", "b") else None,
+                ratio(r.iops, base.get("b")) if r.target_key == "c" else None,
+                ratio(r.iops, base.get("p")) if r.target_key == "c" else None,
                 fmt_ns(r.metrics.get("lag_p50_ns")), fmt_ns(r.metrics.get("lag_p99_ns")),
                 rss or None)
     table.add_note(f"fio --ioengine=nbd, {options.runtime:g} s per run after "
                    f"{options.ramp:g} s ramp, image {fmt_bytes(options.size)} "
                    "preallocated on /dev/shm; each run starts a fresh server")
-    table.add_note("vs (a), vs (b): IOPS of the row over IOPS of (a) / (b) in the same "
-                   "workload; p99 lat: fio total latency; peak RSS: VmHWM of the server")
+    table.add_note("vs (a), vs (b), vs (p): IOPS of the row over IOPS of (a) / (b) / (p) in "
+                   "the same workload; p99 lat: fio total latency; peak RSS: VmHWM of the server")
+    table.add_note("(p) keeps one Python thread state per nbdkit connection thread, as "
+                   "Duplex's plugin does; (b) lets nbdkit make and free one per request")
     said = set()
     for r in results:
         why = r.unavailable or r.failed
@@ -424,8 +439,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="seconds of fio warm-up not counted (default 1)")
     p.add_argument("--size", type=parse_size, default=parse_size("1G"),
                    help="image size, e.g. 1G (default), on /dev/shm")
-    p.add_argument("--targets", default="a,b,c",
-                   help="comma-separated subset of a,b,c (default all)")
+    p.add_argument("--targets", default="a,b,p,c",
+                   help="comma-separated subset of a,b,p,c (default all)")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
                    help=f"comma-separated subset of {','.join(WORKLOADS)}")
     p.add_argument("--passthrough-threads", choices=THREAD_MODELS,
@@ -434,8 +449,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     opts = p.parse_args(list(argv))
     opts.target_keys = [t.strip() for t in opts.targets.split(",") if t.strip()]
     for key in opts.target_keys:
-        if key not in ("a", "b", "c"):
-            p.error(f"--targets: unknown target {key!r} (expected a, b, c)")
+        if key not in ("a", "b", "p", "c"):
+            p.error(f"--targets: unknown target {key!r} (expected a, b, p, c)")
     opts.workload_keys = [w.strip() for w in opts.workloads.split(",") if w.strip()]
     for key in opts.workload_keys:
         if key not in WORKLOADS:
@@ -451,6 +466,7 @@ def run(argv: Sequence[str]) -> Table:
     targets: dict[str, Target] = {
         "a": FilePluginTarget(),
         "b": PassthroughTarget(options.passthrough_threads),
+        "p": PassthroughTarget(options.passthrough_threads, pin=True),
         "c": DuplexTarget(),
     }
     results = []
