@@ -214,7 +214,7 @@ static int check_token(const struct rxq *q, const unsigned char *tok, struct rxq
 		return 0;
 	}
 	floor = q->applied > q->base_hint ? q->applied : q->base_hint;
-	if (seq - floor > q->window) {
+	if (seq > floor && seq - floor > q->window) {
 		err->limit = q->window;
 		err->floor = floor;
 		return fail(err, RXQ_WINDOW, seq, tok, NULL);
@@ -325,15 +325,26 @@ int64_t rxq_add_records(struct rxq *q, const unsigned char *buf, size_t len, uin
 	int64_t fresh = 0;
 	size_t pos;
 
+	/* Pass 1 checks everything (and counts a seq repeated in the frame
+	 * once, by marking its slot with this call's number); pass 2 stores. */
+	q->batch++;
 	for (pos = 0; pos < len; pos += rec_size(buf + pos)) {
+		struct slot *s;
 		int r;
-		if (len - pos < RING_HEADER || !records_header_ok(buf + pos) || rec_size(buf + pos) > len - pos) {
+		if (len - pos < RING_HEADER || !records_header_ok(buf + pos) ||
+		    rec_size(buf + pos) > len - pos) {
 			err->off = pos;
 			return fail(err, RXQ_BAD_RECORD, 0, NULL, NULL);
 		}
 		if ((r = check_record(q, buf + pos, err)) < 0)
 			return -1;
-		fresh += r;
+		if (r == 0)
+			continue;
+		s = find(q, tok_seq(buf + pos));
+		if (s->batch != q->batch) {
+			s->batch = q->batch;
+			fresh++;
+		}
 	}
 	if (dry_run)
 		return fresh;
@@ -353,8 +364,10 @@ int rxq_add_record(struct rxq *q, const unsigned char *token, uint64_t loc, int 
 {
 	int r;
 
-	if (!records_header_ok(token))
+	if (!records_header_ok(token)) {
+		err->off = 0;
 		return fail(err, RXQ_BAD_RECORD, tok_seq(token), token, NULL);
+	}
 	if ((r = check_record(q, token, err)) <= 0 || dry_run)
 		return r;
 	complete(q, find(q, tok_seq(token)), loc, NULL);

@@ -45,7 +45,7 @@ from typing import Any
 from replicator.errors import DuplexError
 from replicator.applier import ApplyError
 from replicator.core import RXQ_FAULTS, RxFault, RxInfo, RxQueue
-from replicator.records import OP_NAMES, Token, unpack_token
+from replicator.records import HEADER_SIZE, OP_NAMES, Token, unpack_token
 
 #: How far past ``applied_through`` a token may be. A primary has at most a
 #: ring's worth of records in flight (a 64 MiB ring holds under 1.4 million
@@ -168,6 +168,9 @@ class PendingQueue:
     def add_token_bytes(self, payload) -> int:
         """:meth:`add_tokens` for a TOKENS payload as it arrived (packed
         48-byte headers): one call for the whole frame."""
+        if len(payload) % HEADER_SIZE:
+            raise StreamError(f"token list of {len(payload)} bytes is not a multiple of "
+                              f"{HEADER_SIZE}")
         try:
             return self._rx.add_tokens(payload)
         except RxFault as f:
