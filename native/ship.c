@@ -170,7 +170,8 @@ int ship_stream(struct core *c, const int *fds, uint32_t nfds, uint32_t first_fd
 			break;
 		}
 		if ((rc = core_advance(c, len)) < 0) {
-			r->stop = SHIP_BAD;
+			/* -EPIPE: the ring overflowed while the span was on its way. */
+			r->stop = rc == -EPIPE ? SHIP_DROPPED : SHIP_BAD;
 			r->errnum = -rc;
 			break;
 		}
