@@ -284,15 +284,24 @@ class PeerLink:
                 if ev is NEED_DATA:
                     if self.on_idle is not None:
                         self.on_idle(self)
+                    with self._conn_lock:
+                        space = self.conn.receive_buffer()
                     try:
-                        data = sock.recv(self.recv_bytes)
+                        # A large payload is received in place; else a chunk.
+                        if space is not None:
+                            n = sock.recv_into(space)
+                        else:
+                            data = sock.recv(self.recv_bytes)
                     except socket.timeout:
                         if time.monotonic() - self._last_rx > DEAD_AFTER:
                             self._fail(f"no frame from {self.peer_name} for {DEAD_AFTER:.0f} s")
                         continue
                     self._last_rx = time.monotonic()
                     with self._conn_lock:
-                        self.conn.receive_data(data)
+                        if space is not None:
+                            self.conn.received_into(n)
+                        else:
+                            self.conn.receive_data(data)
                     continue
                 if ev is CLOSED:
                     self._fail("peer closed the connection")

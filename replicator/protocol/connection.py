@@ -234,6 +234,15 @@ class Connection:
         """Hand over bytes received from the peer; ``b""`` means the peer closed."""
         self._decoder.feed(data)
 
+    def receive_buffer(self):
+        """A writable view to receive the next bytes into directly (the rest
+        of a large payload), or None: then use :meth:`receive_data`."""
+        return self._decoder.payload_space()
+
+    def received_into(self, n: int) -> None:
+        """*n* bytes were received into :meth:`receive_buffer` (0: closed)."""
+        self._decoder.received_into(n)
+
     def next_event(self):
         """The next event: a message, NEED_DATA, or CLOSED.
 

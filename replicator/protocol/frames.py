@@ -200,6 +200,27 @@ class FrameDecoder:
         self._chunks.append(memoryview(data))
         self._pending += len(data)
 
+    def payload_space(self) -> memoryview | None:
+        """Where the next received bytes may go straight away: the rest of a
+        large payload being assembled, when no other received bytes wait.
+        A reader can ``recv_into`` it and call :meth:`received_into`,
+        saving the copy from a chunk into the payload. None otherwise."""
+        if (self._error is None and not self._eof and self._head is not None
+                and not self._chunks and isinstance(self._payload, bytearray)
+                and self._pay_fill < len(self._payload)):
+            return memoryview(self._payload)[self._pay_fill:]
+        return None
+
+    def received_into(self, n: int) -> None:
+        """*n* bytes were written into the view :meth:`payload_space` gave
+        (0: the peer closed)."""
+        if n == 0:
+            self.feed(b"")
+            return
+        if self.payload_space() is None or not 0 < n <= len(self._payload) - self._pay_fill:
+            raise LocalProtocolError(f"received_into({n}) without that much payload space")
+        self._pay_fill += n
+
     @property
     def at_eof(self) -> bool:
         """True once EOF was fed and every complete frame has been taken."""

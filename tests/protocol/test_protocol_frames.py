@@ -289,3 +289,46 @@ def test_a_reused_receive_buffer_does_not_corrupt_pending_frames():
     dec.feed(frame[20:])
     (f,) = decode_all(dec)
     assert bytes(f.payload) == b"a" * 16
+
+
+def test_a_large_payload_can_be_received_in_place_without_a_chunk_copy():
+    """The rest of a payload being assembled is offered as a buffer to
+    recv_into; the frame that comes out is the one that was sent."""
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    wire = encode_frame(FrameType.DATA, payload)
+    dec = FrameDecoder()
+    assert dec.payload_space() is None  # nothing begun
+    dec.feed(wire[:HEADER_SIZE + 1000])
+    assert dec.next_frame() is None
+    space = dec.payload_space()
+    assert space is not None and len(space) == len(payload) - 1000
+    rest = wire[HEADER_SIZE + 1000:]
+    space[:300_000] = rest[:300_000]
+    dec.received_into(300_000)
+    assert dec.next_frame() is None
+    dec.feed(rest[300_000:400_000])       # a chunk again: no space offered while it waits
+    assert dec.payload_space() is None
+    assert dec.next_frame() is None
+    space = dec.payload_space()
+    space[:] = rest[400_000:]
+    dec.received_into(len(rest) - 400_000)
+    frame = dec.next_frame()
+    assert frame.type is FrameType.DATA and bytes(frame.payload) == payload
+    assert dec.payload_space() is None
+
+
+def test_received_into_more_than_the_offered_space_is_refused():
+    dec = FrameDecoder()
+    dec.feed(encode_frame(FrameType.DATA, bytes(5000))[:HEADER_SIZE + 10])
+    assert dec.next_frame() is None
+    with pytest.raises(LocalProtocolError, match="payload space"):
+        dec.received_into(6000)
+
+
+def test_received_into_zero_is_eof_inside_the_frame():
+    dec = FrameDecoder()
+    dec.feed(encode_frame(FrameType.DATA, bytes(5000))[:HEADER_SIZE + 10])
+    assert dec.next_frame() is None
+    dec.received_into(0)
+    with pytest.raises(FrameError, match="closed inside a DATA frame"):
+        dec.next_frame()
