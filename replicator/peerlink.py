@@ -25,11 +25,11 @@ from replicator.protocol.messages import (STATE_HAS_BITMAP_UUID, STATE_NEEDS_RES
 
 log = logging.getLogger("duplex.link")
 
-# Bytes asked of one recv. The secondary takes the stream in big bites;
-# the primary only reads acks, and a big recv buffer costs an mmap, a page
-# fault and a munmap (a TLB shootdown across the nbdkit threads) per call.
-RECV_BYTES = 1 << 20
-RECV_BYTES_SMALL = 64 << 10
+# Bytes asked of one recv: below malloc's mmap threshold (a bigger buffer
+# costs an mmap, page faults and a munmap with a TLB shootdown across the
+# process's threads, per call). Large payloads do not go through these
+# chunks anyway: the rest of a payload is received in place (recv_into).
+RECV_BYTES = 64 << 10
 HANDSHAKE_TIMEOUT = 10.0
 DEAD_AFTER = 6.0  # no frame at all for this long: the peer is gone
 KEEPALIVE = 1.0   # send a PING when nothing else went out for this long
@@ -76,7 +76,6 @@ class PeerLink:
         self.on_event = on_event
         self.on_ack = on_ack
         self.on_idle = on_idle
-        self.recv_bytes = RECV_BYTES if conn.our_role == "secondary" else RECV_BYTES_SMALL
         self.peer_state: State = conn.peer_state_msg  # type: ignore[assignment]
         self.peer_name = conn.peer.node if conn.peer else "?"
         self.error: str | None = None
@@ -291,7 +290,7 @@ class PeerLink:
                         if space is not None:
                             n = sock.recv_into(space)
                         else:
-                            data = sock.recv(self.recv_bytes)
+                            data = sock.recv(RECV_BYTES)
                     except socket.timeout:
                         if time.monotonic() - self._last_rx > DEAD_AFTER:
                             self._fail(f"no frame from {self.peer_name} for {DEAD_AFTER:.0f} s")
