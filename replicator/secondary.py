@@ -5,12 +5,16 @@ Threads, each with one job:
 
 - a listener accepting connections (several may carry one stream; arrival
   order across them does not matter, the seq does);
-- one reader per connection: validates frames, appends records to the
-  journal (not yet durable) and to the pending queue;
-- the committer: one fdatasync for everything appended so far (group
-  commit), then acks "journaled through N";
-- the applier: writes only in-order runs of journaled records to the image,
-  fdatasyncs the image and checkpoints the journal, acks "applied through N".
+- one reader per connection: validates frames, appends each DATA frame to
+  the journal as one entry (not yet durable) and to the pending queue
+  (native/rxq.c: one call per frame). Whenever it has handled every frame
+  received so far it commits the journal -- one fdatasync for all of it,
+  group commit -- and acks "journaled through N": no hand-off per frame;
+- the applier: writes only in-order runs of journaled records to the image
+  (in C, from the received frames while they are kept in memory, else read
+  back from the journal), fdatasyncs the image and checkpoints the journal,
+  acks "applied through N" (coalesced);
+- the committer: a safety net, committing what a reader left behind.
 
 The image therefore only ever holds a prefix of the primary's history. A
 record is applied only once it is durable in the journal, so a crash never
