@@ -495,15 +495,7 @@ static int pwritev_full(int fd, struct iovec *iov, int n, off_t off)
 		if (w == 0)
 			return -EIO;
 		off += w;
-		while (n > 0 && (size_t)w >= iov->iov_len) {
-			w -= (ssize_t)iov->iov_len;
-			iov++;
-			n--;
-		}
-		if (n > 0) {
-			iov->iov_base = (char *)iov->iov_base + w;
-			iov->iov_len -= (size_t)w;
-		}
+		dpx_iov_consume(&iov, &n, (size_t)w);
 	}
 	return 0;
 }

@@ -13,6 +13,7 @@
 #include "core.h"
 #include "crc32c.h"
 #include "ring.h"
+#include "util.h"
 
 /* replicator/protocol/frames.py: magic, version, type, flags, length, crc. */
 #define FRAME_HEADER 16
@@ -68,15 +69,7 @@ static int writev_full(int fd, struct iovec *iov, int n, const struct ship_param
 			}
 			return -errno;
 		}
-		while (n > 0 && (size_t)w >= iov->iov_len) {
-			w -= (ssize_t)iov->iov_len;
-			iov++;
-			n--;
-		}
-		if (n > 0) {
-			iov->iov_base = (char *)iov->iov_base + w;
-			iov->iov_len -= (size_t)w;
-		}
+		dpx_iov_consume(&iov, &n, (size_t)w);
 	}
 	return 0;
 }

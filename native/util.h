@@ -17,6 +17,7 @@
 #include <linux/fs.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 /* On-disk formats are little-endian; we write structs directly. */
@@ -61,6 +62,20 @@ static inline ssize_t dpx_pread_full(int fd, void *buf, size_t len, off_t off)
 		done += (size_t)n;
 	}
 	return (ssize_t)done;
+}
+
+/* Drop the first w bytes, just written, from iov[0..*n). */
+static inline void dpx_iov_consume(struct iovec **iov, int *n, size_t w)
+{
+	while (*n > 0 && w >= (*iov)->iov_len) {
+		w -= (*iov)->iov_len;
+		(*iov)++;
+		(*n)--;
+	}
+	if (*n > 0) {
+		(*iov)->iov_base = (char *)(*iov)->iov_base + w;
+		(*iov)->iov_len -= w;
+	}
 }
 
 /* pwrite all of buf (loops on short writes); returns 0 or -errno. */

@@ -326,25 +326,16 @@ class Tokens(Message):
         raw = bytes(self.payload)
         if not raw:
             raise _fail("TOKENS", "payload", "is empty (a TOKENS frame carries at least one token)")
-        scan = _scan_records(raw, tokens_only=True)
-        toks = None
-        if scan is None:  # find and word the bad one
-            try:
-                toks = tuple(_records.iter_tokens(raw))
-            except _records.RecordError as e:
-                raise _fail("TOKENS", "payload", f"is invalid: {e}") from None
-            scan = (len(toks), max(t.seq for t in toks))
         _set(self, "payload", raw)
-        _set(self, "count", scan[0])
-        _set(self, "max_seq", scan[1])
-        _set(self, "_tokens", toks)
+        _set_scanned(self, "TOKENS", "_tokens", raw, True,
+                     lambda: tuple((t, None) for t in _records.iter_tokens(raw)))
 
     @property
     def tokens(self) -> tuple[_records.Token, ...]:
         """The decoded tokens, in frame order."""
         if self._tokens is None:
-            _set(self, "_tokens", tuple(_records.iter_tokens(self.payload)))
-        return self._tokens
+            _set(self, "_tokens", tuple((t, None) for t in _records.iter_tokens(self.payload)))
+        return tuple(t for t, _ in self._tokens)
 
     @classmethod
     def of(cls, tokens) -> Tokens:
@@ -389,18 +380,9 @@ class Data(Message):
         mv = memoryview(self.payload).cast("B").toreadonly()
         if not len(mv):
             raise _fail("DATA", "payload", "is empty (a DATA frame carries at least one record)")
-        scan = _scan_records(mv)
-        recs = None
-        if scan is None:  # find and word the bad one
-            try:
-                recs = tuple(_records.iter_records(mv))
-            except _records.RecordError as e:
-                raise _fail("DATA", "payload", f"is invalid: {e}") from None
-            scan = (len(recs), max(t.seq for t, _ in recs))
         _set(self, "payload", mv)
-        _set(self, "count", scan[0])
-        _set(self, "max_seq", scan[1])
-        _set(self, "_records", recs)
+        _set_scanned(self, "DATA", "_records", mv, False,
+                     lambda: tuple(_records.iter_records(mv)))
 
     @property
     def records(self) -> tuple[tuple[_records.Token, memoryview], ...]:
@@ -422,6 +404,24 @@ class Data(Message):
     def __repr__(self) -> str:
         seqs = [t.seq for t, _ in self.records]
         return f"Data(n={len(seqs)}, bytes={len(self.payload)}, seqs={seqs[0]}..{seqs[-1]})"
+
+
+def _set_scanned(msg, name: str, cache: str, buf, tokens_only: bool, decode) -> None:
+    """Set ``count`` and ``max_seq`` of a TOKENS or DATA message from one C
+    check of every record in *buf*. When that finds a bad one, *decode()*
+    (the Python decoder, which names it) words the error; its result, a
+    tuple of (token, data) pairs, is kept in *cache*."""
+    scan = _scan_records(buf, tokens_only=tokens_only)
+    decoded = None
+    if scan is None:
+        try:
+            decoded = decode()
+        except _records.RecordError as e:
+            raise _fail(name, "payload", f"is invalid: {e}") from None
+        scan = (len(decoded), max(t.seq for t, _ in decoded))
+    _set(msg, "count", scan[0])
+    _set(msg, "max_seq", scan[1])
+    _set(msg, cache, decoded)
 
 
 _U64_1 = struct.Struct("<Q")
