@@ -19,6 +19,7 @@ Schema (defaults shown; only ``secret-file`` and the node's ``address``,
     al-extents = 1024           # active extents
     batch-bytes = "1MiB"        # shipper sends when this much is queued ...
     batch-interval = "2ms"      # ... or when this long has passed
+    drain-timeout = "10s"       # a clean stop waits this long for the peer
     connections = 1             # TCP connections carrying the stream (1..64)
     resync-rate = "0"           # resync limit in bytes/s, 0 = unlimited
     fence-command = "..."       # optional, run by scripts/failover
@@ -129,6 +130,7 @@ class Resource:
     connections: int
     resync_rate: int  # bytes/s, 0 = unlimited
     fence_command: str | None
+    drain_timeout_s: float = 10.0  # a clean stop waits this long for the peer
     nodes: dict[str, Node] = field(default_factory=dict)
     config_path: str = DEFAULT_CONFIG_PATH
 
@@ -366,7 +368,7 @@ def _power_of_two(n: int) -> bool:
 _RESOURCE_KEYS = {
     "secret-file", "track-size", "ring-size", "journal-size", "al-extent-size",
     "al-extents", "batch-bytes", "batch-interval", "connections", "resync-rate",
-    "fence-command", "on",
+    "fence-command", "drain-timeout", "on",
 }
 _NODE_KEYS = {
     "address", "device", "meta-dir", "export", "service-address",
@@ -438,6 +440,10 @@ def _parse_resource(c: _Checker, name: str, table: Any) -> Resource:
     if batch_interval > 10:
         raise c.fail(f"{key}.batch-interval",
                      f"{t.get('batch-interval')!r} is too long (at most 10s)")
+    drain_timeout = c.parsed(t, key, "drain-timeout", "10s", parse_duration)
+    if drain_timeout > 3600:
+        raise c.fail(f"{key}.drain-timeout",
+                     f"{t.get('drain-timeout')!r} is too long (at most 1h)")
     connections = c.integer(t, key, "connections", 1, 1, 64)
     resync_rate = c.parsed(t, key, "resync-rate", 0, parse_rate)
     fence_command = c.string(t, key, "fence-command")
@@ -452,7 +458,7 @@ def _parse_resource(c: _Checker, name: str, table: Any) -> Resource:
         name=name, secret_file=secret_file, track_size=track_size,
         ring_size=ring_size, journal_size=journal_size,
         al_extent_size=al_extent_size, al_extents=al_extents,
-        batch_bytes=batch_bytes, batch_interval_s=batch_interval,
+        batch_bytes=batch_bytes, batch_interval_s=batch_interval, drain_timeout_s=drain_timeout,
         connections=connections, resync_rate=resync_rate,
         fence_command=fence_command, nodes=nodes, config_path=c.path,
     )

@@ -95,18 +95,22 @@ class Engine:
         t.start()
         self._threads.append(t)
 
-    def stop(self, drain_timeout: float = 10.0) -> None:
-        """Stop cleanly: let the shipper drain, make bitmaps durable, record
+    def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop cleanly: let the shipper drain (for at most *drain_timeout*,
+        default the resource's drain-timeout), make bitmaps durable, record
         the exact last seq."""
+        if drain_timeout is None:
+            drain_timeout = self.resource.drain_timeout_s
         self._stop.set()
-        self.shipper.stop(drain_timeout)
+        shipper_done = self.shipper.stop(drain_timeout)
         self.control.stop()
         try:
             self.core.flush()
         except OSError as e:
             log.error("%s: final flush failed: %s", self.resource.name, e)
         next_seq = self.core.next_seq
-        self.core.close()
+        if shipper_done:  # else the shipper may still be inside the core: leave it open
+            self.core.close()
         self.oos.close()
         self.al.close()
         self.mark.close(next_seq)

@@ -13,6 +13,7 @@ knows which writes it is missing (seed 001's M1/M2 split).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -85,9 +86,10 @@ class Shipper:
         self._thread = threading.Thread(target=self._run, name="duplex-shipper", daemon=True)
         self._thread.start()
 
-    def stop(self, drain_timeout: float) -> None:
+    def stop(self, drain_timeout: float) -> bool:
         """Ask the sender to drain what the peer has not journaled, for at
-        most *drain_timeout* seconds, then close."""
+        most *drain_timeout* seconds, then close. False if the sender thread
+        did not end (then the core must stay open: it may still be in it)."""
         self._drain_deadline = time.monotonic() + drain_timeout
         self._stopping.set()
         self._wake.set()
@@ -96,8 +98,13 @@ class Shipper:
             self._thread.join(drain_timeout + 1)
             if self._thread.is_alive():
                 # Stuck mid-frame on a peer that does not read: give up.
+                log.warning("%s: the peer does not read; giving up the drain", self.res.name)
                 self.core.abort_ship()
                 self._thread.join(5)
+            if self._thread.is_alive():
+                log.error("%s: the shipper did not stop", self.res.name)
+                return False
+        return True
 
     def ring_dropped(self) -> None:
         """Called from the write path when the ring overflowed: from now on
@@ -408,6 +415,10 @@ class Shipper:
             if res.stop == "dropped":
                 self.ring_dropped()
                 continue
+            if res.stop == "io" and res.errnum == errno.ECANCELED:
+                log.warning("%s: streaming aborted (stopping; the peer was not reading)",
+                            self.res.name)
+                raise links[0].failed("streaming aborted: stopping")
             if res.stop == "io":
                 raise links[res.fd_index].failed(f"send failed: {os.strerror(res.errnum)}")
             if res.stop == "bad":

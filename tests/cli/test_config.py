@@ -38,11 +38,12 @@ def test_optional_keys_are_parsed(setup_dir: Path, config_text):
     text = config_text(
         setup_dir,
         extra_resource='batch-interval = "1.5s"\nconnections = 4\nresync-rate = "100MiB/s"\n'
-                       'fence-command = "/usr/local/bin/fence beta"\nal-extent-size = "1MiB"',
+                       'fence-command = "/usr/local/bin/fence beta"\nal-extent-size = "1MiB"\n'
+                       'drain-timeout = "30s"',
         extra_alpha='service-address = "10.0.0.10/24"\nservice-interface = "eth0"\n'
                     'mount-point = "/srv/data"')
     r = parse_config(text).resource("r0")
-    assert r.batch_interval_s == 1.5 and r.connections == 4
+    assert r.batch_interval_s == 1.5 and r.connections == 4 and r.drain_timeout_s == 30
     assert r.resync_rate == 100 << 20 and r.al_extent_size == 1 << 20
     assert r.fence_command == "/usr/local/bin/fence beta"
     a = r.node("alpha")
@@ -95,6 +96,8 @@ def _variant(text: str, old: str, new: str) -> str:
      f"{P}: resource.r0.al-extent-size: '96KiB' must be a multiple of track-size (65536 bytes)"),
     ('track-size = "64KiB"', 'track-size = "64KiB"\nbatch-interval = "2"',
      f"{P}: resource.r0.batch-interval: '2' has no unit (use e.g. 2ms or 2s)"),
+    ('track-size = "64KiB"', 'track-size = "64KiB"\ndrain-timeout = "2h"',
+     f"{P}: resource.r0.drain-timeout: '2h' is too long (at most 1h)"),
     ('track-size = "64KiB"', 'track-size = "64KiB"\nconnections = 0',
      f"{P}: resource.r0.connections: 0 is out of range (1..64)"),
     ('track-size = "64KiB"', 'track-size = "64KiB"\nconnections = "2"',

@@ -153,3 +153,44 @@ def test_two_connections_carry_one_stream_in_order(make_lab):
     assert lab.secondary.log_text().count("primary alpha connected") >= 2, \
         "the primary did not open two connections"
     _check_samples_are_prefixes(lab, sampler.samples)
+
+
+def test_primary_stops_cleanly_while_the_secondary_has_stopped_reading(make_lab):
+    """A secondary that stops reading (here SIGSTOP; in life a full journal
+    or a hung host) leaves the primary's C streaming loop in the middle of a
+    frame. Stopping the primary must still end: the drain gives up after its
+    timeout and the loop is aborted, and nbdkit exits with a clean close."""
+    import os
+
+    import nbd
+
+    # A short drain: the stop must come before the primary's reader declares
+    # the silent peer dead (6 s), which would free the loop by itself.
+    lab = make_lab(size=64 << 20, options={"ring-size": "64MiB", "drain-timeout": "1s"})
+    lab.create_md()
+    sec = lab.start_secondary()
+    pri = lab.start_primary(history=False)
+    Workload(lab.uri, lab.size, threads=2, ops_per_thread=50, seed=11).run()
+    lab.wait_drained()
+    os.kill(sec.pid, signal.SIGSTOP)
+    try:
+        h = nbd.NBD()
+        h.connect_uri(lab.uri)
+        chunk = os.urandom(1 << 20)
+        for i in range(40):  # well past what the TCP buffers hold
+            h.pwrite(chunk, (i % 60) << 20)
+        h.shutdown()
+        lab.wait(lambda: lab.control("alpha")["ring"]["unsent_bytes"] > 0,
+                 "the shipper to be stuck behind the stopped secondary")
+        started = time.monotonic()
+        rc = pri.stop(grace=60)
+        took = time.monotonic() - started
+    finally:
+        os.kill(sec.pid, signal.SIGCONT)
+    assert rc == 0, f"primary exited {rc}:\n{pri.log_text(3000)}"
+    assert took < 40, f"primary took {took:.0f} s to stop"
+    log = pri.log_text()
+    assert "giving up the drain" in log, "the shipper was not stuck: the test shows nothing"
+    assert "streaming aborted" in log
+    assert "the shipper did not stop" not in log
+    assert "primary stopped at seq" in log
