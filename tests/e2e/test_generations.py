@@ -122,6 +122,7 @@ def test_split_brain_is_detected_and_discard_my_data_resolves_it(make_lab, netns
     sa = lab.wait(lambda: (s := lab.control("alpha"))["connection"] == "StandAlone"
                   and "split brain" in s["reason"] and s, "alpha to report split brain")
     assert "--discard-my-data" in sa["reason"]
+    assert "split brain" in st["reason"]
     assert lab.digest("alpha") != lab.digest("beta"), "split brain must not be merged"
     before = lab.digest("alpha")
     time.sleep(6)  # the primary retries; nothing changes while it is refused

@@ -9,7 +9,6 @@ import subprocess
 import threading
 import time
 
-import pytest
 
 from fixtures.blockdev import mkfs, mounted
 from fixtures.duplex_lab import replay_history

@@ -3,7 +3,6 @@ collision rule (DESIGN §4). An increment must be exactly the device as it
 was at the freeze, whatever the application writes while it drains."""
 from __future__ import annotations
 
-import os
 import random
 import threading
 
