@@ -4,12 +4,19 @@ One thread sends, one reads. The sender owns every ring consumer call
 (peek, advance, release, rewind), so the ring keeps a single consumer; the
 reader only records what the secondary acknowledged and wakes the sender.
 
-Batching (seed 001 §2.5): a batch is whatever the ring holds, up to
-``batch-bytes``; it goes out as soon as the sender wakes, which is at once
-under load and at most ``batch-interval`` after a lone write. Tokens go
-ahead of data: every span taken from the ring is announced (TOKENS) before
-any older data still queued behind a slow link, so the secondary always
-knows which writes it is missing (seed 001's M1/M2 split).
+Streaming runs in C (``Core.ship``, native/ship.c) with the GIL released:
+the nbdkit request threads then have the GIL to themselves, which is what
+the write path's speed depends on. The sender's Python loop only looks in
+every RETURN_AFTER seconds (release what was journaled, ping, stop, catch
+up after an overflow).
+
+Batching (seed 001 §2.5): a span is whatever the ring holds, up to
+``batch-bytes``; it goes out when that much is queued or ``batch-interval``
+after the previous one, whichever comes first. Tokens go ahead of data:
+each span goes out as a TOKENS frame and then its DATA frame, so the
+secondary always knows which writes it is missing (seed 001's M1/M2 split).
+A catch-up streams with :meth:`Shipper.pump`, which announces up to four
+spans before it sends the oldest one's data.
 """
 from __future__ import annotations
 
