@@ -172,6 +172,11 @@ int ship_stream(struct core *c, const int *fds, uint32_t nfds, uint32_t first_fd
 			uint64_t first_ts, last_seq;
 			memcpy(&first_ts, tokens + REC_TS, 8);
 			memcpy(&last_seq, tokens + ntok - RING_HEADER + REC_SEQ, 8);
+			if (p->inflight != NULL) {
+				if (__atomic_load_n(&p->inflight[1], __ATOMIC_RELAXED) == 0)
+					__atomic_store_n(&p->inflight[1], first_ts, __ATOMIC_RELAXED);
+				__atomic_store_n(&p->inflight[0], last_seq, __ATOMIC_RELAXED);
+			}
 			if (r->nsamples < samples_cap) {
 				samples[2 * r->nsamples] = last_seq;
 				samples[2 * r->nsamples + 1] = first_ts;

@@ -589,6 +589,7 @@ class Core:
             raise CoreError(_errmsg(err, f"device {device_path}: {os.strerror(-rc)}"))
         self._c = out[0]
         self._ship_abort = _ffi.new("int *")
+        self._ship_inflight = _ffi.new("uint64_t[2]")
         self.device_path = os.fspath(device_path)
         self.size = size
         self.oos = oos
@@ -717,7 +718,8 @@ class Core:
         params = _ffi.new("struct ship_params *", {
             "interval_ns": int(interval_s * 1e9), "batch_bytes": batch_bytes,
             "return_after_ns": int(return_after_s * 1e9), "last_send_ns": last_send_ns,
-            "abort": self._ship_abort})
+            "abort": self._ship_abort, "inflight": self._ship_inflight})
+        self._ship_inflight[0] = self._ship_inflight[1] = 0
         res = _ffi.new("struct ship_result *")
         samples = _ffi.new("uint64_t[]", 2 * _SHIP_SAMPLES)
         rc = _lib.ship_stream(self._ptr(), fdarr, len(fds), first_fd, params, res, samples,
@@ -728,6 +730,12 @@ class Core:
         return ShipResult(_SHIP_STOPS.get(res.stop, "?"), res.errnum, res.fd_index, res.next_fd,
                           res.spans, res.records, res.bytes, list(zip(pairs[::2], pairs[1::2])),
                           res.last_send_ns)
+
+    def ship_inflight(self) -> tuple[int, int] | None:
+        """(last seq, ts of the first record) of what the ship() call in
+        progress has sent so far, for any thread; None when nothing."""
+        last, first_ts = self._ship_inflight[0], self._ship_inflight[1]
+        return (last, first_ts) if last and first_ts else None
 
     def abort_ship(self) -> None:
         """Make ship() give up, in any thread, even in the middle of a frame

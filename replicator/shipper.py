@@ -129,8 +129,16 @@ class Shipper:
         with self._lock:
             now_ns = time.time_ns()
             lag_s = 0.0
-            if self._samples:
-                lag_s = max(0.0, (now_ns - self._samples[0][1]) / 1e9)
+            # Spans reported after the ack that covered them are not lag.
+            while self._samples and self._samples[0][0] <= self.applied:
+                self._samples.popleft()
+            oldest = self._samples[0][1] if self._samples else None
+            inflight = self.core.ship_inflight()
+            if inflight is not None and inflight[0] > self.applied:
+                # Sent by the streaming call still running, not yet applied.
+                oldest = inflight[1] if oldest is None else min(oldest, inflight[1])
+            if oldest is not None:
+                lag_s = max(0.0, (now_ns - oldest) / 1e9)
             elif self.core.next_seq - 1 > self.applied and self.connection != "Established":
                 lag_s = -1.0  # unknown: nothing sent yet
             connection = self.connection

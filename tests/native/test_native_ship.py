@@ -687,3 +687,32 @@ def test_abort_gives_up_mid_frame_on_a_peer_that_does_not_read(make_rig, sockpai
     res = box["res"]
     assert (res.stop, res.errnum, res.spans) == ("io", errno.ECANCELED, 0)
     assert core.ship([a.fileno()], 0, 0.0, MiB, 5.0).errnum == errno.ECANCELED  # sticky
+
+
+def test_what_a_running_call_sent_is_visible_before_it_returns(make_rig, sockpair, reader):
+    """Status reads the lag while ship() runs: the call publishes the last
+    seq it sent and the ts of the first record it sent, reset per call."""
+    rig = make_rig()
+    core = rig.core
+    a, b = sockpair()
+    reader(b)
+    assert core.ship_inflight() is None
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.setdefault(
+        "res", core.ship([a.fileno()], 0, 0.0, MiB, 1.5)))
+    t.start()
+    try:
+        before = time.time_ns()
+        first = core.write(b"x" * 512, 0).seq
+        last = core.write(b"y" * 512, 4096).seq
+        deadline = time.monotonic() + 5
+        while (core.ship_inflight() or (0, 0))[0] != last and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen = core.ship_inflight()
+    finally:
+        t.join(10)
+    assert seen is not None and seen[0] == last and first < last
+    assert before <= seen[1] <= time.time_ns()  # the first record's ts
+    assert box["res"].records == 2
+    core.ship([a.fileno()], 0, 0.0, MiB, 0.05)
+    assert core.ship_inflight() is None  # a new call starts empty
