@@ -31,7 +31,7 @@ struct slot {
 	uint64_t loc;
 	const unsigned char *hot; /* the record in the caller's frame buffer, or NULL */
 	uint32_t state; /* RXQ_ANNOUNCED / RXQ_COMPLETE */
-	uint32_t batch; /* add_tokens call that inserted it (rollback) */
+	uint32_t batch; /* the call that last marked it: add_tokens (rollback), add_records (counting) */
 	unsigned char tok[RXQ_TOKEN];
 };
 
