@@ -426,9 +426,10 @@ def build_table(results: Sequence[Result], options: argparse.Namespace) -> Table
                    "preallocated on /dev/shm; each run starts a fresh server")
     table.add_note("vs (a), vs (b), vs (p): IOPS of the row over IOPS of (a) / (b) / (p) in "
                    "the same workload; p99 lat: fio total latency; peak RSS: VmHWM of the server")
-    table.add_note("lag: age of the oldest write the secondary has not applied, from the "
-                   "primary's status every 0.2 s while streaming; its resolution is about "
-                   "20 ms (the streaming loop reports what it sent that often)")
+    table.add_note("lag: age of the oldest write sent to the secondary and not applied there "
+                   "yet (writes still waiting in the ring for their batch, at most "
+                   "batch-interval, do not count), from the primary's status every 0.2 s while "
+                   "streaming")
     table.add_note("(p) keeps one Python thread state per nbdkit connection thread, as "
                    "Duplex's plugin does; (b) lets nbdkit make and free one per request")
     for r in results:
