@@ -118,6 +118,8 @@ int ship_stream(struct core *c, const int *fds, uint32_t nfds, uint32_t first_fd
 		}
 		core_ring_stats(c, &st);
 		if (st.bytes_unsent == 0) {
+			if (p->inflight != NULL)
+				__atomic_store_n(&p->inflight[2], 0, __ATOMIC_RELAXED);
 			if (!core_wait(c, left) && !core_dropped(c) && core_kicks(c) == kicks) {
 				r->stop = SHIP_TIMEOUT; /* idle: let the caller look around */
 				break;
@@ -128,6 +130,11 @@ int ship_stream(struct core *c, const int *fds, uint32_t nfds, uint32_t first_fd
 			/* Seed 001's batching rule: wait for the interval to pass or
 			 * for a full batch, whichever comes first. */
 			int64_t wait = last_send + p->interval_ns - now;
+			if (p->inflight != NULL && core_peek(c, 1, &span) > 0) {
+				uint64_t ts;
+				memcpy(&ts, span + REC_TS, 8);
+				__atomic_store_n(&p->inflight[2], ts, __ATOMIC_RELAXED);
+			}
 			core_wait_bytes(c, p->batch_bytes, wait < left ? wait : left);
 			continue;
 		}

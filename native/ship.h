@@ -41,9 +41,10 @@ struct ship_params {
 	int64_t last_send_ns; /* CLOCK_MONOTONIC of the previous send (0: none) */
 	const int *abort;     /* set (any thread): give up, even mid-frame */
 	uint64_t *inflight;   /* NULL, or [last seq sent, ts of the first record
-	                       * sent] in this call, kept current for readers in
-	                       * other threads (status: the lag before the call
-	                       * returns its samples) */
+	                       * sent] in this call, and [2] the ts of the oldest
+	                       * record waiting to be sent (0: none), kept current
+	                       * for readers in other threads (status: the lag
+	                       * before the call returns its samples) */
 };
 
 struct ship_result {

@@ -589,7 +589,7 @@ class Core:
             raise CoreError(_errmsg(err, f"device {device_path}: {os.strerror(-rc)}"))
         self._c = out[0]
         self._ship_abort = _ffi.new("int *")
-        self._ship_inflight = _ffi.new("uint64_t[2]")
+        self._ship_inflight = _ffi.new("uint64_t[3]")
         self.device_path = os.fspath(device_path)
         self.size = size
         self.oos = oos
@@ -719,7 +719,7 @@ class Core:
             "interval_ns": int(interval_s * 1e9), "batch_bytes": batch_bytes,
             "return_after_ns": int(return_after_s * 1e9), "last_send_ns": last_send_ns,
             "abort": self._ship_abort, "inflight": self._ship_inflight})
-        self._ship_inflight[0] = self._ship_inflight[1] = 0
+        self._ship_inflight[0] = self._ship_inflight[1] = self._ship_inflight[2] = 0
         res = _ffi.new("struct ship_result *")
         samples = _ffi.new("uint64_t[]", 2 * _SHIP_SAMPLES)
         rc = _lib.ship_stream(self._ptr(), fdarr, len(fds), first_fd, params, res, samples,
@@ -736,6 +736,11 @@ class Core:
         progress has sent so far, for any thread; None when nothing."""
         last, first_ts = self._ship_inflight[0], self._ship_inflight[1]
         return (last, first_ts) if last and first_ts else None
+
+    def ship_waiting_ts(self) -> int | None:
+        """ts of the oldest record the streaming loop holds back for its
+        batch (seen when it last waited), None when nothing waits."""
+        return self._ship_inflight[2] or None
 
     def abort_ship(self) -> None:
         """Make ship() give up, in any thread, even in the middle of a frame

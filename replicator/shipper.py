@@ -137,6 +137,9 @@ class Shipper:
             if inflight is not None and inflight[0] > self.applied:
                 # Sent by the streaming call still running, not yet applied.
                 oldest = inflight[1] if oldest is None else min(oldest, inflight[1])
+            waiting = self.core.ship_waiting_ts() if self.connection == "Established" else None
+            if waiting is not None:  # written, held back for its batch
+                oldest = waiting if oldest is None else min(oldest, waiting)
             if oldest is not None:
                 lag_s = max(0.0, (now_ns - oldest) / 1e9)
             elif self.core.next_seq - 1 > self.applied and self.connection != "Established":

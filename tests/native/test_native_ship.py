@@ -716,3 +716,26 @@ def test_what_a_running_call_sent_is_visible_before_it_returns(make_rig, sockpai
     assert box["res"].records == 2
     core.ship([a.fileno()], 0, 0.0, MiB, 0.05)
     assert core.ship_inflight() is None  # a new call starts empty
+
+
+def test_a_record_held_back_for_its_batch_is_visible_as_waiting(make_rig, sockpair):
+    """Status counts writes the loop holds back for the batch interval in
+    the lag: the loop publishes the oldest one's ts while it waits."""
+    rig = make_rig()
+    core = rig.core
+    a, _ = sockpair()
+    before = time.time_ns()
+    core.write(b"held back", 0)
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.setdefault(
+        "res", core.ship([a.fileno()], 0, 5.0, MiB, 0.5, time.monotonic_ns())))
+    t.start()
+    try:
+        deadline = time.monotonic() + 5
+        while core.ship_waiting_ts() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        waiting = core.ship_waiting_ts()
+    finally:
+        t.join(10)
+    assert box["res"].spans == 0
+    assert waiting is not None and before <= waiting <= time.time_ns()
