@@ -374,6 +374,21 @@ int rxq_add_record(struct rxq *q, const unsigned char *token, uint64_t loc, int 
 	return 1;
 }
 
+uint64_t rxq_live_seqs(const struct rxq *q, uint64_t *out, uint64_t cap)
+{
+	uint64_t n = 0;
+
+	for (uint64_t i = 0; i < q->cap; i++) {
+		uint64_t seq = q->slots[i].seq;
+		if (seq == 0 || is_dead(q, seq))
+			continue;
+		if (n < cap)
+			out[n] = seq;
+		n++;
+	}
+	return n;
+}
+
 int rxq_get(const struct rxq *q, uint64_t seq, unsigned char *token, uint64_t *loc)
 {
 	const struct slot *s = seq > q->applied ? find(q, seq) : NULL;

@@ -100,6 +100,10 @@ int64_t rxq_add_records(struct rxq *q, const unsigned char *buf, size_t len, uin
 int rxq_add_record(struct rxq *q, const unsigned char *token, uint64_t loc, int dry_run,
                    struct rxq_err *err);
 
+/* The seqs of the entries after `applied`, in no order, into out (room for
+ * cap). Returns how many there are (more than cap: only cap written). */
+uint64_t rxq_live_seqs(const struct rxq *q, uint64_t *out, uint64_t cap);
+
 /* State of seq (RXQ_NONE/ANNOUNCED/COMPLETE); token and *loc filled when known. */
 int rxq_get(const struct rxq *q, uint64_t seq, unsigned char *token, uint64_t *loc);
 

@@ -1075,6 +1075,13 @@ class RxQueue:
             raise self._fault()
         return bool(n)
 
+    def live_seqs(self) -> list[int]:
+        """The seqs of every entry after the applied seq, sorted."""
+        cap = self.info().entries
+        out = _ffi.new("uint64_t[]", max(cap, 1))
+        n = _lib.rxq_live_seqs(self._q, out, cap)
+        return sorted(_ffi.unpack(out, min(n, cap)))
+
     def get(self, seq: int) -> tuple[int, bytes | None, int]:
         """(state, token, location) of *seq*; state 0 when unknown."""
         st = _lib.rxq_get(self._q, seq, self._tok, self._loc)

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from replicator.pending import LossView
 from replicator.records import OP_NAMES
 
-REPORT_FORMAT = 1
+REPORT_FORMAT = 2  # 2: a run of seqs never announced is one entry with a count
 
 
 def iso_utc(ts_ns: int | None) -> str | None:
@@ -41,7 +41,8 @@ def iso_utc(ts_ns: int | None) -> str | None:
 @dataclass(frozen=True, slots=True)
 class LostWrite:
     """One write after the consistent point. Address fields are None when
-    the write was never announced (``announced`` False)."""
+    the write was never announced (``announced`` False); such an entry
+    stands for ``count`` consecutive seqs from ``seq`` on."""
 
     seq: int
     volume: int | None
@@ -51,6 +52,7 @@ class LostWrite:
     ts_ns: int | None
     data_arrived: bool
     announced: bool
+    count: int = 1
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,11 @@ class LossReport:
     resource: str | None = None
     created_ns: int | None = None
     format: int = field(default=REPORT_FORMAT)
+
+    @property
+    def lost_count(self) -> int:
+        """Writes known lost (a run never announced counts each of its seqs)."""
+        return sum(w.count for w in self.lost)
 
     @property
     def lost_with_data(self) -> list[LostWrite]:
@@ -107,11 +114,11 @@ class LossReport:
             raise ValueError(f"loss report is not JSON: {e}") from None
         if not isinstance(d, dict):
             raise ValueError("loss report is not a JSON object")
-        if d.get("format") != REPORT_FORMAT:
-            raise ValueError(f"loss report format {d.get('format')!r} is not {REPORT_FORMAT}")
+        if d.get("format") not in (1, REPORT_FORMAT):  # 1: every seq its own entry
+            raise ValueError(f"loss report format {d.get('format')!r} is not 1 or {REPORT_FORMAT}")
         try:
             lost = [LostWrite(e["seq"], e["volume"], e["offset"], e["length"], e["op"],
-                              e["ts_ns"], e["data_arrived"], e["announced"])
+                              e["ts_ns"], e["data_arrived"], e["announced"], e.get("count", 1))
                     for e in d["lost"]]
             return cls(d["consistent_through_seq"], d["consistent_through_ts_ns"], lost,
                        d["last_known_seq"], d["note"], d.get("resource"), d.get("created_ns"))
@@ -141,18 +148,20 @@ class LossReport:
             lines.append("No write after that point is known to be lost.")
         else:
             n_data = len(self.lost_with_data)
-            lines.append(f"Writes known lost after seq {a}: {len(self.lost)} "
+            lines.append(f"Writes known lost after seq {a}: {self.lost_count} "
                          f"({n_data} with data received but not applied):")
             width = len(str(self.last_known_seq))
             i = 0
             while i < len(self.lost):
                 w = self.lost[i]
                 if not w.announced:
+                    # Consecutive runs (format 1 had one entry per seq) share a line.
                     j = i
                     while (j + 1 < len(self.lost) and not self.lost[j + 1].announced
-                           and self.lost[j + 1].seq == self.lost[j].seq + 1):
+                           and self.lost[j + 1].seq == self.lost[j].seq + self.lost[j].count):
                         j += 1
-                    seqs = (f"{w.seq}" if j == i else f"{w.seq}-{self.lost[j].seq}")
+                    end = self.lost[j].seq + self.lost[j].count - 1
+                    seqs = f"{w.seq}" if end == w.seq else f"{w.seq}-{end}"
                     lines.append(f"  seq {seqs:>{width}}  never announced: address unknown")
                     i = j + 1
                     continue
@@ -175,7 +184,7 @@ def build_loss_report(view: LossView, resource: str | None = None,
     for e in view.entries:
         t = e.token
         if t is None:
-            lost.append(LostWrite(e.seq, None, None, None, None, None, False, False))
+            lost.append(LostWrite(e.seq, None, None, None, None, None, False, False, e.count))
         else:
             lost.append(LostWrite(e.seq, t.volume, t.offset, t.length,
                                   OP_NAMES.get(t.op, f"op{t.op}"), t.ts_ns,

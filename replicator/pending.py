@@ -67,19 +67,24 @@ _NO_DATA: Any = object()  # location placeholder of an incomplete entry
 
 @dataclass(frozen=True, slots=True)
 class LostEntry:
-    """A seq after the consistent point, as the queue knows it."""
+    """A seq after the consistent point, as the queue knows it; or a run of
+    *count* consecutive seqs from *seq* on that were never announced
+    (nothing tells them apart, and after a long catch-up there can be
+    millions)."""
 
     seq: int
-    token: Token | None  # None: the seq was never announced
+    token: Token | None  # None: never announced
     data_arrived: bool
+    count: int = 1
 
 
 @dataclass(frozen=True, slots=True)
 class LossView:
     """What :meth:`PendingQueue.loss_view` returns: the raw loss report.
 
-    ``entries`` lists every seq in ``(applied_through, last_token_seq]`` in
-    order; an entry whose ``token`` is None was never announced.
+    ``entries`` covers every seq in ``(applied_through, last_token_seq]`` in
+    order; an entry whose ``token`` is None stands for ``count`` seqs that
+    were never announced.
     """
 
     applied_through: int
@@ -90,7 +95,8 @@ class LossView:
     @property
     def missing(self) -> list[int]:
         """Seqs inside the range that were never announced."""
-        return [e.seq for e in self.entries if e.token is None]
+        return [s for e in self.entries if e.token is None
+                for s in range(e.seq, e.seq + e.count)]
 
 
 class PendingQueue:
@@ -373,15 +379,23 @@ class PendingQueue:
     def loss_view(self) -> LossView:
         """What is known about every write after ``applied_through``.
 
-        Lists each seq from applied_through+1 to the highest token seq, in
-        order: its token (None if never announced) and whether its data
-        arrived. Nothing after ``last_token_seq`` is known.
+        Covers each seq from applied_through+1 to the highest token seq, in
+        order: its token and whether its data arrived, or, for a run of
+        seqs never announced, one entry with their count. Nothing after
+        ``last_token_seq`` is known. Costs one call per known entry, not
+        per seq.
         """
         info = self._rx.info()
         entries = []
-        for seq in range(info.applied + 1, info.highest + 1):
-            e = self._entry(seq)
-            entries.append(LostEntry(seq, None, False) if e is None else LostEntry(seq, *e))
+        nxt = info.applied + 1
+        for seq in self._rx.live_seqs():
+            if seq > nxt:
+                entries.append(LostEntry(nxt, None, False, seq - nxt))
+            state, raw, _ = self._rx.get(seq)
+            entries.append(LostEntry(seq, unpack_token(raw), state == RxQueue.COMPLETE))
+            nxt = seq + 1
+        if info.highest >= nxt:
+            entries.append(LostEntry(nxt, None, False, info.highest - nxt + 1))
         return LossView(info.applied, self.applied_token, tuple(entries), info.highest)
 
     def __repr__(self) -> str:

@@ -231,7 +231,7 @@ def _become_primary(md: Metadata, resource: Resource, node: Node, view: LossView
     md.save()  # the commit point
     log.info("%s: promoted to Primary: consistent through seq %d, %d writes known lost, "
              "generation %s (was %s)", resource.name, report.consistent_through_seq,
-             len(report.lost), md.generation, old)
+             report.lost_count, md.generation, old)
     return Promotion(resource.name, node.name, md.generation, old, report, str(path), forced)
 
 

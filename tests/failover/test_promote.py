@@ -149,8 +149,9 @@ def test_loss_report_matches_the_primary_history_after_link_cut_and_kill(make_la
         assert e["op"] == OP_NAMES[tok.op], f"seq {seq}: op {e['op']} vs history {tok}"
         assert e["data_arrived"] == known[seq], f"seq {seq}: data_arrived is wrong"
     # In order, from A+1 to the last token, the unannounced ones as gaps.
-    seqs = [e["seq"] for e in report["lost"]]
+    seqs = [s for e in report["lost"] for s in range(e["seq"], e["seq"] + e["count"])]
     assert seqs == list(range(a + 1, report["last_known_seq"] + 1))
+    assert all(e["count"] == 1 for e in report["lost"] if e["announced"])
     assert report["last_known_seq"] == max([a, *known])
     if report["lost"]:
         first = report["lost"][0]

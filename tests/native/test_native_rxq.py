@@ -268,11 +268,17 @@ class QueueModel:
         self._drop_through(seq)
 
     def loss_entries(self) -> tuple[LostEntry, ...]:
-        out = []
+        """Known seqs one by one; each run of seqs never announced as one
+        entry with its count."""
+        out: list[LostEntry] = []
         for seq in range(self.applied + 1, self.highest + 1):
             e = self.entries.get(seq)
-            out.append(LostEntry(seq, None, False) if e is None
-                       else LostEntry(seq, tok(e[0]), e[1] is not None))
+            if e is not None:
+                out.append(LostEntry(seq, tok(e[0]), e[1] is not None))
+            elif out and out[-1].token is None:
+                out[-1] = LostEntry(out[-1].seq, None, False, out[-1].count + 1)
+            else:
+                out.append(LostEntry(seq, None, False))
         return tuple(out)
 
 

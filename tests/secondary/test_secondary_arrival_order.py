@@ -125,7 +125,7 @@ def test_any_arrival_order_over_several_connections_applies_a_prefix(history, da
             if missing:
                 assert q.first_gap() == (missing[0], missing[0] not in lost_token) or (
                     q.first_gap() is None and missing[0] > q.highest_token_seq)
-                report_seqs = [e.seq for e in q.loss_view().entries]
+                report_seqs = [s for e in q.loss_view().entries for s in range(e.seq, e.seq + e.count)]
                 assert report_seqs == list(range(expect + 1, q.highest_token_seq + 1))
             else:
                 assert q.first_gap() is None and len(q) == 0

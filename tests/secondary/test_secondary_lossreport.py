@@ -85,14 +85,15 @@ def test_never_announced_seqs_are_reported_with_unknown_address():
         q.mark_applied(run[-1][0].seq)
     report = build_loss_report(q.loss_view())
     assert report.consistent_through_seq == 2
-    assert [(w.seq, w.announced, w.data_arrived) for w in report.lost] == [
-        (3, False, False), (4, False, False), (5, False, False), (6, True, True),
-        (7, False, False), (8, False, False), (9, True, True)]
+    assert [(w.seq, w.announced, w.data_arrived, w.count) for w in report.lost] == [
+        (3, False, False, 3), (6, True, True, 1), (7, False, False, 2), (9, True, True, 1)]
+    assert report.lost_count == 7
     assert report.lost[0].offset is None
     text = report.to_text()
     assert "  seq 3-5  never announced: address unknown" in text
     assert "  seq 7-8  never announced: address unknown" in text
     assert text.count("\n  seq ") == 4
+    assert "Writes known lost after seq 2: 7 " in text
 
 
 def test_report_with_nothing_lost_says_so():
@@ -123,3 +124,44 @@ def test_malformed_report_json_names_the_problem():
         LossReport.from_json("{")
     with pytest.raises(ValueError, match="lacks or mangles field 'lost'"):
         LossReport.from_json('{"format": 1, "consistent_through_seq": 1}')
+
+
+def test_a_long_never_announced_run_is_one_entry_and_the_report_stays_small():
+    """Promoted during the last increment of a long catch-up: the stream
+    after the increment's base was announced, the millions of seqs before
+    it never were. They are one entry, not millions (report size, time)."""
+    q = PendingQueue(0, window=1 << 21)
+    base = 5_000_000
+    q.expect_base(base)
+    toks = [rec(s, (s % 8) * 512, fill(s, 8)) for s in (base + 1, base + 2, base + 3)]
+    q.add_tokens(t for t, _ in toks)
+    q.add_record(*toks[1])
+    view = q.loss_view()
+    assert [(e.seq, e.token is None, e.count) for e in view.entries] == [
+        (1, True, base), (base + 1, False, 1), (base + 2, False, 1), (base + 3, False, 1)]
+    report = build_loss_report(view)
+    assert report.lost_count == base + 3
+    assert [w.seq for w in report.lost_with_data] == [base + 2]
+    text = report.to_json()
+    assert len(text) < 4096
+    back = LossReport.from_json(text)
+    assert back.lost == report.lost and back.lost_count == base + 3
+    assert f"  seq {'1-' + str(base):>{len(str(base + 3))}}  never announced" in report.to_text()
+
+
+def test_a_format_1_report_reads_back_with_one_seq_per_entry():
+    q = PendingQueue(0)
+    toks = [rec(s, s * 512, fill(s, 8)) for s in (1, 4)]
+    q.add_tokens(t for t, _ in toks)
+    report = build_loss_report(q.loss_view())
+    doc = json.loads(report.to_json())
+    doc["format"] = 1
+    doc["lost"] = ([doc["lost"][0]]
+                   + [dict(doc["lost"][1], seq=s, count=None) for s in (2, 3)]
+                   + [doc["lost"][2]])
+    for e in doc["lost"]:
+        e.pop("count")
+    back = LossReport.from_json(json.dumps(doc))
+    assert [(w.seq, w.count) for w in back.lost] == [(1, 1), (2, 1), (3, 1), (4, 1)]
+    assert back.lost_count == 4
+    assert "  seq 2-3  never announced: address unknown" in back.to_text()
