@@ -304,6 +304,21 @@ class Result:
     metrics: dict[str, float] = field(default_factory=dict)
     unavailable: str | None = None
     failed: str | None = None
+    #: IOPS of every round (--repeat), this result being the median one.
+    rounds: list[float] = field(default_factory=list)
+
+
+def median_result(runs: Sequence[Result]) -> Result:
+    """Of the rounds of one (workload, target), the one with the median
+    IOPS (all its columns come from that round), with every round's IOPS
+    in ``rounds``; a round that did not run wins, so that it is shown."""
+    bad = [r for r in runs if r.iops is None]
+    if bad:
+        return bad[0]
+    ordered = sorted(runs, key=lambda r: r.iops)
+    pick = ordered[(len(ordered) - 1) // 2]
+    pick.rounds = [r.iops for r in runs]
+    return pick
 
 
 def parse_size(text: str) -> int:
@@ -426,12 +441,18 @@ def build_table(results: Sequence[Result], options: argparse.Namespace) -> Table
                    "preallocated on /dev/shm; each run starts a fresh server")
     table.add_note("vs (a), vs (b), vs (p): IOPS of the row over IOPS of (a) / (b) / (p) in "
                    "the same workload; p99 lat: fio total latency; peak RSS: VmHWM of the server")
-    table.add_note("lag: age of the oldest write sent to the secondary and not applied there "
-                   "yet (writes still waiting in the ring for their batch, at most "
-                   "batch-interval, do not count), from the primary's status every 0.2 s while "
+    table.add_note("lag: age of the oldest write not applied on the secondary yet (sent, or "
+                   "held back for its batch), from the primary's status every 0.2 s while "
                    "streaming")
     table.add_note("(p) keeps one Python thread state per nbdkit connection thread, as "
                    "Duplex's plugin does; (b) lets nbdkit make and free one per request")
+    if options.repeat > 1:
+        table.add_note(f"each row: the median of {options.repeat} rounds, the targets "
+                       "interleaved; IOPS of every round:")
+        for r in results:
+            if r.rounds:
+                table.add_note(f"  {r.target_label.split(' ')[0]} {r.workload.key}: "
+                               + ", ".join(fmt_count(x) for x in r.rounds))
     for r in results:
         drops = r.metrics.get("ring_drops", 0)
         if r.target_key == "c" and drops:
@@ -462,6 +483,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--runtime", type=float, default=10.0,
                    help="seconds of fio per target and workload (default 10)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of every target, interleaved; the table shows the median "
+                        "round (default 1)")
     p.add_argument("--ramp", type=float, default=1.0,
                    help="seconds of fio warm-up not counted (default 1)")
     p.add_argument("--size", type=parse_size, default=parse_size("1G"),
@@ -484,6 +508,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             p.error(f"--workloads: unknown workload {key!r} (expected {', '.join(WORKLOADS)})")
     if opts.runtime <= 0 or opts.ramp < 0:
         p.error("--runtime must be > 0 and --ramp >= 0")
+    if not 1 <= opts.repeat <= 20:
+        p.error("--repeat must be between 1 and 20")
     return opts
 
 
@@ -496,14 +522,20 @@ def run(argv: Sequence[str]) -> Table:
         "p": PassthroughTarget(options.passthrough_threads, pin=True),
         "c": DuplexTarget(),
     }
-    results = []
+    runs: dict[tuple[str, str], list[Result]] = {}
     started = time.monotonic()
     with shm_directory("dpx-bench-") as shm:
         for wkey in options.workload_keys:
-            for tkey in options.target_keys:
-                results.append(measure(targets[tkey], WORKLOADS[wkey], options, shm))
+            # Rounds interleave the targets, so that a noisy neighbour's
+            # burst does not land on one target only.
+            for i in range(options.repeat):
+                if options.repeat > 1:
+                    progress(f"round {i + 1} of {options.repeat}")
+                for tkey in options.target_keys:
+                    runs.setdefault((wkey, tkey), []).append(
+                        measure(targets[tkey], WORKLOADS[wkey], options, shm))
     progress(f"done in {time.monotonic() - started:.0f} s")
-    return build_table(results, options)
+    return build_table([median_result(r) for r in runs.values()], options)
 
 
 if __name__ == "__main__":

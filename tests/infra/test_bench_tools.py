@@ -15,7 +15,7 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 import bench_table  # noqa: E402
-from bench_replication import parse_size  # noqa: E402
+from bench_replication import WORKLOADS, Result, median_result, parse_size  # noqa: E402
 
 PLUGIN = SCRIPTS / "passthrough_plugin.py"
 
@@ -90,3 +90,13 @@ def test_formatters() -> None:
     assert parse_size("1G") == 1 << 30 and parse_size("64MiB") == 64 << 20
     with pytest.raises(Exception, match="expected a number"):
         parse_size("lots")
+
+
+def test_repeated_rounds_report_the_median_round_and_every_rounds_iops():
+    w = WORKLOADS["randwrite-4k"]
+    runs = [Result(w, "(c) x", "c", iops=v, p99_ns=v * 10) for v in (30e3, 10e3, 20e3)]
+    pick = median_result(runs)
+    assert pick.iops == 20e3 and pick.p99_ns == 200e3  # every column from that round
+    assert pick.rounds == [30e3, 10e3, 20e3]
+    failed = Result(w, "(c) x", "c", failed="run failed: boom")
+    assert median_result([runs[0], failed]) is failed  # a failure is shown, not hidden
