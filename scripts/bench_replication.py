@@ -28,6 +28,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -204,10 +205,13 @@ class DuplexTarget(Target):
 
         pair = NetnsPair.create(ctx.procs)
         lab = None
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+        # Two images and two journals on tmpfs: removed with the run, or
+        # repeated rounds would fill memory.
+        workdir = Path(tempfile.mkdtemp(prefix="lab-", dir=ctx.workdir))
         try:
             # The product's defaults, not the small test geometry.
-            ctx.workdir.mkdir(parents=True, exist_ok=True)
-            lab = Lab(Path(tempfile.mkdtemp(prefix="lab-", dir=ctx.workdir)), ctx.procs, pair.ns_a, pair.ns_b,
+            lab = Lab(workdir, ctx.procs, pair.ns_a, pair.ns_b,
                       pair.addr_a, pair.addr_b, size=ctx.options.size, preallocate=True,
                       options={"ring-size": "64MiB", "journal-size": "1GiB",
                                "al-extent-size": "4MiB", "al-extents": 1024})
@@ -219,6 +223,7 @@ class DuplexTarget(Target):
                 lab.stop()
                 lab.sock.unlink(missing_ok=True)
             pair.close()
+            shutil.rmtree(workdir, ignore_errors=True)
             raise
         sampler = _LagSampler(lambda: lab.control("alpha"), self.LAG_SAMPLE_SECONDS)
         sampler.start()
@@ -231,6 +236,7 @@ class DuplexTarget(Target):
                 lab.stop()
                 lab.sock.unlink(missing_ok=True)
                 pair.close()
+                shutil.rmtree(workdir, ignore_errors=True)
 
         def rss() -> list[tuple[str, int | None]]:
             # `duplex up` runs the primary's nbdkit as a child: report that one.
