@@ -389,6 +389,23 @@ uint64_t rxq_live_seqs(const struct rxq *q, uint64_t *out, uint64_t cap)
 	return n;
 }
 
+uint64_t rxq_oldest(const struct rxq *q, unsigned char *token)
+{
+	const struct slot *best = NULL;
+
+	for (uint64_t i = 0; i < q->cap; i++) {
+		const struct slot *s = &q->slots[i];
+		if (s->seq == 0 || is_dead(q, s->seq))
+			continue;
+		if (best == NULL || s->seq < best->seq)
+			best = s;
+	}
+	if (best == NULL)
+		return 0;
+	memcpy(token, best->tok, RXQ_TOKEN);
+	return best->seq;
+}
+
 int rxq_get(const struct rxq *q, uint64_t seq, unsigned char *token, uint64_t *loc)
 {
 	const struct slot *s = seq > q->applied ? find(q, seq) : NULL;

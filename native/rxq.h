@@ -104,6 +104,10 @@ int rxq_add_record(struct rxq *q, const unsigned char *token, uint64_t loc, int 
  * cap). Returns how many there are (more than cap: only cap written). */
 uint64_t rxq_live_seqs(const struct rxq *q, uint64_t *out, uint64_t cap);
 
+/* The lowest seq after `applied` that has an entry, its token into token;
+ * 0 when there is none. One pass over the table, however wide the gaps. */
+uint64_t rxq_oldest(const struct rxq *q, unsigned char *token);
+
 /* State of seq (RXQ_NONE/ANNOUNCED/COMPLETE); token and *loc filled when known. */
 int rxq_get(const struct rxq *q, uint64_t seq, unsigned char *token, uint64_t *loc);
 

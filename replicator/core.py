@@ -1082,6 +1082,12 @@ class RxQueue:
         n = _lib.rxq_live_seqs(self._q, out, cap)
         return sorted(_ffi.unpack(out, min(n, cap)))
 
+    def oldest(self) -> bytes | None:
+        """Token of the lowest seq with an entry after the applied seq."""
+        if not _lib.rxq_oldest(self._q, self._tok):
+            return None
+        return bytes(_ffi.buffer(self._tok, 48))
+
     def get(self, seq: int) -> tuple[int, bytes | None, int]:
         """(state, token, location) of *seq*; state 0 when unknown."""
         st = _lib.rxq_get(self._q, seq, self._tok, self._loc)

@@ -136,6 +136,7 @@ def test_a_long_never_announced_run_is_one_entry_and_the_report_stays_small():
     toks = [rec(s, (s % 8) * 512, fill(s, 8)) for s in (base + 1, base + 2, base + 3)]
     q.add_tokens(t for t, _ in toks)
     q.add_record(*toks[1])
+    assert q.oldest_pending().seq == base + 1  # status: no walk over the gap
     view = q.loss_view()
     assert [(e.seq, e.token is None, e.count) for e in view.entries] == [
         (1, True, base), (base + 1, False, 1), (base + 2, False, 1), (base + 3, False, 1)]
