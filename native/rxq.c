@@ -535,24 +535,6 @@ static int io_fail(struct rxq_err *err, int errnum, uint64_t seq)
 	return fail(err, RXQ_IO, seq, NULL, NULL);
 }
 
-/* pwritev all of iov[0..n) at off (loops on short writes). 0 or -errno. */
-static int pwritev_full(int fd, struct iovec *iov, int n, off_t off)
-{
-	while (n > 0) {
-		ssize_t w = pwritev(fd, iov, n, off);
-		if (w < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		if (w == 0)
-			return -EIO;
-		off += w;
-		dpx_iov_consume(&iov, &n, (size_t)w);
-	}
-	return 0;
-}
-
 /* Read back from the journal the records of the run from index i on that
  * lie back to back there (up to APPLY_READ_MAX bytes) into the scratch
  * buffer; [*start, *end) is what it now holds. */
@@ -605,7 +587,7 @@ int rxq_apply_run(struct rxq *q, int journal_fd, int image_fd, uint64_t image_si
 
 		if (h == NULL && !(loc >= r_start && loc + rec_size(t) <= r_end)) {
 			/* The scratch buffer is about to change under the merged write. */
-			if (niov > 0 && (r = pwritev_full(image_fd, q->iov, niov, (off_t)m_off)) < 0)
+			if (niov > 0 && (r = dpx_pwritev_full(image_fd, q->iov, niov, (off_t)m_off)) < 0)
 				return io_fail(err, -r, seq);
 			niov = 0;
 			if (read_back(q, k, journal_fd, &r_start, &r_end, err) < 0)
@@ -627,7 +609,7 @@ int rxq_apply_run(struct rxq *q, int journal_fd, int image_fd, uint64_t image_si
 		if (op == REC_OP_WRITE) {
 			if (niov == 0 || off != m_end || niov == IOV_MAX ||
 			    m_end - m_off + length > MERGE_MAX) {
-				if (niov > 0 && (r = pwritev_full(image_fd, q->iov, niov, (off_t)m_off)) < 0)
+				if (niov > 0 && (r = dpx_pwritev_full(image_fd, q->iov, niov, (off_t)m_off)) < 0)
 					return io_fail(err, -r, seq);
 				niov = 0;
 				m_off = m_end = off;
@@ -638,7 +620,7 @@ int rxq_apply_run(struct rxq *q, int journal_fd, int image_fd, uint64_t image_si
 			*written += length;
 			continue;
 		}
-		if (niov > 0 && (r = pwritev_full(image_fd, q->iov, niov, (off_t)m_off)) < 0)
+		if (niov > 0 && (r = dpx_pwritev_full(image_fd, q->iov, niov, (off_t)m_off)) < 0)
 			return io_fail(err, -r, seq);
 		niov = 0;
 		if (op == REC_OP_FLUSH)
@@ -648,7 +630,7 @@ int rxq_apply_run(struct rxq *q, int journal_fd, int image_fd, uint64_t image_si
 		if (r < 0)
 			return io_fail(err, -r, seq);
 	}
-	if (niov > 0 && (r = pwritev_full(image_fd, q->iov, niov, (off_t)m_off)) < 0)
+	if (niov > 0 && (r = dpx_pwritev_full(image_fd, q->iov, niov, (off_t)m_off)) < 0)
 		return io_fail(err, -r, tok_seq(q->run[q->run_n - 1].tok));
 	return 0;
 }

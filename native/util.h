@@ -78,23 +78,32 @@ static inline void dpx_iov_consume(struct iovec **iov, int *n, size_t w)
 	}
 }
 
-/* pwrite all of buf (loops on short writes); returns 0 or -errno. */
-static inline int dpx_pwrite_full(int fd, const void *buf, size_t len, off_t off)
+/* pwritev all of iov[0..n) at off (loops on short writes; iov is
+ * consumed). 0 or -errno. */
+static inline int dpx_pwritev_full(int fd, struct iovec *iov, int n, off_t off)
 {
-	size_t done = 0;
-
-	while (done < len) {
-		ssize_t n = pwrite(fd, (const char *)buf + done, len - done, off + (off_t)done);
-		if (n < 0) {
+	dpx_iov_consume(&iov, &n, 0); /* empty buffers: nothing to write */
+	while (n > 0) {
+		ssize_t w = pwritev(fd, iov, n, off);
+		if (w < 0) {
 			if (errno == EINTR)
 				continue;
 			return -errno;
 		}
-		if (n == 0)
+		if (w == 0)
 			return -EIO;
-		done += (size_t)n;
+		off += w;
+		dpx_iov_consume(&iov, &n, (size_t)w);
 	}
 	return 0;
+}
+
+/* pwrite all of buf (loops on short writes); returns 0 or -errno. */
+static inline int dpx_pwrite_full(int fd, const void *buf, size_t len, off_t off)
+{
+	struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
+
+	return dpx_pwritev_full(fd, &iov, 1, off);
 }
 
 static inline int dpx_fdatasync(int fd)
