@@ -142,7 +142,32 @@ def tokens(span) -> bytes:
 
 # ---- bitmaps ------------------------------------------------------------
 
-class Bitmap:
+class _FileHandle:
+    """What Bitmap and ActivityLog share: a C object in ``_p`` that an open
+    Core may use (``_users``), closed by close() or a with block. Dropped
+    unclosed, it is released with ``_release`` (never a clean close behind
+    the owner's back: a bitmap stays DIRTY); at interpreter exit not at
+    all, as daemon threads may still be inside C calls."""
+
+    __slots__ = ()
+    _release = None  # the C function that frees _p without a clean close
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            if self._p is not None and not self._users and not sys.is_finalizing():
+                type(self)._release(self._p)
+                self._p = None
+        except Exception:
+            pass
+
+
+class Bitmap(_FileHandle):
     """A track bitmap, in memory or backed by a file (see native/bitmap.h).
 
     Set bits reach the file only at sync() or a clean close(); the activity
@@ -150,6 +175,7 @@ class Bitmap:
     """
 
     __slots__ = ("_p", "path", "track_size", "nbits", "was_dirty", "uuid", "_users")
+    _release = _lib.bitmap_abandon
 
     def __init__(self, ptr, path: str | None):
         """Wrap a C bitmap; use create(), open() or copy() instead."""
@@ -361,31 +387,16 @@ class Bitmap:
         p, self._p = self._p, None
         _lib.bitmap_abandon(p)
 
-    def __enter__(self) -> "Bitmap":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        # Never a clean close behind the owner's back: leave it DIRTY. At
-        # interpreter exit, leave everything to the kernel: daemon threads
-        # may still be inside C calls.
-        try:
-            if self._p is not None and not self._users and not sys.is_finalizing():
-                _lib.bitmap_abandon(self._p)
-                self._p = None
-        except Exception:
-            pass
 
 
 # ---- activity log -------------------------------------------------------
 
-class ActivityLog:
+class ActivityLog(_FileHandle):
     """The activity log (see native/actlog.h): write-ahead record of the
     extents that may hold writes not yet in the on-disk bitmap."""
 
     __slots__ = ("_p", "path", "extent_size", "slots", "_users")
+    _release = _lib.actlog_close
 
     def __init__(self, ptr, path: str):
         """Wrap a C activity log; use create() or open() instead."""
@@ -501,19 +512,6 @@ class ActivityLog:
             p, self._p = self._p, None
             _lib.actlog_close(p)
 
-    def __enter__(self) -> "ActivityLog":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            if self._p is not None and not self._users and not sys.is_finalizing():
-                _lib.actlog_close(self._p)
-                self._p = None
-        except Exception:
-            pass
 
 
 # ---- the write path -----------------------------------------------------
