@@ -206,6 +206,7 @@ void rxq_info(const struct rxq *q, struct rxq_info *out)
 	out->entries = q->live;
 	out->run_end = q->run_end;
 	out->run_records = q->run_n;
+	out->run_bytes = q->run_bytes;
 	out->has_applied_token = q->has_applied_tok;
 	memcpy(out->applied_token, q->applied_tok, RXQ_TOKEN);
 }

@@ -64,6 +64,7 @@ struct rxq_info {
 	uint64_t entries;      /* entries after `applied` (complete or not) */
 	uint64_t run_end;      /* last seq of the run handed out, 0: none */
 	uint64_t run_records;
+	uint64_t run_bytes;    /* encoded bytes of the run handed out */
 	int has_applied_token;
 	unsigned char applied_token[48];
 };

@@ -989,6 +989,7 @@ class RxInfo(NamedTuple):
     entries: int
     run_end: int
     run_records: int
+    run_bytes: int
     applied_token: bytes | None
 
 
@@ -1025,7 +1026,7 @@ class RxQueue:
         _lib.rxq_info(self._q, i)
         tok = bytes(_ffi.buffer(i.applied_token, 48)) if i.has_applied_token else None
         return RxInfo(i.applied, i.received, i.highest, i.base_hint, i.bytes, i.entries,
-                      i.run_end, i.run_records, tok)
+                      i.run_end, i.run_records, i.run_bytes, tok)
 
     def _fault(self) -> RxFault:
         return RxFault(self._err)
@@ -1059,10 +1060,9 @@ class RxQueue:
             self.hot_bytes += len(src)
         return n
 
-    def _release_hot(self) -> None:
+    def _release_hot(self, applied: int) -> None:
         # A frame is done with once its highest seq is applied (or rebased past).
         if self._hot:
-            applied = self.info().applied
             while self._hot and self._hot[0][0] <= applied:
                 self.hot_bytes -= len(heapq.heappop(self._hot)[2])
 
@@ -1115,7 +1115,7 @@ class RxQueue:
     def mark_applied(self, seq: int) -> bool:
         if _lib.rxq_mark_applied(self._q, seq) != 0:
             return False
-        self._release_hot()
+        self._release_hot(seq)
         return True
 
     def expect_base(self, seq: int) -> None:
@@ -1124,5 +1124,5 @@ class RxQueue:
     def rebase(self, seq: int, token: bytes | None) -> bool:
         if _lib.rxq_rebase(self._q, seq, token if token else _ffi.NULL) != 0:
             return False
-        self._release_hot()
+        self._release_hot(seq)
         return True

@@ -514,14 +514,13 @@ class Secondary(IncrementReceiver):
         with self._lock:
             if not self.pending.take_run(max_records=limit, max_bytes=RUN_BYTES):
                 return 0
-            end = self.pending.run_end
+            run = self.pending.info()
         self.runs_started += 1
         try:
             self.pending.apply_taken(self.journal.fd, self.fd, self.size)
             with self._lock:
-                before = self.pending.pending_bytes
-                self.pending.mark_applied(end)
-                return before - self.pending.pending_bytes
+                self.pending.mark_applied(run.run_end)
+            return run.run_bytes
         finally:
             self.runs_done += 1
 

@@ -159,7 +159,7 @@ class QueueModel:
     def info(self) -> RxInfo:
         return RxInfo(self.applied, self.received, self.highest, self.base_hint, self.bytes,
                       len(self.entries), self.run[-1] if self.run else 0, len(self.run),
-                      self.applied_token)
+                      sum(rec_size(self.entries[s][0]) for s in self.run), self.applied_token)
 
     def _check_token(self, t: bytes) -> bool:
         seq = seq_of(t)
