@@ -591,11 +591,10 @@ class Journal:
     def append_tokens(self, tokens: bytes | bytearray | memoryview) -> list[Token]:
         """Append a TOKENS payload (48-byte headers, no data) as one entry,
         so announcements survive a restart for the loss report."""
-        mv = memoryview(tokens).cast("B")
-        toks = list(iter_tokens(mv))
+        toks = list(iter_tokens(tokens))
         if not toks:
             raise ValueError("append_tokens() needs at least one token")
-        self._append_entry(ENTRY_TOKENS, mv, max(t.seq for t in toks))
+        self.append_token_frame(tokens, max(t.seq for t in toks))
         return toks
 
     def commit(self) -> int:
