@@ -59,6 +59,13 @@ int64_t records_check(const unsigned char *buf, size_t len, uint64_t *bad_off, i
 			*fault = RECORDS_BAD_CRC;
 			return -1;
 		}
+		/* The padding is the only part no CRC covers: it must be zero. */
+		for (size_t i = RING_HEADER + dlen; i < size; i++) {
+			if (h[i] != 0) {
+				*fault = RECORDS_BAD_PADDING;
+				return -1;
+			}
+		}
 		if (rd64(h + REC_SEQ) > *max_seq)
 			*max_seq = rd64(h + REC_SEQ);
 		pos += size;

@@ -17,6 +17,7 @@ enum records_fault {
 	RECORDS_TRUNCATED = 1, /* header or data runs past the buffer */
 	RECORDS_BAD_SHAPE = 2, /* unknown op, data_len/length mismatch, reserved bits */
 	RECORDS_BAD_CRC = 3,
+	RECORDS_BAD_PADDING = 4, /* data padding not zero */
 };
 
 /* Shape of one 48-byte header: known op, data_len matching the op,

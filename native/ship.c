@@ -20,6 +20,9 @@
 #define FRAME_VERSION 1
 #define FRAME_TOKENS 0x10
 #define FRAME_DATA 0x11
+/* The CRC of a DATA frame covers its header: every record in it carries a
+ * CRC of its own, which the receiver checks (frames.py, FLAG_RECORDS_CRC). */
+#define FRAME_FLAG_RECORDS_CRC 0x0001
 
 static int64_t now_ns(void)
 {
@@ -36,11 +39,13 @@ static void frame_header(unsigned char h[FRAME_HEADER], uint8_t type, const void
 	memcpy(h, "DPX1", 4);
 	h[4] = FRAME_VERSION;
 	h[5] = type;
-	h[6] = h[7] = 0;
+	h[6] = type == FRAME_DATA ? FRAME_FLAG_RECORDS_CRC : 0;
+	h[7] = 0;
 	memcpy(h + 8, &len, 4);
 	memset(h + 12, 0, 4);
 	crc = crc32c(0, h, FRAME_HEADER);
-	crc = crc32c(crc, payload, len);
+	if (type != FRAME_DATA)
+		crc = crc32c(crc, payload, len);
 	memcpy(h + 12, &crc, 4);
 }
 

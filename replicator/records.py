@@ -137,6 +137,8 @@ def iter_records(buf, check_crc: bool = True):
         data = mv[pos + HEADER_SIZE: pos + HEADER_SIZE + tok.data_len]
         if check_crc and record_crc(mv[pos:pos + HEADER_SIZE], data) != tok.crc:
             raise RecordError(f"record seq {tok.seq}: CRC mismatch")
+        if check_crc and any(mv[pos + HEADER_SIZE + tok.data_len:end]):
+            raise RecordError(f"record seq {tok.seq}: padding after the data is not zero")
         yield tok, data
         pos = end
 

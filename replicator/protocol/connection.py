@@ -42,6 +42,7 @@ from replicator.protocol.compat import check_peer_state
 from replicator.protocol.errors import ErrorCode, LocalProtocolError, ProtocolError
 from replicator.protocol.frames import (BULK_TYPES, DEFAULT_MAX_FRAME, MAX_CONTROL_PAYLOAD,
                                         FrameDecoder, FrameType, encode_frame, encode_header,
+                                        frame_flags,
                                         payload_limit, as_byte_views)
 from replicator.protocol.messages import (PROTOCOL_VERSION, ROLE_CODES, Auth, Error, Hello,
                                           Message, State, decode_message, truncate_utf8)
@@ -214,7 +215,7 @@ class Connection:
         if length > limit:
             raise LocalProtocolError(f"{ftype.name} payload of {length} bytes is above the "
                                      f"maximum frame of {limit}")
-        header = encode_header(ftype, parts)
+        header = encode_header(ftype, parts, frame_flags(ftype))
         self._cstate.process(self.our_role, ftype)
         queued = self.data_to_send()
         if ftype in BULK_TYPES:

@@ -6,9 +6,17 @@ the record format)::
     0   4s  magic    b"DPX1"
     4   u8  version  1
     5   u8  type     FrameType
-    6   u16 flags    frame flags (none defined yet: must be zero)
+    6   u16 flags    frame flags (FLAG_RECORDS_CRC; unknown bits are refused)
     8   u32 length   payload bytes that follow
     12  u32 crc      CRC32C over the header with this field zero, then the payload
+                     (only the header with FLAG_RECORDS_CRC)
+
+FLAG_RECORDS_CRC is for DATA frames, and every DATA frame has it: their
+payload is records that each carry a CRC32C of their own, and the receiver
+checks all of them before it uses any (``messages.Data``), so a second CRC
+pass over the megabytes of a DATA frame, on each side, would only repeat
+that check. The receiver also refuses non-zero padding, so that every
+payload byte is covered by a record CRC or checked.
 
 The decoder is sans-IO: feed it byte chunks of any size (``feed``), pull whole
 frames (``next_frame``). It checks magic, version, type, flags and length as
@@ -45,7 +53,8 @@ CRC_OFFSET = 12
 DEFAULT_MAX_FRAME = 64 << 20     # bulk payloads (TOKENS, DATA, INCR_DATA)
 MAX_CONTROL_PAYLOAD = 64 << 10   # every other type
 MAX_LENGTH_FIELD = 0xFFFFFFFF
-KNOWN_FLAGS = 0                  # no frame flags defined in version 1
+FLAG_RECORDS_CRC = 0x0001        # the CRC covers the header; the records check themselves
+KNOWN_FLAGS = FLAG_RECORDS_CRC
 
 
 class FrameType(IntEnum):
@@ -118,12 +127,27 @@ def as_byte_views(parts) -> list[memoryview]:
     return views
 
 
+def frame_flags(ftype: FrameType) -> int:
+    """The flags every frame of *ftype* is sent with (FLAG_RECORDS_CRC on DATA)."""
+    return FLAG_RECORDS_CRC if ftype == FrameType.DATA else 0
+
+
+def _check_flags(ftype: FrameType, flags: int) -> str | None:
+    """Why *flags* are not valid on a frame of *ftype*, or None."""
+    if flags & ~KNOWN_FLAGS:
+        return f"{ftype.name} frame has unknown flags 0x{flags:04x}"
+    if flags & FLAG_RECORDS_CRC and ftype != FrameType.DATA:
+        return f"{ftype.name} frame has flag RECORDS_CRC, which only DATA frames may carry"
+    return None
+
+
 def encode_header(ftype: int, parts: Iterable = (), flags: int = 0) -> bytes:
     """The 16-byte header for a frame whose payload is the concatenation of *parts*.
 
     *parts* is a list of buffers (bytes, memoryview, cffi buffer...) or one
     buffer; the CRC runs over each part in turn, nothing is concatenated, so
-    the caller can send ``[header, *parts]`` with one sendmsg.
+    the caller can send ``[header, *parts]`` with one sendmsg. With
+    FLAG_RECORDS_CRC in *flags* the CRC covers the header alone.
     """
     try:
         ftype = frame_type(ftype)
@@ -131,6 +155,9 @@ def encode_header(ftype: int, parts: Iterable = (), flags: int = 0) -> bytes:
         raise LocalProtocolError(f"cannot encode: {e}") from None
     if not 0 <= flags <= 0xFFFF:
         raise LocalProtocolError(f"cannot encode {ftype.name}: flags {flags} do not fit in u16")
+    bad = _check_flags(ftype, flags)
+    if bad is not None:
+        raise LocalProtocolError(f"cannot encode: {bad}")
     views = as_byte_views(parts)
     length = sum(v.nbytes for v in views)
     if length > MAX_LENGTH_FIELD:
@@ -138,7 +165,7 @@ def encode_header(ftype: int, parts: Iterable = (), flags: int = 0) -> bytes:
                                  f"does not fit the u32 length field")
     head = HEADER.pack(MAGIC, VERSION, ftype, flags, length, 0)
     crc = crc32c(head)
-    for v in views:
+    for v in views if not flags & FLAG_RECORDS_CRC else ():
         crc = crc32c(v, crc)
     return head[:CRC_OFFSET] + struct.pack("<I", crc)
 
@@ -293,7 +320,7 @@ class FrameDecoder:
         payload = self._payload if isinstance(self._payload, memoryview) else memoryview(self._payload)
         payload = payload.toreadonly()
         head = bytes(self._hdr[:CRC_OFFSET]) + b"\0\0\0\0"
-        actual = crc32c(payload, crc32c(head))
+        actual = crc32c(head) if flags & FLAG_RECORDS_CRC else crc32c(payload, crc32c(head))
         self._head = None
         self._hdr_fill = 0
         self._payload = None
@@ -311,8 +338,9 @@ class FrameDecoder:
         if version != VERSION:
             raise FrameError(f"unsupported frame version {version} (this node speaks {VERSION})")
         ftype = frame_type(ftype)
-        if flags & ~KNOWN_FLAGS:
-            raise FrameError(f"{ftype.name} frame has unknown flags 0x{flags:04x}")
+        bad = _check_flags(ftype, flags)
+        if bad is not None:
+            raise FrameError(bad)
         limit = payload_limit(ftype, self.max_frame, self.max_control)
         if length > limit:
             raise FrameError(f"{ftype.name} frame announces {length} payload bytes, "

@@ -9,7 +9,8 @@ from replicator import records
 from replicator.protocol import (CLOSED, NEED_DATA, Ack, Connection, Data, Error, ErrorCode,
                                  FrameError, Flush, Hello, IncrBegin, IncrCommit, IncrData,
                                  LocalProtocolError, Ping, Pong, ProtocolError, Tokens)
-from replicator.protocol.frames import HEADER_SIZE, FrameType, encode_frame, encode_header
+from replicator.protocol.frames import (FLAG_RECORDS_CRC, HEADER_SIZE, FrameType, encode_frame,
+                                        encode_header)
 from replicator.protocol.state import (AUTH_SENT, AUTHENTICATING, ESTABLISHED, IDLE, NEGOTIATING,
                                        STATE_SENT, TRANSITIONS, PartyState)
 
@@ -312,8 +313,26 @@ def test_data_is_sent_as_header_plus_the_callers_buffers(established):
     payload = rec(11, b"ring bytes")
     out = p.send(Data(payload))
     assert isinstance(out, list) and len(out) == 2
-    assert out[0] == encode_header(FrameType.DATA, [payload])
+    assert out[0] == encode_header(FrameType.DATA, [payload], flags=FLAG_RECORDS_CRC)
     assert bytes(out[1]) == payload
+
+
+@pytest.mark.parametrize("where, why", [
+    (HEADER_SIZE + 48 + 3, "record seq 11: CRC mismatch"),       # a data byte
+    (HEADER_SIZE + 48 + 12, "record seq 11: padding after the data is not zero"),
+    (HEADER_SIZE + 8, "record seq 11: CRC mismatch"),            # its timestamp
+])
+def test_a_damaged_data_frame_is_refused_by_its_record_crcs(established, where, why):
+    # DATA frames carry FLAG_RECORDS_CRC: their frame CRC stops at the
+    # header, so each record's own CRC (and zero padding) must catch this.
+    p, s = established
+    out = p.send(Data(rec(11, b"ring bytes")))  # 10 bytes of data: 6 of padding
+    frame = bytearray(b"".join(bytes(x) for x in out))
+    assert frame[6] == FLAG_RECORDS_CRC
+    frame[where] ^= 0x40
+    s.receive_data(bytes(frame))
+    with pytest.raises(ProtocolError, match=f"DATA: field payload is invalid: {why}"):
+        s.next_event()
 
 
 def test_send_payload_ships_ring_spans_without_joining_them(proto, established):

@@ -9,8 +9,9 @@ from hypothesis import given, settings, strategies as st
 
 from replicator.crc32c import crc32c
 from replicator.protocol.errors import FrameError, LocalProtocolError
-from replicator.protocol.frames import (DEFAULT_MAX_FRAME, HEADER, HEADER_SIZE, MAGIC,
-                                        MAX_CONTROL_PAYLOAD, FrameDecoder, FrameType,
+from replicator.protocol.frames import (DEFAULT_MAX_FRAME, FLAG_RECORDS_CRC, HEADER,
+                                        HEADER_SIZE, MAGIC, MAX_CONTROL_PAYLOAD,
+                                        FrameDecoder, FrameType,
                                         encode_frame, encode_header)
 
 
@@ -170,6 +171,48 @@ def test_crc_covers_the_header_too():
     dec.feed(bytes(frame))
     with pytest.raises(FrameError, match="CRC mismatch"):
         dec.next_frame()
+
+
+def test_records_crc_flag_makes_the_frame_crc_cover_the_header_only():
+    # DATA payloads are records with CRCs of their own (checked by
+    # messages.Data); the frame layer does not pass over the megabytes again.
+    payload = b"records, each with its own crc"
+    head = encode_header(FrameType.DATA, [payload], flags=FLAG_RECORDS_CRC)
+    assert struct.unpack_from("<I", head, 12)[0] == crc32c(head[:12] + b"\0\0\0\0")
+    damaged = bytearray(head + payload)
+    damaged[-1] ^= 0x01
+    dec = FrameDecoder()
+    dec.feed(bytes(damaged))
+    f = dec.next_frame()
+    assert (f.type, f.flags, bytes(f.payload)) == (FrameType.DATA, FLAG_RECORDS_CRC,
+                                                   bytes(damaged[HEADER_SIZE:]))
+    # ... but the header still is covered.
+    damaged = bytearray(head + payload)
+    damaged[8] ^= 0x01  # length
+    dec = FrameDecoder()
+    dec.feed(bytes(damaged) + b"x")
+    with pytest.raises(FrameError, match="DATA frame of 31 bytes: CRC mismatch"):
+        dec.next_frame()
+
+
+def test_a_data_frame_without_the_flag_still_has_its_payload_checked():
+    frame = bytearray(frame_with(FrameType.DATA, b"\x07" * 48))
+    frame[-1] ^= 0x01
+    dec = FrameDecoder()
+    dec.feed(bytes(frame))
+    with pytest.raises(FrameError, match="DATA frame of 48 bytes: CRC mismatch"):
+        dec.next_frame()
+
+
+@pytest.mark.parametrize("ftype", [FrameType.TOKENS, FrameType.INCR_DATA, FrameType.ACK])
+def test_records_crc_flag_is_refused_on_other_frames(ftype):
+    dec = FrameDecoder()
+    dec.feed(frame_with(ftype, b"\x07" * 48, flags=FLAG_RECORDS_CRC))
+    with pytest.raises(FrameError, match=f"{ftype.name} frame has flag RECORDS_CRC, which only "
+                                         f"DATA frames may carry"):
+        dec.next_frame()
+    with pytest.raises(LocalProtocolError, match=f"cannot encode: {ftype.name} frame has flag"):
+        encode_header(ftype, [b"x"], flags=FLAG_RECORDS_CRC)
 
 
 def test_oversized_length_is_rejected_from_the_header_before_buffering_the_payload():
