@@ -8,10 +8,12 @@ import uuid as uuidlib
 import pytest
 
 from _secondary_helpers import fill, rec
-from replicator.journal import (AREA_START, ENTRY_HEADER_SIZE, FORMAT_VERSION, SB_OFFSETS,
-                                Journal, JournalError, JournalFull, entry_size)
+from replicator.crc32c import crc32c
+from replicator.journal import (_SB, AREA_START, ENTRY_FLAG_RECORDS_CRC, ENTRY_HEADER_SIZE,
+                                ENTRY_RECORDS, FORMAT_VERSION, SB_OFFSETS, Journal, JournalError,
+                                JournalFull, entry_size)
 from replicator.pending import PendingQueue
-from replicator.records import HEADER_SIZE
+from replicator.records import HEADER_SIZE, RecordError
 
 UUID = uuidlib.UUID("6f1c2a3e-0000-4000-8000-0000000000a1").bytes
 OTHER = uuidlib.UUID("6f1c2a3e-0000-4000-8000-0000000000b2").bytes
@@ -348,3 +350,128 @@ def test_damaged_record_is_never_returned(jpath, journal):
 def test_entry_larger_than_the_log_can_never_be_appended(journal):
     with pytest.raises(ValueError, match="can never fit"):
         journal.append(frame(1, n=70 * 1024)[0])
+
+
+# -- format 2: RECORDS entries checked by their records' own CRCs -------------
+
+def _entry_header(path, at):
+    with open(path, "rb") as f:
+        f.seek(at)
+        return struct.unpack("<IHHQIIQII", f.read(ENTRY_HEADER_SIZE))
+
+
+def test_records_entries_are_flagged_and_their_crc_covers_the_header(jpath, journal):
+    journal.append(frame(1, 2)[0])
+    journal.append_frame(frame(3)[0], 3)
+    journal.append_tokens(b"".join(t.pack() for t, _ in frame(4)[1]))
+    journal.commit()
+    flags = [_entry_header(jpath, at)[2] for at in _entry_offsets(journal)]
+    assert flags == [ENTRY_FLAG_RECORDS_CRC, ENTRY_FLAG_RECORDS_CRC, 0]
+    for at in _entry_offsets(journal)[:2]:
+        head = bytearray(_header_bytes(jpath, at))
+        crc = struct.unpack_from("<I", head, 32)[0]
+        head[32:36] = bytes(4)
+        assert crc == crc32c(bytes(head))
+
+
+def _header_bytes(path, at):
+    with open(path, "rb") as f:
+        f.seek(at)
+        return f.read(ENTRY_HEADER_SIZE)
+
+
+@pytest.mark.parametrize("where", ["data", "padding", "record header"])
+def test_a_damaged_record_ends_the_log_like_a_torn_entry(jpath, journal, where):
+    # The entry's CRC no longer covers the payload: the records' CRCs (and
+    # zero padding) must catch the damage when the journal is opened.
+    for s in (1, 2):
+        journal.append(frame(s)[0])
+    journal.append(frame(3, n=201)[0])  # 201 data bytes: 7 of padding
+    journal.commit()
+    last = _entry_offsets(journal)[-1] + ENTRY_HEADER_SIZE
+    journal.close()
+    at = {"data": last + HEADER_SIZE + 100, "padding": last + HEADER_SIZE + 203,
+          "record header": last + 16}[where]
+    garble(jpath, at, 1)
+    with Journal.open(jpath, UUID) as j:
+        assert [t.seq for t, _ in j.replay()] == [1, 2]
+
+
+def test_append_refuses_records_that_fail_their_crc(journal):
+    payload = bytearray(frame(1, 2)[0])
+    payload[HEADER_SIZE + 7] ^= 1
+    with pytest.raises(RecordError, match="record seq 1: CRC mismatch"):
+        journal.append(bytes(payload))
+    assert journal.entries == 0
+
+
+def test_entry_with_unknown_flags_is_an_error_not_a_torn_tail(jpath, journal):
+    journal.append(frame(1)[0])
+    journal.commit()
+    at = _entry_offsets(journal)[-1]
+    journal.close()
+    head = bytearray(_header_bytes(jpath, at))
+    head[6] = 0x03  # RECORDS_CRC and an unknown bit, with a valid CRC
+    head[32:36] = bytes(4)
+    head[32:36] = struct.pack("<I", crc32c(bytes(head)))
+    with open(jpath, "r+b") as f:
+        f.seek(at)
+        f.write(head)
+    with pytest.raises(JournalError, match=r"entry lsn \d+ at offset \d+ has unknown type 1 or "
+                                           r"flags 0x0003 \(written by a newer version\?\)"):
+        Journal.open(jpath, UUID)
+
+
+def _set_superblock_version(path, version):
+    with open(path, "r+b") as f:
+        for off in SB_OFFSETS:
+            f.seek(off)
+            raw = bytearray(f.read(_SB.size + 4))
+            struct.pack_into("<I", raw, 8, version)
+            struct.pack_into("<I", raw, _SB.size, crc32c(bytes(raw[:_SB.size])))
+            f.seek(off)
+            f.write(raw)
+
+
+def _superblock_versions(path):
+    with open(path, "rb") as f:
+        out = []
+        for off in SB_OFFSETS:
+            f.seek(off)
+            out.append(struct.unpack_from("<I", f.read(12), 8)[0])
+        return out
+
+
+def test_a_version_1_journal_replays_and_is_upgraded_on_open(jpath, journal):
+    # Version 1: every entry's CRC covers its payload, no flags.
+    recs = []
+    for s in (1, 2, 3):
+        payload, r = frame(s)
+        journal._append_entry(ENTRY_RECORDS, memoryview(payload), s)
+        recs += r
+    journal.commit()
+    journal.close()
+    _set_superblock_version(jpath, 1)
+    with Journal.open(jpath, UUID) as j:
+        got = list(j.replay())
+        assert [t.seq for t, _ in got] == [1, 2, 3]
+        assert [j.read_record(p) for _, p in got] == [raw for _, raw in recs]
+        j.append(frame(4)[0])
+        j.commit()
+    # Both slots say 2 now: an older Duplex refuses the journal instead of
+    # taking the flagged entry for a torn tail.
+    assert _superblock_versions(jpath) == [2, 2]
+    with Journal.open(jpath, UUID) as j:
+        assert [t.seq for t, _ in j.replay()] == [1, 2, 3, 4]
+
+
+def test_a_damaged_payload_in_a_version_1_entry_still_ends_the_log(jpath, journal):
+    for s in (1, 2):
+        journal._append_entry(ENTRY_RECORDS, memoryview(frame(s)[0]), s)
+    journal.commit()
+    last = _entry_offsets(journal)[-1]
+    journal.close()
+    _set_superblock_version(jpath, 1)
+    garble(jpath, last + ENTRY_HEADER_SIZE + HEADER_SIZE + 100, 1)
+    with Journal.open(jpath, UUID) as j:
+        assert [t.seq for t, _ in j.replay()] == [1]
