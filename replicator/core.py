@@ -31,7 +31,7 @@ from replicator._core import ffi as _ffi, lib as _lib  # ImportError until built
 __all__ = [
     "CoreError", "BitmapError", "ActivityLogError",
     "crc32c", "crc32c_sw", "crc32c_hw", "crc32c_hw_available",
-    "Bitmap", "ActivityLog", "Core", "WriteResult", "tokens",
+    "Bitmap", "ActivityLog", "Core", "WriteResult", "tokens", "uninit_buffer",
     "BITMAP_HEADER_SIZE", "RECORD_HEADER_SIZE",
 ]
 
@@ -125,6 +125,16 @@ def check_records(buf) -> int | None:
     or None when one is bad."""
     got = scan_records(buf)
     return None if got is None else got[0]
+
+
+_alloc_uninit = _ffi.new_allocator(should_clear_after_alloc=False)
+
+
+def uninit_buffer(n: int) -> memoryview:
+    """A writable buffer of *n* bytes whose memory is not zeroed first (a
+    received payload overwrites all of it; ``bytearray(n)`` would clear a
+    megabyte per DATA frame for nothing). Freed with the last reference."""
+    return memoryview(_ffi.buffer(_alloc_uninit("char[]", n)))
 
 
 def tokens(span) -> bytes:

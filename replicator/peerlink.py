@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from replicator import generations
+from replicator.core import uninit_buffer
 from replicator.errors import DuplexError
 from replicator.protocol.connection import CLOSED, NEED_DATA, Connection
 from replicator.protocol.errors import ErrorCode, ProtocolError
@@ -104,7 +105,7 @@ class PeerLink:
                 timeout: float = HANDSHAKE_TIMEOUT) -> "PeerLink":
         """Connect to *address*, authenticate, exchange STATE."""
         sock = socket.create_connection(address, timeout=timeout)
-        return cls._establish(sock, Connection(role, resource, node, secret),
+        return cls._establish(sock, Connection(role, resource, node, secret, allocate=uninit_buffer),
                               lambda peer: local_state, on_event, on_ack, timeout)
 
     @classmethod
@@ -118,7 +119,7 @@ class PeerLink:
         *on_idle(link)* runs on the reader thread whenever it has handled
         every frame received so far, before it waits for more bytes (the
         secondary's group commit)."""
-        return cls._establish(sock, Connection(role, resource, node, secret),
+        return cls._establish(sock, Connection(role, resource, node, secret, allocate=uninit_buffer),
                               state_for, on_event, None, timeout, on_idle)
 
     @classmethod

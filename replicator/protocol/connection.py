@@ -41,9 +41,8 @@ from replicator.protocol.auth import auth_mac, new_nonce, verify_mac
 from replicator.protocol.compat import check_peer_state
 from replicator.protocol.errors import ErrorCode, LocalProtocolError, ProtocolError
 from replicator.protocol.frames import (BULK_TYPES, DEFAULT_MAX_FRAME, MAX_CONTROL_PAYLOAD,
-                                        FrameDecoder, FrameType, encode_frame, encode_header,
-                                        frame_flags,
-                                        payload_limit, as_byte_views)
+                                        Allocate, FrameDecoder, FrameType, as_byte_views,
+                                        encode_frame, encode_header, frame_flags, payload_limit)
 from replicator.protocol.messages import (PROTOCOL_VERSION, ROLE_CODES, Auth, Error, Hello,
                                           Message, State, decode_message, truncate_utf8)
 from replicator.protocol.state import (AUTHENTICATING, CLOSED as CLOSED_STATE, ESTABLISHED,
@@ -71,11 +70,14 @@ class Connection:
 
     def __init__(self, role: str, resource: str, node: str, secret: bytes,
                  nonce: bytes | None = None, max_frame: int = DEFAULT_MAX_FRAME,
-                 max_control: int = MAX_CONTROL_PAYLOAD, check_state: bool = True) -> None:
+                 max_control: int = MAX_CONTROL_PAYLOAD, check_state: bool = True,
+                 allocate: Allocate = bytearray) -> None:
         """*role* is ours ("primary"/"secondary"); *secret* the resource's shared key.
 
         *nonce* (32 bytes) is our challenge; a fresh random one by default.
         *max_frame* bounds bulk payloads (TOKENS, DATA, INCR_DATA) both ways.
+        *allocate* gives the buffers large payloads are received into
+        (see :class:`FrameDecoder`).
         """
         if role not in ROLE_CODES:
             raise ValueError(f"role must be 'primary' or 'secondary', not {role!r}")
@@ -93,7 +95,8 @@ class Connection:
         self.max_control = max_control
         self.check_state = check_state
         self._cstate = ConnectionState()
-        self._decoder = FrameDecoder(max_frame, max_control, on_header=self._check_header)
+        self._decoder = FrameDecoder(max_frame, max_control, on_header=self._check_header,
+                                     allocate=allocate)
         self._out = bytearray()
         self._error: ProtocolError | None = None
         #: the peer's HELLO once received (its node name, nonce...)

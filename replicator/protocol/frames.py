@@ -177,6 +177,7 @@ def encode_frame(ftype: int, payload=b"", flags: int = 0) -> bytes:
 
 
 HeaderHook = Callable[[FrameType, int, int], None]
+Allocate = Callable[[int], object]  # n -> a writable buffer of n bytes
 
 
 class FrameDecoder:
@@ -192,23 +193,30 @@ class FrameDecoder:
     *on_header(type, flags, length)* is called once per frame when its header
     has passed the codec's checks and before any payload is buffered; it may
     raise (the Connection rejects out-of-state frames there).
+
+    *allocate(n)* gives the buffer a payload is assembled in (``bytearray``
+    by default). A receiver of large frames may pass one that does not zero
+    the memory first: every byte is written before the frame is returned.
     """
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME,
                  max_control: int = MAX_CONTROL_PAYLOAD,
-                 on_header: HeaderHook | None = None) -> None:
+                 on_header: HeaderHook | None = None,
+                 allocate: Allocate = bytearray) -> None:
         if max_frame <= 0 or max_control <= 0:
             raise ValueError(f"frame limits must be positive (max_frame={max_frame}, "
                              f"max_control={max_control})")
         self.max_frame = max_frame
         self.max_control = max_control
         self.on_header = on_header
+        self._allocate = allocate
         self._chunks: deque[memoryview] = deque()  # unparsed input, by reference
         self._pending = 0                          # bytes in _chunks
         self._hdr = bytearray(HEADER_SIZE)
         self._hdr_fill = 0
         self._head: tuple[FrameType, int, int, int] | None = None  # type, flags, length, crc
-        self._payload: bytearray | memoryview | None = None
+        self._payload: memoryview | None = None
+        self._assembling = False  # _payload is our own buffer being filled
         self._pay_fill = 0
         self._eof = False
         self._error: Exception | None = None
@@ -233,9 +241,9 @@ class FrameDecoder:
         A reader can ``recv_into`` it and call :meth:`received_into`,
         saving the copy from a chunk into the payload. None otherwise."""
         if (self._error is None and not self._eof and self._head is not None
-                and not self._chunks and isinstance(self._payload, bytearray)
+                and not self._chunks and self._assembling
                 and self._pay_fill < len(self._payload)):
-            return memoryview(self._payload)[self._pay_fill:]
+            return self._payload[self._pay_fill:]
         return None
 
     def received_into(self, n: int) -> None:
@@ -256,7 +264,7 @@ class FrameDecoder:
     @property
     def allocated(self) -> int:
         """Bytes the decoder itself allocated to assemble frames (header + payload buffer)."""
-        return HEADER_SIZE + (len(self._payload) if isinstance(self._payload, bytearray) else 0)
+        return HEADER_SIZE + (len(self._payload) if self._assembling else 0)
 
     @property
     def buffered(self) -> int:
@@ -277,6 +285,7 @@ class FrameDecoder:
             self._chunks.clear()
             self._pending = 0
             self._payload = None
+            self._assembling = False
             raise
 
     def _take(self, dest: memoryview) -> int:
@@ -309,21 +318,21 @@ class FrameDecoder:
             self._start_payload(length)
 
         ftype, flags, length, crc = self._head
-        if isinstance(self._payload, bytearray) and self._pay_fill < length:
-            self._pay_fill += self._take(memoryview(self._payload)[self._pay_fill:])
+        if self._assembling and self._pay_fill < length:
+            self._pay_fill += self._take(self._payload[self._pay_fill:])
         if self._pay_fill < length:
             if self._eof and self._pending == 0:
                 raise FrameError(f"connection closed inside a {ftype.name} frame "
                                  f"({self._pay_fill} of {length} payload bytes)")
             return None
 
-        payload = self._payload if isinstance(self._payload, memoryview) else memoryview(self._payload)
-        payload = payload.toreadonly()
+        payload = self._payload.toreadonly()
         head = bytes(self._hdr[:CRC_OFFSET]) + b"\0\0\0\0"
         actual = crc32c(head) if flags & FLAG_RECORDS_CRC else crc32c(payload, crc32c(head))
         self._head = None
         self._hdr_fill = 0
         self._payload = None
+        self._assembling = False
         self._pay_fill = 0
         if actual != crc:
             raise FrameError(f"{ftype.name} frame of {length} bytes: CRC mismatch "
@@ -350,6 +359,7 @@ class FrameDecoder:
     def _start_payload(self, length: int) -> None:
         """Pick where the payload will live: the input chunk itself, or one new buffer."""
         self._pay_fill = 0
+        self._assembling = False
         if length == 0:
             self._payload = memoryview(b"")
             return
@@ -364,4 +374,9 @@ class FrameDecoder:
                 self._chunks[0] = chunk[length:]
             self._pending -= length
             return
-        self._payload = bytearray(length)
+        buf = memoryview(self._allocate(length))
+        if buf.format != "B" or buf.ndim != 1 or buf.readonly or buf.nbytes != length:
+            raise LocalProtocolError(f"the payload allocator gave {buf.nbytes} bytes of "
+                                     f"format {buf.format!r} for a {length}-byte payload")
+        self._payload = buf
+        self._assembling = True

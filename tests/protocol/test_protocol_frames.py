@@ -375,3 +375,34 @@ def test_received_into_zero_is_eof_inside_the_frame():
     dec.received_into(0)
     with pytest.raises(FrameError, match="closed inside a DATA frame"):
         dec.next_frame()
+
+
+def test_payloads_are_assembled_in_buffers_from_the_given_allocator():
+    # The secondary passes an allocator that does not zero the memory; every
+    # byte must then come from the stream, whichever way it arrives.
+    asked = []
+
+    def allocate(n):
+        asked.append(n)
+        return memoryview(bytearray(b"\xee" * n))
+
+    big = bytes(range(256)) * 64
+    frame = encode_frame(FrameType.DATA, big)
+    dec = FrameDecoder(allocate=allocate)
+    dec.feed(frame[:1000])                     # assembled: copied from chunks
+    assert dec.next_frame() is None
+    space = dec.payload_space()
+    space[:5000] = frame[1000:6000]            # ... and received in place
+    dec.received_into(5000)
+    dec.feed(frame[6000:] + encode_frame(FrameType.PING, b"\x01" * 16))
+    f = dec.next_frame()
+    assert bytes(f.payload) == big and f.payload.readonly
+    assert dec.next_frame().type == FrameType.PING  # sliced from its chunk: no allocation
+    assert asked == [len(big)]
+
+
+def test_an_allocator_giving_the_wrong_buffer_is_a_local_error():
+    dec = FrameDecoder(allocate=lambda n: bytearray(n - 1))
+    dec.feed(encode_frame(FrameType.DATA, b"x" * 100)[:50])
+    with pytest.raises(LocalProtocolError, match="the payload allocator gave 99 bytes"):
+        dec.next_frame()
