@@ -249,16 +249,18 @@ class CatchUp:
                 zrun = None
             if off is not None:
                 zrun = [off, n] if zrun is None else [zrun[0], zrun[1] + n]
-        # Adjacent tracks with data travel as one piece.
-        run_off, run = None, []
+        # Adjacent tracks with data travel as one piece, of PIECE_BYTES at
+        # most (the frame is joined in memory).
+        run_off, run, run_len = 0, [], 0
         for off, data in pieces + [(None, b"")]:
-            if run and (off is None or off != run_off + sum(len(d) for d in run)):
+            if run and (off is None or off != run_off + run_len or run_len + len(data) > PIECE_BYTES):
                 self._send_piece(k, run_off, b"".join(run), prog)
-                run = []
+                run, run_len = [], 0
             if off is not None:
                 if not run:
                     run_off = off
                 run.append(data)
+                run_len += len(data)
 
     def _send_piece(self, k: int, off: int, data: bytes, prog: SyncProgress) -> None:
         self.link.send(IncrData(k, off, data))
@@ -271,7 +273,10 @@ class CatchUp:
                 time.sleep(min(ahead, 1.0))
 
     def _send_collisions(self, k: int, prog: SyncProgress) -> None:
-        self._send_pieces(k, self.core.collisions(), prog)
+        # In slices: the queue may hold COLLIDE_CAP bytes, and a copy of all
+        # of it would double the primary's memory for a moment.
+        while pieces := self.core.collisions(PIECE_BYTES, drain=False):
+            self._send_pieces(k, pieces, prog)
 
     def _await_commit(self, base: int, final: bool) -> None:
         deadline = time.monotonic() + COMMIT_TIMEOUT

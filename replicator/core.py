@@ -860,12 +860,14 @@ class Core:
             raise _oserror(n, f"reading track {track}")
         return bytes(_ffi.buffer(buf, n)) if n else None
 
-    def collisions(self, max_bytes: int = 8 << 20) -> list[tuple[int, bytes]]:
-        """The collision copies queued so far: [(offset, data)], oldest first."""
+    def collisions(self, max_bytes: int = 8 << 20, drain: bool = True) -> list[tuple[int, bytes]]:
+        """The collision copies queued so far: [(offset, data)], oldest first.
+        With *drain* false, only the first *max_bytes* or so of them (at
+        least one), so that a caller can send the queue in slices."""
         cap = max(max_bytes, self.oos.track_size + 16)
         buf = _ffi.new("unsigned char[]", cap)
         out: list[tuple[int, bytes]] = []
-        while True:
+        while drain or not out:
             n = _lib.core_collisions(self._ptr(), buf, cap)
             if n < 0:
                 raise _oserror(n, "collision queue")
@@ -877,6 +879,7 @@ class Core:
                 off, length = struct.unpack_from("<QI", mv, pos)
                 out.append((off, bytes(mv[pos + 16:pos + 16 + length])))
                 pos += 16 + ((length + 7) & ~7)
+        return out
 
     @property
     def collision_overflowed(self) -> bool:

@@ -154,3 +154,28 @@ def test_freeze_with_stream_resumes_the_ring_after_the_base(core):
     c.set_cr(None)
     frozen.close()
     cr.close()
+
+
+def test_collision_copies_can_be_taken_in_slices(core):
+    # The shipper sends the queue slice by slice, so that it never holds a
+    # second copy of all of it (up to COLLIDE_CAP bytes).
+    c, dev = core
+    c.drop()
+    c.oos.set_range(0, SIZE)
+    before = dev.read_bytes()
+    frozen, cr = _bitmaps()
+    c.freeze(frozen, cr, 1 << 20, stream=False)
+    for t in range(10):
+        c.write(b"\x5a" * 64, t * TRACK)
+    slices = []
+    while got := c.collisions(2 * TRACK, drain=False):
+        slices.append(got)
+    assert [len(s) for s in slices] == [1] * 10  # a slice has room for one track + header
+    got = [p for s in slices for p in s]
+    assert got == [(t * TRACK, before[t * TRACK:(t + 1) * TRACK]) for t in range(10)]
+    c.write(b"\x5a" * 64, 11 * TRACK)
+    assert c.collisions(64 * TRACK, drain=False) == [(11 * TRACK, before[11 * TRACK:12 * TRACK])]
+    c.thaw()
+    c.set_cr(None)
+    frozen.close()
+    cr.close()
