@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -100,3 +101,22 @@ def test_repeated_rounds_report_the_median_round_and_every_rounds_iops():
     assert pick.rounds == [30e3, 10e3, 20e3]
     failed = Result(w, "(c) x", "c", failed="run failed: boom")
     assert median_result([runs[0], failed]) is failed  # a failure is shown, not hidden
+
+
+def test_lag_is_left_out_when_the_pair_hardly_streamed():
+    from bench_replication import MIN_LAG_SAMPLES, _LagSampler
+    states = iter([{"connection": "Established", "lag": {"seconds": 0.0}}]
+                  + [{"connection": "Ahead", "ring": {"drops": 1}}] * 50)
+    s = _LagSampler(lambda: next(states, {"connection": "Ahead"}), 0.001)
+    s.start()
+    time.sleep(0.2)
+    s.stop()
+    m = s.metrics()
+    assert m["ring_drops"] == 1 and m["not_streaming"] > 0.9
+    assert "lag_p50_ns" not in m, "one streaming sample is not a lag measurement"
+    s = _LagSampler(lambda: {"connection": "Established", "lag": {"seconds": 0.003}}, 0.001)
+    s.start()
+    while len(s._samples) < MIN_LAG_SAMPLES:
+        time.sleep(0.01)
+    s.stop()
+    assert s.metrics()["lag_p50_ns"] == pytest.approx(3e6)
