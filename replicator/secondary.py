@@ -58,6 +58,7 @@ log = logging.getLogger("duplex.secondary")
 RUN_BYTES = 8 << 20          # apply at most this much between acks
 CHECKPOINT_INTERVAL = 1.0    # seconds between image fdatasync + journal checkpoint
 CHECKPOINT_BYTES = 64 << 20  # ...or after this much was applied
+IDLE_CHECKPOINT = 0.05       # ...or once idle, but not more often than this
 ACK_INTERVAL = 0.002         # "applied" acks are coalesced over this long
 
 
@@ -491,8 +492,12 @@ class Secondary(IncrementReceiver):
             since_ckpt += applied
             run = applied > 0
             now = time.monotonic()
+            # Idle: free the journal soon, but a stream that leaves the
+            # applier idle between every record must not cost two
+            # fdatasyncs per record on a real disk.
+            idle_due = not run and now - last_ckpt >= IDLE_CHECKPOINT
             if since_ckpt and (since_ckpt >= CHECKPOINT_BYTES or now - last_ckpt >= CHECKPOINT_INTERVAL
-                               or not run or self._room_wanted()):
+                               or idle_due or self._room_wanted()):
                 self._checkpoint()
                 since_ckpt = 0
                 last_ckpt = now
@@ -503,7 +508,7 @@ class Secondary(IncrementReceiver):
                 self._send_ack(force=True)
             if self._stop.is_set():
                 return
-            self._apply_wake.wait(0.2)
+            self._apply_wake.wait(IDLE_CHECKPOINT if since_ckpt else 0.2)
             self._apply_wake.clear()
 
     def apply_next_run(self, limit: int | None = None) -> int:
