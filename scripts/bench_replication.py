@@ -46,7 +46,9 @@ for _p in (str(REPO / "tests"), str(REPO / "scripts")):
 from bench_table import Table, fmt_bytes, fmt_count, fmt_mbps, fmt_ns, ratio  # noqa: E402
 from fixtures.images import shm_directory, touch_pages  # noqa: E402
 from fixtures.nbdkit import start_nbdkit  # noqa: E402
-from fixtures.processes import ManagedProcess, ProcessGroup, peak_rss_bytes  # noqa: E402
+from fixtures.processes import (ManagedProcess, ProcessGroup, cpu_seconds,  # noqa: E402
+                                peak_rss_bytes)
+from bench_floor import CopyCosts, floor_mb_per_s, measure_copy_costs  # noqa: E402
 
 PASSTHROUGH_PLUGIN = REPO / "scripts" / "passthrough_plugin.py"
 THREAD_MODELS = ("serialize_all_requests", "serialize_requests", "parallel")
@@ -65,6 +67,9 @@ class Workload:
     key: str
     label: str
     fio_args: tuple[str, ...]
+    #: Large sequential writes: bytes, not requests, are the cost, so the
+    #: copy floor (bench_floor.py) applies.
+    bulk: bool = False
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -73,7 +78,7 @@ WORKLOADS: dict[str, Workload] = {
                  ("--rw=randwrite", "--bs=4k", "--iodepth=16", "--norandommap",
                   "--randrepeat=0")),
         Workload("seqwrite-1m", "1 MiB sequential write, iodepth 4",
-                 ("--rw=write", "--bs=1M", "--iodepth=4")),
+                 ("--rw=write", "--bs=1M", "--iodepth=4"), bulk=True),
     )
 }
 
@@ -93,6 +98,8 @@ class Running:
     #: Extra numbers measured by the target itself after the run, e.g.
     #: {"lag_p50_ns": ..., "lag_p99_ns": ...} for replication lag.
     metrics: Callable[[], dict[str, float]] = field(default=lambda: {})
+    #: Every server process (for the CPU they use during the run).
+    pids: Callable[[], list[int]] = field(default=lambda: [])
 
 
 def rss_of(*named: tuple[str, ManagedProcess]) -> Callable[[], list[tuple[str, int | None]]]:
@@ -151,7 +158,8 @@ class FilePluginTarget(Target):
     def start(self, ctx: Context) -> Running:
         server = start_nbdkit(ctx.procs, "file", [str(ctx.image)], workdir=ctx.workdir,
                               name="nbdkit-file")
-        return Running(server.uri, rss_of(("nbdkit", server.process)), server.stop)
+        return Running(server.uri, rss_of(("nbdkit", server.process)), server.stop,
+                       pids=lambda: [server.process.pid])
 
 
 class PassthroughTarget(Target):
@@ -176,7 +184,8 @@ class PassthroughTarget(Target):
                               [f"file={ctx.image}", f"threads={self.model}",
                                f"pin={1 if self.pin else 0}"],
                               workdir=ctx.workdir, name="nbdkit-passthrough")
-        return Running(server.uri, rss_of(("nbdkit", server.process)), server.stop)
+        return Running(server.uri, rss_of(("nbdkit", server.process)), server.stop,
+                       pids=lambda: [server.process.pid])
 
 
 class DuplexTarget(Target):
@@ -245,7 +254,11 @@ class DuplexTarget(Target):
             primary = peak_rss_bytes(nbdkits[0]) if nbdkits else lab.primary.peak_rss_bytes()
             return [("primary", primary), ("secondary", lab.secondary.peak_rss_bytes())]
 
-        return Running(lab.uri, rss, stop, sampler.metrics)
+        def pids() -> list[int]:
+            return [pid for p in (lab.primary, lab.secondary)
+                    for pid in (p.pid, *(c for c, _ in descendants(p.pid)))]
+
+        return Running(lab.uri, rss, stop, sampler.metrics, pids)
 
 
 class _LagSampler:
@@ -315,6 +328,22 @@ class Result:
     failed: str | None = None
     #: IOPS of every round (--repeat), this result being the median one.
     rounds: list[float] = field(default_factory=list)
+    #: CPUs kept busy during the run: the server processes, and fio.
+    server_cpus: float | None = None
+    fio_cpus: float | None = None
+
+    @property
+    def cpus(self) -> float | None:
+        """Server and fio CPUs together."""
+        if self.server_cpus is None or self.fio_cpus is None:
+            return None
+        return self.server_cpus + self.fio_cpus
+
+    def cpu_per_mib(self) -> float | None:
+        """CPU seconds (server and fio) per MiB written."""
+        if self.cpus is None or not self.bw_bytes:
+            return None
+        return self.cpus / (self.bw_bytes / (1 << 20))
 
 
 def median_result(runs: Sequence[Result]) -> Result:
@@ -340,7 +369,8 @@ def parse_size(text: str) -> int:
 
 
 def run_fio(uri: str, workload: Workload, runtime: float, ramp: float, out: Path) -> dict:
-    """Run fio with its nbd engine; return the write side of its JSON report."""
+    """Run fio with its nbd engine; return the job of its JSON report
+    (``write`` holds the numbers of the writes, ``usr_cpu``/``sys_cpu`` fio's CPU %)."""
     argv = ["fio", "--name=duplex-bench", "--ioengine=nbd", f"--uri={uri}",
             *workload.fio_args, "--time_based", f"--runtime={runtime:g}",
             f"--ramp_time={ramp:g}", "--lat_percentiles=1",
@@ -359,7 +389,7 @@ def run_fio(uri: str, workload: Workload, runtime: float, ramp: float, out: Path
     job = report["jobs"][0]
     if job.get("error"):
         raise RuntimeError(f"fio job error {job['error']} on {uri}")
-    return job["write"]
+    return job
 
 
 def measure(target: Target, workload: Workload, options: argparse.Namespace,
@@ -393,8 +423,13 @@ def measure(target: Target, workload: Workload, options: argparse.Namespace,
         stopped = False
         try:
             progress(f"{target.label}, {workload.label}: {options.runtime:g} s ...")
-            write = run_fio(running.uri, workload, options.runtime, options.ramp,
-                            shm / "fio.json")
+            pids = running.pids()
+            cpu0, t0 = _cpu_of(pids), time.monotonic()
+            job = run_fio(running.uri, workload, options.runtime, options.ramp,
+                          shm / "fio.json")
+            result.server_cpus = (_cpu_of(pids) - cpu0) / (time.monotonic() - t0)
+            result.fio_cpus = (job.get("usr_cpu", 0) + job.get("sys_cpu", 0)) / 100
+            write = job["write"]
             # VmHWM must be read while the process still exists.
             rss = running.rss()
             stopped = True
@@ -415,16 +450,23 @@ def measure(target: Target, workload: Workload, options: argparse.Namespace,
     return result
 
 
+def _cpu_of(pids: Sequence[int]) -> float:
+    """CPU seconds the live processes among *pids* used so far."""
+    return sum(cpu_seconds(p) or 0.0 for p in pids)
+
+
 def _dump_logs(procs: ProcessGroup) -> None:
     """The server logs of a failed run, on stderr (they are deleted with the scratch dir)."""
     for title, text in procs.logs(tail_bytes=3000):
         print(f"--- {title} ---\n{text.rstrip()}", file=sys.stderr)
 
 
-def build_table(results: Sequence[Result], options: argparse.Namespace) -> Table:
-    """The report: one section per workload, one row per target, ratios of IOPS."""
+def build_table(results: Sequence[Result], options: argparse.Namespace,
+                costs: CopyCosts | None = None) -> Table:
+    """The report: one section per workload, one row per target, ratios of
+    IOPS; with *costs*, the copy floor under the bulk workload's (c)."""
     table = Table("Replication cost: fio nbd engine -> nbdkit, image on tmpfs",
-                  ["target", ("IOPS", ">"), ("MB/s", ">"), ("p99 lat", ">"),
+                  ["target", ("IOPS", ">"), ("MB/s", ">"), ("p99 lat", ">"), ("CPUs", ">"),
                    ("vs (a)", ">"), ("vs (b)", ">"), ("vs (p)", ">"), ("lag p50", ">"),
                    ("lag p99", ">"), "peak RSS"])
     for workload in {r.workload.key: r.workload for r in results}.values():
@@ -440,6 +482,7 @@ def build_table(results: Sequence[Result], options: argparse.Namespace) -> Table
             rss = ", ".join(f"{name} {fmt_bytes(v) if v else '?'}" for name, v in r.rss)
             table.add_row(
                 r.target_label, fmt_count(r.iops), fmt_mbps(r.bw_bytes), fmt_ns(r.p99_ns),
+                f"{r.cpus:.2f}" if r.cpus is not None else None,
                 ratio(r.iops, base.get("a")) if r.target_key != "a" else None,
                 ratio(r.iops, base.get("b")) if r.target_key == "c" else None,
                 ratio(r.iops, base.get("p")) if r.target_key == "c" else None,
@@ -455,6 +498,11 @@ def build_table(results: Sequence[Result], options: argparse.Namespace) -> Table
                    "streaming")
     table.add_note("(p) keeps one Python thread state per nbdkit connection thread, as "
                    "Duplex's plugin does; (b) lets nbdkit make and free one per request")
+    table.add_note(f"CPUs: CPU time of the server processes and of fio over the run's wall "
+                   f"time ({os.cpu_count()} CPUs here, shared by all of them)")
+    if costs is not None:
+        for note in floor_notes(results, costs):
+            table.add_note(note)
     if options.repeat > 1:
         table.add_note(f"each row: the median of {options.repeat} rounds, the targets "
                        "interleaved; IOPS of every round:")
@@ -477,6 +525,28 @@ def build_table(results: Sequence[Result], options: argparse.Namespace) -> Table
             said.add((r.target_key, why))
             table.add_note(f"{r.target_label}: {_one_line(why)}")
     return table
+
+
+def floor_notes(results: Sequence[Result], costs: CopyCosts) -> list[str]:
+    """What the copy floor says about each bulk workload's (c): the bound
+    given (b)'s CPU per MiB and the copies replication adds (bench_floor)."""
+    notes = []
+    for wkey in {r.workload.key for r in results if r.workload.bulk}:
+        rows = {r.target_key: r for r in results if r.workload.key == wkey}
+        b, c = rows.get("b"), rows.get("c")
+        if b is None or b.cpu_per_mib() is None or not b.bw_bytes:
+            continue
+        cpus = os.cpu_count() or 1
+        bound = floor_mb_per_s(b.cpu_per_mib(), costs, cpus)
+        notes.append(
+            f"copy floor, {b.workload.label}: (b) used {b.cpu_per_mib() * 1e3:.2f} ms of CPU "
+            f"per MiB (server and fio); replicating adds at least "
+            f"{costs.replication * 1e3:.2f} ms ({costs.describe()}; measured in this run), "
+            f"so on {cpus} CPUs (c) cannot pass {bound:.0f} MB/s = "
+            f"{bound * 1e6 / b.bw_bytes:.2f}x (b)"
+            + (f"; (c) reached {c.bw_bytes / (bound * 1e6):.2f} of that bound"
+               if c is not None and c.bw_bytes else ""))
+    return notes
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -543,8 +613,12 @@ def run(argv: Sequence[str]) -> Table:
                 for tkey in options.target_keys:
                     runs.setdefault((wkey, tkey), []).append(
                         measure(targets[tkey], WORKLOADS[wkey], options, shm))
+        costs = None
+        if any(WORKLOADS[w].bulk for w in options.workload_keys) and "b" in options.target_keys:
+            progress("copy floor: timing the copies replication cannot avoid ...")
+            costs = measure_copy_costs(shm)
     progress(f"done in {time.monotonic() - started:.0f} s")
-    return build_table([median_result(r) for r in runs.values()], options)
+    return build_table([median_result(r) for r in runs.values()], options, costs)
 
 
 if __name__ == "__main__":

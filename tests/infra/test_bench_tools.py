@@ -120,3 +120,38 @@ def test_lag_is_left_out_when_the_pair_hardly_streamed():
         time.sleep(0.01)
     s.stop()
     assert s.metrics()["lag_p50_ns"] == pytest.approx(3e6)
+
+
+def test_copy_floor_bounds_c_by_b_cpu_per_mib_plus_the_copies():
+    from bench_floor import CopyCosts, floor_mb_per_s
+    from bench_replication import floor_notes
+    mib = 1 << 20
+    costs = CopyCosts(memcpy=0.05e-3, crc=0.05e-3, tcp=0.5e-3, file_write=0.2e-3)
+    assert costs.replication == pytest.approx(1.0e-3)
+    # (b): 1000 MiB/s with 0.5 CPU of server and 0.5 of fio: 1 ms per MiB.
+    w = WORKLOADS["seqwrite-1m"]
+    b = Result(w, "(b) x", "b", iops=1000, bw_bytes=1000 * mib, server_cpus=0.5, fio_cpus=0.5)
+    c = Result(w, "(c) x", "c", iops=400, bw_bytes=400 * mib, server_cpus=1.5, fio_cpus=0.2)
+    assert b.cpu_per_mib() == pytest.approx(1e-3)
+    # 2 CPUs / (1 ms + 1 ms per MiB) = 1000 MiB/s
+    assert floor_mb_per_s(b.cpu_per_mib(), costs, 2) == pytest.approx(1000 * mib / 1e6)
+    (note,) = floor_notes([b, c], costs)
+    cpus = os.cpu_count()
+    assert f"(b) used 1.00 ms of CPU per MiB" in note
+    assert "replicating adds at least 1.00 ms" in note
+    assert f"{cpus / 2:.2f}x (b)" in note
+    assert f"(c) reached {0.4 / (cpus / 2):.2f} of that bound" in note
+    # Only bulk workloads: per-request costs dominate small writes.
+    r4 = WORKLOADS["randwrite-4k"]
+    assert floor_notes([Result(r4, "(b) x", "b", iops=1, bw_bytes=4096, server_cpus=1,
+                               fio_cpus=1)], costs) == []
+
+
+def test_copy_costs_are_measured_per_mib(tmp_path):
+    from bench_floor import measure_copy_costs
+    costs = measure_copy_costs(tmp_path, mib=24)
+    for name in ("memcpy", "crc", "tcp", "file_write"):
+        v = getattr(costs, name)
+        assert 0 <= v < 0.05, f"{name}: {v * 1e3:.3f} ms per MiB is not a per-MiB cost"
+    assert costs.replication > 0
+    assert not list(tmp_path.iterdir()), "the scratch file was left behind"
