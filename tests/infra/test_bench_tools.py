@@ -137,7 +137,7 @@ def test_copy_floor_bounds_c_by_b_cpu_per_mib_plus_the_copies():
     assert floor_mb_per_s(b.cpu_per_mib(), costs, 2) == pytest.approx(1000 * mib / 1e6)
     (note,) = floor_notes([b, c], costs)
     cpus = os.cpu_count()
-    assert f"(b) used 1.00 ms of CPU per MiB" in note
+    assert "(b) used 1.00 ms of CPU per MiB" in note
     assert "replicating adds at least 1.00 ms" in note
     assert f"{cpus / 2:.2f}x (b)" in note
     assert f"(c) reached {0.4 / (cpus / 2):.2f} of that bound" in note
