@@ -34,6 +34,15 @@ def _bitmaps():
     return (Bitmap.create(None, UUID, TRACK, NTRACKS), Bitmap.create(None, UUID, TRACK, NTRACKS))
 
 
+def _freeze(c: Core, cap: int, dirty: int = SIZE) -> tuple[Bitmap, Bitmap, int]:
+    """Ahead with the first *dirty* bytes out of sync, then freeze them:
+    (frozen map, CR map, base seq)."""
+    c.drop()
+    c.oos.set_range(0, dirty)
+    frozen, cr = _bitmaps()
+    return frozen, cr, c.freeze(frozen, cr, cap, stream=False)
+
+
 def _drain(c: Core, frozen: Bitmap) -> dict[int, bytes]:
     got: dict[int, bytes] = {}
     t = frozen.find_next(0)
@@ -50,11 +59,8 @@ def _drain(c: Core, frozen: Bitmap) -> dict[int, bytes]:
 
 def test_write_to_a_frozen_track_goes_into_the_increment_as_it_was(core):
     c, dev = core
-    c.drop()
-    c.oos.set_range(0, SIZE)
     before = dev.read_bytes()
-    frozen, cr = _bitmaps()
-    base = c.freeze(frozen, cr, 1 << 20, stream=False)
+    frozen, cr, base = _freeze(c, 1 << 20)
     assert base == c.next_seq - 1
     c.write(b"\xee" * 100, 5 * TRACK + 10)         # a frozen track, not drained yet
     c.write(b"\xdd" * TRACK, 9 * TRACK)            # another one, whole track
@@ -74,10 +80,7 @@ def test_write_to_a_frozen_track_goes_into_the_increment_as_it_was(core):
 
 def test_write_to_an_already_drained_track_is_not_copied(core):
     c, dev = core
-    c.drop()
-    c.oos.set_range(0, 4 * TRACK)
-    frozen, cr = _bitmaps()
-    c.freeze(frozen, cr, 1 << 20, stream=False)
+    frozen, cr, _ = _freeze(c, 1 << 20, dirty=4 * TRACK)
     first = c.drain_track(0)
     assert first is not None
     c.write(b"\x11" * 512, 0)
@@ -91,11 +94,8 @@ def test_write_to_an_already_drained_track_is_not_copied(core):
 
 def test_concurrent_writers_never_leak_into_the_increment(core):
     c, dev = core
-    c.drop()
-    c.oos.set_range(0, SIZE)
     before = dev.read_bytes()
-    frozen, cr = _bitmaps()
-    c.freeze(frozen, cr, 8 << 20, stream=False)
+    frozen, cr, _ = _freeze(c, 8 << 20)
     stop = threading.Event()
 
     def writer(n: int) -> None:
@@ -126,10 +126,7 @@ def test_concurrent_writers_never_leak_into_the_increment(core):
 
 def test_collision_queue_overflow_is_reported_not_dropped(core):
     c, dev = core
-    c.drop()
-    c.oos.set_range(0, SIZE)
-    frozen, cr = _bitmaps()
-    c.freeze(frozen, cr, 2 * (TRACK + 16), stream=False)
+    frozen, cr, _ = _freeze(c, 2 * (TRACK + 16))
     for t in range(4):
         c.write(b"\x01" * 512, t * TRACK)
     assert c.collision_overflowed
@@ -160,11 +157,8 @@ def test_collision_copies_can_be_taken_in_slices(core):
     # The shipper sends the queue slice by slice, so that it never holds a
     # second copy of all of it (up to COLLIDE_CAP bytes).
     c, dev = core
-    c.drop()
-    c.oos.set_range(0, SIZE)
     before = dev.read_bytes()
-    frozen, cr = _bitmaps()
-    c.freeze(frozen, cr, 1 << 20, stream=False)
+    frozen, cr, _ = _freeze(c, 1 << 20)
     for t in range(10):
         c.write(b"\x5a" * 64, t * TRACK)
     slices = []
