@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from replicator.core import Bitmap
 from replicator.peerlink import LinkError, PeerLink
 from replicator.protocol.messages import IncrBegin, IncrCommit, IncrData, IncrZero, VerifyReq
-from replicator.verify import track_digest, track_runs
+from replicator.verify import is_zero, track_digest, track_runs, zero_digest
 
 if TYPE_CHECKING:
     from replicator.shipper import Shipper
@@ -43,14 +43,6 @@ PIECE_BYTES = 1 << 20      # INCR_DATA frames carry at most this much
 MATCH_BATCH = 256          # tracks whose digests are asked for at once
 MATCH_AHEAD = 4            # batches whose digests are asked for in advance
 COMMIT_TIMEOUT = 120.0
-
-
-_ZEROS = bytes(1 << 20)
-
-
-def _is_zero(data: bytes) -> bool:
-    """All zero bytes? (a memcmp against zeros, not a Python loop)"""
-    return len(data) <= len(_ZEROS) and data == _ZEROS[:len(data)]
 
 
 def _batches(frozen: Bitmap, size: int):
@@ -222,7 +214,7 @@ class CatchUp:
     def _same(self, their_digest: int, data: bytes) -> bool:
         """Does the peer's track (by digest) hold *data*? When the peer's
         track is zero and ours is not, no hashing is needed."""
-        if their_digest == track_digest(bytes(len(data))) and not _is_zero(data):
+        if their_digest == zero_digest(len(data)) and not is_zero(data):
             return False
         return their_digest == track_digest(data)
 
@@ -238,7 +230,7 @@ class CatchUp:
     def _send_pieces(self, k: int, pieces: list[tuple[int, bytes]], prog: SyncProgress) -> None:
         # All-zero tracks travel as markers (an initial sync of a mostly
         # empty device moves almost nothing); adjacent ones as one marker.
-        zero = [_is_zero(d) for _, d in pieces]
+        zero = [is_zero(d) for _, d in pieces]
         zeros = [(off, len(d)) for (off, d), z in zip(pieces, zero) if z]
         pieces = [p for p, z in zip(pieces, zero) if not z]
         zrun: list[int] | None = None

@@ -854,7 +854,7 @@ class Core:
     def drain_track(self, track: int) -> bytes | None:
         """Take *track* from the frozen map and read it (under its lock);
         None if a write already put it in the collision queue."""
-        buf = _ffi.new("unsigned char[]", self.oos.track_size)
+        buf = _alloc_uninit("unsigned char[]", self.oos.track_size)  # read over: no memset
         n = _lib.core_drain_track(self._ptr(), track, buf, self.oos.track_size)
         if n < 0:
             raise _oserror(n, f"reading track {track}")

@@ -36,21 +36,39 @@ class VerifyError(DuplexError):
     """Verify cannot run (no peer, one already running)."""
 
 
-_ZEROS = bytes(1 << 20)
+_MAX_ZEROS = 4 << 20
+_zeros: dict[int, bytes] = {}       # n -> bytes(n): tracks and pieces come in few sizes
 _zero_digests: dict[int, int] = {}
+
+
+def is_zero(data) -> bool:
+    """Is *data* (bytes or bytearray) all zero bytes? One memcmp against a
+    cached zero buffer of its length: no copy, no Python loop."""
+    n = len(data)
+    if n > _MAX_ZEROS:  # rare (huge tracks): in slices
+        mv = memoryview(data)
+        return all(is_zero(bytes(mv[i:i + _MAX_ZEROS])) for i in range(0, n, _MAX_ZEROS))
+    zeros = _zeros.get(n)
+    if zeros is None:
+        if len(_zeros) >= 64:
+            _zeros.clear()  # odd sizes (a device's last track) must not pile up
+        zeros = _zeros[n] = bytes(n)
+    return data == zeros
 
 
 def track_digest(data) -> int:
     """The 64-bit digest both sides compare for a track (BLAKE2b: a CRC is
     too weak to decide that two tracks are equal without sending them).
     All-zero tracks (common: new and sparse devices) skip the hashing."""
-    n = len(data)
-    if n <= len(_ZEROS) and data == _ZEROS[:n]:
-        d = _zero_digests.get(n)
-        if d is None:
-            d = _zero_digests[n] = _blake(data)
-        return d
-    return _blake(data)
+    return zero_digest(len(data)) if is_zero(data) else _blake(data)
+
+
+def zero_digest(n: int) -> int:
+    """track_digest of *n* zero bytes (cached)."""
+    d = _zero_digests.get(n)
+    if d is None:
+        d = _zero_digests[n] = _blake(bytes(n))
+    return d
 
 
 def _blake(data) -> int:

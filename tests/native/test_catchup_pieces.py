@@ -52,3 +52,13 @@ def test_zero_tracks_travel_as_markers_between_data():
     data = [(m.offset, len(m.data)) for m in link.sent if isinstance(m, IncrData)]
     assert zeros == [(TRACK, 2 * TRACK), (9 * TRACK, TRACK)]
     assert data == [(0, TRACK), (3 * TRACK, TRACK)]
+
+
+def test_zero_check_takes_any_length_without_copying_the_data():
+    from replicator.verify import is_zero, track_digest, zero_digest
+    for n in (0, 1, 4095, TRACK, PIECE_BYTES, (4 << 20) + 3, 9 << 20):
+        assert is_zero(bytes(n)) and is_zero(bytearray(n))
+        if n:
+            assert not is_zero(bytes(n - 1) + b"\x01")
+            assert not is_zero(b"\x01" + bytes(n - 1))
+    assert track_digest(bytes(TRACK)) == zero_digest(TRACK) != track_digest(b"\x01" * TRACK)
