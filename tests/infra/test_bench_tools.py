@@ -137,10 +137,15 @@ def test_copy_floor_bounds_c_by_b_cpu_per_mib_plus_the_copies():
     assert floor_mb_per_s(b.cpu_per_mib(), costs, 2) == pytest.approx(1000 * mib / 1e6)
     (note,) = floor_notes([b, c], costs)
     cpus = os.cpu_count()
-    assert "(b) used 1.00 ms of CPU per MiB" in note
+    assert "serving the writes cost at least 1.00 ms of CPU per MiB (server and fio, (b)" in note
     assert "replicating adds at least 1.00 ms" in note
     assert f"{cpus / 2:.2f}x (b)" in note
     assert f"(c) reached {0.4 / (cpus / 2):.2f} of that bound" in note
+    # The cheapest server sets the base: (p) at 0.5 ms per MiB.
+    p = Result(w, "(p) x", "p", iops=1000, bw_bytes=1000 * mib, server_cpus=0.3, fio_cpus=0.2)
+    (note,) = floor_notes([b, p, c], costs)
+    assert "0.50 ms of CPU per MiB (server and fio, (p), the cheapest)" in note
+    assert f"{cpus / 1.5:.2f}x (b)" in note
     # Only bulk workloads: per-request costs dominate small writes.
     r4 = WORKLOADS["randwrite-4k"]
     assert floor_notes([Result(r4, "(b) x", "b", iops=1, bw_bytes=4096, server_cpus=1,
