@@ -529,7 +529,10 @@ def _undo(record: dict[str, Any], resource: Resource, node: Node, strict: bool) 
         try:
             os.rmdir(mount_dir)
         except OSError:
-            pass  # still mounted (a non-strict step failed) or not empty: leave it
+            return  # still mounted (a non-strict step failed) or not empty: leave it
+        # nbdfuse is gone: its pid file would only name a pid that may be
+        # reused. Its log stays, for whoever wonders how it ended.
+        (Path(mount_dir).parent / "nbdfuse.pid").unlink(missing_ok=True)
 
 
 def detach(config: Config, resource: Resource, node: Node) -> str:

@@ -172,6 +172,8 @@ def test_cli_attach_prints_the_device_and_detach_undoes_it(served, run_dir, caps
     finally:
         code = cli.main([*argv, "detach", "r0"])
     assert code == 0 and capsys.readouterr().out == f"r0: detached {device}\n"
+    left = sorted(p.name for p in run_dir.rglob("*") if p.is_file())
+    assert left == ["nbdfuse.log"], f"detach left {left} behind (a stale pid file misleads)"
     assert cli.main([*argv, "detach", "r0"]) == 1
     assert capsys.readouterr().err == (f"duplex: error: resource r0 is not attached on node alpha "
                                        f"(no {alpha.meta_dir}/attach.json)\n")
