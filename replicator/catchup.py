@@ -245,7 +245,8 @@ class CatchUp:
         # most (the frame is joined in memory).
         run_off, run, run_len = 0, [], 0
         for off, data in pieces + [(None, b"")]:
-            if run and (off is None or off != run_off + run_len or run_len + len(data) > PIECE_BYTES):
+            if run and (off is None or off != run_off + run_len
+                        or run_len + len(data) > PIECE_BYTES):
                 self._send_piece(k, run_off, b"".join(run), prog)
                 run, run_len = [], 0
             if off is not None:

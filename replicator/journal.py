@@ -369,8 +369,7 @@ class Journal:
                 reasons.append(f"slot {slot}: checksum mismatch")
                 continue
             fields = _SB.unpack_from(raw)
-            if best is None or fields[5] > best[5] or (fields[5] == best[5] and
-                                                       fields[1] > best[1]):
+            if best is None or fields[5] > best[5]:
                 best = fields
         if best is not None:
             return best

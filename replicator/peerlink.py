@@ -105,8 +105,8 @@ class PeerLink:
                 timeout: float = HANDSHAKE_TIMEOUT) -> "PeerLink":
         """Connect to *address*, authenticate, exchange STATE."""
         sock = socket.create_connection(address, timeout=timeout)
-        return cls._establish(sock, Connection(role, resource, node, secret, allocate=uninit_buffer),
-                              lambda peer: local_state, on_event, on_ack, timeout)
+        conn = Connection(role, resource, node, secret, allocate=uninit_buffer)
+        return cls._establish(sock, conn, lambda peer: local_state, on_event, on_ack, timeout)
 
     @classmethod
     def accept(cls, sock: socket.socket, *, role: str, resource: str, node: str,
@@ -119,8 +119,8 @@ class PeerLink:
         *on_idle(link)* runs on the reader thread whenever it has handled
         every frame received so far, before it waits for more bytes (the
         secondary's group commit)."""
-        return cls._establish(sock, Connection(role, resource, node, secret, allocate=uninit_buffer),
-                              state_for, on_event, None, timeout, on_idle)
+        conn = Connection(role, resource, node, secret, allocate=uninit_buffer)
+        return cls._establish(sock, conn, state_for, on_event, None, timeout, on_idle)
 
     @classmethod
     def _establish(cls, sock, conn: Connection, state_for, on_event, on_ack,

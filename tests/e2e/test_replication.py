@@ -254,9 +254,9 @@ def test_a_data_frame_damaged_in_transit_is_refused_and_sent_again(make_lab, pro
     lab.start_secondary()
     marker = tmp_path / "damaged-seq"
     relay_port = lab.port + 1
-    relay = procs.start([str(VENV_BIN / "python"), str(Path(__file__).with_name("corrupting_relay.py")),
-                         str(relay_port), lab.addr_b, str(lab.port), "20", str(marker)],
-                        name="relay", netns=lab.ns_a)
+    script = Path(__file__).with_name("corrupting_relay.py")
+    relay = procs.start([str(VENV_BIN / "python"), str(script), str(relay_port), lab.addr_b,
+                         str(lab.port), "20", str(marker)], name="relay", netns=lab.ns_a)
     lab.wait(lambda: "relay listening" in relay.log_text(), "the relay", proc=relay)
     # The primary (only) reaches beta through the relay.
     text = lab.config.read_text()

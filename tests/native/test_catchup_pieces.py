@@ -46,7 +46,8 @@ def test_adjacent_tracks_travel_together_up_to_piece_bytes():
 
 def test_zero_tracks_travel_as_markers_between_data():
     cu, link = _catchup()
-    pieces = [_track(0), _track(1, zero=True), _track(2, zero=True), _track(3), _track(9, zero=True)]
+    pieces = [_track(0), _track(1, zero=True), _track(2, zero=True), _track(3),
+              _track(9, zero=True)]
     cu._send_pieces(1, pieces, SyncProgress())
     zeros = [(m.offset, m.length) for m in link.sent if isinstance(m, IncrZero)]
     data = [(m.offset, len(m.data)) for m in link.sent if isinstance(m, IncrData)]
