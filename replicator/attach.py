@@ -531,8 +531,18 @@ def _undo(record: dict[str, Any], resource: Resource, node: Node, strict: bool) 
         except OSError:
             return  # still mounted (a non-strict step failed) or not empty: leave it
         # nbdfuse is gone: its pid file would only name a pid that may be
-        # reused. Its log stays, for whoever wonders how it ended.
-        (Path(mount_dir).parent / "nbdfuse.pid").unlink(missing_ok=True)
+        # reused. Its log stays if it says anything, for whoever wonders how
+        # it ended; then the directories go if nothing else is in them.
+        base = Path(mount_dir).parent
+        (base / "nbdfuse.pid").unlink(missing_ok=True)
+        log = base / "nbdfuse.log"
+        if log.exists() and log.stat().st_size == 0:
+            log.unlink()
+        for d in (base, base.parent):
+            try:
+                d.rmdir()
+            except OSError:
+                break  # not empty: something else lives there
 
 
 def detach(config: Config, resource: Resource, node: Node) -> str:
