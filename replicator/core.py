@@ -120,13 +120,6 @@ def scan_records(buf, tokens_only: bool = False) -> tuple[int, int] | None:
     return None if n < 0 else (n, top[0])
 
 
-def check_records(buf) -> int | None:
-    """The number of records packed in *buf*, all checked (scan_records),
-    or None when one is bad."""
-    got = scan_records(buf)
-    return None if got is None else got[0]
-
-
 _alloc_uninit = _ffi.new_allocator(should_clear_after_alloc=False)
 
 
@@ -1026,7 +1019,7 @@ class RxQueue:
         self._q = _ffi.gc(out[0], _lib.rxq_free)
         self._err = _ffi.new("struct rxq_err *")
         self._info = _ffi.new("struct rxq_info *")
-        self._tok = _ffi.new("unsigned char[48]")
+        self._tok = _ffi.new("unsigned char[]", RECORD_HEADER_SIZE)
         self._loc = _ffi.new("uint64_t *")
         self._written = _ffi.new("uint64_t *")
         self._hot: list = []     # heap of (highest seq, n, pinned frame buffer)
@@ -1037,7 +1030,7 @@ class RxQueue:
     def info(self) -> RxInfo:
         i = self._info
         _lib.rxq_info(self._q, i)
-        tok = bytes(_ffi.buffer(i.applied_token, 48)) if i.has_applied_token else None
+        tok = bytes(_ffi.buffer(i.applied_token, RECORD_HEADER_SIZE)) if i.has_applied_token else None
         return RxInfo(i.applied, i.received, i.highest, i.base_hint, i.bytes, i.entries,
                       i.run_end, i.run_records, i.run_bytes, tok)
 
@@ -1075,9 +1068,8 @@ class RxQueue:
 
     def _release_hot(self, applied: int) -> None:
         # A frame is done with once its highest seq is applied (or rebased past).
-        if self._hot:
-            while self._hot and self._hot[0][0] <= applied:
-                self.hot_bytes -= len(heapq.heappop(self._hot)[2])
+        while self._hot and self._hot[0][0] <= applied:
+            self.hot_bytes -= len(heapq.heappop(self._hot)[2])
 
     def add_record(self, token: bytes, loc: int, dry_run: bool = False) -> bool:
         """One record by its header, stored at *loc*: new (True) or a duplicate."""
@@ -1097,14 +1089,14 @@ class RxQueue:
         """Token of the lowest seq with an entry after the applied seq."""
         if not _lib.rxq_oldest(self._q, self._tok):
             return None
-        return bytes(_ffi.buffer(self._tok, 48))
+        return bytes(_ffi.buffer(self._tok, RECORD_HEADER_SIZE))
 
     def get(self, seq: int) -> tuple[int, bytes | None, int]:
         """(state, token, location) of *seq*; state 0 when unknown."""
         st = _lib.rxq_get(self._q, seq, self._tok, self._loc)
         if not st:
             return 0, None, 0
-        return st, bytes(_ffi.buffer(self._tok, 48)), self._loc[0]
+        return st, bytes(_ffi.buffer(self._tok, RECORD_HEADER_SIZE)), self._loc[0]
 
     def take_run(self, max_records: int, max_bytes: int) -> int:
         """Hand out the next in-order run (0: no limit); its length."""
@@ -1116,7 +1108,7 @@ class RxQueue:
     def run_item(self, i: int) -> tuple[bytes, int]:
         if _lib.rxq_run_item(self._q, i, self._tok, self._loc) < 0:
             raise IndexError(i)
-        return bytes(_ffi.buffer(self._tok, 48)), self._loc[0]
+        return bytes(_ffi.buffer(self._tok, RECORD_HEADER_SIZE)), self._loc[0]
 
     def apply_run(self, journal_fd: int, image_fd: int, image_size: int) -> int:
         """Write the handed-out run to the image; data bytes written."""

@@ -62,9 +62,6 @@ class StreamError(DuplexError):
     """
 
 
-_NO_DATA: Any = object()  # location placeholder of an incomplete entry
-
-
 @dataclass(frozen=True, slots=True)
 class LostEntry:
     """A seq after the consistent point, as the queue knows it; or a run of
@@ -218,7 +215,7 @@ class PendingQueue:
         location stays. Raises StreamError if the token was never announced
         or the header differs from the announced token.
         """
-        if location is None or location is _NO_DATA:
+        if location is None:
             raise ValueError("a record's location must not be None")
         loc = getattr(location, "offset", location)  # a JournalPos: its offset
         try:

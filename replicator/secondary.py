@@ -437,19 +437,25 @@ class Secondary(IncrementReceiver):
                 self.pending.add_frame(payload, base, max_seq=ev.max_seq)
 
     def _on_idle(self, link: PeerLink) -> None:
-        """Reader thread, every frame received so far handled: commit the
-        journal (group commit: one fdatasync for all of it), then ack
-        "journaled" -- the primary frees its ring on it. Commit and ack ride
-        on the reader, so a frame costs no thread hand-off."""
+        """Reader thread, every frame received so far handled: commit and
+        ack. Commit and ack ride on the reader, so a frame costs no thread
+        hand-off."""
+        self._commit_received()
+
+    def _commit_received(self, always: bool = False) -> None:
+        """Commit the journal (group commit: one fdatasync for all that was
+        appended) when it holds newly received records, or *always*; then
+        ack "journaled" -- the primary frees its ring on it."""
         with self._lock:
             target = self.pending.received_through
-        if target <= self.journaled:
+        if target <= self.journaled and not always:
             return
         with self._commit_lock:
             self.journal.commit()
-        self.journaled = max(self.journaled, target)
-        self._apply_wake.set()
-        self._send_ack(force=False)  # the applier sends it if it is due
+        if target > self.journaled:
+            self.journaled = max(self.journaled, target)
+            self._apply_wake.set()
+            self._send_ack()  # coalesced: the applier sends it if it is due
 
     def _wait_room(self, n: int) -> None:
         # Backpressure: never overwrite unapplied journal entries; the
@@ -466,14 +472,7 @@ class Secondary(IncrementReceiver):
         while not self._stop.is_set():
             self._commit_wake.wait(0.5)
             self._commit_wake.clear()
-            with self._lock:
-                target = self.pending.received_through
-            with self._commit_lock:
-                self.journal.commit()
-            if target > self.journaled:
-                self.journaled = target
-                self._apply_wake.set()
-                self._ack()
+            self._commit_received(always=True)
 
     def _apply_loop(self) -> None:
         last_ckpt = time.monotonic()
@@ -483,7 +482,7 @@ class Secondary(IncrementReceiver):
                 inc = self._committed.pop(0) if self._committed else None
             if inc is not None:
                 self._apply_increment(inc)
-                self._ack()
+                self._send_ack()
                 continue
             with self._lock:
                 limit = 0 if self._pause_apply.is_set() else \
@@ -502,7 +501,7 @@ class Secondary(IncrementReceiver):
                 since_ckpt = 0
                 last_ckpt = now
             if run:
-                self._ack()
+                self._send_ack()
                 continue
             if self._ack_due:
                 self._send_ack(force=True)
@@ -542,13 +541,10 @@ class Secondary(IncrementReceiver):
                     self.journal.checkpoint(applied, self.pending.applied_token)
             self._lock.notify_all()
 
-    def _ack(self) -> None:
-        """Tell the primary where we are, at most once per ACK_INTERVAL."""
-        self._send_ack(force=False)
-
-    def _send_ack(self, force: bool) -> None:
-        # Coalesced: a busy applier does not cost an ack per run; the
-        # applier sends the one still due when it goes idle.
+    def _send_ack(self, force: bool = False) -> None:
+        """Tell the primary where we are, at most once per ACK_INTERVAL
+        unless *force*: a busy applier does not cost an ack per run; it
+        sends the one still due when it goes idle."""
         now = time.monotonic()
         with self._ack_lock:
             if not force and now - self._last_ack < ACK_INTERVAL:
@@ -634,10 +630,9 @@ class Secondary(IncrementReceiver):
     def status(self) -> dict:
         """The status document (replicator/status.py schema)."""
         with self._lock:
-            applied = self.pending.applied_through
-            highest = self.pending.highest_token_seq
+            info = self.pending.info()
+            applied, highest, pending_bytes = info.applied, info.highest, info.bytes
             connected = any(l.alive() for l in self.links)
-            pending_bytes = self.pending.pending_bytes
             first_ts = None
             oldest = self.pending.oldest_pending()
             if oldest is not None:

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from replicator.core import check_records
+from replicator.core import scan_records
 from replicator.records import (OP_FLUSH, OP_TRIM, OP_WRITE, OP_ZERO, RecordError,
                                 encode_record, iter_records)
 
@@ -24,27 +24,27 @@ def _buffer() -> bytes:
 
 def test_good_buffer_counts_every_record():
     buf = _buffer()
-    assert check_records(buf) == 5
+    assert scan_records(buf) == (5, 5)  # count, highest seq
     assert [t.seq for t, _ in iter_records(buf)] == [1, 2, 3, 4, 5]
-    assert check_records(b"") == 0
+    assert scan_records(b"") == (0, 0)
 
 
 @pytest.mark.parametrize("where", [60, 4096 + 48 + 3, 4096 + 48 + 48 + 8 + 40])
 def test_any_flipped_byte_is_refused_and_named_by_the_python_path(where):
     bad = bytearray(_buffer())
     bad[where] ^= 0x40
-    assert check_records(bad) is None
+    assert scan_records(bad) is None
     with pytest.raises(RecordError):
         list(iter_records(bad))
 
 
 def test_truncated_and_misshapen_records_are_refused():
     buf = _buffer()
-    assert check_records(buf[:-1]) is None
-    assert check_records(buf[:30]) is None
+    assert scan_records(buf[:-1]) is None
+    assert scan_records(buf[:30]) is None
     bad = bytearray(buf)
     bad[36] = 9  # unknown op of the first record
-    assert check_records(bad) is None
+    assert scan_records(bad) is None
     bad = bytearray(buf)
     struct.pack_into("<I", bad, 28, 100)  # data_len differs from length
-    assert check_records(bad) is None
+    assert scan_records(bad) is None
