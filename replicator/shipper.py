@@ -344,9 +344,7 @@ class Shipper:
         core = self.core
         if release:
             self._release()
-        for one in self._links or [link]:
-            if not one.alive():
-                raise LinkError(one.error or "connection closed")
+        self._live_links(link)
         announced = 0
         while len(self._queued) < MAX_ANNOUNCED_SPANS and announced < 4:
             try:
@@ -384,6 +382,15 @@ class Shipper:
             return True
         return announced > 0
 
+    def _live_links(self, link: PeerLink) -> list[PeerLink]:
+        """The connections carrying the stream (*link* when there is only
+        it); LinkError when one of them is down."""
+        links = self._links or [link]
+        for one in links:
+            if not one.alive():
+                raise LinkError(one.error or "connection closed")
+        return links
+
     def _release(self) -> None:
         """Free the ring up to what the peer journaled."""
         with self._lock:
@@ -411,10 +418,7 @@ class Shipper:
                              or time.monotonic() > self._drain_deadline):
                 return
             self._release()
-            links = self._links or [link]
-            for one in links:
-                if not one.alive():
-                    raise LinkError(one.error or "connection closed")
+            links = self._live_links(link)
             while self._queued:  # announced by a catch-up's pump(), not yet sent
                 out, span = self._queued.popleft()
                 out.send_data(span)
