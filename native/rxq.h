@@ -1,7 +1,7 @@
 /*
  * rxq.h: the secondary's pending write queue (seed 001, FIG. 5) and the
  * applier's inner loop, so that a TOKENS or DATA frame costs one call, not
- * a Python loop per record. replicator/pending.py wraps it and documents
+ * a Python loop per record. replicator/secondary/pending.py wraps it and documents
  * the rules; in short:
  *
  * - one entry per seq after `applied`: a token (48-byte record header),

@@ -1,5 +1,5 @@
 /*
- * ship.h: the primary's streaming loop in C. replicator/shipper.py calls
+ * ship.h: the primary's streaming loop in C. replicator/primary/shipper.py calls
  * ship_stream() with the GIL released and gets control back at least every
  * return_after_ns (pings, acks, status, stop), so between returns no Python
  * runs for the stream and the nbdkit request threads keep the GIL to

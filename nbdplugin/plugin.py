@@ -15,7 +15,7 @@ import nbdkit
 from nbdplugin import threadstate
 from replicator.node import setup_logging
 from replicator.errors import DuplexError
-from replicator.primary import Engine
+from replicator.primary.engine import Engine
 
 API_VERSION = 2
 

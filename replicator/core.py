@@ -965,7 +965,7 @@ class RxFault(Exception):
 
     ``fault`` is an RXQ_* code of native/rxq.h; ``seq``, ``got``, ``had``
     (48-byte headers, or None), ``limit``, ``floor``, ``off`` and ``errnum``
-    say what, for replicator/pending.py to word the message."""
+    say what, for replicator/secondary/pending.py to word the message."""
 
     def __init__(self, err) -> None:
         self.fault = err.fault
@@ -1003,7 +1003,7 @@ class RxQueue:
     """native/rxq.h: the pending queue's entries, one C call per frame.
 
     Raw bytes in and out (48-byte headers, record buffers); the rules are
-    worded by replicator/pending.py, which owns this object. Not
+    worded by replicator/secondary/pending.py, which owns this object. Not
     thread-safe: the caller serialises calls, except that apply_run may run
     (GIL released) while other calls go on.
     """

@@ -30,7 +30,7 @@ from replicator import notify
 from replicator.config import Config, Node, Resource
 from replicator.core import ActivityLog, Bitmap, CoreError
 from replicator.errors import DuplexError
-from replicator.journal import Journal
+from replicator.secondary.journal import Journal
 from replicator.metadata import ROLE_PRIMARY, ROLE_SECONDARY, Metadata, load_metadata
 
 log = logging.getLogger("duplex")
@@ -217,7 +217,7 @@ def run_secondary(config: Config, resource: Resource, node: Node) -> int:
     it is promoted, when it returns EXIT_PROMOTED so that the node is
     started again, as primary."""
     from replicator.promote import promote_running
-    from replicator.secondary import Secondary
+    from replicator.secondary.daemon import Secondary
 
     sec = Secondary.open(config.path, resource.name, node.name)
     promoted = threading.Event()

@@ -58,13 +58,13 @@ from replicator.config import Config, Node, Resource
 from replicator.core import Bitmap, CoreError
 from replicator.errors import DuplexError
 from replicator.fileio import atomic_write
-from replicator.lossreport import LossReport, build_loss_report
+from replicator.secondary.lossreport import LossReport, build_loss_report
 from replicator.metadata import (DISK_INCONSISTENT, DISK_OUTDATED, DISK_UPTODATE, ROLE_PRIMARY,
                                  ROLE_SECONDARY, Metadata, MetaPaths, load_metadata, new_uuid)
-from replicator.pending import LossView
+from replicator.secondary.pending import LossView
 
 if TYPE_CHECKING:  # secondary.py is only needed to promote
-    from replicator.secondary import Secondary
+    from replicator.secondary.daemon import Secondary
 
 log = logging.getLogger("duplex.promote")
 
@@ -330,7 +330,7 @@ def promote_offline(config_path: str, resource: Resource, node: Node,
                     force: bool = False) -> dict:
     """Promote this node while its daemon is stopped: replay and apply its
     journal here, then the same report and metadata as a running one."""
-    from replicator.secondary import Secondary
+    from replicator.secondary.daemon import Secondary
 
     lock_fd = _take_daemon_lock(node, resource)
     try:
@@ -383,7 +383,7 @@ def demote(config: Config, resource: Resource, node: Node) -> Metadata:
     attached. Returns the saved metadata.
     """
     from replicator.control import is_running
-    from replicator.journal import Journal, JournalError
+    from replicator.secondary.journal import Journal, JournalError
 
     paths = MetaPaths(node.meta_dir)
     stop_first = (f"stop it first (systemctl stop duplex@{resource.name}, or stop "

@@ -757,7 +757,7 @@ _VERIFY_SUMS = struct.Struct("<QQQ")
 @dataclass(frozen=True, slots=True)
 class VerifySums(Message):
     """The answer to a VerifyReq: one 64-bit digest per track (see
-    replicator.verify.track_digest), in order, and the seq through which the
+    replicator.tracks.track_digest), in order, and the seq through which the
     image was applied when it was read."""
 
     TYPE: ClassVar[FrameType] = FrameType.VERIFY_SUMS

@@ -13,7 +13,7 @@ import nbd
 from _failover_helpers import (Writer, history_records, promote, replay_to, slow_link,
                                wait_quiet)
 from fixtures.duplex_lab import RESOURCE
-from replicator.journal import Journal
+from replicator.secondary.journal import Journal
 from replicator.metadata import load_metadata
 from replicator.records import OP_NAMES
 

@@ -11,7 +11,7 @@ import pytest
 from replicator.config import load_config
 from replicator.core import Bitmap
 from replicator.errors import DuplexError
-from replicator.journal import Journal
+from replicator.secondary.journal import Journal
 from replicator.metadata import MetaPaths, create_metadata, load_metadata
 from replicator.node import create_node_files
 from replicator.promote import demote, promote

@@ -3,7 +3,7 @@ INCR_ZERO frames: adjacent tracks travel together, but no frame is larger
 than PIECE_BYTES (the frame is joined in memory before it is sent)."""
 from __future__ import annotations
 
-from replicator.catchup import PIECE_BYTES, CatchUp, SyncProgress
+from replicator.primary.catchup import PIECE_BYTES, CatchUp, SyncProgress
 from replicator.protocol.messages import IncrData, IncrZero
 
 TRACK = 64 << 10
@@ -56,7 +56,7 @@ def test_zero_tracks_travel_as_markers_between_data():
 
 
 def test_zero_check_takes_any_length_without_copying_the_data():
-    from replicator.verify import is_zero, track_digest, zero_digest
+    from replicator.tracks import is_zero, track_digest, zero_digest
     for n in (0, 1, 4095, TRACK, PIECE_BYTES, (4 << 20) + 3, 9 << 20):
         assert is_zero(bytes(n)) and is_zero(bytearray(n))
         if n:

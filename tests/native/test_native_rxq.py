@@ -1,5 +1,5 @@
 """The secondary's C pending queue (native/rxq.h), through replicator.core.RxQueue
-(raw bytes) and replicator.pending.PendingQueue (the rules and their words).
+(raw bytes) and replicator.secondary.pending.PendingQueue (the rules and their words).
 
 tests/secondary/test_secondary_pending.py covers the seed-001 examples; this
 file adds:
@@ -30,9 +30,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from replicator.applier import ApplyError
+from replicator.secondary.applier import ApplyError
 from replicator.core import RXQ_FAULTS, RxFault, RxInfo, RxQueue
-from replicator.pending import LostEntry, PendingQueue, StreamError
+from replicator.secondary.pending import LostEntry, PendingQueue, StreamError
 from replicator.records import (HEADER, HEADER_SIZE, OP_FLUSH, OP_NAMES, OP_TRIM, OP_WRITE,
                                 OP_ZERO, Token, encode_record, padded, unpack_token)
 

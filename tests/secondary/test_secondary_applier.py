@@ -6,8 +6,8 @@ import os
 import pytest
 
 from _secondary_helpers import ImageModel, fill, first_diff, read_file, rec
-from replicator import applier
-from replicator.applier import ApplyError, apply_record, apply_run, record_data, zero_range
+from replicator.secondary import applier
+from replicator.secondary.applier import ApplyError, apply_record, apply_run, record_data, zero_range
 from replicator.records import OP_FLUSH, OP_TRIM, OP_WRITE, OP_ZERO
 
 SIZE = 256 * 1024

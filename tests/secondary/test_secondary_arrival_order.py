@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from _secondary_helpers import fill, first_diff, prefix_images, read_file, rec
-from replicator.applier import apply_run, record_data
-from replicator.journal import AREA_START, Journal
-from replicator.pending import PendingQueue
+from replicator.secondary.applier import apply_run, record_data
+from replicator.secondary.journal import AREA_START, Journal
+from replicator.secondary.pending import PendingQueue
 from replicator.records import OP_FLUSH, OP_TRIM, OP_WRITE, OP_ZERO
 
 BLOCK = 512

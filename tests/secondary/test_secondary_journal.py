@@ -9,10 +9,10 @@ import pytest
 
 from _secondary_helpers import fill, rec
 from replicator.crc32c import crc32c
-from replicator.journal import (_SB, AREA_START, ENTRY_FLAG_RECORDS_CRC, ENTRY_HEADER_SIZE,
+from replicator.secondary.journal import (_SB, AREA_START, ENTRY_FLAG_RECORDS_CRC, ENTRY_HEADER_SIZE,
                                 ENTRY_RECORDS, FORMAT_VERSION, SB_OFFSETS, Journal, JournalError,
                                 JournalFull, entry_size)
-from replicator.pending import PendingQueue
+from replicator.secondary.pending import PendingQueue
 from replicator.records import HEADER_SIZE, RecordError
 
 UUID = uuidlib.UUID("6f1c2a3e-0000-4000-8000-0000000000a1").bytes

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from _secondary_helpers import BASE_TS, fill, rec
-from replicator.lossreport import LossReport, build_loss_report, iso_utc
-from replicator.pending import PendingQueue
+from replicator.secondary.lossreport import LossReport, build_loss_report, iso_utc
+from replicator.secondary.pending import PendingQueue
 from replicator.records import OP_TRIM
 
 

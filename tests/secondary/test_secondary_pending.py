@@ -6,8 +6,8 @@ import os
 import pytest
 
 from _secondary_helpers import BASE_TS, fill, prefix_images, read_file, rec
-from replicator.applier import apply_run, record_data
-from replicator.pending import PendingQueue, StreamError
+from replicator.secondary.applier import apply_run, record_data
+from replicator.secondary.pending import PendingQueue, StreamError
 from replicator.records import OP_TRIM, OP_ZERO
 
 BLOCK = 512

@@ -33,7 +33,7 @@ The same seq with a different header is a broken stream and is refused.
 
 When the primary is gone, :meth:`PendingQueue.loss_view` describes what the
 secondary knows about the writes it does not have (seed 001 §2.7);
-:mod:`replicator.lossreport` turns it into the loss report.
+:mod:`replicator.secondary.lossreport` turns it into the loss report.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from replicator.errors import DuplexError
-from replicator.applier import ApplyError
+from replicator.secondary.applier import ApplyError
 from replicator.core import RXQ_FAULTS, RxFault, RxInfo, RxQueue
 from replicator.records import HEADER_SIZE, OP_NAMES, Token, unpack_token
 

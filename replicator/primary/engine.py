@@ -21,10 +21,10 @@ from replicator.errors import DuplexError
 from replicator import generations
 from replicator.metadata import DISK_UPTODATE, Metadata, load_metadata, new_uuid
 from replicator.oosfiles import open_bitmaps
-from replicator.seqmark import SeqMark
-from replicator.shipper import Shipper
+from replicator.primary.seqmark import SeqMark
+from replicator.primary.shipper import Shipper
 from replicator.status import new_status
-from replicator.verify import Verifier
+from replicator.primary.verify import Verifier
 
 log = logging.getLogger("duplex.primary")
 

@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING
 from replicator.core import Bitmap
 from replicator.peerlink import LinkError, PeerLink
 from replicator.protocol.messages import IncrBegin, IncrCommit, IncrData, IncrZero, VerifyReq
-from replicator.verify import is_zero, track_digest, track_runs, zero_digest
+from replicator.tracks import is_zero, track_digest, track_runs, zero_digest
 
 if TYPE_CHECKING:
-    from replicator.shipper import Shipper
+    from replicator.primary.shipper import Shipper
 
 log = logging.getLogger("duplex.catchup")
 

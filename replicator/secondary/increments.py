@@ -2,7 +2,7 @@
 increment, staging it in the journal or writing it in place under a
 reflink snapshot, and applying it atomically at COMMIT.
 
-:class:`IncrementReceiver` is a part of :class:`replicator.secondary.Secondary`
+:class:`IncrementReceiver` is a part of :class:`replicator.secondary.daemon.Secondary`
 (a mixin: it uses the daemon's lock, journal, pending queue, image and
 metadata); it is kept here so that the stream's fast path and the
 increments' rules each read on their own.
@@ -14,10 +14,10 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from replicator import snapshot
-from replicator.applier import pwrite_all, zero_range
+from replicator.secondary import snapshot
+from replicator.secondary.applier import pwrite_all, zero_range
 from replicator.metadata import DISK_INCONSISTENT, DISK_UPTODATE
-from replicator.pending import StreamError
+from replicator.secondary.pending import StreamError
 from replicator.protocol.messages import IncrBegin, IncrCommit, IncrData, IncrZero
 
 log = logging.getLogger("duplex.secondary")

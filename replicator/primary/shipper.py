@@ -30,7 +30,7 @@ from collections import deque
 from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
-from replicator.catchup import CatchUp
+from replicator.primary.catchup import CatchUp
 from replicator.core import CoreError
 from replicator.peerlink import LinkError, PeerLink, RefusedError, local_primary_state
 from replicator import generations
@@ -39,7 +39,7 @@ from replicator.protocol.messages import (STATE_DISCARD_MY_DATA, STATE_HAS_BITMA
                                           STATE_NEEDS_RESYNC, STATE_SENDS_BITMAP, ZERO_UUID)
 
 if TYPE_CHECKING:
-    from replicator.primary import Engine
+    from replicator.primary.engine import Engine
 
 log = logging.getLogger("duplex.shipper")
 

@@ -23,7 +23,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-from replicator.pending import LossView
+from replicator.secondary.pending import LossView
 from replicator.records import OP_NAMES
 
 REPORT_FORMAT = 2  # 2: a run of seqs never announced is one entry with a count

@@ -33,25 +33,25 @@ from replicator.config import Node, Resource, load_config, select_node
 from replicator.control import ControlServer
 from replicator.devices import device_size
 from replicator.errors import DuplexError
-from replicator.journal import Journal, JournalError
+from replicator.secondary.journal import Journal, JournalError
 from replicator.metadata import (DISK_CONSISTENT, DISK_INCONSISTENT, DISK_OUTDATED, DISK_UPTODATE,
                                  Metadata, load_metadata)
 from replicator.peerlink import LinkError, PeerLink, pairing_uuid
 from replicator.fileio import atomic_write
 from replicator.oosfiles import open_bitmaps
-from replicator.pending import PendingQueue, StreamError
-from replicator import snapshot
+from replicator.secondary.pending import PendingQueue, StreamError
+from replicator.secondary import snapshot
 from replicator.protocol.errors import ProtocolError
 from replicator import generations
 from replicator.generations import Decision
-from replicator.increments import Increment, IncrementReceiver
+from replicator.secondary.increments import Increment, IncrementReceiver
 from replicator.protocol.errors import ErrorCode
 from replicator.protocol.messages import (STATE_DISCARD_MY_DATA, STATE_HAS_BITMAP_UUID,
                                           STATE_NEEDS_RESYNC, STATE_SENDS_BITMAP, ZERO_UUID, Data,
                                           IncrBegin, IncrCommit, IncrData, IncrZero, Message, OosBitmap,
                                           State, Tokens, VerifyReq, VerifySums)
 from replicator.status import new_status
-from replicator.verify import track_digest
+from replicator.tracks import track_digest
 
 log = logging.getLogger("duplex.secondary")
 
