@@ -114,6 +114,40 @@ class Node:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def read_secret(path: str, where: str = "secret-file") -> bytes:
+    """The shared secret in *path*: its content, whitespace stripped.
+
+    Both roles call this before they listen or connect, and at every
+    handshake. Refuses, with ConfigError naming *where* (the config key),
+    the path and the fix: a missing file, one that is not a regular file,
+    one any other user may read or write (the mode must be 0600 or
+    stricter), one that cannot be read, an empty one.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot stat {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{where}: {path} is not a regular file")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise ConfigError(f"{where}: {path} is readable by every user "
+                          f"(mode {mode:04o}); run chmod 600 {path}")
+    if mode & 0o070:
+        raise ConfigError(f"{where}: {path} is open to its group "
+                          f"(mode {mode:04o}); run chmod 600 {path}")
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read {path}: {e.strerror}") from None
+    if not secret:
+        raise ConfigError(f"{where}: {path} is empty")
+    return secret
+
+
 @dataclass(frozen=True)
 class Resource:
     """A replicated device: its tuning and its two nodes."""
@@ -137,31 +171,12 @@ class Resource:
     def secret(self) -> bytes:
         """The shared secret: the secret file's content, whitespace stripped.
 
-        Read on demand (status does not need it). Refuses a missing,
-        unreadable, empty or world-readable file.
+        Read on demand (status does not need it), and again at every
+        handshake, so that fixing the file fixes a running node. See
+        :func:`read_secret` for what is refused.
         """
-        where = f"{self.config_path}: resource.{self.name}.secret-file"
-        try:
-            st = os.stat(self.secret_file)
-        except FileNotFoundError:
-            raise ConfigError(f"{where}: {self.secret_file} does not exist") from None
-        except OSError as e:
-            raise ConfigError(f"{where}: cannot stat {self.secret_file}: {e.strerror}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{where}: {self.secret_file} is not a regular file")
-        if st.st_mode & stat.S_IROTH:
-            raise ConfigError(
-                f"{where}: {self.secret_file} is readable by every user "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); run chmod 600 {self.secret_file}"
-            )
-        try:
-            with open(self.secret_file, "rb") as f:
-                secret = f.read().strip()
-        except OSError as e:
-            raise ConfigError(f"{where}: cannot read {self.secret_file}: {e.strerror}") from None
-        if not secret:
-            raise ConfigError(f"{where}: {self.secret_file} is empty")
-        return secret
+        return read_secret(self.secret_file,
+                           f"{self.config_path}: resource.{self.name}.secret-file")
 
     def node(self, name: str) -> Node:
         """The node called *name*; a clear error if the resource has none."""
