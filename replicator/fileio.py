@@ -4,6 +4,7 @@ markers): a crash leaves the old file or the new one, never a torn one."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -26,11 +27,15 @@ def pwritev_all(fd: int, bufs: list, offset: int) -> int:
 
 def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> None:
     """Replace *path* with *data*: write a temporary file beside it, fsync
-    it, rename it over, fsync the directory (so the rename is durable)."""
+    it, rename it over, fsync the directory (so the rename is durable).
+    The temporary name is unique per call (mkstemp), so two threads or
+    processes replacing one file never rename each other's half-written
+    file; the last rename wins, whole."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp.", dir=path.parent)
+    tmp = Path(tmp_name)
     try:
+        os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]

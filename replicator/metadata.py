@@ -13,17 +13,27 @@ says which; it is never silently used (DESIGN §5).
 Saving is atomic: write a temporary file in the same directory, fsync it,
 rename it over the old one, fsync the directory. A crash leaves either the
 old or the new metadata, never a torn one.
+
+Threads and locks: one :class:`Metadata` object is shared by the threads of
+a node (on the primary: the write path, the seq mark's housekeeping, the
+shipper and catch-up; on the secondary: the receiver, applier and control).
+``Metadata._lock`` (re-entrant) guards every field and the file: a change
+and its save happen together under it, ``with md.update(): md.x = ...``,
+so no thread saves another's half-made change and no two saves interleave.
+Take it before any lock of the C core's and never call into the network
+while holding it.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import secrets
+import threading
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from replicator.crc32c import crc32c
 from replicator.errors import DuplexError
@@ -133,6 +143,8 @@ class Metadata:
     updated: float = 0.0
     # Where it lives; not part of the document.
     meta_dir: Path = field(default=Path("."), compare=False, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, init=False,
+                                   compare=False, repr=False)
 
     @property
     def paths(self) -> MetaPaths:
@@ -140,16 +152,28 @@ class Metadata:
         return MetaPaths(self.meta_dir)
 
     def to_body(self) -> dict[str, Any]:
-        """The document body (everything but meta_dir)."""
-        body = dataclasses.asdict(self)
-        del body["meta_dir"]
-        return body
+        """The document body (everything but meta_dir), a copy."""
+        with self._lock:
+            return {f.name: (list(v) if isinstance(v := getattr(self, f.name), list) else v)
+                    for f in fields(self) if f.name in _FIELD_TYPES}
 
     def save(self) -> None:
         """Validate and write atomically (temp, fsync, rename, fsync dir)."""
-        self.updated = time.time()
-        _validate_body(self.to_body(), self.paths.metadata)
-        atomic_write(self.paths.metadata, encode_metadata(self.to_body()))
+        with self._lock:
+            self.updated = time.time()
+            body = self.to_body()
+            _validate_body(body, self.paths.metadata)
+            atomic_write(self.paths.metadata, encode_metadata(body))
+
+    @contextmanager
+    def update(self) -> Iterator["Metadata"]:
+        """Change fields and save them as one step: ``with md.update(): ...``.
+        Holds the lock for the block; saves when it ends without an
+        exception (then nothing is saved, but the object keeps whatever the
+        block already set: callers set fields only after their checks)."""
+        with self._lock:
+            yield self
+            self.save()
 
 
 def _canonical(body: dict[str, Any]) -> bytes:
