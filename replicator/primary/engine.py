@@ -16,7 +16,7 @@ import time
 from replicator.config import Node, Resource, load_config, select_node
 from replicator.control import ControlServer
 from replicator.core import ActivityLog, Bitmap, Core, CoreError, WriteResult
-from replicator.devices import device_size
+from replicator.devices import DeviceClaim, claim_device, device_size
 from replicator.errors import DuplexError
 from replicator import generations
 from replicator.metadata import DISK_UPTODATE, Metadata, load_metadata, new_uuid
@@ -37,8 +37,10 @@ class Engine:
     """One resource's primary side inside nbdkit."""
 
     def __init__(self, resource: Resource, node: Node, peer: Node, md: Metadata,
-                 oos: Bitmap, al: ActivityLog, core: Core, mark: SeqMark):
+                 oos: Bitmap, al: ActivityLog, core: Core, mark: SeqMark,
+                 claim: DeviceClaim | None = None):
         self.resource = resource
+        self.claim = claim  # the device is ours alone until stop() (devices.py)
         self.node = node
         self.peer = peer
         self.md = md
@@ -72,6 +74,9 @@ class Engine:
         node = select_node(res, node_name)
         peer = res.peer_of(node.name)
         md = load_metadata(node.meta_dir, res.name)
+        # Exclusive before anything writes: a mounted or held device, or an
+        # image another Duplex serves, is refused with its holder named.
+        claim = claim_device(node.device, f"{res.name}: node {node.name}")
         size = device_size(node.device)
         if size != md.device_size:
             raise EngineError(f"{node.device} is {size} bytes, but the metadata of "
@@ -83,7 +88,7 @@ class Engine:
                         mark.first_seq(), history_path=history_path)
         except (CoreError, OSError) as e:
             raise EngineError(f"{res.name}: cannot open {node.device}: {e}") from None
-        return cls(res, node, peer, md, opened.oos, opened.al, core, mark)
+        return cls(res, node, peer, md, opened.oos, opened.al, core, mark, claim)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -115,6 +120,8 @@ class Engine:
         self.al.close()
         self.mark.close(next_seq)
         os.close(self._fd)
+        if self.claim is not None:
+            self.claim.close()
         log.info("%s: primary stopped at seq %d", self.resource.name, next_seq - 1)
 
     def _housekeeping(self) -> None:
@@ -158,8 +165,8 @@ class Engine:
             self._bumped = True
             if self.md.bitmap_uuid is not None:
                 return  # our generation is not the peer's yet (promoted, or bumped before)
-            old = generations.bump(self.md, new_uuid())
-            self.md.save()
+            with self.md.update():  # lock order: _gen_lock, then the metadata's
+                old = generations.bump(self.md, new_uuid())
             log.info("%s: writing without the peer: new generation %s (was %s)",
                      self.resource.name, self.md.generation[:8], old[:8])
 

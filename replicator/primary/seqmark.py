@@ -9,38 +9,33 @@ the crash anyway, so the gap costs nothing the catch-up does not cover).
 """
 from __future__ import annotations
 
-import threading
-
 from replicator.metadata import Metadata
 
 RESERVE = 1 << 20
 
 
 class SeqMark:
-    """Keeps ``metadata.seq_hwm`` ahead of the core's next seq."""
+    """Keeps ``metadata.seq_hwm`` ahead of the core's next seq. The field is
+    the metadata's: changed and saved under its lock (``md.update()``)."""
 
     def __init__(self, md: Metadata, reserve: int = RESERVE):
         self.md = md
         self.reserve = reserve
-        self._lock = threading.Lock()
 
     def first_seq(self) -> int:
         """Where this run starts; reserves the first block durably."""
-        with self._lock:
+        with self.md.update():
             first = self.md.seq_hwm + 1
             self.md.seq_hwm = first - 1 + self.reserve
-            self.md.save()
             return first
 
     def advance(self, next_seq: int) -> None:
         """Extend the reservation when half of it is used up."""
-        with self._lock:
-            if next_seq + self.reserve // 2 > self.md.seq_hwm:
-                self.md.seq_hwm = next_seq + self.reserve
-                self.md.save()
+        if next_seq + self.reserve // 2 > self.md.seq_hwm:
+            with self.md.update():
+                self.md.seq_hwm = max(self.md.seq_hwm, next_seq + self.reserve)
 
     def close(self, next_seq: int) -> None:
         """Clean stop: the exact last seq, so the next run has no gap."""
-        with self._lock:
+        with self.md.update():
             self.md.seq_hwm = next_seq - 1
-            self.md.save()
