@@ -79,6 +79,11 @@ class PeerLink:
         self.on_idle = on_idle
         self.peer_state: State = conn.peer_state_msg  # type: ignore[assignment]
         self.peer_name = conn.peer.node if conn.peer else "?"
+        # The peer's disk as it last said: its STATE, then any ACK that
+        # carries a disk state (a secondary whose applying failed, or
+        # recovered). Read by the primary's status.
+        self.peer_disk: str = self.peer_state.disk if self.peer_state else "Unknown"
+        self.peer_disk_reason: str = ""
         self.error: str | None = None
         self.rtt: float | None = None
         self.clock_offset_ns: int | None = None
@@ -225,8 +230,10 @@ class PeerLink:
     def send(self, msg: Message) -> None:
         self._send(lambda: self.conn.send(msg))
 
-    def send_ack(self, journaled: int, applied: int) -> None:
-        self.send(Ack(journaled, applied))
+    def send_ack(self, journaled: int, applied: int, disk: str | None = None,
+                 disk_reason: str = "") -> None:
+        """ACK progress; with *disk*, also this side's disk state (see Ack)."""
+        self.send(Ack(journaled, applied, disk, disk_reason))
 
     def ping(self) -> None:
         self._ping_nonce += 1
@@ -323,6 +330,12 @@ class PeerLink:
 
     def _dispatch(self, ev: Message) -> None:
         if isinstance(ev, Ack):
+            if ev.disk is not None:
+                if (ev.disk, ev.disk_reason) != (self.peer_disk, self.peer_disk_reason):
+                    log.log(logging.WARNING if ev.disk_reason else logging.INFO,
+                            "peer %s: disk %s%s", self.peer_name, ev.disk,
+                            f": {ev.disk_reason}" if ev.disk_reason else "")
+                self.peer_disk, self.peer_disk_reason = ev.disk, ev.disk_reason
             if self.on_ack:
                 self.on_ack(ev.journaled_seq, ev.applied_seq)
         elif isinstance(ev, Ping):

@@ -39,7 +39,7 @@ from replicator.sizes import format_duration, format_size
 ROLES = ("Primary", "Secondary", "Unknown")
 CONNECTIONS = ("Established", "Connecting", "StandAlone", "Ahead", "Behind",
                "SyncSource", "SyncTarget")
-DISKS = ("UpToDate", "Consistent", "Inconsistent", "Outdated", "Unknown")
+DISKS = ("UpToDate", "Consistent", "Inconsistent", "Outdated", "Failed", "Unknown")
 
 _TEMPLATE: dict[str, Any] = {
     "resource": None,
@@ -189,6 +189,8 @@ def format_status(d: dict) -> str:
                      f"sent in increments")
     if g("reason"):
         lines.append(f"  reason        {g('reason')}")
+    for f in g("faults") or ():  # supervised threads that raised (replicator.supervise)
+        lines.append(f"  fault         thread {f.get('thread')} {f.get('state')}: {f.get('error')}")
     return "\n".join(lines)
 
 

@@ -146,13 +146,19 @@ class Shipper:
                 lag_s = -1.0  # unknown: nothing sent yet
             connection = self.connection
             reason = self.reason
+            peer_disk = self.peer_disk
+            for link in list(self._links):  # a disk state the peer's ACKs carry
+                if link.alive() and link.peer_disk_reason:
+                    peer_disk = link.peer_disk
+                    reason = reason or f"peer disk {peer_disk}: {link.peer_disk_reason}"
+                    break
             if self.needs_resync and connection != "SyncSource":
                 connection = "Ahead"
                 reason = f"resync needed: {self._resync_reason}"
             return {
                 "connection": connection,
                 "reason": reason,
-                "peer_disk": self.peer_disk,
+                "peer_disk": peer_disk,
                 "journaled": self.journaled,
                 "applied": self.applied,
                 "lag_bytes": self.core.ring_stats.get("bytes", 0),

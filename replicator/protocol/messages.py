@@ -23,7 +23,10 @@ FLUSH       u64 seq
 INCR_BEGIN  u64 incr_id, u64 base_seq, u64 tracks, u64 nbytes
 INCR_DATA   u64 incr_id, u64 offset, u32 volume, u32 x, data
 INCR_COMMIT u64 incr_id, u64 end_seq
-ACK         u64 journaled_seq, u64 applied_seq
+ACK         u64 journaled_seq, u64 applied_seq [, u8 disk, u8 x, u16 len(reason),
+            reason UTF-8]   (the bracketed part: the secondary's disk state,
+            sent by a secondary whose disk is not as its STATE said, e.g.
+            Failed while applying; absent = no news)
 PING        u64 nonce, u64 send_ts_ns
 PONG        u64 nonce, u64 ping_ts_ns, u64 peer_ts_ns
 ERROR       u16 code, message UTF-8
@@ -47,7 +50,9 @@ SECONDARY = "secondary"
 ROLE_CODES = {PRIMARY: 1, SECONDARY: 2}
 ROLES_BY_CODE = {v: k for k, v in ROLE_CODES.items()}
 
-DISK_STATES = ("UpToDate", "Consistent", "Inconsistent", "Outdated")
+# Failed: the node cannot write its image (an apply error such as ENOSPC
+# or EIO); it keeps journaling and retries (DRBD's Failed/Diskless).
+DISK_STATES = ("UpToDate", "Consistent", "Inconsistent", "Outdated", "Failed")
 DISK_CODES = {name: i + 1 for i, name in enumerate(DISK_STATES)}
 DISKS_BY_CODE = {v: k for k, v in DISK_CODES.items()}
 
@@ -543,23 +548,53 @@ class IncrCommit(Message):
 
 @dataclass(frozen=True, slots=True)
 class Ack(Message):
-    """The secondary's progress: journaled (durable) through, and applied through."""
+    """The secondary's progress: journaled (durable) through, and applied
+    through; optionally its disk state (``disk``, one of DISK_STATES, with
+    ``disk_reason`` in words), so that a disk that fails or recovers after
+    the handshake is known to the primary without a new STATE. ``disk`` is
+    None when the ACK says nothing about it (the 16-byte form)."""
 
     TYPE: ClassVar[FrameType] = FrameType.ACK
     journaled_seq: int
     applied_seq: int
+    disk: str | None = None
+    disk_reason: str = ""
 
     def __post_init__(self) -> None:
         _uint("ACK", "journaled_seq", self.journaled_seq, _U64)
         _uint("ACK", "applied_seq", self.applied_seq, _U64)
+        if self.disk is not None and self.disk not in DISK_CODES:
+            raise _fail("ACK", "disk", f"is {self.disk!r}, expected one of {', '.join(DISK_STATES)}")
+        _name("ACK", "disk_reason", self.disk_reason, MAX_ERROR_MESSAGE, allow_empty=True,
+              printable=False)
+        if self.disk is None and self.disk_reason:
+            raise _fail("ACK", "disk_reason", "is set without a disk state")
 
     def encode(self) -> bytes:
-        return _U64_2.pack(self.journaled_seq, self.applied_seq)
+        head = _U64_2.pack(self.journaled_seq, self.applied_seq)
+        if self.disk is None:
+            return head
+        reason = self.disk_reason.encode()
+        return head + _ACK_DISK.pack(DISK_CODES[self.disk], 0, len(reason)) + reason
 
     @classmethod
     def decode(cls, payload) -> Ack:
-        _exact("ACK", payload, _U64_2.size)
-        return cls(*_U64_2.unpack(payload))
+        if len(payload) < _U64_2.size + _ACK_DISK.size:  # the plain form, or nothing valid
+            _exact("ACK", payload, _U64_2.size)
+            return cls(*_U64_2.unpack(payload))
+        journaled, applied = _U64_2.unpack_from(payload)
+        disk, rsv, n = _ACK_DISK.unpack_from(payload, _U64_2.size)
+        if rsv:
+            raise _fail("ACK", "reserved", "is not zero")
+        if disk not in DISKS_BY_CODE:
+            raise _fail("ACK", "disk", f"has unknown value {disk}")
+        start = _U64_2.size + _ACK_DISK.size
+        _exact("ACK", payload, start + n)
+        return cls(journaled, applied, DISKS_BY_CODE[disk],
+                   _utf8("ACK", "disk_reason", payload[start:]))
+
+
+_ACK_DISK = struct.Struct("<BBH")
 
 
 @dataclass(frozen=True, slots=True)
