@@ -20,7 +20,7 @@ def _crc32c_py(data, crc: int = 0) -> int:
 
 
 try:  # the C core, when built
-    from replicator.core import crc32c as _crc32c_native  # type: ignore
+    from replicator.native.crc32c import crc32c as _crc32c_native  # type: ignore
 except ImportError:  # pragma: no cover - only before the core is built
     _crc32c_native = None
 

@@ -28,7 +28,9 @@ from typing import Callable
 
 from replicator import notify
 from replicator.config import Config, Node, Resource
-from replicator.core import ActivityLog, Bitmap, CoreError
+from replicator.native.actlog import ActivityLog
+from replicator.native.bitmap import Bitmap
+from replicator.native.core import CoreError
 from replicator.errors import DuplexError
 from replicator.secondary.journal import Journal
 from replicator.metadata import ROLE_PRIMARY, ROLE_SECONDARY, Metadata, load_metadata

@@ -10,7 +10,9 @@ import logging
 from dataclasses import dataclass
 
 from replicator.config import Resource
-from replicator.core import ActivityLog, Bitmap, CoreError
+from replicator.native.actlog import ActivityLog
+from replicator.native.bitmap import Bitmap
+from replicator.native.core import CoreError
 from replicator.errors import DuplexError
 from replicator.metadata import Metadata
 

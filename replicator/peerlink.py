@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from replicator import generations
-from replicator.core import uninit_buffer
+from replicator.native.ffi import uninit_buffer
 from replicator.errors import DuplexError
 from replicator.protocol.connection import CLOSED, NEED_DATA, Connection
 from replicator.protocol.errors import ErrorCode, ProtocolError

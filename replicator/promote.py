@@ -55,7 +55,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from replicator.config import Config, Node, Resource
-from replicator.core import Bitmap, CoreError
+from replicator.native.bitmap import Bitmap
+from replicator.native.core import CoreError
 from replicator.errors import DuplexError
 from replicator.fileio import atomic_write
 from replicator.secondary.lossreport import LossReport, build_loss_report

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from replicator.crc32c import crc32c
 
 try:  # the C core checks a whole buffer of records in one call
-    from replicator.core import scan_records as _scan
+    from replicator.native.records import scan_records as _scan
 except ImportError:  # pragma: no cover - only before the core is built
     _scan = None
 

@@ -67,7 +67,7 @@ def _per_mib(work, mib: int, tries: int = 3) -> float:
 def measure_copy_costs(directory: Path, mib: int = 512) -> CopyCosts:
     """Measure each movement over *mib* MiB; *directory* holds a scratch
     file (the bench's tmpfs directory, where the images live)."""
-    from replicator.core import crc32c  # the C core's CRC, as the ring uses it
+    from replicator.native.crc32c import crc32c  # the C core's CRC, as the ring uses it
 
     data = os.urandom(MiB)
     dest = bytearray(MiB)

@@ -70,7 +70,9 @@ def _measure(call: Callable[[int], None], offsets: list[int], seconds: float,
 
 def _bench_size(workdir: Path, size: int, seconds: float, rounds: int) -> dict[str, float]:
     """Median ns per call of each variant for writes of *size* bytes."""
-    from replicator.core import ActivityLog, Bitmap, Core
+    from replicator.native.actlog import ActivityLog
+    from replicator.native.bitmap import Bitmap
+    from replicator.native.core import Core
 
     dev = workdir / f"device-{size}"
     with open(dev, "wb") as f:
@@ -134,7 +136,7 @@ def run(argv: list[str]) -> Table:
     ap.add_argument("--dir", default="/dev/shm", help="where the test file lives (default /dev/shm)")
     args = ap.parse_args(argv)
 
-    from replicator.core import crc32c_hw_available
+    from replicator.native.crc32c import crc32c_hw_available
 
     table = Table("native: Core.write vs os.pwrite (one thread, tmpfs)",
                   ["write size", "call", ("per call", ">"), ("calls/s", ">"),

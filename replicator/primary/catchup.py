@@ -28,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from replicator.core import Bitmap
+from replicator.native.bitmap import Bitmap
 from replicator.peerlink import LinkError, PeerLink
 from replicator.protocol.messages import IncrBegin, IncrCommit, IncrData, IncrZero, VerifyReq
 from replicator.tracks import is_zero, track_digest, track_runs, zero_digest

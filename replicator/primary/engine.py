@@ -15,7 +15,9 @@ import time
 
 from replicator.config import Node, Resource, load_config, select_node
 from replicator.control import ControlServer
-from replicator.core import ActivityLog, Bitmap, Core, CoreError, WriteResult
+from replicator.native.actlog import ActivityLog
+from replicator.native.bitmap import Bitmap
+from replicator.native.core import Core, CoreError, WriteResult
 from replicator.devices import DeviceClaim, claim_device, device_size
 from replicator.errors import DuplexError
 from replicator import generations

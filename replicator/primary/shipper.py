@@ -31,7 +31,7 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 from replicator.primary.catchup import CatchUp
-from replicator.core import CoreError
+from replicator.native.core import CoreError
 from replicator.peerlink import LinkError, PeerLink, RefusedError, local_primary_state
 from replicator import generations
 from replicator.generations import Decision

@@ -44,7 +44,7 @@ from typing import Any
 
 from replicator.errors import DuplexError
 from replicator.secondary.applier import ApplyError
-from replicator.core import RXQ_FAULTS, RxFault, RxInfo, RxQueue
+from replicator.native.rxq import RXQ_FAULTS, RxFault, RxInfo, RxQueue
 from replicator.records import HEADER_SIZE, OP_NAMES, Token, unpack_token
 
 #: How far past ``applied_through`` a token may be. A primary has at most a

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from replicator.config import load_config
-from replicator.core import Bitmap
+from replicator.native.bitmap import Bitmap
 from replicator.errors import DuplexError
 from replicator.secondary.journal import Journal
 from replicator.metadata import MetaPaths, create_metadata, load_metadata

@@ -11,7 +11,9 @@ from typing import Callable, Iterator
 
 import pytest
 
-from replicator.core import ActivityLog, Bitmap, Core
+from replicator.native.actlog import ActivityLog
+from replicator.native.bitmap import Bitmap
+from replicator.native.core import Core
 
 
 @pytest.fixture

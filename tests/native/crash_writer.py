@@ -14,7 +14,9 @@ import random
 import sys
 from pathlib import Path
 
-from replicator.core import ActivityLog, Bitmap, Core
+from replicator.native.actlog import ActivityLog
+from replicator.native.bitmap import Bitmap
+from replicator.native.core import Core
 
 TRACK = 4096
 REGION = 128 << 10  # two 64 KiB extents

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from replicator.core import ActivityLog, ActivityLogError, Bitmap
+from replicator.native.actlog import ActivityLog, ActivityLogError
+from replicator.native.bitmap import Bitmap
 
 EXT = 64 << 10
 TS = 4096

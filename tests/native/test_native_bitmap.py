@@ -12,7 +12,8 @@ import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from replicator.core import Bitmap, BitmapError, CoreError
+from replicator.native.bitmap import Bitmap, BitmapError
+from replicator.native.core import CoreError
 from replicator.crc32c import _crc32c_py
 
 TS = 512

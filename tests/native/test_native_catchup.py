@@ -8,7 +8,9 @@ import threading
 
 import pytest
 
-from replicator.core import ActivityLog, Bitmap, Core
+from replicator.native.actlog import ActivityLog
+from replicator.native.bitmap import Bitmap
+from replicator.native.core import Core
 
 TRACK = 4096
 NTRACKS = 64

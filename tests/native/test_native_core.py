@@ -11,7 +11,8 @@ import time
 import pytest
 
 from replicator import records
-from replicator.core import Bitmap, Core, CoreError
+from replicator.native.bitmap import Bitmap
+from replicator.native.core import Core, CoreError
 from replicator.records import OP_FLUSH, OP_TRIM, OP_WRITE, OP_ZERO
 
 
@@ -205,7 +206,7 @@ def test_fence_holds_writes_until_released(make_rig):
 
 
 def test_clean_close_leaves_clean_bitmap_and_empty_activity_log(shm_dir, res_uuid):
-    from replicator.core import ActivityLog
+    from replicator.native.actlog import ActivityLog
     dev = shm_dir / "dev"
     dev.write_bytes(bytes(1 << 20))
     oos = Bitmap.create(str(shm_dir / "oos"), res_uuid, 4096, 256)
@@ -226,7 +227,9 @@ def test_clean_close_leaves_clean_bitmap_and_empty_activity_log(shm_dir, res_uui
 
 IO_ERROR_CHILD = r"""
 import os, resource, signal, sys, uuid
-from replicator.core import ActivityLog, Bitmap, Core
+from replicator.native.actlog import ActivityLog
+from replicator.native.bitmap import Bitmap
+from replicator.native.core import Core
 d = sys.argv[1]
 u = uuid.uuid4().bytes
 oos = Bitmap.create(d + "/oos", u, 4096, 1024)
@@ -270,7 +273,7 @@ def loop_device(shm_dir):
 
 
 def test_block_device_writes_trims_and_zeros(loop_device, shm_dir, res_uuid):
-    from replicator.core import ActivityLog
+    from replicator.native.actlog import ActivityLog
     size = 8 << 20
     oos = Bitmap.create(None, res_uuid, 4096, size // 4096)
     al = ActivityLog.create(str(shm_dir / "al"), res_uuid, 64 << 10, 8)

@@ -11,7 +11,8 @@ import time
 import uuid as uuid_mod
 from pathlib import Path
 
-from replicator.core import ActivityLog, Bitmap
+from replicator.native.actlog import ActivityLog
+from replicator.native.bitmap import Bitmap
 
 CHILD = Path(__file__).with_name("crash_writer.py")
 TRACK = 4096

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from replicator.core import scan_records
+from replicator.native.records import scan_records
 from replicator.records import (OP_FLUSH, OP_TRIM, OP_WRITE, OP_ZERO, RecordError,
                                 encode_record, iter_records)
 

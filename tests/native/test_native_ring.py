@@ -10,7 +10,8 @@ import time
 import pytest
 
 from replicator import records
-from replicator.core import Core, CoreError, tokens
+from replicator.native.core import Core, CoreError
+from replicator.native.ring import tokens
 
 
 def read_all(core: Core) -> list[tuple[records.Token, bytes]]:

@@ -1,4 +1,4 @@
-"""The secondary's C pending queue (native/rxq.h), through replicator.core.RxQueue
+"""The secondary's C pending queue (native/rxq.h), through replicator.native.rxq.RxQueue
 (raw bytes) and replicator.secondary.pending.PendingQueue (the rules and their words).
 
 tests/secondary/test_secondary_pending.py covers the seed-001 examples; this
@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from replicator.secondary.applier import ApplyError
-from replicator.core import RXQ_FAULTS, RxFault, RxInfo, RxQueue
+from replicator.native.rxq import RXQ_FAULTS, RxFault, RxInfo, RxQueue
 from replicator.secondary.pending import LostEntry, PendingQueue, StreamError
 from replicator.records import (HEADER, HEADER_SIZE, OP_FLUSH, OP_NAMES, OP_TRIM, OP_WRITE,
                                 OP_ZERO, Token, encode_record, padded, unpack_token)

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from replicator.core import Core
+from replicator.native.core import Core
 from replicator.protocol.frames import HEADER_SIZE as FRAME_HEADER, FrameDecoder, FrameType
 from replicator.protocol.messages import Data, Tokens
 from replicator.records import HEADER_SIZE as REC_HEADER, OP_FLUSH, OP_TRIM, OP_WRITE, OP_ZERO
@@ -545,7 +545,9 @@ def test_io_failure_in_a_child_with_default_sigpipe_does_not_kill_it(shm_dir):
     script = f"""
 import os, signal, socket, uuid
 signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-from replicator.core import ActivityLog, Bitmap, Core
+from replicator.native.actlog import ActivityLog
+from replicator.native.bitmap import Bitmap
+from replicator.native.core import Core
 d = {str(shm_dir)!r}
 u = uuid.uuid4().bytes
 with open(d + "/dev", "wb") as f:
