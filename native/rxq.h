@@ -1,5 +1,5 @@
 /*
- * rxq.h: the secondary's pending write queue (seed 001, FIG. 5) and the
+ * rxq.h: the secondary's pending write queue (DESIGN §6) and the
  * applier's inner loop, so that a TOKENS or DATA frame costs one call, not
  * a Python loop per record. replicator/secondary/pending.py wraps it and documents
  * the rules; in short:

@@ -132,7 +132,7 @@ int ship_stream(struct core *c, const int *fds, uint32_t nfds, uint32_t first_fd
 			continue;
 		}
 		if (st.bytes_unsent < p->batch_bytes && now - last_send < p->interval_ns) {
-			/* Seed 001's batching rule: wait for the interval to pass or
+			/* The batching rule (DESIGN §3): wait for the interval to pass or
 			 * for a full batch, whichever comes first. */
 			int64_t wait = last_send + p->interval_ns - now;
 			if (p->inflight != NULL && core_peek(c, 1, &span) > 0) {

@@ -7,8 +7,8 @@
  *
  * Each span of the send ring (whole records, up to batch_bytes) goes out as
  * a TOKENS frame and a DATA frame (replicator/protocol/frames.py layout) in
- * one writev, spans spread over the given sockets in turn. Seed 001's
- * batching rule: a span is taken when batch_bytes are queued, or when
+ * one writev, spans spread over the given sockets in turn. The batching
+ * rule (DESIGN §3): a span is taken when batch_bytes are queued, or when
  * interval_ns passed since the previous one.
  *
  * The caller holds the sockets' send locks and has checked that the

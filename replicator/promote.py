@@ -1,4 +1,4 @@
-"""Failover: ``duplex promote`` and ``duplex demote`` (DESIGN §7, seed 001 §2.7).
+"""Failover: ``duplex promote`` and ``duplex demote`` (DESIGN §7).
 
 Theory of operation
 -------------------
@@ -15,7 +15,7 @@ Promotion turns a secondary into the primary of a new history:
    write A), make it durable, checkpoint the journal. (An image promoted
    by force although invalid gets nothing more applied: that would not
    make it valid.)
-4. **Loss report** (seed 001, FIG. 5): consistent through A with its
+4. **Loss report** (DESIGN §7): consistent through A with its
    timestamp, every write known lost after A, and that nothing after the
    last token is known. Written atomically as JSON to
    ``meta-dir/loss-report.json``; the CLI also prints it.

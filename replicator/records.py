@@ -17,8 +17,9 @@ Layout (little-endian, 48-byte header, data padded to 8 bytes)::
     u32 crc        CRC32C of the header (crc field zero) and the data  [byte 40]
     u32 reserved   zero
 
-A *token* is the header alone (seed 001's M1 entry); a *record* is the
-header followed by its data (an M2 field).
+A *token* is the header alone, sent ahead of its data (M1 of the ordered
+replication design, DESIGN §3); a *record* is the header followed by its
+data (an M2 field).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Catching up in increments without ever losing consistency (DESIGN §4,
-seed 004).
+"""Catching up in increments without ever losing consistency (DESIGN §4:
+consistency groups cut from an out-of-sync and a change-recording bitmap).
 
 The out-of-sync bitmap says which tracks the secondary may lack. Instead
 of copying them in bitmap order (which leaves the secondary Inconsistent

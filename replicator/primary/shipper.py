@@ -10,11 +10,12 @@ the write path's speed depends on. The sender's Python loop only looks in
 every RETURN_AFTER seconds (release what was journaled, ping, stop, catch
 up after an overflow).
 
-Batching (seed 001 §2.5): a span is whatever the ring holds, up to
+Batching (DESIGN §3): a span is whatever the ring holds, up to
 ``batch-bytes``; it goes out when that much is queued or ``batch-interval``
 after the previous one, whichever comes first. Tokens go ahead of data:
 each span goes out as a TOKENS frame and then its DATA frame, so the
-secondary always knows which writes it is missing (seed 001's M1/M2 split).
+secondary always knows which writes it is missing (tokens before data,
+the M1/M2 split of the ordered-replication design, DESIGN §3).
 A catch-up streams with :meth:`Shipper.pump`, which announces up to four
 spans before it sends the oldest one's data.
 """

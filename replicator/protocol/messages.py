@@ -310,7 +310,7 @@ class State(Message):
 
 @dataclass(frozen=True, slots=True)
 class Tokens(Message):
-    """Seed 001's M1: record headers sent ahead of their data.
+    """Tokens (M1): record headers sent ahead of their data (DESIGN §3).
 
     ``payload`` is the raw packed headers (kept as received, so the
     secondary can journal them as they are), checked in one C call at
@@ -364,7 +364,7 @@ class Tokens(Message):
 
 @dataclass(frozen=True, slots=True, repr=False)
 class Data(Message):
-    """Seed 001's M2: whole records (header + data), in the record format.
+    """Records (M2): whole records (header + data), in the record format.
 
     ``payload`` is a read-only memoryview (a slice of the receive buffer when
     decoded: not copied); construction checks every record's structure and

@@ -614,7 +614,7 @@ class Secondary(IncrementReceiver):
         return {"resource": self.resource.name, "discard_my_data": self.md.discard_my_data}
 
     def loss_view(self):
-        """The pending queue's view for a loss report (seed 001 FIG. 5)."""
+        """The pending queue's view for a loss report (DESIGN §7)."""
         with self._lock:
             return self.pending.loss_view()
 

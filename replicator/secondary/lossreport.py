@@ -1,4 +1,4 @@
-"""The loss report a promotion writes (seed 001, FIG. 5 and §2.7). Pure.
+"""The loss report a promotion writes (DESIGN §7). Pure.
 
 After the primary is lost, the secondary applies every in-order run; the
 image is then the primary's exact state after write A (the *consistent
@@ -8,9 +8,8 @@ point*). The report says:
   and nothing after it;
 * every write known to be lost after A, in order: its address (volume,
   offset, length, op), its timestamp, and whether its data had arrived
-  (arrived but unapplied, because an earlier write was missing: seed
-  001's seqs 131 and 135) -- or that it was never announced, so its
-  address is unknown;
+  (arrived but unapplied, because an earlier write was missing) -- or
+  that it was never announced, so its address is unknown;
 * that nothing after the last token received is known: writes the primary
   sequenced later never reached this host, not even as tokens.
 
@@ -57,7 +56,7 @@ class LostWrite:
 
 @dataclass(frozen=True)
 class LossReport:
-    """Seed 001's recovery report: consistent through A, and what was lost."""
+    """The recovery report: consistent through A, and what was lost."""
 
     consistent_through_seq: int
     consistent_through_ts_ns: int | None

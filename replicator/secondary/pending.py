@@ -1,9 +1,9 @@
-"""The secondary's pending write queue (seed 001, FIG. 5).
+"""The secondary's pending write queue: in-order runs by seq (DESIGN §6).
 
 Theory of operation
 -------------------
 Every write the primary sequences reaches the secondary twice: first its
-*token* (the 48-byte record header, seed 001's M1 entry), then the whole
+*token* (the 48-byte record header, sent ahead: an M1 entry), then the whole
 *record* (header + data, an M2 field). The queue keeps one entry per seq
 after ``applied_through``:
 
@@ -32,7 +32,7 @@ ignored, and one for a seq already known is ignored when it is identical.
 The same seq with a different header is a broken stream and is refused.
 
 When the primary is gone, :meth:`PendingQueue.loss_view` describes what the
-secondary knows about the writes it does not have (seed 001 §2.7);
+secondary knows about the writes it does not have (DESIGN §7);
 :mod:`replicator.secondary.lossreport` turns it into the loss report.
 """
 from __future__ import annotations

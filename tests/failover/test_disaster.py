@@ -2,8 +2,8 @@
 on the primary; the primary dies mid-workload and its link is cut; the
 failover script promotes the secondary, moves the service address, serves,
 attaches, checks and mounts. Every transaction committed through the loss
-report's point A must be there, in a clean file system (seed 001
-acceptance 12: a crash image, like an IPL after a power cut)."""
+report's point A must be there, in a clean file system (DESIGN §12: a
+crash image, like a reboot after a power cut)."""
 from __future__ import annotations
 
 import hashlib

@@ -1,6 +1,7 @@
 """``duplex promote`` end to end: a pair in two namespaces, real nbdkit,
 real TCP. Refusals, the loss report against the primary's own history
-(seed 001 acceptance 10-11), and the promoted node serving its image."""
+(point A exact, every loss listed: DESIGN §7), and the promoted node serving
+its image."""
 from __future__ import annotations
 
 import hashlib

@@ -1,5 +1,6 @@
 """Promotion of a stopped secondary from its journal alone (no daemon, no
-network): FIG. 5 built in a real journal, applied to a real image file."""
+network): the loss-report example (a hole at 130, data for 131 and 135
+beyond it) built in a real journal, applied to a real image file."""
 from __future__ import annotations
 
 import json
@@ -71,7 +72,7 @@ def test_offline_promote_applies_the_in_order_run_and_reports_fig5(beta):
     cfg, res, node, md = beta
     recs = {s: _record(s) for s in range(120, 137)}
     # Journal as a secondary would leave it: tokens 120..136 except 133
-    # (never announced), data for 120..129, 131 and 135 (FIG. 5).
+    # (never announced), data for 120..129, 131 and 135 (the loss-report example).
     with Journal.open(str(md.paths.journal), bytes.fromhex(md.node_uuid)) as j:
         j.append_tokens(b"".join(recs[s][:48] for s in recs if s != 133))
         j.append(b"".join(recs[s] for s in [*range(120, 130), 131, 135]))

@@ -1,7 +1,7 @@
 """The secondary's C pending queue (native/rxq.h), through replicator.native.rxq.RxQueue
 (raw bytes) and replicator.secondary.pending.PendingQueue (the rules and their words).
 
-tests/secondary/test_secondary_pending.py covers the seed-001 examples; this
+tests/secondary/test_secondary_pending.py covers the worked examples; this
 file adds:
 
 * a rule-based model test: random interleavings of token batches, DATA

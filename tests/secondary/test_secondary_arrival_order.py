@@ -1,6 +1,7 @@
 """Property tests: whatever order frames arrive in, over however many
 connections, with resends and secondary crashes, the image is always a
-prefix of the primary's write history (seed 001 claims 1/2, seed 002 §6).
+prefix of the primary's write history (DESIGN §6: the seq decides, not the
+arrival order).
 
 A tiny model replays the history to give the expected image after each seq;
 the real queue, journal and applier run on real files.
@@ -220,7 +221,7 @@ def mostly_in_order(rnd: random.Random, seqs: list[int]) -> list[tuple[str, int]
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(history=histories(max_len=20), rnd=st.randoms(use_true_random=False))
 def test_secondary_crash_and_journal_replay_keep_the_image_a_prefix(history, rnd):
-    """Acceptance 18: kill the secondary with a non-empty queue; after
+    """Restart: kill the secondary with a non-empty queue; after
     restart nothing is skipped and re-applying changes nothing."""
     n = len(history)
     images = prefix_images(SIZE, history)

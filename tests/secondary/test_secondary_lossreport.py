@@ -1,4 +1,4 @@
-"""The loss report (seed 001 FIG. 5, acceptance 10)."""
+"""The loss report (DESIGN §7): point A, the writes known lost, the unknown."""
 from __future__ import annotations
 
 import json

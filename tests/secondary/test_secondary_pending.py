@@ -1,4 +1,4 @@
-"""The pending write queue (seed 001 FIG. 5): in-order runs, gaps, duplicates."""
+"""The pending write queue (DESIGN §6): in-order runs, gaps, duplicates."""
 from __future__ import annotations
 
 import os
@@ -33,7 +33,7 @@ def image(tmp_path):
 
 
 def test_secondary_applies_only_in_order_runs_seed_001_example(image):
-    """Acceptance 7: tokens 1..10, data 3,1,2,5,4,7,8,9,10, 6 withheld."""
+    """In-order runs: tokens 1..10, data 3,1,2,5,4,7,8,9,10, 6 withheld."""
     history = [rec(s, (s % 16) * BLOCK, fill(s, BLOCK)) for s in range(1, 11)]
     images = prefix_images(16 * BLOCK, history)
     q = PendingQueue(0)
@@ -54,7 +54,7 @@ def test_secondary_applies_only_in_order_runs_seed_001_example(image):
 
 
 def test_later_write_to_same_block_is_never_overwritten_by_earlier_one(image):
-    """Acceptance 8: seq 5 writes X to block b, seq 9 writes Y; 9's data first."""
+    """Overwrite order: seq 5 writes X to block b, seq 9 writes Y; 9's data first."""
     b = 3 * BLOCK
     x, y = b"X" * BLOCK, b"Y" * BLOCK
     history = []
@@ -85,7 +85,7 @@ def test_later_write_to_same_block_is_never_overwritten_by_earlier_one(image):
 
 
 def test_secondary_never_applies_past_a_gap():
-    """Acceptance 9: seq 5 never announced; 1-4 apply, 6-8 wait."""
+    """A gap: seq 5 never announced; 1-4 apply, 6-8 wait."""
     q = PendingQueue(0)
     recs = {s: rec(s, s * BLOCK, fill(s, 8)) for s in (1, 2, 3, 4, 6, 7, 8)}
     q.add_tokens(t for t, _ in recs.values())
