@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from replicator.config import Config, Node, Resource, load_config, local_node_name, select_node
-from replicator.devices import device_size
+from replicator.devices import claim_device, device_size
 from replicator.errors import DuplexError
 from replicator.sizes import format_size
 
@@ -66,6 +66,8 @@ def cmd_create_md(args: argparse.Namespace, ctx: Context) -> int:
     if is_running(node.meta_dir):
         raise DuplexError(f"resource {resource.name} is running on this node "
                           f"(it holds {paths.lock}); stop it before create-md")
+    # A device in use (mounted, held, another Duplex's) is refused by name.
+    claim_device(node.device, f"{resource.name}: node {node.name}").close()
     node_mod = _node_module()
     existed = paths.metadata.exists()
     md = create_metadata(node.meta_dir, resource.name, node.name, size,

@@ -353,6 +353,8 @@ def promote_offline(config_path: str, resource: Resource, node: Node,
             sec.stop_receiving("promoted")
             sec.journal.close()
             os.close(sec.fd)
+            if sec.claim is not None:
+                sec.claim.close()
         return result.to_dict()
     finally:
         os.close(lock_fd)

@@ -31,7 +31,7 @@ import time
 
 from replicator.config import Node, Resource, load_config, select_node
 from replicator.control import ControlServer
-from replicator.devices import device_size
+from replicator.devices import DeviceClaim, claim_device, device_size
 from replicator.errors import DuplexError
 from replicator.secondary.journal import Journal, JournalError
 from replicator.metadata import (DISK_CONSISTENT, DISK_INCONSISTENT, DISK_OUTDATED, DISK_UPTODATE,
@@ -84,6 +84,7 @@ class Secondary(IncrementReceiver):
         self.md = md
         self.journal = journal
         self.fd = image_fd
+        self.claim: DeviceClaim | None = None  # set by open(): the image is ours alone
         self.pending = pending
         self.size = md.device_size
         self._lock = threading.Condition()      # pending + journal appends/checkpoints
@@ -123,6 +124,10 @@ class Secondary(IncrementReceiver):
         res = cfg.resource(resource_name)
         node = select_node(res, node_name)
         md = load_metadata(node.meta_dir, res.name)
+        # Exclusive before the journal replay writes: a mounted or held
+        # device, or an image another Duplex uses, is refused by name.
+        context = f"{res.name}: node {node.name}"
+        claim = claim_device(node.device, context)
         size = device_size(node.device)
         if size != md.device_size:
             raise SecondaryError(f"{node.device} is {size} bytes, but the metadata of "
@@ -142,8 +147,10 @@ class Secondary(IncrementReceiver):
                 snapshot.drop(snap, node.meta_dir)  # it committed before the stop
             else:
                 snapshot.restore(snap, node.device, node.meta_dir)
+                claim.refresh(context)  # the restored clone is a new file: lock it
         fd = os.open(node.device, os.O_RDWR | os.O_CLOEXEC)
         sec = cls(res, node, md, journal, fd, pending)
+        sec.claim = claim
         # Our own out-of-sync tracks: empty on a secondary that was always
         # one; an old primary's unshipped writes after a failover.
         opened = open_bitmaps(md, res)
@@ -197,6 +204,8 @@ class Secondary(IncrementReceiver):
         self._checkpoint()
         self.journal.close()
         os.close(self.fd)
+        if self.claim is not None:
+            self.claim.close()
         log.info("%s: secondary stopped, applied through %d", self.resource.name,
                  self.pending.applied_through)
 
@@ -577,6 +586,8 @@ class Secondary(IncrementReceiver):
                 self.incr = None
                 os.close(self.fd)
                 snapshot.restore(inc.snapshot, self.node.device, self.node.meta_dir)
+                if self.claim is not None:  # the restored clone is a new file: lock it
+                    self.claim.refresh(f"{self.resource.name}: node {self.node.name}")
                 self.fd = os.open(self.node.device, os.O_RDWR | os.O_CLOEXEC)
                 self._pause_apply.clear()
         with self._lock:
