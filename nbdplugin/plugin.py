@@ -9,11 +9,13 @@ serves every connection, and flush syncs the whole device).
     nbdkit python plugin.py config=/etc/duplex/duplex.toml resource=r0 node=alpha
 """
 import errno
+import os
+import sys
 
 import nbdkit
 
 from nbdplugin import threadstate
-from replicator.node import setup_logging
+from replicator.node import STARTUP_ERROR_FD_ENV, setup_logging
 from replicator.errors import DuplexError
 from replicator.primary.engine import Engine
 
@@ -23,17 +25,41 @@ _params: dict[str, str] = {}
 _engine: Engine | None = None
 
 
+def _startup_failed(e: BaseException) -> None:
+    """A startup error is the user's to fix, not a bug: one line, no
+    traceback (nbdkit prints a Python traceback for any exception a
+    callback raises). ``duplex up`` passes a pipe for the line and prints
+    it itself; run by hand, the line goes to stderr as nbdkit's own errors
+    do. Then nbdkit exits: before it serves (get_ready) nothing is lost."""
+    if isinstance(e, OSError):
+        from replicator.control import describe_oserror
+        msg = describe_oserror(e)
+    else:
+        msg = str(e)
+    line = (" ".join(msg.split()) or type(e).__name__) + "\n"
+    fd = os.environ.get(STARTUP_ERROR_FD_ENV, "")
+    try:
+        if fd.isdigit():
+            os.write(int(fd), line.encode("utf-8", "replace"))
+        else:
+            sys.stderr.write(f"nbdkit: duplex: error: {line}")
+            sys.stderr.flush()
+    finally:
+        os._exit(1)
+
+
 def config(key: str, value: str) -> None:
     if key not in ("config", "resource", "node", "history", "threads"):
-        raise RuntimeError(f"duplex plugin: unknown parameter {key!r} "
-                           "(expected config=, resource=, node=, history=, threads=)")
+        _startup_failed(DuplexError(
+            f"duplex plugin: unknown parameter {key!r} "
+            "(expected config=, resource=, node=, history=, threads=)"))
     _params[key] = value
 
 
 def config_complete() -> None:
     for key in ("config", "resource", "node"):
         if key not in _params:
-            raise RuntimeError(f"duplex plugin: missing parameter {key}=")
+            _startup_failed(DuplexError(f"duplex plugin: missing parameter {key}="))
     setup_logging()
 
 
@@ -51,14 +77,17 @@ def get_ready() -> None:
     try:
         _engine = Engine.open(_params["config"], _params["resource"], _params["node"],
                               history_path=_params.get("history"))
-    except DuplexError as e:
-        raise RuntimeError(str(e)) from None
+    except (DuplexError, OSError) as e:
+        _startup_failed(e)
 
 
 def after_fork() -> None:
     # Threads must start here, not in get_ready (DESIGN §10).
     assert _engine is not None
-    _engine.start()
+    try:
+        _engine.start()
+    except (DuplexError, OSError) as e:
+        _startup_failed(e)
 
 
 def cleanup() -> None:

@@ -1,12 +1,15 @@
 """``duplex``: the command line.
 
-    duplex [--config FILE] [--node NAME] [-v] COMMAND ...
+    duplex [--config FILE] [--node NAME] [-v] COMMAND ... [--config FILE] ...
 
 Each command is one small function ``cmd_<name>(args, ctx) -> int``,
 registered in :func:`build_parser`; later commands (connect, verify) add
-a function and a subparser. A :class:`DuplexError`
-anywhere prints ``duplex: error: <message>`` and exits 1; argparse usage
-errors exit 2.
+a function and a subparser. The global options are taken before or after
+the command (as drbdadm does). A :class:`DuplexError` anywhere prints
+``duplex: error: <message>`` and exits 1, an OSError ``duplex: error:
+COMMAND: PATH: reason``; anything else (a bug) one ``internal error`` line,
+its traceback only with -v. Usage errors exit 2. No traceback reaches a
+user.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from replicator.config import Config, Node, Resource, load_config, local_node_name, select_node
@@ -56,28 +60,24 @@ def _node_module():
 
 
 def cmd_create_md(args: argparse.Namespace, ctx: Context) -> int:
-    """Create this node's metadata, bitmap, activity log and journal."""
-    from replicator.control import is_running
-    from replicator.metadata import MetaPaths, create_metadata
+    """Create this node's metadata, bitmap, activity log and journal: the
+    node's lock first, then every check, then the whole set at once (see
+    :func:`replicator.node.create_metadata_set`)."""
+    from replicator.control import NodeLock
 
     resource, node = ctx.resolve(args.resource)
-    size = device_size(node.device)
-    paths = MetaPaths(node.meta_dir)
-    if is_running(node.meta_dir):
-        raise DuplexError(f"resource {resource.name} is running on this node "
-                          f"(it holds {paths.lock}); stop it before create-md")
-    # A device in use (mounted, held, another Duplex's) is refused by name.
-    claim_device(node.device, f"{resource.name}: node {node.name}").close()
-    node_mod = _node_module()
-    existed = paths.metadata.exists()
-    md = create_metadata(node.meta_dir, resource.name, node.name, size,
-                         resource.track_size, args.assume_clean, force=args.force)
+    meta = Path(node.meta_dir)
     try:
-        node_mod.create_node_files(ctx.config, resource, node, md)
-    except BaseException:
-        if not existed:  # do not leave metadata that claims files that are not there
-            paths.metadata.unlink(missing_ok=True)
-        raise
+        meta.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise DuplexError(f"{meta}: cannot create the meta-dir: {e.strerror}") from None
+    node_mod = _node_module()
+    with NodeLock(meta, resource.name, hint="stop it before create-md"):
+        size = device_size(node.device)
+        # A device in use (mounted, held, another Duplex's) is refused by name.
+        claim_device(node.device, f"{resource.name}: node {node.name}").close()
+        md = node_mod.create_metadata_set(ctx.config, resource, node, size,
+                                          args.assume_clean, args.force)
     print(f"{resource.name}: created metadata for node {node.name} in {node.meta_dir}")
     print(f"  device {node.device} ({format_size(size)}), track size "
           f"{format_size(resource.track_size)}, disk {md.disk}"
@@ -130,13 +130,15 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
         ds = [_status_of(r, n, args.timeout) for r, n in targets]
         if args.json:
             out = ds[0] if args.resource else ds
-            return json.dumps(out, indent=None if args.watch is not None else 2)
+            return json.dumps(out, indent=None if args.watch else 2)
         return format_status(ds[0]) if args.resource else format_statuses(ds)
 
-    if args.watch is None:
-        print(render())
-        sys.stdout.flush()
-        return 0
+    if not args.watch:
+        if not args.check:
+            print(render())
+            sys.stdout.flush()
+            return 0
+        return _check(args, targets)
     # On a terminal each refresh overwrites the previous one in place (one
     # write); to a pipe or file, or as JSON, frames are plain text: JSON one
     # line each, human frames separated by a blank line.
@@ -146,16 +148,37 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
             text = render()
             if redraw:
                 header = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} "
-                          f"(every {args.watch:g}s, Ctrl-C to stop)")
+                          f"(every {args.interval:g}s, Ctrl-C to stop)")
                 sys.stdout.write(watch_frame(text, header=header))
             elif args.json:
                 sys.stdout.write(text + "\n")
             else:
                 sys.stdout.write(text + "\n\n")
             sys.stdout.flush()
-            time.sleep(args.watch)
+            time.sleep(args.interval)
     except KeyboardInterrupt:
         return 0
+
+
+def _check(args: argparse.Namespace, targets: list) -> int:
+    """``status --check``: the status as usual, then one line on stderr per
+    resource that is not healthy (status.health_problems); exit 1 if any."""
+    from replicator.status import format_status, health_problems
+
+    ds = [_status_of(r, n, args.timeout) for r, n in targets]
+    if args.json:
+        print(json.dumps(ds[0] if args.resource else ds, indent=2))
+    else:
+        print("\n\n".join(format_status(d) for d in ds))
+    sys.stdout.flush()
+    sick = 0
+    for d in ds:
+        problems = health_problems(d)
+        if problems:
+            sick += 1
+            print(f"duplex: {d.get('resource')} on {d.get('node')} is not healthy: "
+                  f"{'; '.join(problems)}", file=sys.stderr)
+    return 1 if sick else 0
 
 
 def cmd_attach(args: argparse.Namespace, ctx: Context) -> int:
@@ -182,7 +205,8 @@ def cmd_promote(args: argparse.Namespace, ctx: Context) -> int:
     from replicator.promote import promote
 
     resource, node = ctx.resolve(args.resource)
-    result = promote(ctx.config, resource, node, force=args.force)
+    result = promote(ctx.config, resource, node, force=args.force, timeout=args.timeout,
+                     progress=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -253,6 +277,15 @@ def cmd_connect(args: argparse.Namespace, ctx: Context) -> int:
 
     resource, node = ctx.resolve(args.resource)
     if not args.discard_my_data:
+        try:  # a secondary whose applying failed retries it now
+            reply = request(node.meta_dir, "connect", resource=resource.name)
+        except DuplexError:  # not running, or a primary (no such request there)
+            reply = {}
+        if reply.get("apply_retried"):
+            print(f"{resource.name}: retrying the failed apply now (it failed: "
+                  f"{reply.get('apply_error')}); `duplex status {resource.name}` shows "
+                  f"whether it resumed")
+            return 0
         print(f"{resource.name}: the nodes retry connecting on their own; to end a split "
               f"brain, run `duplex connect {resource.name} --discard-my-data` on the node "
               f"whose changes are to be dropped")
@@ -287,22 +320,36 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _global_options(p: argparse.ArgumentParser, top: bool) -> None:
+    """--config, --node, -v: on the main parser (*top*, with defaults) or on
+    every subcommand (defaults suppressed, so they only set what is given)."""
+    d = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("--config", metavar="FILE",
+                   help="configuration file (default: $DUPLEX_CONFIG or /etc/duplex/duplex.toml)",
+                   **d)
+    p.add_argument("--node", metavar="NAME",
+                   help="this host's node name in the config (default: the host name)", **d)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging",
+                   **({"default": False} if top else d))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser; each subcommand's ``func`` is its cmd_ function."""
     p = argparse.ArgumentParser(
         prog="duplex",
         description="Asynchronous, write-ordered replication of a block device.",
     )
-    p.add_argument("--config", metavar="FILE",
-                   help="configuration file (default: $DUPLEX_CONFIG or /etc/duplex/duplex.toml)")
-    p.add_argument("--node", metavar="NAME",
-                   help="this host's node name in the config (default: the host name)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _global_options(p, top=True)
+    # The same options after the subcommand too, as drbdadm takes them
+    # anywhere: SUPPRESS keeps a subparser from overwriting a value given
+    # before the subcommand with its default.
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, top=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, func: Callable[[argparse.Namespace, Context], int],
                 help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help)
+        sp = sub.add_parser(name, help=help, description=help, parents=[common])
         sp.set_defaults(func=func)
         return sp
 
@@ -327,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "image is Inconsistent or Outdated")
     sp.add_argument("--json", action="store_true",
                     help="print the result and loss report as JSON")
+    sp.add_argument("--timeout", metavar="SECONDS", type=_positive_float, default=60.0,
+                    help="give up (and say why) when applying the journal takes longer "
+                         "than this (default 60)")
 
     sp = command("demote", cmd_demote,
                  "make this node's stopped Primary a Secondary (it resyncs from its peer)")
@@ -352,8 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one resource (default: every resource of this node)")
     sp.add_argument("--json", action="store_true",
                     help="JSON: an object for RES, a list without it")
-    sp.add_argument("--watch", metavar="SECONDS", nargs="?", const=2.0, default=None,
-                    type=_positive_float, help="redraw every SECONDS (default 2) until Ctrl-C")
+    sp.add_argument("--watch", action="store_true",
+                    help="redraw every --interval seconds until Ctrl-C")
+    sp.add_argument("--interval", metavar="SECONDS", type=_positive_float, default=2.0,
+                    help="the --watch refresh interval (default 2)")
+    sp.add_argument("--check", action="store_true",
+                    help="exit 1 unless every resource shown is healthy (for monitoring)")
     sp.add_argument("--timeout", metavar="SECONDS", type=_positive_float, default=5.0,
                     help=argparse.SUPPRESS)
 
@@ -386,6 +440,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `duplex status | head`
         return 0
+    except OSError as e:
+        # A disk or system error no check foresaw (full or read-only disk,
+        # I/O error): the file it hit and why, not a traceback.
+        from replicator.control import describe_oserror
+        logging.getLogger("duplex").debug("%s failed", args.command, exc_info=True)
+        print(f"duplex: error: {args.command}: {describe_oserror(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: one line for the user, the traceback with -v
+        logging.getLogger("duplex").debug("%s failed", args.command, exc_info=True)
+        print(f"duplex: error: {args.command}: internal error: {type(e).__name__}: {e} "
+              f"(a bug; run with -v for the traceback and report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,11 +10,23 @@ as keyword arguments and returns a JSON-able dict (``add_handler`` lets
 promote, verify, ... plug in more commands). A handler raising
 :class:`DuplexError` answers ``{"error": str(e)}``.
 
-Ownership: the server holds an ``flock`` on ``meta-dir/daemon.lock`` for its
-lifetime, so a second daemon for the same meta-dir is refused while the
-first lives, and a socket file left by a dead one is replaced. The socket
-is created mode 0600 (bound under a temporary name, chmod, renamed into
-place, so it is never reachable with looser permissions).
+Ownership: one process at a time owns a meta-dir. It holds an ``flock`` on
+``meta-dir/daemon.lock`` (:class:`NodeLock`, which also records its pid in
+the file), taken before any other file of the meta-dir is touched: ``duplex
+up`` takes it first thing and keeps it for its lifetime (the primary's
+nbdkit inherits the descriptor, named by ``$DUPLEX_LOCK_FD``), and so do
+``create-md``, ``promote`` and ``demote`` while they change the node. The
+server takes the lock itself unless its process already holds it (see
+:func:`held_lock_fd`). So a second ``up`` is refused before it can remove
+anything of the running one, and a socket file left by a dead daemon is
+replaced. The socket is created mode 0600 (bound under a temporary name,
+chmod, renamed into place, so it is never reachable with looser
+permissions).
+
+Threads and locks: the server runs one accept thread and one thread per
+client; handlers run on the client threads, so they must be thread-safe
+themselves. ``_held_locks`` (this process's NodeLocks, by lock path) is
+guarded by ``_held_guard``; nothing else is shared.
 
 Socket paths longer than AF_UNIX allows (108 bytes; deep test directories)
 are reached through ``/proc/self/fd/N/`` of an open directory descriptor.
@@ -49,6 +61,109 @@ class ControlError(DuplexError):
 
 class NotRunningError(ControlError):
     """Nothing listens on the control socket: the resource is down here."""
+
+
+class NodeBusyError(ControlError):
+    """Another process owns the meta-dir (holds its daemon lock)."""
+
+
+#: The environment variable naming a descriptor of the meta-dir's daemon
+#: lock that a parent (``duplex up``) holds and passed down (to nbdkit).
+LOCK_FD_ENV = "DUPLEX_LOCK_FD"
+
+_held_guard = threading.Lock()
+_held_locks: dict[str, "NodeLock"] = {}  # realpath of daemon.lock -> the lock this process holds
+
+
+def _lock_holder(path: Path) -> int | None:
+    """The pid recorded in a daemon lock file (None if none is readable)."""
+    try:
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+class NodeLock:
+    """This process owns the meta-dir: an exclusive ``flock`` on
+    ``daemon.lock``, with our pid written in it (the pid a refused second
+    command names). Released by :meth:`release` (or process exit).
+
+    *resource* names the resource in messages, *hint* is added to the
+    busy message (what to do); with *register* the control servers this
+    process starts serve under this lock instead of taking their own. Raises :class:`NodeBusyError`
+    ("resource r0 is already up on this node (pid N)") when another process
+    holds it, and ControlError naming the path when the file cannot be
+    created or written (missing or read-only meta-dir, full disk)."""
+
+    def __init__(self, meta_dir: str | os.PathLike, resource: str | None = None,
+                 hint: str = "", pid: int | None = None, register: bool = True):
+        self.paths = MetaPaths(meta_dir)
+        self.path = self.paths.lock
+        self.resource = resource
+        what = f"resource {resource}" if resource else f"the resource in {self.paths.meta_dir}"
+        if not self.paths.meta_dir.is_dir():
+            raise ControlError(
+                f"{self.paths.meta_dir}: the meta-dir does not exist"
+                + (f" (run `duplex create-md {resource}` first)" if resource else ""))
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise ControlError(f"{self.path}: cannot open the daemon lock: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = _lock_holder(self.path)
+            raise NodeBusyError(
+                f"{what} is already up on this node "
+                f"({f'pid {holder}' if holder else f'a process holds {self.path}'})"
+                + (f"; {hint}" if hint else "")) from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{pid or os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise ControlError(f"{self.path}: cannot write the daemon lock: {e.strerror} "
+                               f"(free space in {self.paths.meta_dir})") from None
+        self.fd: int | None = fd
+        if register:  # the servers this process starts serve under it
+            with _held_guard:
+                _held_locks[os.path.realpath(self.path)] = self
+
+    def release(self) -> None:
+        """Give the meta-dir up (closing our descriptor drops the flock)."""
+        with _held_guard:
+            if _held_locks.get(os.path.realpath(self.path)) is self:
+                del _held_locks[os.path.realpath(self.path)]
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "NodeLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def held_lock_fd(meta_dir: str | os.PathLike) -> int | None:
+    """A descriptor of *meta_dir*'s daemon lock this process already holds:
+    a :class:`NodeLock` of ours, or the one ``$DUPLEX_LOCK_FD`` names (the
+    parent ``duplex up`` holds it for nbdkit) when it is that very file."""
+    path = MetaPaths(meta_dir).lock
+    with _held_guard:
+        mine = _held_locks.get(os.path.realpath(path))
+    if mine is not None and mine.fd is not None:
+        return mine.fd
+    env = os.environ.get(LOCK_FD_ENV, "")
+    if not env.isdigit():
+        return None
+    try:
+        a, b = os.fstat(int(env)), os.stat(path)
+    except OSError:
+        return None
+    return int(env) if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) else None
 
 
 @contextlib.contextmanager
@@ -102,7 +217,7 @@ class ControlServer:
         self.paths = MetaPaths(meta_dir)
         self.handlers: dict[str, Handler] = dict(handlers or {})
         self.name = name
-        self._lock_fd: int | None = None
+        self._own_lock: NodeLock | None = None
         self._sock: socket.socket | None = None
         self._ino: int | None = None
         self._wake_r, self._wake_w = -1, -1
@@ -127,15 +242,14 @@ class ControlServer:
         meta-dir.
         """
         path = self.socket_path
-        lock_fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock_fd)
-            raise ControlError(
-                f"another process is already running for {self.paths.meta_dir} "
-                f"(it holds {self.paths.lock}; its control socket is {path})"
-            ) from None
+        # A process that owns the meta-dir already (duplex up took the lock
+        # first; nbdkit inherited it) serves under that lock.
+        borrowed = held_lock_fd(self.paths.meta_dir)
+        own_lock = None
+        if borrowed is None:
+            own_lock = NodeLock(self.paths.meta_dir, register=False)
+        lock_fd = borrowed if own_lock is None else own_lock.fd
+        assert lock_fd is not None
         try:
             # We hold the lock, so whatever socket file is there is stale.
             if path.exists() or path.is_symlink():
@@ -156,11 +270,10 @@ class ControlServer:
                 tmp.unlink(missing_ok=True)
                 raise ControlError(f"cannot create control socket {path}: {e.strerror}") from None
         except BaseException:
-            os.close(lock_fd)
+            if own_lock is not None:
+                own_lock.release()
             raise
-        os.ftruncate(lock_fd, 0)
-        os.write(lock_fd, f"{os.getpid()}\n".encode())
-        self._lock_fd, self._sock = lock_fd, sock
+        self._own_lock, self._sock = own_lock, sock
         self._ino = path.stat().st_ino
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         self._stopping.clear()
@@ -186,9 +299,9 @@ class ControlServer:
                 self.socket_path.unlink()
         except FileNotFoundError:
             pass
-        assert self._lock_fd is not None
-        os.close(self._lock_fd)  # releases the flock
-        self._lock_fd = None
+        if self._own_lock is not None:  # a borrowed lock stays with its owner
+            self._own_lock.release()
+            self._own_lock = None
 
     def __enter__(self) -> "ControlServer":
         return self.start() if self._thread is None else self
@@ -248,6 +361,11 @@ class ControlServer:
             reply = handler(**req)
         except DuplexError as e:
             return {"error": str(e)}
+        except OSError as e:
+            # A disk problem (full, read-only, I/O error) while the handler
+            # changed files: the user must know which file, not a bug report.
+            log.exception("control: %s failed", cmd)
+            return {"error": f"{cmd}: {describe_oserror(e)}"}
         except TypeError as e:
             # Almost always wrong arguments; log in case it was a bug inside.
             log.exception("control: %s failed", cmd)
@@ -258,6 +376,17 @@ class ControlServer:
         if not isinstance(reply, dict):
             return {"error": f"{cmd}: handler returned {type(reply).__name__}, not an object"}
         return reply
+
+
+def describe_oserror(e: OSError) -> str:
+    """``PATH: strerror`` for an OSError (both paths of a rename), or the
+    bare strerror when the error carries no path."""
+    what = e.strerror or str(e)
+    if e.filename is not None and e.filename2 is not None:
+        return f"{e.filename} -> {e.filename2}: {what}"
+    if e.filename is not None:
+        return f"{e.filename}: {what}"
+    return what
 
 
 def is_running(meta_dir: str | os.PathLike) -> bool:

@@ -40,9 +40,13 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> Non
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
-    except BaseException:
+    except BaseException as e:
         os.close(fd)
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            # write/fsync errors carry no path: name the file being replaced
+            # (a full disk must say which file it could not write).
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     os.close(fd)
     os.replace(tmp, path)

@@ -136,6 +136,10 @@ class Metadata:
     disk: str = DISK_INCONSISTENT
     needs_initial_sync: bool = True
     seq_hwm: int = 0
+    # True while seq_hwm is a reservation above the seqs handed out (a
+    # primary runs, or crashed); False once a clean stop recorded the exact
+    # last seq. Offline status shows "written" only when it is exact.
+    seq_reserved: bool = False
     # `duplex connect --discard-my-data`: at the next handshake this node
     # gives up its own changes and syncs from the peer (split brain).
     discard_my_data: bool = False
@@ -191,7 +195,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "generation": (str,), "device_size": (int,), "track_size": (int,),
     "history": (list,), "bitmap_uuid": (str, type(None)),
     "peer_node_uuid": (str, type(None)), "role": (str,), "disk": (str,),
-    "needs_initial_sync": (bool,), "seq_hwm": (int,), "discard_my_data": (bool,),
+    "needs_initial_sync": (bool,), "seq_hwm": (int,), "seq_reserved": (bool,), "discard_my_data": (bool,),
     "created": (float, int),
     "updated": (float, int),
 }
@@ -204,6 +208,7 @@ def _is_uuid(v: Any) -> bool:
 def _validate_body(body: dict[str, Any], where: Path) -> None:
     """Raise MetadataError naming the first field that is wrong."""
     body.setdefault("discard_my_data", False)  # absent in the first format-1 files
+    body.setdefault("seq_reserved", False)  # absent before it was added: exact as before
     missing = [k for k in _FIELD_TYPES if k not in body]
     if missing:
         raise MetadataError(f"{where}: field {missing[0]!r} is missing")

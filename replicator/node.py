@@ -14,13 +14,16 @@ is promoted through its control socket stops and exits with
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,6 +31,7 @@ from typing import Callable
 
 from replicator import notify
 from replicator.config import Config, Node, Resource
+from replicator.devices import device_size
 from replicator.native.actlog import ActivityLog
 from replicator.native.bitmap import Bitmap
 from replicator.native.core import CoreError
@@ -40,11 +44,151 @@ log = logging.getLogger("duplex")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PLUGIN = REPO_ROOT / "nbdplugin" / "plugin.py"
 NBDKIT_PIDFILE = "nbdkit.pid"  # in the meta-dir: written by nbdkit when it serves
+#: The plugin writes a startup error (one line) to this descriptor and exits.
+STARTUP_ERROR_FD_ENV = "DUPLEX_STARTUP_ERROR_FD"
 
 #: ``duplex up`` exits with this after its secondary was promoted: the node
 #: must be started again, now as primary (systemd: RestartForceExitStatus).
 #: 75 is EX_TEMPFAIL, "try again".
 EXIT_PROMOTED = 75
+
+
+# --------------------------------------------------------------------------
+# create-md: the metadata set, all or nothing
+
+#: Files of one node's metadata set, in the order they are put in place:
+#: metadata.json last, since its presence is what makes the others count.
+SET_FILES = ("oos.bitmap", "activity.log", "journal", "metadata.json")
+_BUILD_PREFIX = ".create-md."
+_SLACK = 256 << 10  # metadata document, superblocks, headers
+
+
+def set_bytes(resource: Resource, device_size: int) -> int:
+    """About how many bytes a new metadata set takes in the meta-dir
+    (the journal is preallocated; bitmaps are a bit per track/extent)."""
+    tracks = (device_size + resource.track_size - 1) // resource.track_size
+    return resource.journal_size + tracks // 8 + resource.al_extents * 16 + _SLACK
+
+
+def check_meta_dir_room(meta_dir: Path, need: int, what: str) -> None:
+    """DuplexError naming *meta_dir* unless it has *need* bytes free."""
+    try:
+        st = os.statvfs(meta_dir)
+    except OSError as e:
+        raise DuplexError(f"{meta_dir}: cannot check free space: {e.strerror}") from None
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        from replicator.sizes import format_size
+        raise DuplexError(f"{meta_dir}: {format_size(free)} free, but {what} needs "
+                          f"{format_size(need)}: free space there, or move meta-dir")
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_builds(meta_dir: Path) -> None:
+    """Remove what an interrupted create-md left (its build directory).
+    Only called with the node's lock held, so no create-md is running."""
+    for p in meta_dir.glob(_BUILD_PREFIX + "*"):
+        _remove_tree(p)
+
+
+def create_metadata_set(config: Config, resource: Resource, node: Node, size: int,
+                        assume_clean: bool, force: bool) -> Metadata:
+    """``create-md``: make the metadata, OOS bitmap, activity log and
+    journal of *node*, all or nothing. The caller holds the node's lock.
+
+    Every precondition is checked before anything is written (no metadata
+    yet, or *force*; journal path usable; room for a whole new set beside
+    the old one). The set is then built in a temporary directory inside the
+    meta-dir and renamed into place file by file, metadata last (the old
+    set is moved aside first and put back if a rename fails). A failure
+    while building (a full disk) removes the build and leaves the old set
+    untouched, or nothing when there was none. A crash in the short rename
+    phase leaves no metadata.json, which create-md (without --force) then
+    replaces whole; ``up`` says to run it.
+    """
+    from replicator.metadata import MetaPaths, MetadataError, create_metadata
+
+    paths = MetaPaths(node.meta_dir)
+    meta = paths.meta_dir
+    remove_stale_builds(meta)
+    if paths.metadata.exists() and not force:
+        raise MetadataError(f"{paths.metadata}: metadata for this node already exists; "
+                            f"--force overwrites it and discards its replication state")
+    for f in SET_FILES:
+        p = meta / f
+        if (p.exists() or p.is_symlink()) and not p.is_file():
+            raise DuplexError(f"{p} exists and is not a regular file: move it away, it is "
+                              f"where create-md puts the node's {f}")
+    check_meta_dir_room(meta, set_bytes(resource, size),
+                        f"a new metadata set (journal-size {resource.journal_size} bytes"
+                        + (", beside the old set until it replaces it)" if force else ")"))
+    try:
+        build = Path(tempfile.mkdtemp(prefix=_BUILD_PREFIX, dir=meta))
+    except OSError as e:
+        raise DuplexError(f"{meta}: cannot write in the meta-dir: {e.strerror}") from None
+    try:
+        try:
+            md = create_metadata(build, resource.name, node.name, size, resource.track_size,
+                                 assume_clean)
+            create_node_files(config, resource, node, md)
+            for f in SET_FILES:
+                if (build / f).exists():
+                    fd = os.open(build / f, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+        except OSError as e:
+            raise DuplexError(f"{meta}: cannot create the metadata set: "
+                              f"{e.strerror or e}") from None
+        except DuplexError as e:
+            raise DuplexError(f"{meta}: cannot create the metadata set: {e}") from None
+        _swap_in(build, meta)
+    finally:
+        _remove_tree(build)
+    md.meta_dir = meta
+    return md
+
+
+def _swap_in(build: Path, meta: Path) -> None:
+    """Move the set in *build* into *meta*: each old file aside (into
+    *build*, as ``old.NAME``), then the new one in; metadata.json last.
+    Any failure puts the old files back."""
+    moved: list[tuple[Path, Path]] = []  # (from, to), to undo in reverse
+    try:
+        old_md = meta / "metadata.json"
+        if old_md.exists():  # first: from here on the old set no longer counts
+            os.rename(old_md, build / "old.metadata.json")
+            moved.append((old_md, build / "old.metadata.json"))
+        for f in SET_FILES:
+            new, dest = build / f, meta / f
+            if not new.exists():
+                continue
+            if dest.exists() and f != "metadata.json":
+                os.rename(dest, build / f"old.{f}")
+                moved.append((dest, build / f"old.{f}"))
+            os.rename(new, dest)
+            moved.append((new, dest))
+        _fsync_dir(meta)
+    except OSError as e:
+        for src, dst in reversed(moved):
+            try:
+                os.rename(dst, src)
+            except OSError:
+                log.error("create-md: could not move %s back to %s", dst, src)
+        raise DuplexError(f"{meta}: cannot put the new metadata set in place: "
+                          f"{e.strerror}; the old set is kept") from None
 
 
 def create_node_files(config: Config, resource: Resource, node: Node, md: Metadata) -> None:
@@ -80,11 +224,11 @@ def metadata_is_fresh(md: Metadata) -> bool:
             and md.bitmap_uuid is None)
 
 
-def resolve_role(md: Metadata, role: str | None) -> str:
+def resolve_role(md: Metadata, role: str | None, record: bool = True) -> str:
     """The role ``duplex up`` starts in: the metadata's. *role* (``--role``)
     must agree with it, except on fresh metadata (just made by create-md),
-    where it decides and is recorded. Raises DuplexError naming
-    promote/demote when they disagree."""
+    where it decides and is recorded (saved, unless not *record*). Raises
+    DuplexError naming promote/demote when they disagree."""
     if role is None:
         return md.role
     try:
@@ -94,8 +238,9 @@ def resolve_role(md: Metadata, role: str | None) -> str:
     if wanted == md.role:
         return wanted
     if metadata_is_fresh(md):
-        md.role = wanted
-        md.save()
+        if record:
+            md.role = wanted
+            md.save()
         return wanted
     how = (f"`duplex promote {md.resource}` makes a Secondary Primary"
            if wanted == ROLE_PRIMARY else
@@ -170,8 +315,32 @@ def _notify_when_serving(proc: subprocess.Popen, pidfile: Path, resource: Resour
         log.warning("%s: nbdkit did not get ready within %.0f s", resource.name, timeout)
 
 
-def run_primary(config: Config, resource: Resource, node: Node) -> int:
-    """nbdkit with the plugin, in the foreground, until SIGTERM/SIGINT."""
+def _startup_error(fd: int) -> str | None:
+    """The one-line error the plugin wrote to its error pipe before nbdkit
+    exited (None if it wrote none). Read after nbdkit is gone: EOF then."""
+    chunks = []
+    while True:
+        try:
+            b = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not b:
+            break
+        chunks.append(b)
+    text = b"".join(chunks).decode("utf-8", "replace").strip()
+    return text.splitlines()[-1] if text else None
+
+
+def run_primary(config: Config, resource: Resource, node: Node,
+                lock_fd: int | None = None) -> int:
+    """nbdkit with the plugin, in the foreground, until SIGTERM/SIGINT.
+
+    *lock_fd* is the node's daemon lock (held by ``run_up``): nbdkit
+    inherits it, so the plugin serves under it and nothing else can take
+    the node meanwhile. Only because it is held are the export socket and
+    pid file below known to be stale leftovers, safe to remove. A startup
+    error of the plugin comes back through a pipe and is raised as one
+    DuplexError line."""
     if node.export.kind == "unix":
         Path(node.export.path).parent.mkdir(parents=True, exist_ok=True)
         Path(node.export.path).unlink(missing_ok=True)
@@ -183,8 +352,19 @@ def run_primary(config: Config, resource: Resource, node: Node) -> int:
     log.info("%s: starting primary: %s", resource.name, " ".join(argv))
     env = plugin_env()
     env.pop("NOTIFY_SOCKET", None)  # readiness is ours to report, not nbdkit's
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(err_r, False)
+    env[STARTUP_ERROR_FD_ENV] = str(err_w)
+    pass_fds = [err_w]
+    if lock_fd is not None:
+        from replicator.control import LOCK_FD_ENV
+        env[LOCK_FD_ENV] = str(lock_fd)
+        pass_fds.append(lock_fd)
     notify.status("Primary: starting nbdkit")
-    proc = subprocess.Popen(argv, env=env)
+    try:
+        proc = subprocess.Popen(argv, env=env, pass_fds=pass_fds)
+    finally:
+        os.close(err_w)
 
     def forward(signum, frame):
         notify.stopping("Primary: stopping")
@@ -197,6 +377,13 @@ def run_primary(config: Config, resource: Resource, node: Node) -> int:
                      name="duplex-ready", daemon=True).start()
     rc = proc.wait()
     pidfile.unlink(missing_ok=True)
+    startup_error = _startup_error(err_r)
+    os.close(err_r)
+    if startup_error:
+        if node.export.kind == "unix":  # ours (we hold the lock); nbdkit was killed
+            Path(node.export.path).unlink(missing_ok=True)
+        notify.stopping(f"Primary: {startup_error}")
+        raise DuplexError(startup_error)
     if rc != 0:
         log.error("%s: nbdkit exited with status %d", resource.name, rc)
         notify.stopping(f"Primary: nbdkit exited with status {rc}")
@@ -263,8 +450,106 @@ def run_secondary(config: Config, resource: Resource, node: Node) -> int:
 def run_up(config: Config, resource: Resource, node: Node, role: str | None) -> int:
     """``duplex up RES [--role R]``: run this node's side in the foreground,
     in the role its metadata holds (see :func:`resolve_role`)."""
+    from replicator.control import NodeLock
+
     setup_logging()
-    md = load_metadata(node.meta_dir, resource.name, node.name)
-    if resolve_role(md, role) == ROLE_PRIMARY:
-        return run_primary(config, resource, node)
-    return run_secondary(config, resource, node)
+    # The lock first: a second `up` must not touch the running one's files.
+    lock = NodeLock(node.meta_dir, resource.name)
+    try:
+        md = load_metadata(node.meta_dir, resource.name, node.name)
+        # Refuse a wrong --role first, check what up needs, only then record.
+        primary = resolve_role(md, role, record=False) == ROLE_PRIMARY
+        check_before_ready(config, resource, node, md, primary=primary)
+        if resolve_role(md, role) == ROLE_PRIMARY:
+            return run_primary(config, resource, node, lock.fd)
+        return run_secondary(config, resource, node)
+    finally:
+        lock.release()
+
+
+# --------------------------------------------------------------------------
+# up: check what it will need before it says ready
+
+#: Room ``up`` wants free in the meta-dir: metadata saves, the loss report,
+#: the lock file. (The journal and bitmaps are preallocated by create-md.)
+UP_MIN_FREE = 1 << 20
+
+
+def _read_secret(resource: Resource) -> bytes:
+    """The resource's secret, checked (present, 0600, not empty)."""
+    return resource.secret()  # config.read_secret, with the config key named
+
+
+def _check_bindable(host: str, port: int, what: str) -> None:
+    """DuplexError naming *what* unless (host, port) can be bound now."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise DuplexError(f"{what}: cannot resolve {host}: {e.strerror}") from None
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(sockaddr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise DuplexError(f"{what}: another process listens there already "
+                                  f"(`ss -ltnp` names it): stop it, or change the port") from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise DuplexError(f"{what}: not an address of this host: correct the "
+                                  f"config, or run on the host that has it") from None
+            raise DuplexError(f"{what}: cannot listen: {e.strerror}") from None
+
+
+def _check_meta_dir_writable(meta: Path) -> None:
+    """Write, sync and remove a probe file in the meta-dir: read-only and
+    full filesystems fail here, naming the directory, not later."""
+    probe = meta / f".up-probe.{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"\0" * 65536)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise DuplexError(f"{meta}: cannot write in the meta-dir: {e.strerror}") from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+
+
+def check_before_ready(config: Config, resource: Resource, node: Node, md: Metadata,
+                       primary: bool) -> None:
+    """Everything ``up`` will need, checked before anything starts (so
+    before READY=1): meta-dir writable with room, the device there and of
+    the metadata's size, the secret file, the address it listens on
+    (secondary) or the export (primary). Raises DuplexError with one line
+    naming the file, path or key. *primary*: the role it is to start in."""
+    meta = Path(node.meta_dir)
+    _check_meta_dir_writable(meta)
+    check_meta_dir_room(meta, UP_MIN_FREE, "`duplex up`")
+    size = device_size(node.device)
+    if size != md.device_size:
+        raise DuplexError(
+            f"{resource.name}: device {node.device} is {size} bytes, but the metadata "
+            f"({md.paths.metadata}) was made for {md.device_size} bytes: give the device "
+            f"back its size, or run `duplex create-md {resource.name} --force` (discards "
+            f"the replication state; a full sync follows)")
+    _read_secret(resource)
+    key = f"{resource.config_path}: resource.{resource.name}.on.{node.name}"
+    if primary:
+        if node.export.kind == "tcp":
+            _check_bindable(node.export.host, node.export.port,
+                            f"{key}.export: {node.export}")
+        else:
+            parent = Path(node.export.path).parent
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise DuplexError(f"{key}.export: cannot create {parent}: {e.strerror}") from None
+    else:
+        host, port = node.address
+        _check_bindable(host, port, f"{key}.address: {node.address_str()}")

@@ -27,6 +27,7 @@ class SeqMark:
         with self.md.update():
             first = self.md.seq_hwm + 1
             self.md.seq_hwm = first - 1 + self.reserve
+            self.md.seq_reserved = True
             return first
 
     def advance(self, next_seq: int) -> None:
@@ -39,3 +40,4 @@ class SeqMark:
         """Clean stop: the exact last seq, so the next run has no gap."""
         with self.md.update():
             self.md.seq_hwm = next_seq - 1
+            self.md.seq_reserved = False

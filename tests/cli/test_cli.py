@@ -18,18 +18,26 @@ from replicator.metadata import MetaPaths, load_metadata
 @pytest.fixture
 def fake_node(monkeypatch):
     """A stand-in replicator.node recording what the CLI asks of it."""
+    import replicator.node as real_node
+
     mod = types.ModuleType("replicator.node")
     mod.calls = []
 
     def create_node_files(config, resource, node, metadata):
         mod.calls.append(("create_node_files", resource.name, node.name, metadata.device_size))
-        MetaPaths(node.meta_dir).bitmap.write_bytes(b"\0" * 8)
+        metadata.paths.bitmap.write_bytes(b"\0" * 8)
+
+    def create_metadata_set(*args):
+        # The real all-or-nothing build around this fake's node files.
+        monkeypatch.setattr(real_node, "create_node_files", mod.create_node_files)
+        return real_node.create_metadata_set(*args)
 
     def run_up(config, resource, node, role):
         mod.calls.append(("run_up", resource.name, node.name, role))
         return 3
 
     mod.create_node_files, mod.run_up = create_node_files, run_up
+    mod.create_metadata_set = create_metadata_set
     monkeypatch.setitem(sys.modules, "replicator.node", mod)
     return mod
 
@@ -77,7 +85,7 @@ def test_create_md_refuses_while_running(capsys, config_file, setup_dir, fake_no
     with ControlServer(setup_dir / "alpha-meta", {"status": dict}):
         code, _, err = run(capsys, "--config", str(config_file), "--node", "alpha",
                            "create-md", "r0", "--force")
-    assert code == 1 and "resource r0 is running on this node" in err
+    assert code == 1 and "resource r0 is already up on this node (pid " in err
 
 
 def test_create_md_failure_in_node_files_leaves_no_metadata(capsys, config_file, setup_dir, fake_node):
@@ -85,7 +93,8 @@ def test_create_md_failure_in_node_files_leaves_no_metadata(capsys, config_file,
         raise DuplexError("journal: no space left on /var")
     fake_node.create_node_files = boom
     code, _, err = run(capsys, "--config", str(config_file), "--node", "alpha", "create-md", "r0")
-    assert (code, err) == (1, "duplex: error: journal: no space left on /var\n")
+    assert (code, err) == (1, f"duplex: error: {setup_dir}/alpha-meta: cannot create the "
+                              f"metadata set: journal: no space left on /var\n")
     assert not (setup_dir / "alpha-meta" / "metadata.json").exists()
 
 
@@ -106,7 +115,7 @@ def test_up_calls_run_up_with_the_role_and_returns_its_code(capsys, config_file,
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["up"], "the following arguments are required: RES"),
     (["up", "r0", "--role", "tertiary"], "invalid choice: 'tertiary'"),
-    (["status", "--watch", "0"], "'0' must be more than 0 seconds"),
+    (["status", "--watch", "--interval", "0"], "'0' must be more than 0 seconds"),
 ])
 def test_usage_errors_exit_2(capsys, config_file, argv, fragment):
     code, _, err = run(capsys, "--config", str(config_file), *argv)
@@ -150,7 +159,7 @@ def test_status_of_a_stopped_resource_comes_from_metadata(capsys, config_file, s
     run(capsys, *base, "create-md", "r0", "--assume-clean")
     code, out, _ = run(capsys, *base, "status", "r0")
     assert code == 0
-    assert out.splitlines()[0] == "r0 on alpha: Secondary, down, disk UpToDate"
+    assert out.splitlines()[0] == "r0 on alpha: Secondary, StandAlone (not running), disk UpToDate"
     assert "  reason        not running" in out.splitlines()
 
 
@@ -183,6 +192,6 @@ def test_status_watch_redraws_until_ctrl_c(capsys, config_file, monkeypatch):
             raise KeyboardInterrupt
     monkeypatch.setattr(cli.time, "sleep", fake_sleep)
     code, out, _ = run(capsys, "--config", str(config_file), "--node", "beta",
-                       "status", "r0", "--watch", "0.5", "--json")
+                       "status", "r0", "--watch", "--interval", "0.5", "--json")
     assert code == 0 and sleeps == [0.5, 0.5, 0.5]
     assert [json.loads(l)["node"] for l in out.splitlines()] == ["beta"] * 3

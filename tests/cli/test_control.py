@@ -57,7 +57,7 @@ def test_nothing_listening_is_a_clear_not_running_error(tmp_path):
 
 def test_second_server_is_refused_while_the_first_lives(tmp_path):
     with ControlServer(tmp_path, {"status": lambda: {"who": "first"}}):
-        with pytest.raises(ControlError, match="another process is already running"):
+        with pytest.raises(ControlError, match="is already up on this node"):
             ControlServer(tmp_path, {"status": lambda: {"who": "second"}}).start()
         assert request(tmp_path, "status") == {"who": "first"}
 
