@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from replicator.config import DEFAULT_RUN_DIR, Config, Node, Resource
+from replicator.devices import check_not_in_use, holders
 from replicator.errors import DuplexError
 from replicator.metadata import MetaPaths
 
@@ -429,7 +430,10 @@ def attach(config: Config, resource: Resource, node: Node, *,
     *run_dir* holds the FUSE mounts (default :data:`DEFAULT_RUN_DIR`, looked
     up at call time); see :func:`fuse_base_dir`.
     *method* is ``"nbd"`` or ``"fuse"`` (default: :func:`choose_method`).
-    Refuses when already attached, or when nothing serves the export. Every
+    Refuses when already attached, or when nothing serves the export. A
+    dead attach in place (its nbdfuse exited with the server) is replaced,
+    unless its device is still mounted or held (then AttachError names the
+    holder). Every
     failure, also an unexpected OSError, is an :class:`AttachError` naming
     what failed.
     """
@@ -443,14 +447,24 @@ def attach(config: Config, resource: Resource, node: Node, *,
 
 def _attach(resource: Resource, node: Node, run_dir: Path, method: str | None) -> str:
     record = _read_record(node)
-    if record is not None:
-        if _record_is_live(record):
-            raise AttachError(_already_attached(resource, record))
-        _undo(record, resource, node, strict=False)  # stale leftovers of a crash or reboot
-        with _os_step(f"removing the stale attach record {_record_path(node)}"):
-            _record_path(node).unlink(missing_ok=True)
+    if record is not None and _record_is_live(record) and _record_works(record):
+        raise AttachError(f"resource {resource.name} is already attached as "
+                          f"{record['device']} (run `duplex detach {resource.name}` first)")
+    # The export writes node.device: if that is mounted or held here as
+    # well, the new device would be a second writer under a live
+    # filesystem. (A running primary's own O_EXCL claim is no mount or
+    # holder, so this does not refuse the normal case.)
+    check_not_in_use(node.device, f"{resource.name}: node {node.name}")
     uri = node.export_uri()
     check_export(uri, resource.name, node.name)
+    if record is not None:
+        # Dead (its nbdfuse exited with the server) or stale (a reboot):
+        # replaced, unless something still uses the dead device.
+        if _record_is_live(record):
+            _refuse_if_dead_in_use(resource, record)
+        _undo(record, resource, node, strict=False)
+        with _os_step(f"removing the stale attach record {_record_path(node)}"):
+            _record_path(node).unlink(missing_ok=True)
     method = method or choose_method()
     if method == "nbd":
         record = _attach_nbd(uri, node)
@@ -463,16 +477,68 @@ def _attach(resource: Resource, node: Node, run_dir: Path, method: str | None) -
     return record["device"]
 
 
-def _already_attached(resource: Resource, record: dict[str, Any]) -> str:
-    """Why attach refuses a live *record*; says so when its nbdfuse is gone."""
-    device, res = record["device"], resource.name
+def _record_works(record: dict[str, Any]) -> bool:
+    """Whether a live *record*'s device still reaches the export: false for
+    a FUSE attach whose nbdfuse is gone (it exits with its server)."""
     pid = record.get("nbdfuse_pid")
-    if record.get("method") == "fuse" and pid and not (
-            _pid_alive(pid) and _is_our_nbdfuse(pid, record.get("fuse_file"))):
-        return (f"resource {res} is already attached as {device}, but its nbdfuse "
-                f"(pid {pid}) has exited and the device no longer reaches the export "
-                f"(unmount what uses {device}, then run `duplex detach {res}`)")
-    return f"resource {res} is already attached as {device} (run `duplex detach {res}` first)"
+    if record.get("method") == "fuse" and pid:
+        return _pid_alive(pid) and _is_our_nbdfuse(pid, record.get("fuse_file"))
+    return True
+
+
+def _refuse_if_dead_in_use(resource: Resource, record: dict[str, Any]) -> None:
+    """AttachError naming the holder when the dead attach's device is still
+    mounted or held: it cannot be replaced under its user."""
+    device, res = record["device"], resource.name
+    found = holders(device)
+    if found:
+        why = (f"its nbdfuse (pid {record['nbdfuse_pid']}) has exited"
+               if record.get("nbdfuse_pid") else "its server is gone")
+        raise AttachError(
+            f"resource {res} is attached as {device}, but that attach is dead ({why}, every "
+            f"I/O on it fails) and {device} is still in use ({'; '.join(found)}): unmount "
+            f"it, then run `duplex attach {res}` again, which replaces the dead attach")
+
+
+def has_record(node: Node) -> bool:
+    """Whether an attach record is in place for *node*."""
+    return _record_path(node).exists()
+
+
+def describe_attach(node: Node) -> str | None:
+    """``attached as /dev/loop5 (attach.json), mounted at /mnt`` when an
+    attach record is in place, else None. Never raises (used while
+    stopping)."""
+    try:
+        record = _read_record(node)
+    except AttachError:
+        return None
+    if record is None:
+        return None
+    device = record["device"]
+    found = holders(device) if _record_is_live(record) else []
+    return (f"attached as {device} ({_record_path(node)})"
+            + (f", {', '.join(found)}" if found else ""))
+
+
+def reattach(config: Config, resource: Resource, node: Node) -> str | None:
+    """After the server came back (``duplex up`` calls this once nbdkit
+    serves): give the export a working device again if the attach record
+    in place is dead. Returns what was done (None: nothing to do, the
+    attach works or there is none). AttachError when the dead device is
+    still in use (mounted: the admin must unmount it) or attaching fails."""
+    record = _read_record(node)
+    if record is None or (_record_is_live(record) and _record_works(record)):
+        return None
+    old = record["device"]
+    if _record_is_live(record):
+        _refuse_if_dead_in_use(resource, record)
+    mount_dir = record.get("mount_dir")
+    # The same place as before: RUN/<resource>/<node>/fuse.
+    run_dir = Path(mount_dir).parents[2] if mount_dir else None
+    device = attach(config, resource, node, run_dir=run_dir, method=record.get("method"))
+    return (f"re-attached the export as {device} (the attach in place, {old}, died with "
+            f"the previous server)")
 
 
 # --------------------------------------------------------------------------
@@ -569,10 +635,9 @@ def _detach(resource: Resource, node: Node) -> str:
         where = _mounted_at(device)
         if where:
             raise AttachError(f"{device} is mounted on {where}; unmount it first")
-        holders = Path(f"/sys/block/{os.path.basename(device)}/holders")
-        users = sorted(p.name for p in holders.iterdir()) if holders.is_dir() else []
-        if users:
-            raise AttachError(f"{device} is in use by {', '.join(users)}")
+        found = holders(device)  # a dm/md holder, a partition's mount, swap
+        if found:
+            raise AttachError(f"{device} is in use ({'; '.join(found)}); stop that use first")
     _undo(record, resource, node, strict=True)
     with _os_step(f"removing the attach record {_record_path(node)}"):
         _record_path(node).unlink(missing_ok=True)

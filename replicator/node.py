@@ -366,17 +366,18 @@ def run_primary(config: Config, resource: Resource, node: Node,
     finally:
         os.close(err_w)
 
-    def forward(signum, frame):
-        notify.stopping("Primary: stopping")
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-
+    # SIGTERM/SIGINT: a stop bounded by drain-timeout that says what it
+    # waits for (clients, the attached device, its mount): exportuse.py.
+    from replicator.exportuse import PrimaryStop, reattach_when_serving
+    stop = PrimaryStop(proc, resource, node)
     for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, forward)
+        signal.signal(s, stop.on_signal)
     threading.Thread(target=_notify_when_serving, args=(proc, pidfile, resource, node),
                      name="duplex-ready", daemon=True).start()
-    rc = proc.wait()
+    reattach_when_serving(config, resource, node, proc, pidfile)  # an attach left in place
+    rc = stop.wait()
     pidfile.unlink(missing_ok=True)
+    stop.report_stopped()
     startup_error = _startup_error(err_r)
     os.close(err_r)
     if startup_error:

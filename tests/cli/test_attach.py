@@ -229,12 +229,10 @@ def test_detach_after_the_server_died_unmounts_the_dead_mount_and_attach_works_a
     record = json.loads((Path(alpha.meta_dir) / "attach.json").read_text())
     _make_the_mount_dead(device, server, record)
 
-    with pytest.raises(AttachError) as ei:  # the record still holds a loop device
+    with pytest.raises(AttachError) as ei:  # dead, but nothing serves to replace it with
         attach(cfg, r, alpha, run_dir=run_dir, method="fuse")
-    assert str(ei.value) == (
-        f"resource r0 is already attached as {device}, but its nbdfuse (pid "
-        f"{record['nbdfuse_pid']}) has exited and the device no longer reaches the export "
-        f"(unmount what uses {device}, then run `duplex detach r0`)")
+    assert "nothing serves the export" in str(ei.value), str(ei.value)
+    assert loop_backing_file(device) == record["fuse_file"], "the dead attach is detach's to undo"
     assert detach(cfg, r, alpha) == device
     assert not is_mounted(record["mount_dir"]), "detach left the dead FUSE mount"
     assert loop_backing_file(device) != record["fuse_file"]
@@ -250,6 +248,37 @@ def test_detach_after_the_server_died_unmounts_the_dead_mount_and_attach_works_a
     finally:
         assert detach(cfg2, r2, alpha2) == device2
     assert not is_mounted(record["mount_dir"])
+
+
+def test_attach_replaces_a_dead_attach_but_not_while_its_device_is_mounted(
+        served, run_dir, setup_dir, config_text, nbdkit_server, tmp_path):
+    # After the server died and came back, attach does not say "already
+    # attached" about a device that can never work again: it replaces it,
+    # unless a filesystem is still mounted on it (named in the refusal).
+    cfg, r, alpha, server = served
+    device = attach(cfg, r, alpha, run_dir=run_dir, method="fuse")
+    record = json.loads((Path(alpha.meta_dir) / "attach.json").read_text())
+    subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True, capture_output=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", device, str(mnt)], check=True, capture_output=True)
+    try:
+        _make_the_mount_dead(device, server, record)
+        server2 = nbdkit_server("memory", "64M")
+        cfg2, r2 = _config(setup_dir, config_text, server2.socket_path)
+        alpha2 = r2.node("alpha")
+        with pytest.raises(AttachError) as ei:
+            attach(cfg2, r2, alpha2, run_dir=run_dir, method="fuse")
+        assert f"mounted at {mnt}" in str(ei.value) and "dead" in str(ei.value), str(ei.value)
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+    device2 = attach(cfg2, r2, alpha2, run_dir=run_dir, method="fuse")
+    try:
+        new = json.loads((Path(alpha.meta_dir) / "attach.json").read_text())
+        assert new["nbdfuse_pid"] != record["nbdfuse_pid"], "the dead attach stayed"
+        _write_and_check(device2, server2.uri, os.urandom(4096) * 2, 3 << 20)
+    finally:
+        assert detach(cfg2, r2, alpha2) == device2
 
 
 def test_attach_over_a_dead_mount_without_a_record_unmounts_it_first(
