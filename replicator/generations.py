@@ -11,13 +11,19 @@ DRBD's model, for two nodes. Each node keeps:
   peer's current data;
 - ``history``: older generations, newest first.
 
-Comparing them at every handshake gives one of five answers. Pure code: no
-I/O, tested on its own.
+Comparing them at every handshake gives one of five answers
+(:func:`compare`), and :func:`verdict` turns that answer into what the
+handshake does. Both sides call :func:`verdict` with their own view, so
+they cannot disagree (h11's rule: one rule binds both parties). Pure code:
+no I/O; tests/primary/test_generations_verdict.py walks every case times
+the discard flag times both roles.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+
+from replicator.protocol.messages import ZERO_UUID
 
 
 class Decision(Enum):
@@ -67,9 +73,88 @@ def explain(decision: Decision, local: Generations, peer: Generations) -> str:
             f"peer {peer.current[:8]})")
 
 
+# -- the verdict: what the handshake does ----------------------------------
+
+PRIMARY = "primary"
+SECONDARY = "secondary"
+
+_MIRROR = {Decision.PEER_AHEAD: Decision.LOCAL_AHEAD, Decision.LOCAL_AHEAD: Decision.PEER_AHEAD}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one node concludes at a handshake.
+
+    ``accept``: the secondary follows the primary's data (the handshake
+    goes on). ``discards``: accepted only because the secondary gives up
+    data the primary does not have (``connect --discard-my-data``).
+    ``split_brain``: refused because both wrote as Primary. ``why``: a
+    sentence for logs and status; when refused, it ends with the command
+    that resolves it.
+    """
+
+    decision: Decision
+    accept: bool
+    discards: bool
+    split_brain: bool
+    why: str
+
+
+def verdict(role: str, local: Generations, peer: Generations, *, resource: str,
+            secondary_fresh: bool, secondary_discards: bool) -> Verdict:
+    """The handshake's outcome, seen from the node playing *role*.
+
+    *secondary_fresh*: the secondary was never paired (it announces a zero
+    resource UUID), so it takes the primary's data whatever it held (an
+    initial sync follows). *secondary_discards*: the secondary's
+    ``--discard-my-data`` flag (its own metadata on the secondary, the
+    STATE flag on the primary). The rule, from the primary's view::
+
+        fresh secondary              accept (initial sync)
+        SAME                         accept
+        primary ahead                accept
+        secondary ahead              accept if the secondary discards, else refuse
+        SPLIT_BRAIN                  accept if the secondary discards, else refuse
+        UNRELATED                    refuse (discarding cannot help: nothing is shared)
+    """
+    if role not in (PRIMARY, SECONDARY):
+        raise ValueError(f"role {role!r} is neither {PRIMARY!r} nor {SECONDARY!r}")
+    decision = compare(local, peer)
+    seen = decision if role == PRIMARY else _MIRROR.get(decision, decision)
+    text = explain(decision, local, peer)
+
+    def refuse(advice: str, split: bool = False) -> Verdict:
+        return Verdict(decision, False, False, split, f"{text}; {advice}")
+
+    if secondary_fresh or seen in (Decision.SAME, Decision.LOCAL_AHEAD):
+        return Verdict(decision, True, False, False, text)
+    if seen in (Decision.PEER_AHEAD, Decision.SPLIT_BRAIN) and secondary_discards:
+        return Verdict(decision, True, True, False,
+                       f"{text}; the secondary discards its own changes (--discard-my-data)")
+    if seen is Decision.SPLIT_BRAIN:
+        return refuse(f"nothing is merged: run `duplex connect {resource} --discard-my-data` "
+                      f"on the node whose data is to be discarded", split=True)
+    if seen is Decision.PEER_AHEAD:
+        # The secondary holds writes the primary never had.
+        return refuse(f"to keep the primary's data, run `duplex connect {resource} "
+                      f"--discard-my-data` on the secondary; to keep the secondary's, stop the "
+                      f"primary, `duplex demote {resource}` there, then `duplex promote "
+                      f"{resource} --force` on the secondary")
+    return refuse(f"the secondary's metadata belongs to other data: run `duplex create-md "
+                  f"{resource} --force` on the node whose data is to be replaced (a full sync "
+                  f"follows)")
+
+
 # -- glue with metadata and the STATE message ---------------------------------
 
 MAX_SENT_HISTORY = 8  # what a STATE carries (protocol MAX_HISTORY)
+
+
+def pairing_uuid(md) -> bytes:
+    """The resource UUID a node announces: ours once paired, zeros ("fresh")
+    before the first successful handshake, so that two nodes made by
+    ``create-md`` independently can meet (protocol.compat)."""
+    return bytes.fromhex(md.resource_uuid) if md.peer_node_uuid else ZERO_UUID
 
 
 def of_metadata(md) -> Generations:

@@ -1,8 +1,16 @@
 """The socket shell around the sans-IO protocol: one TCP connection to the
 peer, its handshake, a reader thread and thread-safe senders.
 
-Everything protocol lives in ``replicator.protocol``; this module only moves
-bytes between a socket and a ``Connection`` and hands events to callbacks.
+Everything protocol lives in ``replicator.protocol``, and who may pair with
+whom in ``replicator.generations``; this module only moves bytes between a
+socket and a ``Connection`` and hands events to callbacks.
+
+Threads and locks: each link runs a reader thread ("duplex-rx-PEER") and a
+keepalive thread ("duplex-ka-PEER"); they end when the link closes.
+``_send_lock`` serialises whole frames on the socket (the C streaming loop
+holds it through :meth:`PeerLink.stream_socket`); ``_conn_lock`` guards the
+sans-IO ``Connection``. Lock order: ``_send_lock``, then ``_conn_lock``.
+``_sums_cv`` guards ``_sums`` and is taken alone.
 """
 from __future__ import annotations
 
@@ -13,15 +21,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from replicator import generations
+from replicator.generations import pairing_uuid  # noqa: F401 (the secondary's import)
 from replicator.native.ffi import uninit_buffer
 from replicator.errors import DuplexError
 from replicator.protocol.connection import CLOSED, NEED_DATA, Connection
 from replicator.protocol.errors import ErrorCode, ProtocolError
 from replicator.protocol.frames import FrameType
 from replicator.protocol.state import NEGOTIATING
-from replicator.protocol.messages import (STATE_HAS_BITMAP_UUID, STATE_NEEDS_RESYNC, ZERO_UUID,
-                                          Ack, Error, Message, OosBitmap, Ping, Pong, State,
+from replicator.protocol.messages import (Ack, Error, Message, OosBitmap, Ping, Pong, State,
                                           VerifyReq, VerifySums)
 
 log = logging.getLogger("duplex.link")
@@ -41,28 +48,17 @@ class LinkError(DuplexError):
 
 
 class RefusedError(LinkError):
-    """The handshake was refused (wrong secret, other resource, size...)."""
+    """The handshake was refused (wrong secret, other resource, size...).
+    ``code`` is the ErrorCode of the refusal (``SPLIT_BRAIN`` names one)."""
 
+    def __init__(self, message: str, code: int = ErrorCode.PROTOCOL):
+        super().__init__(message)
+        self.code = int(code)
 
-def pairing_uuid(md) -> bytes:
-    """The resource UUID to announce: ours once paired, zeros ("fresh")
-    before the first successful handshake, so that two nodes made by
-    ``create-md`` independently can meet (protocol.compat)."""
-    return bytes.fromhex(md.resource_uuid) if md.peer_node_uuid else ZERO_UUID
-
-
-def local_primary_state(engine, needs_resync: bool) -> State:
-    """The primary's STATE. The primary's resource UUID is the resource's:
-    a fresh secondary adopts it at its first handshake."""
-    md = engine.md
-    stats = engine.core.ring_stats
-    history, has_bitmap = generations.state_history(md)
-    flags = (STATE_NEEDS_RESYNC if needs_resync else 0) | (STATE_HAS_BITMAP_UUID if has_bitmap else 0)
-    return State(bytes.fromhex(md.resource_uuid), bytes.fromhex(md.generation), md.device_size,
-                 md.track_size, "primary", "UpToDate",
-                 written_seq=engine.core.next_seq - 1,
-                 oldest_held_seq=stats.get("oldest_seq", 0) or 0,
-                 flags=flags, history=history)
+    @property
+    def split_brain(self) -> bool:
+        """True when the refusal is a split brain (either side's verdict)."""
+        return self.code == ErrorCode.SPLIT_BRAIN
 
 
 class PeerLink:
@@ -149,7 +145,7 @@ class PeerLink:
                 if ev is CLOSED:
                     raise LinkError("peer closed the connection during the handshake")
                 if isinstance(ev, Error):
-                    raise RefusedError(f"peer refused: {ev.message}")
+                    raise RefusedError(f"peer refused: {ev.message}", ev.code)
                 # The primary speaks first; the secondary answers its STATE.
                 if conn.state is NEGOTIATING and (conn.our_role == "primary"
                                                   or conn.peer_state_msg is not None):
@@ -163,9 +159,9 @@ class PeerLink:
             except OSError:
                 pass
             sock.close()
-            if e.code in (ErrorCode.AUTH_FAILED, ErrorCode.WRONG_RESOURCE,
+            if e.code in (ErrorCode.AUTH_FAILED, ErrorCode.WRONG_RESOURCE, ErrorCode.SPLIT_BRAIN,
                           ErrorCode.ROLE_CONFLICT, ErrorCode.STATE_MISMATCH, ErrorCode.VERSION):
-                raise RefusedError(str(e)) from None
+                raise RefusedError(str(e), e.code) from None
             raise LinkError(str(e)) from None
         except (OSError, LinkError) as e:
             sock.close()

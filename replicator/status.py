@@ -9,18 +9,29 @@ these)::
       "resource": "r0", "node": "alpha",
       "running": true,                      # false: derived from metadata
       "role": "Primary",                    # Primary | Secondary | Unknown
-      "connection": "Established",          # see CONNECTIONS
+      "connection": "Connected",            # StandAlone | Connecting | Connected
+      "replication": "Established",         # see REPLICATIONS
+      "last_error": null,                   # why the connection is not up (or null)
       "disk": "UpToDate",                   # see DISKS
       "peer": {"name": "beta", "address": "10.0.0.2:7789", "disk": "UpToDate"},
       "seq": {"written": 120, "journaled": 118, "applied": 117},
-      "lag": {"writes": 3, "bytes": 12288, "seconds": 0.004},
+      "lag": {"writes": 3, "bytes": 12288, "seconds": 0.004},   # seconds: null = unknown
       "out_of_sync_bytes": 0,
       "nbd_uri": "nbd+unix:///?socket=/run/duplex/r0.nbd",   # primary, else null
       "sync": null,       # or {"done_bytes", "total_bytes", "rate", "eta_seconds",
                           #     "increment"} (increment: optional)
       "incr_bytes_sent": 0,   # optional (primary): catch-up bytes sent since up
-      "reason": null      # why StandAlone / Inconsistent / down, in words
+      "reason": null,     # why StandAlone / Inconsistent / down, in words
+      "faults": []        # optional: supervised threads that raised
     }
+
+``connection`` and ``replication`` are DRBD's two layers and neither masks
+the other: a primary whose peer died while a resync is owed is
+``Connecting`` (``last_error`` says why) and ``Ahead``. ``replication`` is
+``Off`` while there is no session, ``SplitBrain`` when a handshake found
+that both nodes wrote as Primary (``reason`` names the command that ends
+it). The primary's words and moves are in replicator/primary/states.py.
+A value nobody measured is null (JSON) and "unknown" (human), never 0.
 
 ``seq.written`` is the last seq assigned (primary) or received (secondary);
 ``journaled`` and ``applied`` are what the secondary acknowledged / did.
@@ -37,8 +48,10 @@ from replicator.metadata import Metadata
 from replicator.sizes import format_duration, format_size
 
 ROLES = ("Primary", "Secondary", "Unknown")
-CONNECTIONS = ("Established", "Connecting", "StandAlone", "Ahead", "Behind",
-               "SyncSource", "SyncTarget")
+CONNECTIONS = ("StandAlone", "Connecting", "Connected")
+REPLICATIONS = ("Off", "Established", "Ahead", "Behind", "SyncSource", "SyncTarget",
+                "SplitBrain")
+CONNECTED = "Connected"
 DISKS = ("UpToDate", "Consistent", "Inconsistent", "Outdated", "Failed", "Unknown")
 
 _TEMPLATE: dict[str, Any] = {
@@ -47,6 +60,8 @@ _TEMPLATE: dict[str, Any] = {
     "running": True,
     "role": "Unknown",
     "connection": "StandAlone",
+    "replication": "Off",
+    "last_error": None,
     "disk": "Unknown",
     "peer": {"name": None, "address": None, "disk": "Unknown"},
     "seq": {"written": 0, "journaled": 0, "applied": 0},
@@ -75,7 +90,42 @@ def new_status(resource: Resource, node: Node, **fields: Any) -> dict:
             d[k].update(v)
         else:
             d[k] = v
+    if d["connection"] in REPLICATIONS:
+        # A provider that names only the replication state (the secondary:
+        # Established, SyncTarget, Behind) is connected.
+        d["replication"], d["connection"] = d["connection"], CONNECTED
+    if d["replication"] is None:
+        d["replication"] = "Off"
     return d
+
+
+def health_problems(d: dict) -> list[str]:
+    """Why a status is not healthy, in words (empty: healthy).
+
+    Healthy, for ``duplex status --check``: running; connection Connected;
+    replication Established (not catching up, not Ahead); disk UpToDate (a
+    Secondary may be Consistent: asynchronous, a valid past image, moving);
+    the peer's disk UpToDate or Consistent; no supervised thread faulted.
+    """
+    out = []
+    if d.get("running") is not True:
+        return [f"not running ({d.get('reason') or 'no reason given'})"]
+    if d.get("connection") != CONNECTED:
+        out.append(f"connection {d.get('connection')}"
+                   + (f": {d.get('last_error')}" if d.get("last_error") else ""))
+    if d.get("replication") != "Established":
+        out.append(f"replication {d.get('replication')}")
+    disk_ok = ("UpToDate", "Consistent") if d.get("role") == "Secondary" else ("UpToDate",)
+    if d.get("disk") not in disk_ok:
+        out.append(f"disk {d.get('disk')}")
+    peer_disk = (d.get("peer") or {}).get("disk")
+    if peer_disk not in ("UpToDate", "Consistent"):
+        out.append(f"peer disk {peer_disk}")
+    for f in d.get("faults") or ():
+        out.append(f"thread {f.get('thread')} {f.get('state')}: {f.get('error')}")
+    if out and d.get("reason"):
+        out.append(f"reason: {d['reason']}")
+    return out
 
 
 def check_status(d: dict) -> list[str]:
@@ -86,7 +136,8 @@ def check_status(d: dict) -> list[str]:
     problems = [f"missing key {k!r}" for k in _TEMPLATE if k not in d]
     if problems:
         return problems
-    for key, allowed in (("role", ROLES), ("connection", CONNECTIONS), ("disk", DISKS)):
+    for key, allowed in (("role", ROLES), ("connection", CONNECTIONS),
+                         ("replication", REPLICATIONS), ("disk", DISKS)):
         if d[key] not in allowed:
             problems.append(f"{key} is {d[key]!r}, not one of {', '.join(allowed)}")
     for key in ("peer", "seq", "lag"):
@@ -111,10 +162,15 @@ def offline_status(resource: Resource, node: Node, metadata: Metadata | None,
     why it is down or what is wrong)."""
     if metadata is None:
         return new_status(resource, node, running=False, reason=reason)
+    # A mark still reserved means the last run did not stop cleanly: the
+    # last seq it wrote is somewhere below the mark, not the mark itself.
+    reserved = getattr(metadata, "seq_reserved", False)
     return new_status(
         resource, node, running=False, role=metadata.role, disk=metadata.disk,
-        seq={"written": metadata.seq_hwm},
-        reason=reason + ("; needs initial sync" if metadata.needs_initial_sync else ""),
+        seq={"written": None if reserved else metadata.seq_hwm},
+        reason=reason + ("; needs initial sync" if metadata.needs_initial_sync else "")
+        + (f"; the last run did not stop cleanly: its last seq is unknown (below "
+           f"{metadata.seq_hwm})" if reserved else ""),
     )
 
 
@@ -161,9 +217,13 @@ def format_sync(sync: dict) -> str:
 def format_status(d: dict) -> str:
     """A short human table of one status dict."""
     g = d.get
-    state = f"{g('role', 'Unknown')}, {g('connection', '?')}"
+    conn, repl = g("connection", "?"), g("replication")
     if g("running") is False:
-        state = f"{g('role', 'Unknown')}, down"
+        state = f"{g('role', 'Unknown')}, {conn} (not running)"
+    elif conn == CONNECTED and repl:
+        state = f"{g('role', 'Unknown')}, {repl}"  # the replication state says it is connected
+    else:
+        state = f"{g('role', 'Unknown')}, {conn}" + (f", {repl}" if repl and repl != "Off" else "")
     lines = [f"{g('resource')} on {g('node')}: {state}, disk {g('disk', 'Unknown')}"]
     peer = g("peer") or {}
     if peer.get("name"):
@@ -174,9 +234,10 @@ def format_status(d: dict) -> str:
                  f"journaled {_num(seq.get('journaled'))}  applied {_num(seq.get('applied'))}")
     lag = g("lag")
     if g("running") is not False and lag:
+        secs = lag.get("seconds")
         lines.append(f"  lag           {_num(lag.get('writes'))} writes, "
                      f"{format_size(lag.get('bytes') or 0)}, "
-                     f"{format_duration(float(lag.get('seconds') or 0))}")
+                     f"{'unknown' if secs is None else format_duration(float(secs))}")
     if g("out_of_sync_bytes") is not None:
         lines.append(f"  out of sync   {format_size(g('out_of_sync_bytes') or 0)}")
     if g("nbd_uri"):

@@ -369,10 +369,10 @@ def wait_caught_up(lab: Any, timeout: float) -> tuple[dict, dict, float | None]:
             last = {"primary": {k: p.get(k) for k in ("connection", "out_of_sync_bytes",
                                                      "sync", "seq")},
                     "secondary": {k: s.get(k) for k in ("connection", "disk", "seq")}}
-            if p["connection"] == "SyncSource" and first_sync is None:
+            if p["replication"] == "SyncSource" and first_sync is None:
                 first_sync = now
             written = p["seq"]["written"]
-            if (p["connection"] == "Established" and p["out_of_sync_bytes"] == 0
+            if (p["replication"] == "Established" and p["out_of_sync_bytes"] == 0
                     and p["sync"] is None and p["seq"]["journaled"] >= written
                     and s["seq"]["applied"] >= written and s["disk"] == "UpToDate"):
                 return p, s, first_sync
@@ -448,7 +448,7 @@ def measure_catchup(env: Env, o: argparse.Namespace, m: Measurement) -> None:
         lab.create_md(assume_clean=True)
         lab.start_secondary()
         lab.start_primary(history=False)
-        lab.wait(lambda: lab.control("alpha")["connection"] == "Established",
+        lab.wait(lambda: lab.control("alpha")["replication"] == "Established",
                  "the pair to connect", timeout=60, proc=lab.primary)
         progress("link cut; dirtying the device")
         env.pair.link_down()
@@ -458,7 +458,7 @@ def measure_catchup(env: Env, o: argparse.Namespace, m: Measurement) -> None:
                        f"({100 * written / o.size:.2f}% of the device), {tracks} of {ntracks} "
                        f"64 KiB tracks touched ({100 * tracks / ntracks:.2f}%)")
         try:
-            st = lab.wait(lambda: (s := lab.control("alpha"))["connection"] == "Ahead"
+            st = lab.wait(lambda: (s := lab.control("alpha"))["replication"] == "Ahead"
                           and s["out_of_sync_bytes"] > 0 and s,
                           "Ahead", timeout=o.ahead_timeout, proc=lab.primary)
         except AssertionError:

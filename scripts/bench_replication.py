@@ -290,10 +290,11 @@ class _LagSampler:
             except Exception:
                 self._errors += 1  # a busy control socket must not end the run
                 continue
-            self._states.append(st.get("connection", "?"))
+            state = st.get("replication", st.get("connection", "?"))  # older nodes: one word
+            self._states.append(state)
             self._drops = max(self._drops, int((st.get("ring") or {}).get("drops") or 0))
             lag = (st.get("lag") or {}).get("seconds")
-            if st.get("connection") == "Established" and lag is not None:
+            if state == "Established" and lag is not None:
                 self._samples.append(float(lag))
 
     def metrics(self) -> dict[str, float]:

@@ -19,6 +19,15 @@ until the end, as DRBD and HAST do), the primary ships *increments*:
 When the remainder fits the send ring, the freeze also resumes streaming:
 records after the base seq flow as usual and the secondary applies them
 after COMMIT(k). That is how the pair returns to Established.
+
+Collaborators: a catch-up gets the core, the OOS bitmap, the metadata, the
+resource, the link and :class:`Hooks` (callbacks into its owner, the
+shipper, which take the shipper's lock where they touch its fields). It
+never sees the shipper or the engine.
+
+Threads and locks: a catch-up runs on the shipper's sender thread and
+takes no lock of its own; what it reads of the peer (``journaled``) and
+what it reports (progress, byte counts, the commit) goes through the hooks.
 """
 from __future__ import annotations
 
@@ -26,15 +35,12 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Callable
 
 from replicator.native.bitmap import Bitmap
 from replicator.peerlink import LinkError, PeerLink
 from replicator.protocol.messages import IncrBegin, IncrCommit, IncrData, IncrZero, VerifyReq
 from replicator.tracks import is_zero, track_digest, track_runs, zero_digest
-
-if TYPE_CHECKING:
-    from replicator.primary.shipper import Shipper
 
 log = logging.getLogger("duplex.catchup")
 
@@ -79,47 +85,70 @@ class SyncProgress:
                 "increment": self.increment}
 
 
+@dataclass(frozen=True)
+class Hooks:
+    """What a catch-up asks of its owner (the shipper), as callbacks."""
+
+    journaled: Callable[[], int]             # the seq the peer journaled through
+    pump: Callable[[], None]                 # one round of streaming (final increment)
+    wait_ack: Callable[[float], None]        # sleep until an ack (or the timeout)
+    progress: Callable[["SyncProgress | None"], None]  # the progress status shows
+    add_bytes: Callable[[int, int], None]    # (sent in increments, matched on the peer)
+    committed: Callable[[int], None]         # the streaming increment committed at base seq
+    next_increment: Callable[[], int]        # a new increment id
+    next_verify_id: Callable[[], int]        # a new VERIFY_REQ id (shared with verify)
+    peer_initial_sync: bool                  # the peer was never synced: match digests
+
+
 class CatchUp:
     """Runs increments over *link* until the pair streams again."""
 
-    def __init__(self, shipper: "Shipper", link: PeerLink):
-        self.sh = shipper
-        self.core = shipper.core
-        self.engine = shipper.engine
+    def __init__(self, core, oos: Bitmap, md, resource, link: PeerLink, hooks: Hooks):
+        self.core = core
+        self.oos = oos
+        self.md = md
+        self.name = resource.name
+        self.ring_size = resource.ring_size
+        self.rate = resource.resync_rate
         self.link = link
-        self.track = self.engine.md.track_size
-        self.size = self.engine.size
-        self.rate = self.engine.resource.resync_rate
+        self.hooks = hooks
+        self.track = md.track_size
+        self.size = md.device_size
 
     def _final(self, oos_bytes: int) -> bool:
         # Stream again when what is left fits comfortably in the ring.
-        return oos_bytes <= self.engine.resource.ring_size // 4
+        return oos_bytes <= self.ring_size // 4
 
     def run(self) -> None:
         """Increments until one of them resumed streaming and committed."""
         if not self.core.dropped:
             self.core.drop()  # writes only mark OOS while we catch up
-        oos = self.engine.oos
+        oos = self.oos
         prog = SyncProgress(total_bytes=oos.dirty_bytes(self.size))
-        self.sh.sync = prog
-        while True:
-            final = self._final(oos.dirty_bytes(self.size))
-            prog.increment = self.sh.next_increment()
-            try:
-                self._increment(prog.increment, final, prog)
-            except IncrementAborted as e:
-                log.warning("%s: increment %d aborted: %s; starting another",
-                            self.engine.resource.name, prog.increment, e)
-                continue
-            if final and not self.core.dropped:
-                break
-            prog.total_bytes = prog.done_bytes + oos.dirty_bytes(self.size)
-        self.sh.sync = None
+        self.hooks.progress(prog)
+        try:
+            while True:
+                final = self._final(oos.dirty_bytes(self.size))
+                prog.increment = self.hooks.next_increment()
+                try:
+                    resumed = self._increment(prog.increment, final, prog)
+                except IncrementAborted as e:
+                    log.warning("%s: increment %d aborted: %s; starting another",
+                                self.name, prog.increment, e)
+                    continue
+                if resumed:
+                    # Streaming again (hooks.committed said so). A ring that
+                    # overflows from here on is the shipper's: a new catch-up.
+                    break
+                prog.total_bytes = prog.done_bytes + oos.dirty_bytes(self.size)
+        finally:
+            self.hooks.progress(None)  # a lost link ends the progress shown too
 
-    def _increment(self, k: int, final: bool, prog: SyncProgress) -> None:
-        oos = self.engine.oos
-        uuid = bytes.fromhex(self.engine.md.node_uuid)
-        if self.core.next_seq - 1 <= self.sh.journaled:
+    def _increment(self, k: int, final: bool, prog: SyncProgress) -> bool:
+        """One increment; True if it committed and streaming resumed."""
+        oos = self.oos
+        uuid = bytes.fromhex(self.md.node_uuid)
+        if self.core.next_seq - 1 <= self.hooks.journaled():
             # The base must be a seq the peer has not acked yet, or its ack
             # could not tell us that this increment committed.
             self.core.flush()
@@ -129,10 +158,10 @@ class CatchUp:
         original = frozen.copy()
         tracks = original.count()
         log.info("%s: increment %d: %d tracks (%d bytes) as of seq %d%s",
-                 self.engine.resource.name, k, tracks, original.dirty_bytes(self.size), base,
+                 self.name, k, tracks, original.dirty_bytes(self.size), base,
                  ", then streaming" if final else "")
         self.link.send(IncrBegin(k, base, tracks, original.dirty_bytes(self.size)))
-        committed = False
+        committed = resumed = False
         try:
             self._drain(k, frozen, prog, final)
             self.core.thaw()
@@ -150,13 +179,13 @@ class CatchUp:
                 oos.subtract(original)
                 oos.merge_from(cr)
                 self.core.set_cr(None)
-                if self.engine.md.needs_initial_sync:
-                    self.engine.md.needs_initial_sync = False
-                    self.engine.md.save()
+                if self.md.needs_initial_sync:
+                    with self.md.update():
+                        self.md.needs_initial_sync = False
                 if final and not self.core.dropped:
                     self.core.clear_on_release = True
-                    self.sh.needs_resync = False
-                    self.sh.journaled = max(self.sh.journaled, base)
+                    self.hooks.committed(base)
+                    resumed = True
             else:
                 self.core.set_cr(None)
                 oos.merge_from(cr)  # nothing is lost: CR writes marked OOS anyway
@@ -165,11 +194,12 @@ class CatchUp:
             cr.close()
             frozen.close()
             original.close()
+        return resumed
 
     def _drain(self, k: int, frozen: Bitmap, prog: SyncProgress, final: bool) -> None:
         pieces: list[tuple[int, bytes]] = []
         pending = 0
-        match = self.sh.peer_initial_sync
+        match = self.hooks.peer_initial_sync
         batches = _batches(frozen, MATCH_BATCH)
         # An old copy being synced for the first time: tracks it already
         # holds are not sent (nothing is applied on it meanwhile, so its
@@ -197,7 +227,7 @@ class CatchUp:
                     continue  # a write took it into the collision queue
                 if tr in theirs and self._same(theirs[tr], data):
                     prog.done_bytes += len(data)
-                    self.sh.matched_bytes += len(data)
+                    self.hooks.add_bytes(0, len(data))
                     continue
                 pieces.append((tr * self.track, data))
                 pending += len(data)
@@ -206,7 +236,7 @@ class CatchUp:
                     pieces, pending = [], 0
                     self._send_collisions(k, prog)
                     if final:
-                        self.sh.pump(self.link, release=False)
+                        self.hooks.pump()
                     if self.core.collision_overflowed:
                         raise IncrementAborted("too many writes hit frozen tracks at once")
         self._send_pieces(k, pieces, prog)
@@ -221,8 +251,7 @@ class CatchUp:
     def _ask_digests(self, tracks: list[int]) -> list[VerifyReq]:
         reqs = []
         for first, count in track_runs(tracks):
-            self.sh.verify_ids += 1
-            req = VerifyReq(self.sh.verify_ids, first, count, 0)
+            req = VerifyReq(self.hooks.next_verify_id(), first, count, 0)
             self.link.send(req)
             reqs.append(req)
         return reqs
@@ -258,7 +287,7 @@ class CatchUp:
     def _send_piece(self, k: int, off: int, data: bytes, prog: SyncProgress) -> None:
         self.link.send(IncrData(k, off, data))
         prog.done_bytes += len(data)
-        self.sh.incr_bytes_sent += len(data)
+        self.hooks.add_bytes(len(data), 0)
         if self.rate:
             # Rate limit: never ahead of rate * elapsed.
             ahead = prog.done_bytes / self.rate - (time.monotonic() - prog.started)
@@ -273,12 +302,12 @@ class CatchUp:
 
     def _await_commit(self, base: int, final: bool) -> None:
         deadline = time.monotonic() + COMMIT_TIMEOUT
-        while self.sh.journaled < base:
+        while self.hooks.journaled() < base:
             if not self.link.alive():
                 raise LinkError(self.link.error or "connection closed")
             if time.monotonic() > deadline:
                 raise LinkError(f"the peer did not commit the increment (base seq {base}) "
                                 f"within {COMMIT_TIMEOUT:.0f} s")
             if final:
-                self.sh.pump(self.link, release=False)
-            self.sh.wait_ack(0.05)
+                self.hooks.pump()
+            self.hooks.wait_ack(0.05)

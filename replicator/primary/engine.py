@@ -5,6 +5,19 @@ It lives inside the nbdkit process. The plugin's data callbacks call
 ``write``/``trim``/``zero``/``flush``, each one C call with the GIL released.
 Threads (shipper, control socket, seq mark) start in ``start()``, which the
 plugin calls from ``after_fork`` (DESIGN §10).
+
+The engine owns the parts and wires them: the shipper, the verifier and
+the catch-up get the core, the metadata, the bitmaps and callbacks, never
+the engine. Status reads each part once and says what each one knows.
+
+Threads and locks: the shipper's sender ("duplex-shipper") and the seq-mark
+keeper ("duplex-mark") run under ``self.sup`` (replicator.supervise), which
+restarts them with backoff if they raise and reports the fault in status;
+verify passes ("duplex-verify") run under it too, without restarts. The
+nbdkit request threads run the data path. ``_gen_lock`` guards
+``_attached`` and ``_bumped`` and the generation change of
+``_new_generation``; lock order: ``_gen_lock``, then the metadata's lock.
+The shipper's and the verifier's locks are their own (see their modules).
 """
 from __future__ import annotations
 
@@ -23,10 +36,12 @@ from replicator.errors import DuplexError
 from replicator import generations
 from replicator.metadata import DISK_UPTODATE, Metadata, load_metadata, new_uuid
 from replicator.oosfiles import open_bitmaps
+from replicator.primary import states
 from replicator.primary.seqmark import SeqMark
-from replicator.primary.shipper import Shipper
+from replicator.primary.shipper import THREAD_NAME as SHIPPER_THREAD, Shipper
+from replicator.primary.verify import Verifier, VerifyIds
 from replicator.status import new_status
-from replicator.primary.verify import Verifier
+from replicator.supervise import Fault, Supervisor
 
 log = logging.getLogger("duplex.primary")
 
@@ -52,10 +67,22 @@ class Engine:
         self.mark = mark
         self.size = md.device_size
         self.started = time.time()
+        self.sup = Supervisor(f"{resource.name} primary", on_fault=self._on_fault)
         # Bits set when this run starts belong to data the (empty) ring no
         # longer holds: only a resync can clear them.
-        self.shipper = Shipper(self, needs_resync=oos.count() > 0 or md.needs_initial_sync)
-        self.verifier = Verifier(self)
+        resync = None
+        if md.needs_initial_sync:
+            resync = "the peer has never been synced (initial sync)"
+        elif oos.count() > 0:
+            resync = "out-of-sync data from before this start (initial sync or unclean stop)"
+        ids = VerifyIds()  # verify and the catch-up ask the peer over one link
+        self.shipper = Shipper(core, resource, peer, node.name, md, oos, resync_reason=resync,
+                               supervisor=self.sup, next_verify_id=ids.next,
+                               on_attached=self.attached, on_detached=self.detached)
+        self.verifier = Verifier(core, oos, md, name=resource.name, peer_name=peer.name,
+                                 current_link=self.shipper.current_link, next_verify_id=ids.next,
+                                 mark_out_of_sync=self.mark_out_of_sync,
+                                 spawn=lambda name, target: self.sup.spawn(name, target))
         self.control = ControlServer(node.meta_dir, {"status": self.status,
                                                      "verify": self._verify_cmd,
                                                      "verify-status": self._verify_status_cmd},
@@ -75,6 +102,7 @@ class Engine:
         res = cfg.resource(resource_name)
         node = select_node(res, node_name)
         peer = res.peer_of(node.name)
+        res.secret()  # before anything serves: a missing or open secret file is named now
         md = load_metadata(node.meta_dir, res.name)
         # Exclusive before anything writes: a mounted or held device, or an
         # image another Duplex serves, is refused with its holder named.
@@ -98,9 +126,7 @@ class Engine:
         """Start the shipper, the control socket and the seq-mark keeper."""
         self.control.start()
         self.shipper.start()
-        t = threading.Thread(target=self._housekeeping, name="duplex-mark", daemon=True)
-        t.start()
-        self._threads.append(t)
+        self._threads.append(self.sup.spawn("duplex-mark", self._housekeeping, restart=True))
 
     def stop(self, drain_timeout: float | None = None) -> None:
         """Stop cleanly: let the shipper drain (for at most *drain_timeout*,
@@ -109,6 +135,7 @@ class Engine:
         if drain_timeout is None:
             drain_timeout = self.resource.drain_timeout_s
         self._stop.set()
+        self.sup.stop()  # what raises from now on is part of stopping, not a fault
         shipper_done = self.shipper.stop(drain_timeout)
         self.control.stop()
         try:
@@ -125,6 +152,12 @@ class Engine:
         if self.claim is not None:
             self.claim.close()
         log.info("%s: primary stopped at seq %d", self.resource.name, next_seq - 1)
+
+    def _on_fault(self, fault: Fault) -> None:
+        """A supervised thread raised (logged with its traceback by the
+        supervisor, shown in status under ``faults``)."""
+        if fault.thread == SHIPPER_THREAD:
+            self.shipper.fault(fault.error)
 
     def _housekeeping(self) -> None:
         while not self._stop.wait(0.5):
@@ -152,6 +185,7 @@ class Engine:
         with self._gen_lock:
             self._attached = True
             self._bumped = False
+        self.sup.clear(SHIPPER_THREAD)  # a shipper that failed before works again
 
     def detached(self) -> None:
         """The peer is gone: the next write starts a new generation."""
@@ -227,10 +261,14 @@ class Engine:
         sh = self.shipper.snapshot()
         written = self.core.next_seq - 1
         applied = sh["applied"]
+        streaming = (sh["connection"] == states.CONNECTED
+                     and sh["replication"] == states.ESTABLISHED)
         return new_status(
             self.resource, self.node, running=True, role="Primary",
-            connection=sh["connection"], disk=DISK_UPTODATE,
-            peer={"disk": ("UpToDate" if sh["connection"] == "Established" and applied >= written
+            connection=sh["connection"], replication=sh["replication"],
+            last_error=sh["last_error"], disk=DISK_UPTODATE,
+            peer={"disk": ("UpToDate" if streaming and applied >= written
+                           and sh["peer_disk"] in ("UpToDate", "Consistent")
                            else sh["peer_disk"])},
             seq={"written": written, "journaled": sh["journaled"], "applied": applied},
             lag={"writes": max(0, written - applied), "bytes": sh["lag_bytes"],
@@ -238,4 +276,5 @@ class Engine:
             out_of_sync_bytes=self.oos.dirty_bytes(self.size),
             nbd_uri=self.node.export_uri(), reason=sh["reason"], sync=sh["sync"],
             incr_bytes_sent=sh["incr_bytes_sent"], matched_bytes=sh["matched_bytes"],
-            ring=self.core.ring_stats, uptime_seconds=round(time.time() - self.started, 1))
+            ring=self.core.ring_stats, uptime_seconds=round(time.time() - self.started, 1),
+            faults=self.sup.faults())

@@ -18,6 +18,28 @@ secondary always knows which writes it is missing (tokens before data,
 the M1/M2 split of the ordered-replication design, DESIGN §3).
 A catch-up streams with :meth:`Shipper.pump`, which announces up to four
 spans before it sends the oldest one's data.
+
+States: the shipper reports what happens (connected, refused, the ring
+overflowed, caught up...) as events of :mod:`replicator.primary.states`;
+the connection and replication words status shows come from those tables
+only. Who may pair with whom is :func:`replicator.generations.verdict`, the
+rule the secondary applies too.
+
+Collaborators: the core, the resource, the peer node, the metadata and the
+OOS bitmap; a link factory (``PeerLink.connect`` unless a test gives
+another); callbacks into the engine (``on_attached``, ``on_detached``); the
+VERIFY_REQ id counter; the supervisor that runs the sender thread and
+restarts it with backoff if it raises.
+
+Threads and locks: the sender thread ("duplex-shipper", supervised) runs
+sessions and catch-ups; each link's reader thread calls :meth:`_on_ack`;
+the nbdkit request threads call :meth:`ring_dropped`; the control thread
+calls :meth:`snapshot` and :meth:`request_resync`. ``Shipper._lock`` guards
+``_states``, ``peer_disk``, ``journaled``, ``applied``, ``_samples``,
+``sync``, ``incr_bytes_sent`` and ``matched_bytes``. It is a leaf: nothing
+else is locked while it is held, except the core's own internal lock in
+the status reads of :meth:`snapshot`. ``_queued``, ``_links``, ``_rr``,
+``_released`` and ``_last_send_ns`` belong to the sender thread alone.
 """
 from __future__ import annotations
 
@@ -29,18 +51,19 @@ import threading
 import time
 from collections import deque
 from contextlib import ExitStack
-from typing import TYPE_CHECKING
+from typing import Callable
 
-from replicator.primary.catchup import CatchUp
-from replicator.native.core import CoreError
-from replicator.peerlink import LinkError, PeerLink, RefusedError, local_primary_state
 from replicator import generations
-from replicator.generations import Decision
+from replicator.config import ConfigError, Node, Resource
+from replicator.native.core import CoreError
+from replicator.peerlink import LinkError, PeerLink, RefusedError
+from replicator.primary import states as st
+from replicator.primary.catchup import CatchUp, Hooks, SyncProgress
+from replicator.protocol.errors import ErrorCode
 from replicator.protocol.messages import (STATE_DISCARD_MY_DATA, STATE_HAS_BITMAP_UUID,
-                                          STATE_NEEDS_RESYNC, STATE_SENDS_BITMAP, ZERO_UUID)
-
-if TYPE_CHECKING:
-    from replicator.primary.engine import Engine
+                                          STATE_NEEDS_RESYNC, STATE_SENDS_BITMAP, ZERO_UUID,
+                                          State)
+from replicator.supervise import Supervisor
 
 log = logging.getLogger("duplex.shipper")
 
@@ -48,30 +71,55 @@ _SEQ_TS = struct.Struct("<QQ")
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 2.0
 REFUSED_RETRY = 5.0
+CONFIG_RETRY = 1.0   # a bad secret file is re-read this often: fixing it fixes the node
 PING_INTERVAL = 1.0
 MAX_ANNOUNCED_SPANS = 256
 RETURN_AFTER = 0.02  # the C streaming loop hands control back this often
+THREAD_NAME = "duplex-shipper"
+
+
+def local_primary_state(md, core, needs_resync: bool) -> State:
+    """The primary's STATE. The primary's resource UUID is the resource's:
+    a fresh secondary adopts it at its first handshake."""
+    stats = core.ring_stats
+    history, has_bitmap = generations.state_history(md)
+    flags = (STATE_NEEDS_RESYNC if needs_resync else 0) | (STATE_HAS_BITMAP_UUID if has_bitmap else 0)
+    return State(bytes.fromhex(md.resource_uuid), bytes.fromhex(md.generation), md.device_size,
+                 md.track_size, "primary", "UpToDate",
+                 written_seq=core.next_seq - 1,
+                 oldest_held_seq=stats.get("oldest_seq", 0) or 0,
+                 flags=flags, history=history)
 
 
 class Shipper:
     """Ships the ring to the peer; reconnects; resumes from the peer's
     journaled seq when the ring still holds what follows it."""
 
-    def __init__(self, engine: "Engine", needs_resync: bool):
-        self.engine = engine
-        self.core = engine.core
-        self.res = engine.resource
+    def __init__(self, core, resource: Resource, peer: Node, node_name: str, md, oos, *,
+                 resync_reason: str | None, supervisor: Supervisor,
+                 next_verify_id: Callable[[], int],
+                 on_attached: Callable[[], None] = lambda: None,
+                 on_detached: Callable[[], None] = lambda: None,
+                 connect: Callable[..., PeerLink] = PeerLink.connect):
+        self.core = core
+        self.res = resource
+        self.peer = peer
+        self.node_name = node_name
+        self.md = md
+        self.oos = oos
+        self._sup = supervisor
+        self._next_verify_id = next_verify_id
+        self._on_attached = on_attached
+        self._on_detached = on_detached
+        self._connect_link = connect
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._drain_deadline = 0.0
         self._thread: threading.Thread | None = None
-        self.needs_resync = needs_resync
-        self._resync_reason = ("out-of-sync data from before this start (initial sync or "
-                               "unclean stop)" if needs_resync else "")
+        self._states = st.PrimaryStates.initial(resync_reason)
+        self._logged_error: str | None = None
         # What the peer has told us; read by status.
-        self.connection = "Connecting"
-        self.reason = ""
         self.peer_disk = "Unknown"
         self.journaled = 0
         self.applied = 0
@@ -82,17 +130,52 @@ class Shipper:
         self._rr = 0
         self._last_send_ns = 0
         self._incr_id = 0
-        self.sync = None  # SyncProgress while catching up
+        self.sync: SyncProgress | None = None  # while catching up
         self.incr_bytes_sent = 0
         self.matched_bytes = 0      # initial sync: tracks the peer already held
         self.peer_initial_sync = False
-        self.verify_ids = 0         # ids of VERIFY_REQ (verify and catch-up share the link)
+
+    # -- states -----------------------------------------------------------
+
+    def _event(self, event: st.Event) -> st.PrimaryStates:
+        """Move both state machines (states.py decides; a move the tables
+        do not allow raises StateError, a bug the supervisor reports)."""
+        with self._lock:
+            before = self._states
+            self._states = after = before.step(event)
+        if (before.connection, before.replication) != (after.connection, after.replication):
+            log.info("%s: %s: connection %s -> %s, replication %s -> %s", self.res.name,
+                     event.name, before.connection, after.connection, before.replication,
+                     after.replication)
+        return after
+
+    @property
+    def states(self) -> st.PrimaryStates:
+        """The current states (immutable)."""
+        return self._states
+
+    @property
+    def needs_resync(self) -> bool:
+        """True while the OOS bitmap holds writes the ring does not."""
+        return self._states.resync_pending
+
+    def _resync(self, reason: str, replace: bool = True) -> None:
+        with self._lock:
+            if self._states.resync_pending and not replace:
+                return
+            self._states = self._states.step(st.ResyncNeeded(reason))
+
+    def fault(self, error: str) -> None:
+        """The sender thread raised (the supervisor restarts it): the
+        session it ran is gone."""
+        self._event(st.LinkFailed(f"shipper failed: {error}; restarting"))
 
     # -- control ----------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="duplex-shipper", daemon=True)
-        self._thread.start()
+        """Start the sender thread, supervised: restarted with backoff if it raises."""
+        self._thread = self._sup.spawn(THREAD_NAME, self._run, restart=True,
+                                       backoff=(BACKOFF_MAX / 4, 30.0))
 
     def stop(self, drain_timeout: float) -> bool:
         """Ask the sender to drain what the peer has not journaled, for at
@@ -117,19 +200,24 @@ class Shipper:
     def ring_dropped(self) -> None:
         """Called from the write path when the ring overflowed: from now on
         writes only mark OOS, and only a resync brings the peer back."""
-        if not self.needs_resync:
-            self.needs_resync = True
-            self._resync_reason = "send ring overflowed"
-            log.warning("%s: send ring overflowed: going Ahead (writes only mark "
-                        "the out-of-sync bitmap)", self.res.name)
-        if not self._wake.is_set():  # every write while Ahead comes here
+        if not self._states.resync_pending:  # every write while Ahead comes here: cheap first
+            with self._lock:
+                first = not self._states.resync_pending
+                if first:
+                    self._states = self._states.step(st.ResyncNeeded("send ring overflowed"))
+            if first:
+                log.warning("%s: send ring overflowed: going Ahead (writes only mark "
+                            "the out-of-sync bitmap)", self.res.name)
+        if not self._wake.is_set():
             self._wake.set()
 
     def snapshot(self) -> dict:
         """A consistent view for status."""
         with self._lock:
+            states = self._states
+            streaming = (states.connection == st.CONNECTED
+                         and states.replication == st.ESTABLISHED)
             now_ns = time.time_ns()
-            lag_s = 0.0
             # Spans reported after the ack that covered them are not lag.
             while self._samples and self._samples[0][0] <= self.applied:
                 self._samples.popleft()
@@ -138,32 +226,39 @@ class Shipper:
             if inflight is not None and inflight[0] > self.applied:
                 # Sent by the streaming call still running, not yet applied.
                 oldest = inflight[1] if oldest is None else min(oldest, inflight[1])
-            waiting = self.core.ship_waiting_ts() if self.connection == "Established" else None
+            waiting = self.core.ship_waiting_ts() if streaming else None
             if waiting is not None:  # written, held back for its batch
                 oldest = waiting if oldest is None else min(oldest, waiting)
+            lag_s: float | None = 0.0
             if oldest is not None:
-                lag_s = max(0.0, (now_ns - oldest) / 1e9)
-            elif self.core.next_seq - 1 > self.applied and self.connection != "Established":
-                lag_s = -1.0  # unknown: nothing sent yet
-            connection = self.connection
-            reason = self.reason
+                lag_s = round(max(0.0, (now_ns - oldest) / 1e9), 3)
+            elif self.core.next_seq - 1 > self.applied:
+                lag_s = None  # writes outstanding, none sampled: unknown, not zero
             peer_disk = self.peer_disk
-            for link in list(self._links):  # a disk state the peer's ACKs carry
-                if link.alive() and link.peer_disk_reason:
-                    peer_disk = link.peer_disk
-                    reason = reason or f"peer disk {peer_disk}: {link.peer_disk_reason}"
-                    break
-            if self.needs_resync and connection != "SyncSource":
-                connection = "Ahead"
-                reason = f"resync needed: {self._resync_reason}"
+            peer_disk_reason = ""
+            if states.connection == st.CONNECTED:
+                for link in list(self._links):  # its STATE's, then what its ACKs say
+                    if link.alive():
+                        peer_disk = link.peer_disk
+                        peer_disk_reason = link.peer_disk_reason
+                        break
+            else:
+                peer_disk = "Unknown"  # not connected: we do not know
+            reason = states.reason
+            if peer_disk_reason:
+                reason = "; ".join(p for p in (reason, f"peer disk {peer_disk}: "
+                                               f"{peer_disk_reason}") if p)
             return {
-                "connection": connection,
+                "connection": states.connection,
+                "replication": states.replication,
+                "last_error": states.error,
+                "resync_reason": states.resync_reason,
                 "reason": reason,
                 "peer_disk": peer_disk,
                 "journaled": self.journaled,
                 "applied": self.applied,
                 "lag_bytes": self.core.ring_stats.get("bytes", 0),
-                "lag_seconds": round(lag_s, 3) if lag_s >= 0 else None,
+                "lag_seconds": lag_s,
                 "sync": self.sync.as_dict() if self.sync else None,
                 "incr_bytes_sent": self.incr_bytes_sent,
                 "matched_bytes": self.matched_bytes,
@@ -181,106 +276,110 @@ class Shipper:
 
     # -- sender thread ----------------------------------------------------
 
-    def _set(self, connection: str, reason: str = "") -> None:
-        with self._lock:
-            self.connection = connection
-            self.reason = reason
+    def _log_once(self, level: int, text: str) -> None:
+        # A node refused every few seconds logs the reason once, not forever.
+        if text != self._logged_error:
+            self._logged_error = text
+            log.log(level, "%s: %s", self.res.name, text)
 
     def _run(self) -> None:
         backoff = BACKOFF_MIN
-        peer = self.engine.peer
         while not self._stopping.is_set():
-            self._set("Connecting")
+            try:
+                # Read at every attempt: fixing the file fixes the node.
+                secret = self.res.secret()
+            except ConfigError as e:
+                self._event(st.Refused(f"{e}"))
+                self._log_once(logging.ERROR, f"cannot connect to {self.peer.name}: {e}")
+                self._stopping.wait(CONFIG_RETRY)
+                continue
             links: list[PeerLink] = []
             try:
                 # Several connections may carry the stream (config
                 # "connections"); the first one also carries the increments.
                 for _ in range(max(1, self.res.connections)):
-                    links.append(self._connect())
+                    links.append(self._connect(secret))
             except RefusedError as e:
                 for extra in links:
                     extra.close()
-                self._set("StandAlone", str(e))
-                log.error("%s: peer %s refused: %s", self.res.name, peer.name, e)
-                self._stopping.wait(REFUSED_RETRY)
+                self._refused(e)
                 continue
             except (LinkError, OSError) as e:
                 for extra in links:
                     extra.close()
-                self._set("Connecting", str(e))
+                self._event(st.LinkFailed(_describe(e, self.peer)))
+                self._logged_error = None
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             backoff = BACKOFF_MIN
-            link = links[0]
             self._links = links
             try:
-                self._session(link)
+                self._session(links[0])
+            except RefusedError as e:
+                self._refused(e)
             except (LinkError, OSError) as e:
                 if not self._stopping.is_set():
-                    log.warning("%s: connection to %s lost: %s", self.res.name, peer.name, e)
-            except Exception:  # a bug must not silently end replication
-                log.exception("%s: shipper failed; reconnecting", self.res.name)
-                self._stopping.wait(BACKOFF_MAX)
+                    log.warning("%s: connection to %s lost: %s", self.res.name, self.peer.name, e)
+                self._event(st.LinkFailed(f"connection to {self.peer.name} lost: {e}"))
             finally:
-                self.engine.detached()
+                self._on_detached()
                 for one in links:
                     one.close()
                 self._links = []
-        self._set("StandAlone", "stopped")
+        self._event(st.Stopped())
 
-    def _connect(self) -> PeerLink:
-        return PeerLink.connect(self.engine.peer.address, role="primary", resource=self.res.name,
-                                node=self.engine.node.name, secret=self.res.secret(),
-                                local_state=local_primary_state(self.engine, self.needs_resync),
-                                on_ack=self._on_ack, timeout=5.0)
+    def _refused(self, e: RefusedError) -> None:
+        """A refused handshake (either side's verdict): StandAlone, or
+        SplitBrain; retried after a pause (the fix is made elsewhere)."""
+        if e.split_brain:
+            self._event(st.SplitBrainFound(str(e)))
+        else:
+            self._event(st.Refused(str(e)))
+        self._log_once(logging.ERROR, f"peer {self.peer.name} refused: {e}")
+        self._stopping.wait(REFUSED_RETRY)
+
+    def _connect(self, secret: bytes) -> PeerLink:
+        return self._connect_link(self.peer.address, role="primary", resource=self.res.name,
+                                  node=self.node_name, secret=secret,
+                                  local_state=local_primary_state(self.md, self.core,
+                                                                  self.needs_resync),
+                                  on_ack=self._on_ack, timeout=5.0)
 
     def _agree_on_generations(self, link: PeerLink) -> None:
-        """DESIGN §7: decide who is ahead. Refuses (StandAlone) unless this
-        node is ahead or the same; takes the peer's own out-of-sync tracks
-        (an old primary coming back) into the OOS bitmap."""
+        """DESIGN §7: decide who is ahead (generations.verdict, the rule
+        the secondary applies too). Refuses unless this node is ahead or
+        the same; takes the peer's own out-of-sync tracks (an old primary
+        coming back) into the OOS bitmap."""
         ps = link.peer_state
-        md = self.engine.md
+        md = self.md
         local = generations.of_metadata(md)
         peer = generations.from_state(ps, bool(ps.flags & STATE_HAS_BITMAP_UUID))
-        fresh_peer = ps.resource_uuid == ZERO_UUID
-        decision = generations.compare(local, peer)
-        if ps.flags & STATE_DISCARD_MY_DATA and decision in (Decision.SPLIT_BRAIN,
-                                                              Decision.PEER_AHEAD):
-            log.warning("%s: %s; the peer discards its data (connect --discard-my-data)",
-                        self.res.name, generations.explain(decision, local, peer))
-            decision = Decision.LOCAL_AHEAD
-        if not fresh_peer and decision not in (Decision.SAME, Decision.LOCAL_AHEAD):
-            why = generations.explain(decision, local, peer)
-            if decision is Decision.SPLIT_BRAIN:
-                why += ("; nothing is merged: on the node whose changes are to be dropped, "
-                        "run `duplex connect RES --discard-my-data`")
-            elif decision is Decision.PEER_AHEAD:
-                why += "; demote this node (`duplex demote RES`) to sync from it"
-            raise RefusedError(why)
+        v = generations.verdict(generations.PRIMARY, local, peer, resource=self.res.name,
+                                secondary_fresh=ps.resource_uuid == ZERO_UUID,
+                                secondary_discards=bool(ps.flags & STATE_DISCARD_MY_DATA))
+        if not v.accept:
+            raise RefusedError(v.why, ErrorCode.SPLIT_BRAIN if v.split_brain
+                               else ErrorCode.STATE_MISMATCH)
+        if v.discards:
+            log.warning("%s: %s", self.res.name, v.why)
         if ps.flags & STATE_SENDS_BITMAP:
             bm = link.wait_bitmap(10.0)
-            merged = 0
             for t in bm.tracks():
-                if t < self.engine.oos.nbits and not self.engine.oos.set_bit(t):
-                    merged += 1
-            self.engine.oos.sync()
+                if t < self.oos.nbits:
+                    self.oos.set_bit(t)
+            self.oos.sync()
             log.warning("%s: peer %s brought %d out-of-sync tracks of its own (writes that "
                         "never reached this node); they will be resent", self.res.name,
                         link.peer_name, len(bm.tracks()))
             if bm.tracks():
-                self.needs_resync = True
-                self._resync_reason = "the peer's own unshipped writes are overwritten"
-        changed = False
-        if md.bitmap_uuid is not None:
-            md.bitmap_uuid = None  # the peer takes our generation now
-            changed = True
-        if md.peer_node_uuid is None:
-            md.peer_node_uuid = md.resource_uuid  # paired: no longer fresh
-            changed = True
-        if changed:
-            md.save()
-        self.engine.attached()
+                self._resync("the peer's own unshipped writes are overwritten")
+        if md.bitmap_uuid is not None or md.peer_node_uuid is None:
+            with md.update():
+                md.bitmap_uuid = None  # the peer takes our generation now
+                if md.peer_node_uuid is None:
+                    md.peer_node_uuid = md.resource_uuid  # paired: no longer fresh
+        self._on_attached()
 
     def _session(self, link: PeerLink) -> None:
         self._agree_on_generations(link)
@@ -291,44 +390,76 @@ class Shipper:
             self.applied = ps.applied_seq
             self._released = 0
             self._samples.clear()
+        self._event(st.Attached())
+        self._logged_error = None
         last = self.core.next_seq - 1
         self.peer_initial_sync = bool(ps.flags & STATE_NEEDS_RESYNC)
-        if self.peer_initial_sync and not self.needs_resync:
-            self.needs_resync = True
-            self._resync_reason = "the peer has never been synced (initial sync)"
+        if self.peer_initial_sync:
+            self._resync("the peer has never been synced (initial sync)", replace=False)
         if ps.journaled_seq > last and not self.needs_resync:
             raise RefusedError(f"peer journaled seq {ps.journaled_seq}, beyond our last seq "
                                f"{last}: the two sides have different histories")
         if not self.needs_resync and not self.core.rewind(ps.journaled_seq):
-            self.needs_resync = True
-            self._resync_reason = (f"the send ring no longer holds seq {ps.journaled_seq + 1} "
-                                   "(the peer was away too long)")
+            self._resync(f"the send ring no longer holds seq {ps.journaled_seq + 1} "
+                         "(the peer was away too long)")
         self._queued.clear()
         if self.needs_resync:
-            log.info("%s: catching up %s: %s", self.res.name, self.engine.peer.name,
-                     self._resync_reason)
-            self._set("SyncSource")
-            CatchUp(self, link).run()
-            log.info("%s: caught up; streaming to %s", self.res.name, self.engine.peer.name)
+            log.info("%s: catching up %s: %s", self.res.name, self.peer.name,
+                     self._states.resync_reason)
+            self._catch_up(link)
+            log.info("%s: caught up; streaming to %s", self.res.name, self.peer.name)
         else:
-            log.info("%s: streaming to %s from seq %d", self.res.name, self.engine.peer.name,
+            log.info("%s: streaming to %s from seq %d", self.res.name, self.peer.name,
                      ps.journaled_seq + 1)
-        self._set("Established")
+            self._event(st.StreamStart())
         self._stream(link)
+
+    def _catch_up(self, link: PeerLink) -> None:
+        """Run a catch-up over *link* (SyncSource until it commits)."""
+        self._event(st.SyncStart())
+        hooks = Hooks(journaled=self._journaled, pump=lambda: self.pump(link, release=False),
+                      wait_ack=self.wait_ack, progress=self._set_progress,
+                      add_bytes=self._add_bytes, committed=self._committed,
+                      next_increment=self.next_increment, next_verify_id=self._next_verify_id,
+                      peer_initial_sync=self.peer_initial_sync)
+        CatchUp(self.core, self.oos, self.md, self.res, link, hooks).run()
 
     def current_link(self) -> PeerLink | None:
         """The first connection, while the session is up (for verify)."""
         links = self._links
-        if links and links[0].alive() and self.connection in ("Established", "SyncSource"):
+        s = self._states
+        if (links and links[0].alive() and s.connection == st.CONNECTED
+                and s.replication in (st.ESTABLISHED, st.SYNC_SOURCE)):
             return links[0]
         return None
 
     def request_resync(self, reason: str) -> None:
         """Bits were set in the OOS bitmap behind the ring's back (verify
         --fix): ship them with a catch-up."""
-        self._resync_reason = reason
-        self.needs_resync = True
+        self._resync(reason)
         self._wake.set()
+
+    # -- hooks of the catch-up (each takes the lock for what it touches) ----
+
+    def _journaled(self) -> int:
+        with self._lock:
+            return self.journaled
+
+    def _set_progress(self, prog: SyncProgress | None) -> None:
+        with self._lock:
+            self.sync = prog
+
+    def _add_bytes(self, sent: int, matched: int) -> None:
+        with self._lock:
+            self.incr_bytes_sent += sent
+            self.matched_bytes += matched
+
+    def _committed(self, base: int) -> None:
+        """The streaming increment committed: the peer holds everything
+        through *base*, and the ring carries what follows."""
+        with self._lock:
+            self.journaled = max(self.journaled, base)
+            self._states = self._states.step(st.CaughtUp())
 
     # -- helpers for the catch-up ------------------------------------------
 
@@ -416,9 +547,7 @@ class Shipper:
             if self.needs_resync:
                 # The ring overflowed while connected: catch up, then stream.
                 self._queued.clear()
-                self._set("SyncSource")
-                CatchUp(self, link).run()
-                self._set("Established")
+                self._catch_up(link)
                 continue
             stopping = self._stopping.is_set()
             if stopping and (self.core.ring_stats.get("records", 0) == 0
@@ -460,3 +589,9 @@ class Shipper:
             if stopping and not res.spans:
                 self._wake.wait(0.01)  # everything sent: wait for the acks
                 self._wake.clear()
+
+
+def _describe(e: BaseException, peer: Node) -> str:
+    """A connection error in words, naming the peer and its address."""
+    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return f"connecting to {peer.name} ({peer.address_str()}): {text}"

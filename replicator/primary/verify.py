@@ -8,6 +8,18 @@ out-of-sync bit set, or a record for it not yet acknowledged) proves
 nothing: it is retried. What still differs with nothing in flight is
 reported, and with ``--fix`` marked out of sync so that a catch-up
 increment resends it.
+
+Collaborators: a :class:`Verifier` gets the core, the OOS bitmap, the
+metadata, a function giving the current link to the peer, one giving
+VERIFY_REQ ids (:class:`VerifyIds`, shared with the catch-up, which uses the
+same link), one marking tracks out of sync, and one starting its thread
+(the engine's supervisor). It never sees the engine or the shipper.
+
+Threads and locks: the pass runs on its own thread ("duplex-verify").
+``Verifier._lock`` guards ``run`` (one pass at a time; ``status`` reads the
+reference without it, the run's fields are written by the pass thread
+only). ``VerifyIds._lock`` guards its counter; it is taken alone, never
+with another lock held by this module.
 """
 from __future__ import annotations
 
@@ -15,14 +27,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Callable
 
 from replicator.errors import DuplexError
+from replicator.peerlink import PeerLink
 from replicator.tracks import track_digest, track_ranges, track_runs
 from replicator.protocol.messages import MAX_VERIFY_TRACKS, VerifyReq
-
-if TYPE_CHECKING:
-    from replicator.primary.engine import Engine
 
 log = logging.getLogger("duplex.verify")
 
@@ -63,11 +73,39 @@ class VerifyRun:
                 "failure": self.error}
 
 
-class Verifier:
-    """Runs verify passes for one primary engine, one at a time."""
+class VerifyIds:
+    """The ids of VERIFY_REQ messages: one counter for everything that asks
+    the peer for digests over one link (verify and the catch-up)."""
 
-    def __init__(self, engine: "Engine"):
-        self.engine = engine
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = 0
+
+    def next(self) -> int:
+        """A new id, never given before in this run."""
+        with self._lock:
+            self._last += 1
+            return self._last
+
+
+class Verifier:
+    """Runs verify passes for one primary, one at a time."""
+
+    def __init__(self, core, oos, md, *, name: str, peer_name: str,
+                 current_link: Callable[[], "PeerLink | None"],
+                 next_verify_id: Callable[[], int],
+                 mark_out_of_sync: Callable[[list[int], str], None],
+                 spawn: Callable[[str, Callable[[], None]], object]):
+        self.core = core
+        self.oos = oos
+        self.md = md
+        self.name = name
+        self.peer_name = peer_name
+        self.size = md.device_size
+        self._current_link = current_link
+        self._next_id = next_verify_id
+        self._mark_out_of_sync = mark_out_of_sync
+        self._spawn = spawn
         self.run: VerifyRun | None = None
         self._lock = threading.Lock()
 
@@ -75,13 +113,12 @@ class Verifier:
         """Control request ``verify``: start a pass in the background."""
         with self._lock:
             if self.run is not None and self.run.finished is None:
-                raise VerifyError(f"{self.engine.resource.name}: a verify is already running")
-            if self.engine.shipper.current_link() is None:
-                raise VerifyError(f"{self.engine.resource.name}: not connected to "
-                                  f"{self.engine.peer.name}: verify needs the peer")
-            self.run = VerifyRun(fix=bool(fix), total_tracks=self.engine.oos.nbits)
-            threading.Thread(target=self._main, args=(self.run,), name="duplex-verify",
-                             daemon=True).start()
+                raise VerifyError(f"{self.name}: a verify is already running")
+            if self._current_link() is None:
+                raise VerifyError(f"{self.name}: not connected to {self.peer_name}: verify "
+                                  f"needs the peer")
+            run = self.run = VerifyRun(fix=bool(fix), total_tracks=self.oos.nbits)
+            self._spawn("duplex-verify", lambda: self._main(run))
         return self.status()
 
     def status(self) -> dict:
@@ -89,7 +126,7 @@ class Verifier:
         run = self.run
         if run is None:
             return {"running": False, "never_run": True}
-        return run.as_dict(self.engine.md.track_size, self.engine.size)
+        return run.as_dict(self.md.track_size, self.size)
 
     # -- the pass ----------------------------------------------------------
 
@@ -116,11 +153,11 @@ class Verifier:
             run.differing = sorted(suspects)
             run.skipped = sorted(busy)
             if run.fix and run.differing:
-                self.engine.mark_out_of_sync(run.differing, "verify found differing tracks")
+                self._mark_out_of_sync(run.differing, "verify found differing tracks")
             log.info("%s: verify done: %d tracks differ, %d skipped (busy)",
-                     self.engine.resource.name, len(run.differing), len(run.skipped))
+                     self.name, len(run.differing), len(run.skipped))
         except Exception as e:  # reported through verify-status
-            log.exception("%s: verify failed", self.engine.resource.name)
+            log.exception("%s: verify failed", self.name)
             run.error = str(e)
         finally:
             run.finished = time.time()
@@ -128,9 +165,8 @@ class Verifier:
     def _compare(self, tracks: list[int]) -> tuple[set[int], set[int]]:
         """(differing, in flight) among *tracks* (consecutive runs are asked
         for in one request each)."""
-        eng = self.engine
-        core, oos, ts, size = eng.core, eng.oos, eng.md.track_size, eng.size
-        link = eng.shipper.current_link()
+        core, oos, ts, size = self.core, self.oos, self.md.track_size, self.size
+        link = self._current_link()
         if link is None:
             raise VerifyError("the connection to the peer was lost during verify")
         after = core.next_seq - 1
@@ -144,9 +180,8 @@ class Verifier:
         remote: dict[int, int] = {}
         for first, count in track_runs(tracks):
             for i in range(0, count, MAX_VERIFY_TRACKS):
-                eng.shipper.verify_ids += 1
                 n = min(MAX_VERIFY_TRACKS, count - i)
-                sums = link.request_sums(VerifyReq(eng.shipper.verify_ids, first + i, n, after),
+                sums = link.request_sums(VerifyReq(self._next_id(), first + i, n, after),
                                          SUMS_TIMEOUT)
                 for j, v in enumerate(sums.sums):
                     remote[first + i + j] = v

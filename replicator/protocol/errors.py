@@ -31,6 +31,7 @@ class ErrorCode(IntEnum):
     VERSION = 7         # protocol version not spoken here
     INTERNAL = 8        # the sender failed for a reason of its own
     SHUTDOWN = 9        # orderly close (daemon stopping, role change)
+    SPLIT_BRAIN = 10    # both nodes wrote as Primary after they parted (generations)
 
 
 class ProtocolError(Exception):

@@ -468,7 +468,7 @@ def _watch(monkeypatch, config_file, tty: bool, frames: int = 3) -> list:
     monkeypatch.setattr(cli.time, "strftime", lambda fmt, *a: "2024-01-02 03:04:05")
     monkeypatch.setattr(sys, "stdout", _Terminal(events, tty))
     code = cli.main(["--config", str(config_file), "--node", "alpha", "status", "r0",
-                     "--watch", "0.5"])
+                     "--watch", "--interval", "0.5"])
     assert code == 0 and sleeps == [0.5] * frames
     return [e for e in events if e != ("write", "")]
 

@@ -94,7 +94,7 @@ def test_offline_status_comes_from_metadata(r0, setup_dir):
         False, "Secondary", "StandAlone", "Inconsistent")
     assert d["seq"]["written"] == 42
     assert d["reason"] == "not running; needs initial sync"
-    assert format_status(d).splitlines()[0] == "r0 on beta: Secondary, down, disk Inconsistent"
+    assert format_status(d).splitlines()[0] == "r0 on beta: Secondary, StandAlone (not running), disk Inconsistent"
 
 
 def test_progress_bar_clamps():

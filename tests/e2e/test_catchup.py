@@ -18,7 +18,7 @@ from fixtures.workload import Sampler, Workload
 def _track_states(lab, stop: threading.Event, seen: set) -> None:
     while not stop.is_set():
         try:
-            seen.add(lab.control("alpha")["connection"])
+            seen.add(lab.control("alpha")["replication"])
         except Exception:
             pass
         time.sleep(0.05)
@@ -43,7 +43,7 @@ def test_link_cut_goes_ahead_then_catches_up_through_valid_images(make_lab, netn
         wl.run()  # never waits for the peer
         cut_time = time.monotonic() - t0
         # A silently cut link is noticed by the keepalive within seconds.
-        st = lab.wait(lambda: (s := lab.control("alpha"))["connection"] == "Ahead" and s,
+        st = lab.wait(lambda: (s := lab.control("alpha"))["replication"] == "Ahead" and s,
                       "the primary to report Ahead", timeout=30)
         assert st["out_of_sync_bytes"] > 0
         assert st["ring"]["bytes"] <= st["ring"]["capacity"]
@@ -109,7 +109,7 @@ def test_kill9_secondary_while_applying_an_increment_reapplies_it(make_lab, netn
     lab.start_primary()
     netns_pair.link_down()
     Workload(lab.uri, lab.size, threads=2, ops_per_thread=300, seed=21).run()
-    lab.wait(lambda: lab.control("alpha")["connection"] == "Ahead", "Ahead", timeout=30)
+    lab.wait(lambda: lab.control("alpha")["replication"] == "Ahead", "Ahead", timeout=30)
     netns_pair.link_up()
     lab.wait(lambda: "applying increment" in sec.log_text(), "an increment apply to start",
              proc=sec)

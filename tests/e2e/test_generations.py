@@ -36,7 +36,7 @@ def _tracks(writes) -> set[int]:
 def _wait_in_sync(lab, primary: str, secondary: str, timeout: float = 90) -> dict:
     def ok():
         p, s = lab.control(primary), lab.control(secondary)
-        return (p if p["connection"] == "Established" and p["out_of_sync_bytes"] == 0
+        return (p if p["replication"] == "Established" and p["out_of_sync_bytes"] == 0
                 and s["seq"]["applied"] >= p["seq"]["written"] else None)
     return lab.wait(ok, f"{secondary} in sync with {primary}", timeout=timeout)
 
@@ -59,7 +59,7 @@ def test_failback_resyncs_only_changed_tracks_and_lists_the_old_primarys_lost_wr
     unshipped = _region(8 << 20, 10, 2)
     _write(lab.uri, unshipped)
     lab.kill_primary()
-    lab.wait(lambda: lab.control("beta")["connection"] != "Established", "beta to notice")
+    lab.wait(lambda: lab.control("beta")["connection"] != "Connected", "beta to notice")
     doc = _promote_beta(lab)
     assert lab.secondary.wait(20) == 75  # the promoted daemon hands over to `up`
     beta = lab.start_up("beta", name="beta-primary")
@@ -102,8 +102,8 @@ def test_split_brain_is_detected_and_discard_my_data_resolves_it(make_lab, netns
     lab.wait_drained()
     netns_pair.link_down()
     # Both sides notice the partition...
-    lab.wait(lambda: lab.control("alpha")["connection"] != "Established", "alpha to notice")
-    lab.wait(lambda: lab.control("beta")["connection"] != "Established", "beta to notice")
+    lab.wait(lambda: lab.control("alpha")["connection"] != "Connected", "alpha to notice")
+    lab.wait(lambda: lab.control("beta")["connection"] != "Connected", "beta to notice")
     # ...and both write as primary.
     _write(lab.uri, _region(4 << 20, 8, 2))
     _promote_beta(lab)

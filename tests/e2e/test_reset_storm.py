@@ -26,7 +26,7 @@ def test_client_writes_never_fail_while_the_link_is_reset_25_times(make_lab, net
     lab.create_md()
     lab.start_secondary()
     prim = lab.start_primary()
-    lab.wait(lambda: lab.control("alpha")["connection"] == "Established", "first connection")
+    lab.wait(lambda: lab.control("alpha")["replication"] == "Established", "first connection")
     work = Workload(lab.uri, lab.size, threads=4, ops_per_thread=600, pace=0.001)
     killed = []
     done = threading.Event()

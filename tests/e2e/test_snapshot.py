@@ -45,7 +45,7 @@ def _outage(lab: Lab, netns_pair) -> None:
     lab.wait_drained()
     netns_pair.link_down()
     Workload(lab.uri, lab.size, threads=2, ops_per_thread=300, seed=52).run()
-    lab.wait(lambda: lab.control("alpha")["connection"] == "Ahead", "Ahead", timeout=30)
+    lab.wait(lambda: lab.control("alpha")["replication"] == "Ahead", "Ahead", timeout=30)
 
 
 def test_reflink_snapshot_keeps_a_valid_image_through_a_kill(make_lab, netns_pair, procs, xfs_dir):

@@ -63,7 +63,7 @@ def test_verify_finds_injected_corruption_and_fix_repairs_it(make_lab):
     assert human.returncode == 1 and f"offset {5 * TRACK}" in human.stdout, human.stdout
     assert "marked out of sync" in human.stdout
     lab.wait(lambda: lab.control("alpha")["out_of_sync_bytes"] == 0
-             and lab.control("alpha")["connection"] == "Established", "the fix to be resent")
+             and lab.control("alpha")["replication"] == "Established", "the fix to be resent")
     lab.wait_drained()
     assert lab.digest("beta") == lab.digest("alpha")
     r = lab.duplex("alpha", "verify", RESOURCE, check=False, timeout=120)

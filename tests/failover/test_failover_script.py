@@ -61,7 +61,7 @@ def test_failover_refuses_while_the_old_primary_stays_connected(make_lab):
     lab.create_md()
     sec = lab.start_secondary()
     lab.start_primary(history=False)
-    lab.wait(lambda: lab.control("beta")["connection"] == "Established", "the pair to connect")
+    lab.wait(lambda: lab.control("beta")["replication"] == "Established", "the pair to connect")
     r = run_failover(lab, "--no-fence", "--wait-disconnect", "1")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "step 2 (promote) failed: the old primary alpha is still connected after 1 s" \

@@ -55,7 +55,7 @@ def test_promote_is_refused_while_the_primary_is_connected_and_force_overrides(m
     assert sec.is_running()
     _write_block(lab.uri, 8192, b"B" * 4096)
     st = lab.wait_drained()
-    assert st["role"] == "Secondary" and st["connection"] == "Established"
+    assert st["role"] == "Secondary" and st["replication"] == "Established"
 
     r, doc = promote(lab, "--force")
     assert r.returncode == 0, f"promote --force failed:\n{r.stdout}\n{r.stderr}"
@@ -170,7 +170,7 @@ def test_promoted_node_serves_its_image_and_keeps_its_role(make_lab):
     _write_block(lab.uri, 1 << 20, block)
     lab.wait_drained()
     primary.stop()
-    lab.wait(lambda: lab.control("beta")["connection"] != "Established", "beta to see alpha go")
+    lab.wait(lambda: lab.control("beta")["connection"] != "Connected", "beta to see alpha go")
 
     r, doc = promote(lab)  # no --force needed: the primary is gone
     assert r.returncode == 0, r.stderr

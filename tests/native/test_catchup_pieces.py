@@ -21,7 +21,7 @@ def _catchup() -> tuple[CatchUp, _Link]:
     cu = object.__new__(CatchUp)  # only the piece cutting is exercised
     cu.link = _Link()
     cu.rate = 0
-    cu.sh = type("Shipper", (), {"incr_bytes_sent": 0})()
+    cu.hooks = type("Hooks", (), {"add_bytes": staticmethod(lambda sent, matched: None)})()
     return cu, cu.link
 
 
