@@ -27,7 +27,6 @@ import os
 import stat
 import struct
 from pathlib import Path
-from typing import Self
 
 from replicator.errors import DuplexError
 
@@ -289,7 +288,7 @@ class DeviceClaim:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> "DeviceClaim":
         return self
 
     def __exit__(self, *exc) -> None:

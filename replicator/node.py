@@ -406,14 +406,14 @@ def run_secondary(config: Config, resource: Resource, node: Node) -> int:
     """The receiver, applier and journal, until SIGTERM/SIGINT -- or until
     it is promoted, when it returns EXIT_PROMOTED so that the node is
     started again, as primary."""
-    from replicator.promote import promote_running
+    from replicator.promote import DEFAULT_TIMEOUT, promote_running
     from replicator.secondary.daemon import Secondary
 
     sec = Secondary.open(config.path, resource.name, node.name)
     promoted = threading.Event()
 
-    def promote(force: bool = False) -> dict:
-        reply = promote_running(sec, force)
+    def promote(force: bool = False, timeout_s: float = DEFAULT_TIMEOUT) -> dict:
+        reply = promote_running(sec, force, float(timeout_s))
         promoted.set()
         return reply
 

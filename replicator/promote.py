@@ -50,6 +50,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -69,9 +70,11 @@ if TYPE_CHECKING:  # secondary.py is only needed to promote
 
 log = logging.getLogger("duplex.promote")
 
-#: How long applying the journal may take before promote gives up.
-APPLY_TIMEOUT = 600.0
-#: Bytes applied per run when promoting offline.
+#: How long applying the journal may take before promote gives up
+#: (``promote --timeout``): failover must never hang on a failing disk.
+DEFAULT_TIMEOUT = 60.0
+#: A failed apply (offline promote) is retried after this, doubling to the max.
+_RETRY = (0.5, 5.0)
 #: Older generations kept in the metadata (DRBD keeps two; more costs nothing).
 HISTORY_MAX = 16
 
@@ -240,20 +243,25 @@ def _become_primary(md: Metadata, resource: Resource, node: Node, view: LossView
 # promoting a running secondary (control socket handler)
 
 
-def _drain(sec: "Secondary") -> int:
+def _drain(sec: "Secondary", timeout: float) -> int:
     """Apply everything that can be applied: every in-order run, and a
-    catch-up increment that was committed but not yet applied."""
+    catch-up increment that was committed but not yet applied; at most
+    *timeout* seconds."""
     try:
-        return sec.apply_all(APPLY_TIMEOUT)
+        return sec.apply_all(timeout)
     except DuplexError as e:
-        raise PromoteError(str(e)) from None
+        raise PromoteError(f"cannot promote: {e}") from None
+    finally:
+        sec.promote_waiting = ""
 
 
-def promote_running(sec: "Secondary", force: bool = False) -> dict:
+def promote_running(sec: "Secondary", force: bool = False,
+                    timeout: float = DEFAULT_TIMEOUT) -> dict:
     """Promote the secondary daemon *sec* in place; returns
     :meth:`Promotion.to_dict`. The caller (``replicator.node``) stops the
-    daemon after a successful return. On failure the daemon stays a
-    secondary and accepts its primary again."""
+    daemon after a successful return. On failure (also when applying does
+    not finish within *timeout* seconds) the daemon stays a secondary and
+    accepts its primary again."""
     if not _promoting.acquire(blocking=False):
         raise PromoteError(f"{sec.resource.name}: a promotion is already in progress")
     try:
@@ -273,7 +281,7 @@ def promote_running(sec: "Secondary", force: bool = False) -> dict:
             # secondary's lock, so no link can join after this.
             sec.stop_receiving("promoted to Primary")
             if _inconsistency(sec.md) is None:
-                _drain(sec)
+                _drain(sec, timeout)
             else:
                 # Forced past an invalid image: applying records on top of
                 # it (maybe under a half-written catch-up increment) would
@@ -314,23 +322,60 @@ def _take_daemon_lock(node: Node, resource: Resource) -> int:
     return fd
 
 
-def _apply_journal(sec: "Secondary") -> int:
+def _apply_journal(sec: "Secondary", timeout: float = DEFAULT_TIMEOUT,
+                   progress: Callable[[str], None] | None = None) -> int:
     """Apply every in-order run of the replayed journal to the image, make
     it durable and checkpoint. Everything replayed was committed, so every
-    complete run may be applied. Returns the applied seq."""
+    complete run may be applied. A run that fails (a full or failing disk)
+    is retried with backoff for at most *timeout* seconds, then
+    PromoteError names the seq, the error and what to do. Returns the
+    applied seq."""
+    from replicator.secondary.daemon import ApplyFailed
+
     q = sec.pending
-    while sec.apply_next_run():
-        pass
-    os.fdatasync(sec.fd)
+    name = sec.resource.name
+    start = time.monotonic()
+    delay = _RETRY[0]
+    last_note = 0.0
+    while True:
+        try:
+            if not sec.apply_next_run():
+                break
+            delay = _RETRY[0]
+            continue
+        except ApplyFailed as e:
+            error = str(e).removeprefix("applying ")  # "cannot apply seq N: ..."
+        now = time.monotonic()
+        if now - start >= timeout:
+            raise PromoteError(
+                f"{name}: cannot promote: applying the journal stopped at seq "
+                f"{q.applied_through} for {timeout:g} s: cannot apply {error}; free space on "
+                f"(or repair) the image's device and run promote again (the journal keeps "
+                f"every record), or give promote a longer --timeout")
+        if progress is not None and now - last_note >= 5.0:
+            last_note = now
+            progress(f"{name}: promote: applying is stopped at seq {q.applied_through}: "
+                     f"cannot apply {error}; retrying ({now - start:.0f} s of {timeout:g} s)")
+        time.sleep(min(delay, max(0.0, timeout - (now - start))))
+        delay = min(delay * 2, _RETRY[1])
+    try:
+        os.fdatasync(sec.fd)
+    except OSError as e:
+        raise PromoteError(f"{name}: cannot promote: fdatasync of the image {sec.node.device} "
+                           f"failed: {e.strerror}; the journal was kept (applied through seq "
+                           f"{sec.journal.applied_seq}): repair the device and run promote "
+                           f"again") from None
     if q.applied_through > sec.journal.applied_seq:
         sec.journal.checkpoint(q.applied_through, q.applied_token)
     return q.applied_through
 
 
 def promote_offline(config_path: str, resource: Resource, node: Node,
-                    force: bool = False) -> dict:
+                    force: bool = False, timeout: float = DEFAULT_TIMEOUT,
+                    progress: Callable[[str], None] | None = None) -> dict:
     """Promote this node while its daemon is stopped: replay and apply its
-    journal here, then the same report and metadata as a running one."""
+    journal here (at most *timeout* seconds), then the same report and
+    metadata as a running one."""
     from replicator.secondary.daemon import Secondary
 
     lock_fd = _take_daemon_lock(node, resource)
@@ -345,7 +390,7 @@ def promote_offline(config_path: str, resource: Resource, node: Node,
         try:
             forced = check_promotable(sec.md, resource, node, connected=False, force=force)
             if _inconsistency(sec.md) is None:
-                applied = _apply_journal(sec)
+                applied = _apply_journal(sec, timeout, progress)
                 log.info("%s: journal applied through seq %d", resource.name, applied)
             sec.stop_receiving("promoted")  # also lets go of the bitmap file
             result = _become_primary(sec.md, resource, node, sec.pending.loss_view(), forced)
@@ -364,19 +409,49 @@ def promote_offline(config_path: str, resource: Resource, node: Node,
 # what the CLI and scripts/failover call
 
 
-def promote(config: Config, resource: Resource, node: Node, force: bool = False) -> Promotion:
-    """Promote *node*: through its daemon when it runs, offline otherwise."""
+def promote(config: Config, resource: Resource, node: Node, force: bool = False,
+            timeout: float = DEFAULT_TIMEOUT,
+            progress: Callable[[str], None] | None = None) -> Promotion:
+    """Promote *node*: through its daemon when it runs, offline otherwise.
+    Applying may take at most *timeout* seconds; *progress* gets a line
+    every few seconds saying what the promotion waits for."""
     from replicator.control import NotRunningError, request
 
     try:
         st = request(node.meta_dir, "status", resource=resource.name, timeout=10)
     except NotRunningError:
-        return Promotion.from_dict(promote_offline(config.path, resource, node, force))
+        return Promotion.from_dict(promote_offline(config.path, resource, node, force,
+                                                   timeout, progress))
     if st.get("role") == ROLE_PRIMARY:
         raise PromoteError(f"{resource.name}: node {node.name} is already running as Primary")
-    reply = request(node.meta_dir, "promote", resource=resource.name,
-                    timeout=APPLY_TIMEOUT + 60, force=bool(force))
+    done = threading.Event()
+    if progress is not None:
+        threading.Thread(target=_relay_progress, args=(node, resource, done, progress),
+                         name="duplex-promote-progress", daemon=True).start()
+    try:
+        reply = request(node.meta_dir, "promote", resource=resource.name,
+                        timeout=timeout + 30, force=bool(force), timeout_s=timeout)
+    finally:
+        done.set()
     return Promotion.from_dict(reply)
+
+
+def _relay_progress(node: Node, resource: Resource, done: threading.Event,
+                    progress: Callable[[str], None]) -> None:
+    """While a running daemon promotes: pass on what it says it waits for
+    (status ``promote_waiting``), each new line once."""
+    from replicator.control import request
+
+    said = ""
+    while not done.wait(1.0):
+        try:
+            st = request(node.meta_dir, "status", resource=resource.name, timeout=2)
+        except DuplexError:
+            continue  # the daemon is busy or going: the promote reply tells
+        line = st.get("promote_waiting") or ""
+        if line and line != said and not done.is_set():
+            said = line
+            progress(line)
 
 
 def demote(config: Config, resource: Resource, node: Node) -> Metadata:

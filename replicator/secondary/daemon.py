@@ -14,11 +14,44 @@ Threads, each with one job:
   (in C, from the received frames while they are kept in memory, else read
   back from the journal), fdatasyncs the image and checkpoints the journal,
   acks "applied through N" (coalesced);
-- the committer: a safety net, committing what a reader left behind.
+- the committer: a safety net, committing what a reader left behind;
+- per connection, a handshake thread, then a reaper that closes the link
+  once it failed; per VERIFY_REQ, a thread that answers it.
 
 The image therefore only ever holds a prefix of the primary's history. A
 record is applied only once it is durable in the journal, so a crash never
 leaves the image holding a write the journal could not replay.
+
+Every thread runs under a :class:`replicator.supervise.Supervisor`: an
+unexpected exception is logged with its traceback and shown in status as a
+named fault (``faults``; the human status prints each); the listener, the
+committer and the applier are restarted with backoff (each starts from
+state kept under the lock, so a re-run is safe), the per-connection
+threads are not (the primary reconnects).
+
+Apply errors (ENOSPC, EIO while writing the image) are not faults but a
+disk state: the applier stops with disk **Failed** and the reason ("applying
+seq N: No space left on device (image PATH)"), in status here and, in every
+ACK, on the primary. Nothing is marked applied, so the failed run --
+possibly half written -- is applied again from the journal: the image stays
+a prefix. Receiving and journaling go on while the journal has room (then
+the readers pause, as always when the journal is full). The applier retries
+with backoff (APPLY_RETRY) and at once on ``duplex connect RES``. A failed
+fdatasync of the image is different: the kernel may have dropped the
+unwritten pages, so nothing is checkpointed any more and the node stays
+Failed until a restart re-applies the journal.
+
+Threads and locks
+-----------------
+``_lock`` (a Condition) guards the pending queue, journal appends and
+checkpoints, ``links``, ``incr``, ``_committed`` and the apply-failure
+fields (``apply_error``, ``_sync_error``); its waiters are woken by every
+checkpoint. ``_commit_lock`` serialises journal commits (fdatasync) and is
+taken inside ``_lock`` or alone, never the other way round. ``_ack_lock``
+guards the ack coalescing fields and is never held with another lock. The
+run counters (``runs_started``, ``runs_done``) are written by the one
+thread applying and read by observers waiting under ``_lock``.
+Lock order: ``_lock`` -> ``_commit_lock``.
 """
 from __future__ import annotations
 
@@ -28,8 +61,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
-from replicator.config import Node, Resource, load_config, select_node
+from replicator.config import ConfigError, Node, Resource, load_config, select_node
 from replicator.control import ControlServer
 from replicator.devices import DeviceClaim, claim_device, device_size
 from replicator.errors import DuplexError
@@ -39,11 +73,12 @@ from replicator.metadata import (DISK_CONSISTENT, DISK_INCONSISTENT, DISK_OUTDAT
 from replicator.peerlink import LinkError, PeerLink, pairing_uuid
 from replicator.fileio import atomic_write
 from replicator.oosfiles import open_bitmaps
+from replicator.secondary.applier import ApplyError
 from replicator.secondary.pending import PendingQueue, StreamError
+from replicator.supervise import FAILED, Fault, Supervisor
 from replicator.secondary import snapshot
 from replicator.protocol.errors import ProtocolError
 from replicator import generations
-from replicator.generations import Decision
 from replicator.secondary.increments import Increment, IncrementReceiver
 from replicator.protocol.errors import ErrorCode
 from replicator.protocol.messages import (STATE_DISCARD_MY_DATA, STATE_HAS_BITMAP_UUID,
@@ -60,10 +95,16 @@ CHECKPOINT_INTERVAL = 1.0    # seconds between image fdatasync + journal checkpo
 CHECKPOINT_BYTES = 64 << 20  # ...or after this much was applied
 IDLE_CHECKPOINT = 0.05       # ...or once idle, but not more often than this
 ACK_INTERVAL = 0.002         # "applied" acks are coalesced over this long
+APPLY_RETRY = (0.5, 10.0)    # a failed apply is retried after this, doubling to the max
+DISK_FAILED = "Failed"       # this node cannot write its image (runtime only, never saved)
 
 
 class SecondaryError(DuplexError):
     """The secondary cannot start (metadata, journal, image)."""
+
+
+class ApplyFailed(SecondaryError):
+    """Writing a run to the image failed; nothing of it was marked applied."""
 
 
 def _bits_of(bm, tracks: list[int]) -> bytes:
@@ -106,15 +147,28 @@ class Secondary(IncrementReceiver):
         self._pause_apply = threading.Event()    # an in-place increment owns the image
         self.inconsistent_reason = ""
         self.standalone_reason = ""
+        self.split_brain = False  # the last handshake was refused as split brain
         self.own_oos = None          # this node's own OOS bitmap (as an old primary)
         self._clear_own_oos_at: int | None = None
         self.last_error = ""
+        self.promote_waiting = ""   # what a promotion under way waits for (status)
         # Counted so that an observer can tell whether the image changed
         # while it read it: a sample is whole when no run was in flight.
         self.runs_started = 0
         self.runs_done = 0
+        # Applying the image failed (ENOSPC, EIO...): the reason, when the
+        # applier retries (monotonic), how long it waits next.
+        self.apply_error = ""
+        self._sync_error = ""       # a failed image fdatasync: no checkpoint until restart
+        self._retry_at = 0.0
+        self._retry_delay = APPLY_RETRY[0]
+        self._apply_retry = threading.Event()  # `duplex connect`: retry now
+        self._disk_news = False     # the disk recovered: say so in the next ACK
+        self.sup = Supervisor(f"{resource.name} secondary", on_fault=self._on_fault)
         self.control = ControlServer(node.meta_dir, {"status": self.status,
-                                                     "connect": self.connect_cmd},
+                                                     "connect": self.connect_cmd,
+                                                     "verify": self._verify_here,
+                                                     "verify-status": self._verify_here},
                                      name="secondary")
 
     @classmethod
@@ -159,13 +213,27 @@ class Secondary(IncrementReceiver):
         for incr_id, base, positions in journal.committed_increments():
             # Redo: committed before the stop, maybe not (fully) applied.
             log.info("%s: journal replay: re-applying committed increment %d", res.name, incr_id)
-            sec._apply_increment(Increment(incr_id, base, True, positions))
+            try:
+                sec._apply_increment(Increment(incr_id, base, True, positions))
+            except OSError as e:
+                sec.journal.close()
+                os.close(sec.fd)
+                raise SecondaryError(
+                    f"{res.name}: re-applying committed increment {incr_id} to "
+                    f"{node.device} failed: {e.strerror or e}; free space on (or repair) the "
+                    f"image's device and start again (the journal keeps the increment)") from None
         return sec
 
     # -- lifecycle --------------------------------------------------------
 
     def start(self) -> None:
-        """Bind the replication endpoint, start every thread."""
+        """Check the secret file, bind the replication endpoint, start every
+        thread. Raises SecondaryError (one line: the file or the address and
+        what to do) before anything listens."""
+        try:
+            self.resource.secret()  # read again at every handshake
+        except ConfigError as e:
+            raise SecondaryError(f"{self.resource.name}: cannot start the secondary: {e}") from None
         host, port = self.node.address
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         ls = socket.socket(fam, socket.SOCK_STREAM)
@@ -180,28 +248,38 @@ class Secondary(IncrementReceiver):
         ls.settimeout(0.5)
         self._listener = ls
         self.control.start()
+        # Each loop keeps its state in fields of this object (under _lock),
+        # so running it again after an unexpected exception is safe.
         for name, target in (("listen", self._accept_loop), ("commit", self._commit_loop),
                              ("apply", self._apply_loop)):
-            t = threading.Thread(target=target, name=f"duplex-{name}", daemon=True)
-            t.start()
-            self._threads.append(t)
+            self._threads.append(self.sup.spawn(f"duplex-{name}", target, restart=True,
+                                                backoff=(0.2, 5.0)))
         self._apply_wake.set()
         log.info("%s: secondary listening on %s", self.resource.name, self.node.address_str())
 
     def stop(self) -> None:
         """Stop accepting, drop links, apply what is journaled, checkpoint."""
         self._stop.set()
+        self.sup.stop()
         for link in list(self.links):
             link.close("secondary stopping")
         self._commit_wake.set()
         self._apply_wake.set()
-        for t in self._threads:
-            t.join(30)
+        self._apply_retry.set()
+        left = self.sup.join(30)
+        if left:
+            log.warning("%s: threads still running at stop: %s", self.resource.name,
+                        ", ".join(left))
         if self._listener:
             self._listener.close()
         self.control.stop()
         self._close_own_oos()
-        self._checkpoint()
+        try:
+            self._checkpoint()
+        except OSError as e:  # the journal keeps what the image may have lost
+            log.error("%s: image %s: fdatasync at stop failed: %s; the journal keeps every "
+                      "record since seq %d and the next start applies them again",
+                      self.resource.name, self.node.device, e.strerror, self.journal.applied_seq)
         self.journal.close()
         os.close(self.fd)
         if self.claim is not None:
@@ -224,8 +302,11 @@ class Secondary(IncrementReceiver):
             if not self.receiving:
                 sock.close()
                 continue
-            threading.Thread(target=self._handshake, args=(sock, addr),
-                             name="duplex-handshake", daemon=True).start()
+            try:
+                self.sup.spawn("duplex-handshake", lambda s=sock, a=addr: self._handshake(s, a))
+            except BaseException:
+                sock.close()  # no thread owns it
+                raise
 
     def _state_for(self, peer: State) -> State:
         """Our STATE, once the primary's is known: the generation handshake
@@ -272,27 +353,21 @@ class Secondary(IncrementReceiver):
         """Refuse a primary whose data we must not follow: split brain,
         unrelated data, or older data than ours (ProtocolError: the primary
         is told why, and both sides report it)."""
-        if self.md.peer_node_uuid is None:
-            return  # never paired: we take the primary's data, whatever ours was
-        local = generations.of_metadata(self.md)
-        peer = generations.from_state(peer_state, bool(peer_state.flags & STATE_HAS_BITMAP_UUID))
-        decision = generations.compare(local, peer)
-        if decision in (Decision.SAME, Decision.PEER_AHEAD):
+        # The one rule both sides follow (the primary calls it too).
+        v = generations.verdict(
+            generations.SECONDARY, generations.of_metadata(self.md),
+            generations.from_state(peer_state, bool(peer_state.flags & STATE_HAS_BITMAP_UUID)),
+            resource=self.resource.name, secondary_fresh=self.md.peer_node_uuid is None,
+            secondary_discards=self.md.discard_my_data)
+        self.split_brain = v.split_brain
+        if v.accept:
+            if v.discards:
+                log.warning("%s: %s", self.resource.name, v.why)
             return
-        if self.md.discard_my_data and decision in (Decision.SPLIT_BRAIN, Decision.LOCAL_AHEAD):
-            log.warning("%s: %s: discarding this node's data as asked (--discard-my-data)",
-                        self.resource.name, generations.explain(decision, local, peer))
-            return
-        why = generations.explain(decision, local, peer)
-        if decision is Decision.SPLIT_BRAIN:
-            why += ("; nothing is merged: on the node whose changes are to be dropped, run "
-                    "`duplex connect RES --discard-my-data`")
-        elif decision is Decision.LOCAL_AHEAD:
-            why += ("; this node has newer data than the primary: promote it, or run "
-                    "`duplex connect RES --discard-my-data` to sync from the primary")
-        self.standalone_reason = why
-        log.error("%s: refusing primary: %s", self.resource.name, why)
-        raise ProtocolError(why, ErrorCode.STATE_MISMATCH)
+        self.standalone_reason = v.why
+        log.error("%s: refusing primary: %s", self.resource.name, v.why)
+        raise ProtocolError(v.why, ErrorCode.SPLIT_BRAIN if v.split_brain
+                            else ErrorCode.STATE_MISMATCH)
 
     def _follow(self, link: PeerLink) -> None:
         """After a successful handshake: take the primary's generations, and
@@ -363,38 +438,71 @@ class Secondary(IncrementReceiver):
                     report["bytes"], len(ranges), path)
 
     def _handshake(self, sock: socket.socket, addr) -> None:
+        """Authenticate and follow one primary (its own thread). Every way
+        out closes the socket unless a reaper now owns the link."""
+        link: PeerLink | None = None
+        handed = False
         try:
-            link = PeerLink.accept(sock, role="secondary", resource=self.resource.name,
-                                   node=self.node.name, secret=self.resource.secret(),
-                                   state_for=self._state_for, on_event=self._on_event,
-                                   on_idle=self._on_idle)
-        except (LinkError, DuplexError, OSError) as e:
-            self.last_error = f"connection from {addr[0]} refused: {e}"
-            log.error("%s: %s", self.resource.name, self.last_error)
-            return
-        with self._lock:
-            if not self.receiving:  # promoted while this handshake ran
-                link.close("this node no longer receives (promoted)")
+            try:
+                # The secret is read per handshake: fixing the file fixes the node.
+                secret = self.resource.secret()
+            except ConfigError as e:
+                self.last_error = f"connection from {addr[0]} refused: {e}"
+                log.error("%s: %s", self.resource.name, self.last_error)
                 return
-            self.links.add(link)
-        self._adopt(link.peer_state)
-        try:
-            self._follow(link)
-        except (LinkError, DuplexError) as e:
-            link.close(str(e))
-            return
-        self.primary_needs_resync = bool(link.peer_state.flags & STATE_NEEDS_RESYNC)
-        log.info("%s: primary %s connected from %s", self.resource.name, link.peer_name, addr[0])
-        threading.Thread(target=self._reap, args=(link,), daemon=True).start()
+            try:
+                link = PeerLink.accept(sock, role="secondary", resource=self.resource.name,
+                                       node=self.node.name, secret=secret,
+                                       state_for=self._state_for, on_event=self._on_event,
+                                       on_idle=self._on_idle)
+            except (LinkError, DuplexError, OSError) as e:
+                self.last_error = f"connection from {addr[0]} refused: {e}"
+                log.error("%s: %s", self.resource.name, self.last_error)
+                return
+            with self._lock:
+                if not self.receiving:  # promoted while this handshake ran
+                    return
+                self.links.add(link)
+            self._adopt(link.peer_state)
+            try:
+                self._follow(link)
+            except (LinkError, DuplexError) as e:
+                link.error = link.error or str(e)
+                return
+            self.primary_needs_resync = bool(link.peer_state.flags & STATE_NEEDS_RESYNC)
+            self.sup.clear("duplex-handshake")  # an earlier one's fault is history now
+            log.info("%s: primary %s connected from %s", self.resource.name, link.peer_name,
+                     addr[0])
+            if self.apply_error:
+                self._send_ack(force=True)  # the reason, which STATE cannot carry
+            reaped = link
+            self.sup.spawn("duplex-reap", lambda: self._reap(reaped))
+            handed = True  # the reaper closes it
+        finally:
+            if not handed:
+                if link is not None:
+                    self._drop(link, link.error or "this node no longer receives (promoted)")
+                else:
+                    sock.close()  # closing twice is harmless: accept may have
 
-    def _reap(self, link: PeerLink) -> None:
-        while link.alive() and not self._stop.is_set():
-            time.sleep(0.2)
+    def _drop(self, link: PeerLink, reason: str) -> None:
+        """Forget *link* and close it: its socket and its threads."""
         with self._lock:
             self.links.discard(link)
-        if link.error and not self._stop.is_set():
-            self.last_error = link.error
-            log.warning("%s: link to %s closed: %s", self.resource.name, link.peer_name, link.error)
+        link.close(reason)
+
+    def _reap(self, link: PeerLink) -> None:
+        """Wait for *link* to fail, then close it (its socket: no fd stays
+        behind a failed session) and record why."""
+        try:
+            while link.alive() and not self._stop.is_set():
+                time.sleep(0.2)
+            if link.error and not self._stop.is_set():
+                self.last_error = link.error
+                log.warning("%s: link to %s closed: %s", self.resource.name, link.peer_name,
+                            link.error)
+        finally:
+            self._drop(link, link.error or "closed")
 
     def _adopt(self, peer: State) -> None:
         """At the first handshake the secondary takes the primary's resource
@@ -422,8 +530,7 @@ class Secondary(IncrementReceiver):
             elif isinstance(ev, VerifyReq):
                 # Off the reader thread: waiting for the applier needs the
                 # frames that follow.
-                threading.Thread(target=self._answer_verify, args=(link, ev),
-                                 name="duplex-verify", daemon=True).start()
+                self.sup.spawn("duplex-verify", lambda: self._answer_verify(link, ev))
         except StreamError as e:
             raise ProtocolError(str(e)) from None
 
@@ -487,16 +594,34 @@ class Secondary(IncrementReceiver):
         last_ckpt = time.monotonic()
         since_ckpt = 0
         while True:
+            if self.apply_error and not self._wait_retry():
+                return  # stopping
             with self._lock:
-                inc = self._committed.pop(0) if self._committed else None
+                # Peeked, not popped: one that fails stays first, to retry.
+                inc = self._committed[0] if self._committed else None
             if inc is not None:
-                self._apply_increment(inc)
+                try:
+                    self._apply_increment(inc)
+                except OSError as e:
+                    if not self._sync_error:
+                        self._apply_failed(f"applying increment {inc.id}: {e.strerror or e} "
+                                           f"(image {self.node.device})")
+                    continue
+                with self._lock:
+                    self._committed.remove(inc)
+                self._apply_succeeded()
                 self._send_ack()
                 continue
             with self._lock:
                 limit = 0 if self._pause_apply.is_set() else \
                     self.journaled - self.pending.applied_through
-            applied = self.apply_next_run(limit) if limit > 0 else 0
+            try:
+                applied = self.apply_next_run(limit) if limit > 0 else 0
+            except ApplyFailed as e:
+                self._apply_failed(str(e))
+                continue
+            if applied:
+                self._apply_succeeded()
             since_ckpt += applied
             run = applied > 0
             now = time.monotonic()
@@ -506,7 +631,11 @@ class Secondary(IncrementReceiver):
             idle_due = not run and now - last_ckpt >= IDLE_CHECKPOINT
             if since_ckpt and (since_ckpt >= CHECKPOINT_BYTES or now - last_ckpt >= CHECKPOINT_INTERVAL
                                or idle_due or self._room_wanted()):
-                self._checkpoint()
+                try:
+                    self._checkpoint()
+                except OSError as e:
+                    self._sync_failed(e)
+                    continue
                 since_ckpt = 0
                 last_ckpt = now
             if run:
@@ -530,18 +659,102 @@ class Secondary(IncrementReceiver):
             run = self.pending.info()
         self.runs_started += 1
         try:
-            self.pending.apply_taken(self.journal.fd, self.fd, self.size)
+            try:
+                self.pending.apply_taken(self.journal.fd, self.fd, self.size)
+            except OSError as e:
+                # Nothing is marked: the run, maybe half written, is applied
+                # again from the journal, never skipped. The image holds
+                # every write through applied_through: the first seq of the
+                # run is the one that could not be applied.
+                first = self.pending.applied_through + 1
+                end = run.run_end
+                what = f"seq {first}" + (f" (run {first}..{end})" if end > first else "")
+                err = os.strerror(e.errno) if e.errno else str(e)
+                raise ApplyFailed(f"applying {what}: {err} (image {self.node.device})") from None
+            except ApplyError as e:
+                raise ApplyFailed(f"applying: {e} (image {self.node.device})") from None
             with self._lock:
                 self.pending.mark_applied(run.run_end)
             return run.run_bytes
         finally:
             self.runs_done += 1
 
+    # -- apply failures: a disk state, retried ----------------------------
+
+    def _apply_failed(self, why: str) -> None:
+        """Applying failed: disk Failed with *why*, until a retry succeeds."""
+        with self._lock:
+            first = self.apply_error != why
+            self.apply_error = why
+            delay = self._retry_delay
+            self._retry_at = time.monotonic() + delay
+            self._retry_delay = min(delay * 2, APPLY_RETRY[1])
+        if first:
+            log.error("%s: disk Failed: %s; the journal keeps every record (applied through "
+                      "seq %d) and receiving goes on while it has room; retrying in %.1f s, "
+                      "or now with `duplex connect %s`", self.resource.name, why,
+                      self.pending.applied_through, delay, self.resource.name)
+        self._send_ack(force=True)
+
+    def _apply_succeeded(self) -> None:
+        """A run or increment went to the image: a failure before it is over."""
+        if not self.apply_error or self._sync_error:
+            return
+        with self._lock:
+            why, self.apply_error = self.apply_error, ""
+            self._retry_delay = APPLY_RETRY[0]
+            self._disk_news = True
+        log.warning("%s: applying resumed (it had failed: %s); applied through seq %d",
+                    self.resource.name, why, self.pending.applied_through)
+
+    def _sync_failed(self, e: OSError) -> None:
+        """fdatasync of the image failed: written pages may be lost, and a
+        later fdatasync would not say so. Nothing is checkpointed any more;
+        a restart applies the journal again."""
+        why = (f"fdatasync of image {self.node.device} failed: {e.strerror or e}; the "
+               f"journal keeps every record since seq {self.journal.applied_seq}: restart "
+               f"the secondary (systemctl restart duplex@{self.resource.name}) to apply them "
+               f"again")
+        with self._lock:
+            self._sync_error = why
+        self._apply_failed(why)
+
+    def _wait_retry(self) -> bool:
+        """While applying has failed: wait for the next retry (backoff, or
+        `duplex connect`). False when stopping."""
+        while not self._stop.is_set():
+            if self._sync_error:
+                self._apply_retry.wait(1.0)  # only a restart recovers
+                self._apply_retry.clear()
+                continue
+            left = self._retry_at - time.monotonic()
+            if left <= 0 or self._apply_retry.is_set():
+                self._apply_retry.clear()
+                return True
+            self._apply_retry.wait(min(left, 1.0))
+        return False
+
+    def retry_apply(self) -> None:
+        """Retry a failed apply now (``duplex connect``, promote)."""
+        with self._lock:
+            self._retry_at = 0.0
+            self._retry_delay = APPLY_RETRY[0]
+        self._apply_retry.set()
+        self._apply_wake.set()
+
+    def _on_fault(self, fault: Fault) -> None:
+        """A supervised thread raised (the supervisor logged it): keep the
+        last one as the reason status gives when nothing else explains."""
+        self.last_error = f"thread {fault.thread} {fault.state}: {fault.error}"
+
     def _room_wanted(self) -> bool:
         return self.journal.free_bytes < self.journal.area_size // 4
 
     def _checkpoint(self) -> None:
-        """Make the image durable, then free the journal behind it."""
+        """Make the image durable, then free the journal behind it. After
+        a failed fdatasync nothing is freed any more (see _sync_failed)."""
+        if self._sync_error:
+            return
         os.fdatasync(self.fd)
         with self._lock:
             applied = self.pending.applied_through
@@ -564,9 +777,15 @@ class Secondary(IncrementReceiver):
         with self._lock:
             links = list(self.links)
             applied = self.pending.applied_through
+            # The disk state rides along while it is Failed, and once after.
+            disk, why = None, ""
+            if self.apply_error:
+                disk, why = DISK_FAILED, self.apply_error
+            elif self._disk_news:
+                disk, self._disk_news = self._disk(), False
         for link in links:
             try:
-                link.send_ack(self.journaled, applied)
+                link.send_ack(self.journaled, applied, disk, why)
             except LinkError:
                 pass
 
@@ -593,25 +812,62 @@ class Secondary(IncrementReceiver):
         with self._lock:
             self.links.clear()
 
-    def apply_all(self, timeout: float = 600.0) -> int:
+    def apply_all(self, timeout: float = 60.0,
+                  progress: Callable[[str], None] | None = None) -> int:
         """Wait until every journaled in-order record is applied, then make
-        the image durable and checkpoint. Returns the applied seq."""
+        the image durable and checkpoint. Returns the applied seq.
+
+        Never waits longer than *timeout* seconds: then SecondaryError says
+        what it waited for and why it did not come (an apply error, a
+        committed increment). *progress* gets a line every few seconds while
+        it waits. A failed apply is retried at once, then with backoff."""
         self._commit_wake.set()
-        deadline = time.monotonic() + timeout
+        self.retry_apply()
+        start = time.monotonic()
+        deadline = start + timeout
+        next_note = start + 2.0
         while True:
             with self._lock:
                 target = min(self.journaled, self.pending.received_through)
-                done = (self.pending.applied_through >= target and not self._committed
+                applied = self.pending.applied_through
+                done = (applied >= target and not self._committed
                         and self.runs_started == self.runs_done)
             if done:
                 break
-            if time.monotonic() > deadline:
-                raise SecondaryError(f"{self.resource.name}: applying the journal did not "
-                                     f"finish within {timeout:.0f} s")
+            now = time.monotonic()
+            waiting = self._waiting_for(applied, target)
+            if now > deadline:
+                raise SecondaryError(
+                    f"{self.resource.name}: gave up after {timeout:g} s: {waiting}"
+                    + ("; free space on (or repair) the image's device and run promote again "
+                       "(the journal keeps every record), or give promote a longer --timeout"
+                       if self.apply_error else "; run promote again with a longer --timeout"))
+            if now >= next_note:
+                next_note = now + 5.0
+                line = f"{self.resource.name}: promote: {waiting} ({now - start:.0f} s of {timeout:g} s)"
+                log.info("%s", line)
+                self.promote_waiting = line
+                if progress is not None:
+                    progress(line)
             self._apply_wake.set()
             time.sleep(0.05)
-        self._checkpoint()
+        try:
+            self._checkpoint()
+        except OSError as e:
+            self._sync_failed(e)
+            raise SecondaryError(f"{self.resource.name}: {self._sync_error}") from None
+        if self._sync_error:
+            raise SecondaryError(f"{self.resource.name}: {self._sync_error}")
         return self.pending.applied_through
+
+    def _waiting_for(self, applied: int, target: int) -> str:
+        """What apply_all waits for, in words."""
+        if self.apply_error:
+            return (f"applying is stopped at seq {applied} of {target} journaled: cannot apply "
+                    f"{self.apply_error.removeprefix('applying ')}")
+        if self._committed:
+            return f"applying catch-up increment {self._committed[0].id}"
+        return f"applying the journal: applied through seq {applied} of {target}"
 
     def connect_cmd(self, discard_my_data: bool = False, resource: str | None = None) -> dict:
         """Control request ``connect``: --discard-my-data takes effect at the
@@ -622,7 +878,20 @@ class Secondary(IncrementReceiver):
                 self.md.save()
             log.warning("%s: this node's own changes will be discarded at the next handshake",
                         self.resource.name)
-        return {"resource": self.resource.name, "discard_my_data": self.md.discard_my_data}
+        retried = bool(self.apply_error)
+        if retried:
+            log.info("%s: connect: retrying the failed apply now", self.resource.name)
+            self.retry_apply()
+        return {"resource": self.resource.name, "discard_my_data": self.md.discard_my_data,
+                "apply_retried": retried, "apply_error": self.apply_error}
+
+    def _verify_here(self, **_args) -> dict:
+        """Control requests ``verify``/``verify-status``: verify is the
+        primary's; say so in one line."""
+        raise SecondaryError(
+            f"{self.resource.name}: node {self.node.name} is the Secondary; `duplex verify` "
+            f"compares both sides from the primary: run `duplex verify {self.resource.name}` "
+            f"on {self.peer.name}")
 
     def loss_view(self):
         """The pending queue's view for a loss report (DESIGN §7)."""
@@ -632,6 +901,8 @@ class Secondary(IncrementReceiver):
     # -- status -----------------------------------------------------------
 
     def _disk(self) -> str:
+        if self.apply_error:
+            return DISK_FAILED
         if self.md.needs_initial_sync or self.md.disk == DISK_INCONSISTENT:
             return DISK_INCONSISTENT
         if self.links and self.pending.applied_through >= self.journaled and not len(self.pending):
@@ -659,12 +930,29 @@ class Secondary(IncrementReceiver):
         return new_status(
             self.resource, self.node, running=True, role="Secondary",
             connection=connection, disk=disk,
+            replication="SplitBrain" if connection == "StandAlone" and self.split_brain else None,
             peer={"disk": "UpToDate" if connected else "Unknown"},
             seq={"written": highest, "journaled": self.journaled, "applied": applied},
             lag={"writes": highest - applied, "bytes": pending_bytes,
                  "seconds": round(max(0.0, (time.time_ns() - first_ts) / 1e9), 3) if first_ts else 0.0},
             out_of_sync_bytes=0,
-            reason=self.standalone_reason or self._incr_note() or (
-                self.last_error if not connected else ""),
+            reason=self.standalone_reason or self._apply_note() or self._incr_note() or (
+                self.last_error if not connected or self.sup.faults() else ""),
             journal={"used_bytes": self.journal.used_bytes, "size": self.journal.area_size},
-            apply={"runs_started": self.runs_started, "runs_done": self.runs_done})
+            apply={"runs_started": self.runs_started, "runs_done": self.runs_done,
+                   "error": self.apply_error or None},
+            faults=self.sup.faults(), promote_waiting=self.promote_waiting or None)
+
+    def _apply_note(self) -> str:
+        """The reason status gives while applying fails."""
+        why = self.apply_error
+        if not why:
+            return ""
+        if self._sync_error:
+            return why
+        room = ("receiving continues while the journal has room" if
+                not self.journal.used_bytes >= self.journal.area_size * 0.95 else
+                "the journal is full: receiving is paused")
+        left = max(0.0, self._retry_at - time.monotonic())
+        return (f"{why}; {room}; retrying in {left:.0f} s, or now with "
+                f"`duplex connect {self.resource.name}`")

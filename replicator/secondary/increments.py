@@ -9,6 +9,7 @@ increments' rules each read on their own.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -137,30 +138,40 @@ class IncrementReceiver:
 
     def _apply_increment(self, inc: "Increment") -> None:
         """Apply a committed increment and move the stream past its base.
-        Staged: redo-logged, a crash re-applies it on restart."""
+        Staged: redo-logged, a crash re-applies it on restart. An OSError
+        (the image is full or failing) leaves the increment committed and
+        unapplied: applying it again writes the same bytes."""
         self.runs_started += 1
-        log.info("%s: applying increment %d (%d pieces)", self.resource.name, inc.id,
-                 len(inc.positions))
-        if inc.staged:
-            for pos in inc.positions:
-                off, _vol, data = self.journal.read_incr_data(pos)
-                if isinstance(data, int):
-                    zero_range(self.fd, off, data)
-                else:
-                    pwrite_all(self.fd, data, off)
-                if _SLOW_APPLY:
-                    time.sleep(_SLOW_APPLY)  # fault-injection tests: widen the window
-        os.fdatasync(self.fd)
-        with self._lock:
-            self.pending.rebase(inc.base)
-            with self._commit_lock:
-                self.journal.commit()
-                self.journal.checkpoint(inc.base)
-            if inc.snapshot is not None:
-                snapshot.drop(inc.snapshot, self.node.meta_dir)
-            self.journaled = max(self.journaled, self.pending.received_through)
-            self._lock.notify_all()
-        self.runs_done += 1
+        try:
+            log.info("%s: applying increment %d (%d pieces)", self.resource.name, inc.id,
+                     len(inc.positions))
+            if inc.staged:
+                for pos in inc.positions:
+                    off, _vol, data = self.journal.read_incr_data(pos)
+                    if isinstance(data, int):
+                        zero_range(self.fd, off, data)
+                    else:
+                        pwrite_all(self.fd, data, off)
+                    if _SLOW_APPLY:
+                        time.sleep(_SLOW_APPLY)  # fault-injection tests: widen the window
+            if self._sync_error:  # a failed fdatasync before: this one proves nothing
+                raise OSError(errno.EIO, self._sync_error)
+            try:
+                os.fdatasync(self.fd)
+            except OSError as e:
+                self._sync_failed(e)
+                raise
+            with self._lock:
+                self.pending.rebase(inc.base)
+                with self._commit_lock:
+                    self.journal.commit()
+                    self.journal.checkpoint(inc.base)
+                if inc.snapshot is not None:
+                    snapshot.drop(inc.snapshot, self.node.meta_dir)
+                self.journaled = max(self.journaled, self.pending.received_through)
+                self._lock.notify_all()
+        finally:
+            self.runs_done += 1
         if self.md.needs_initial_sync or self.md.disk != DISK_UPTODATE:
             self.md.needs_initial_sync = False
             self.md.disk = DISK_UPTODATE
