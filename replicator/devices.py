@@ -27,6 +27,7 @@ import os
 import stat
 import struct
 from pathlib import Path
+from typing import Self
 
 from replicator.errors import DuplexError
 
@@ -288,7 +289,7 @@ class DeviceClaim:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "DeviceClaim":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
