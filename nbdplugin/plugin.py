@@ -57,6 +57,12 @@ def config(key: str, value: str) -> None:
 
 
 def config_complete() -> None:
+    fd = os.environ.get(STARTUP_ERROR_FD_ENV, "")
+    if fd.isdigit():  # not for the engine's children: the pipe is nbdkit's
+        try:
+            os.set_inheritable(int(fd), False)
+        except OSError:
+            os.environ.pop(STARTUP_ERROR_FD_ENV, None)  # not open: report on stderr
     for key in ("config", "resource", "node"):
         if key not in _params:
             _startup_failed(DuplexError(f"duplex plugin: missing parameter {key}="))

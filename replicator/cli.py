@@ -94,14 +94,19 @@ def cmd_up(args: argparse.Namespace, ctx: Context) -> int:
 def _status_of(resource: Resource, node: Node, timeout: float) -> dict:
     """A running node's status over its control socket, or the offline
     status from its metadata when it is not running."""
-    from replicator.control import ControlError, NotRunningError, request
+    from replicator.control import ControlError, NotRunningError, lock_holder, request
     from replicator.metadata import load_metadata
     from replicator.status import offline_status
 
     try:
         return request(node.meta_dir, "status", resource=resource.name, timeout=timeout)
     except NotRunningError:
-        reason = "not running"
+        holder = lock_holder(node.meta_dir)
+        # A process owns the node but serves no socket (yet): starting up,
+        # or create-md/promote at work. Not "not running".
+        reason = ("not running" if holder is None else
+                  f"not answering: pid {holder} holds the node (starting, or "
+                  f"create-md/promote at work)")
     except ControlError as e:
         reason = str(e)
     try:

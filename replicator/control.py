@@ -163,7 +163,12 @@ def held_lock_fd(meta_dir: str | os.PathLike) -> int | None:
         a, b = os.fstat(int(env)), os.stat(path)
     except OSError:
         return None
-    return int(env) if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) else None
+    if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+        return None
+    # Ours to use, not to hand on: a child that outlived us would hold the
+    # node's lock.
+    os.set_inheritable(int(env), False)
+    return int(env)
 
 
 @contextlib.contextmanager
@@ -378,15 +383,36 @@ class ControlServer:
         return reply
 
 
+_OSERROR_HINTS = {
+    errno.ENOSPC: "free space on that filesystem and try again",
+    errno.EDQUOT: "the disk quota is used up: free space and try again",
+    errno.EROFS: "the filesystem is mounted read-only: remount it read-write",
+    errno.EACCES: "permission denied: run as the user that owns it (root)",
+    errno.EIO: "an I/O error: check the disk (dmesg)",
+}
+
+
 def describe_oserror(e: OSError) -> str:
     """``PATH: strerror`` for an OSError (both paths of a rename), or the
     bare strerror when the error carries no path."""
     what = e.strerror or str(e)
+    hint = _OSERROR_HINTS.get(e.errno)
+    if hint:
+        what = f"{what} ({hint})"
     if e.filename is not None and e.filename2 is not None:
         return f"{e.filename} -> {e.filename2}: {what}"
     if e.filename is not None:
         return f"{e.filename}: {what}"
     return what
+
+
+def lock_holder(meta_dir: str | os.PathLike) -> int | None:
+    """The pid of the process that holds *meta_dir*'s daemon lock now, or
+    None when nobody holds it (or the pid is unknown: a lock held with no
+    pid written gives 0)."""
+    if not is_running(meta_dir):
+        return None
+    return _lock_holder(MetaPaths(meta_dir).lock) or 0
 
 
 def is_running(meta_dir: str | os.PathLike) -> bool:
@@ -449,5 +475,10 @@ def request(meta_dir: str | os.PathLike, cmd: str, *, timeout: float = 5.0,
     if not isinstance(reply, dict):
         raise ControlError(f"{what} sent a reply that is not an object")
     if check and "error" in reply:
-        raise ControlError(f"{what}: {reply['error']}")
+        msg = str(reply["error"])
+        # Most daemon errors already lead with the resource ("r0: ..."):
+        # say it once, not "resource r0: r0: ...".
+        if resource and (msg.startswith(f"{resource}:") or msg.startswith(f"resource {resource} ")):
+            raise ControlError(msg)
+        raise ControlError(f"{what}: {msg}")
     return reply

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from replicator import notify
+from replicator.control import describe_oserror
 from replicator.config import Config, Node, Resource
 from replicator.devices import device_size
 from replicator.native.actlog import ActivityLog
@@ -136,7 +137,9 @@ def create_metadata_set(config: Config, resource: Resource, node: Node, size: in
     try:
         build = Path(tempfile.mkdtemp(prefix=_BUILD_PREFIX, dir=meta))
     except OSError as e:
-        raise DuplexError(f"{meta}: cannot write in the meta-dir: {e.strerror}") from None
+        e.filename = None
+        raise DuplexError(f"{meta}: cannot write in the meta-dir: "
+                          f"{describe_oserror(e)}") from None
     try:
         try:
             md = create_metadata(build, resource.name, node.name, size, resource.track_size,
@@ -150,8 +153,9 @@ def create_metadata_set(config: Config, resource: Resource, node: Node, size: in
                     finally:
                         os.close(fd)
         except OSError as e:
+            e.filename = e.filename2 = None  # names inside the build mean nothing
             raise DuplexError(f"{meta}: cannot create the metadata set: "
-                              f"{e.strerror or e}") from None
+                              f"{describe_oserror(e)}") from None
         except DuplexError as e:
             raise DuplexError(f"{meta}: cannot create the metadata set: {e}") from None
         _swap_in(build, meta)
@@ -514,7 +518,9 @@ def _check_meta_dir_writable(meta: Path) -> None:
         finally:
             os.close(fd)
     except OSError as e:
-        raise DuplexError(f"{meta}: cannot write in the meta-dir: {e.strerror}") from None
+        e.filename = None  # the probe's name means nothing to the user
+        raise DuplexError(f"{meta}: cannot write in the meta-dir: "
+                          f"{describe_oserror(e)}") from None
     finally:
         try:
             probe.unlink()

@@ -93,6 +93,7 @@ def assert_user_error(r: subprocess.CompletedProcess, *fragments: str) -> str:
     assert errors, f"no error line on stderr:\n{both}"
     for f in fragments:
         assert f in r.stderr, f"{f!r} is not in the message:\n{r.stderr}"
+    print("user sees:", errors[-1])  # shown with -s / -rP
     return errors[-1]
 
 
@@ -271,8 +272,12 @@ def test_promote_on_a_full_meta_dir_names_the_path(lab, tmpfs):
     lab.create_md()
     fill(where)
     r = duplex(lab, "beta", "promote", RESOURCE)
-    assert_user_error(r, str(meta))
+    assert_user_error(r, str(meta), "free space")
     assert load_metadata(meta, RESOURCE, "beta").role == "Secondary"
+    (where / "filler").unlink()  # the way out the message names
+    r = duplex(lab, "beta", "promote", RESOURCE)
+    assert r.returncode == 0, r.stderr
+    assert load_metadata(meta, RESOURCE, "beta").role == "Primary"
 
 
 def test_promote_of_a_running_secondary_on_a_full_meta_dir_names_the_path(lab, tmpfs):
@@ -287,6 +292,15 @@ def test_promote_of_a_running_secondary_on_a_full_meta_dir_names_the_path(lab, t
     assert sec.is_running()
 
 
+def test_a_daemon_error_names_the_resource_once(lab):
+    lab.create_md()
+    lab.start_secondary()
+    r = duplex(lab, "beta", "verify", RESOURCE)
+    line = assert_user_error(r, "alpha")
+    assert f"{RESOURCE}: {RESOURCE}:" not in line, line
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 # --------------------------------------------------------------------------
 # Item 12: options anywhere, status says what JSON says
 
@@ -297,6 +311,18 @@ def test_global_options_are_accepted_after_the_subcommand(lab):
     r = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=duplex_env())
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["node"] == "beta"
+
+
+def test_status_of_a_node_whose_lock_is_held_says_who_holds_it(lab):
+    """Between `up` taking the lock and its control socket (or while
+    create-md works) the node is not "not running"."""
+    from replicator.control import NodeLock
+    lab.create_md()
+    with NodeLock(lab.meta["beta"], RESOURCE):
+        d = lab.status("beta")
+    assert d["running"] is False
+    assert f"pid {os.getpid()} holds the node" in d["reason"], d["reason"]
+    assert "not running" in lab.status("beta")["reason"]
 
 
 def test_human_status_says_what_json_says(lab):
