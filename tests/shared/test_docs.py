@@ -142,3 +142,43 @@ def test_a_link_to_a_missing_file_is_reported(tmp_path):
     readme.write_text("[design](docs/DESIGN.md#3-the-write-path) [gone](docs/GONE.md) "
                       "[web](https://example.org/x.md) [here](#status)\n")
     assert broken_links(readme) == ["README.md: docs/GONE.md"]
+
+
+# -- the module map in replicator/__init__.py ---------------------------------
+
+_MAP_LINE = re.compile(r"^    ((?:[a-z_]+\.)?[a-z_0-9]+)\s{2,}\S", re.MULTILINE)
+
+
+def module_map(doc: str) -> set[str]:
+    """The modules a module-map docstring names (``pkg.mod`` or ``mod``)."""
+    return set(_MAP_LINE.findall(doc))
+
+
+def package_modules(pkg: Path) -> set[str]:
+    """Every module of *pkg*, relative to it (``mod``, ``sub.mod``), no
+    ``__init__``; subpackages count as their modules."""
+    names = set()
+    for path in pkg.rglob("*.py"):
+        if "__pycache__" in path.parts or path.name == "__init__.py":
+            continue
+        names.add(".".join(path.relative_to(pkg).with_suffix("").parts))
+    return names
+
+
+def test_the_module_map_names_every_module_and_only_those():
+    import replicator
+    listed = module_map(replicator.__doc__ or "")
+    present = package_modules(REPO / "replicator")
+    assert not present - listed, f"modules missing from replicator/__init__.py's map: " \
+                                 f"{sorted(present - listed)}"
+    assert not listed - present, f"the map names modules that do not exist: " \
+                                 f"{sorted(listed - present)}"
+
+
+def test_module_map_parsing(tmp_path):
+    doc = "Title.\n\nGroup:\n    a.b        one\n    c          two\nnot    a line\n"
+    assert module_map(doc) == {"a.b", "c"}
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    for name in ("pkg/__init__.py", "pkg/c.py", "pkg/sub/__init__.py", "pkg/sub/b.py"):
+        (tmp_path / name).write_text("")
+    assert package_modules(tmp_path / "pkg") == {"c", "sub.b"}
