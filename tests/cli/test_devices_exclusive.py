@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from conftest import config_text
-from replicator.devices import DeviceBusy, claim_device
 
 REPO = Path(__file__).resolve().parents[2]
 DUPLEX = [sys.executable, "-m", "replicator.cli"]
@@ -129,6 +128,7 @@ def test_an_image_that_backs_a_loop_device_is_refused(setup_dir, loop_ext4):
 
 def test_a_running_daemon_locks_its_image_against_a_second_duplex(setup_dir):
     # Two configs naming one image (a typo away): the second is refused.
+    from replicator.devices import DeviceBusy, claim_device
     config = _write_config(setup_dir, str(setup_dir / "alpha.img"))
     assert _duplex(config, "beta", "create-md", "r0").returncode == 0
     env = dict(os.environ, PYTHONPATH=str(REPO))
