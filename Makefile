@@ -4,6 +4,7 @@
 #
 #   make demo     two namespaces, replicate a mounted ext4, compare the images
 #   make test     the whole test suite (PYTEST_ARGS="tests/infra -k netns" to narrow it)
+#   make unit     the tests that need no root, namespaces, devices or nbdkit, in seconds (no setup)
 #   make bench    benchmarks, one table measured in one run (BENCH=native|replication|all)
 
 SHELL := /bin/bash
@@ -15,7 +16,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 PYTEST_ARGS ?=
 BENCH ?= all
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test unit bench
 
 setup:
 	@scripts/setup
@@ -31,6 +32,20 @@ demo: setup
 test: setup
 	@rc=0; $(PY) -m pytest -q --durations=10 $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests: failing" >&2; exit 1; fi; \
+	exit $$rc
+
+# Pure code only: the directories of unit tests, minus tests marked `system`
+# (they use a fixture that starts processes or needs root: tests/conftest.py)
+# or `slow`. Runs as any user and does not run setup (which needs root), so
+# it needs the venv and the C core built once by `make setup`.
+UNIT_DIRS := $(wildcard tests/protocol tests/primary tests/secondary tests/native tests/shared tests/cli)
+unit:
+	@if ! $(PY) -c "import replicator._core" 2>/dev/null; then \
+	    echo "make unit: $(PY) cannot import the C core replicator._core: run 'make setup' (as root) once" >&2; \
+	    exit 1; \
+	fi
+	@rc=0; $(PY) -m pytest -q -p no:cacheprovider -m "not system and not slow" $(UNIT_DIRS) $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make unit: pytest collected no tests: failing" >&2; exit 1; fi; \
 	exit $$rc
 
 bench: setup

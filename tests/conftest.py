@@ -52,6 +52,22 @@ pytest_plugins = ["pytester"]
 
 _GROUPS_ATTR = "_dpx_process_groups"
 
+# Fixtures that start processes or need root, namespaces, devices, nbdkit or
+# fuse: a test using any of them (directly or through another fixture) is
+# marked `system`, so `make unit` (-m "not system") leaves it to `make test`.
+# The last three are fixtures of single test modules (a small tmpfs, a loop
+# device: root). A test that needs root some other way carries
+# @pytest.mark.system itself.
+SYSTEM_FIXTURES = frozenset({"procs", "netns_pair", "nbdkit_server", "nbd_block_device",
+                             "mount_fs", "make_lab", "tmpfs", "loop_device", "loop_ext4"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that uses a SYSTEM_FIXTURES fixture `system`."""
+    for item in items:
+        if SYSTEM_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.system)
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:

@@ -11,6 +11,8 @@ import time
 import uuid as uuid_mod
 from pathlib import Path
 
+import pytest
+
 from replicator.native.actlog import ActivityLog
 from replicator.native.bitmap import Bitmap
 
@@ -44,6 +46,7 @@ def run_and_kill(d: Path, seed: int, delay: float) -> None:
         child.stderr.close()
 
 
+@pytest.mark.slow  # SIGKILLs a writer process over and over: 9 s
 def test_bitmap_plus_activity_log_cover_every_changed_track_after_sigkill(shm_dir):
     rng = random.Random(2024)
     load_bearing = 0

@@ -540,6 +540,7 @@ TestPendingQueueAgreesWithItsModel = PendingQueueMachine.TestCase
 TestPendingQueueAgreesWithItsModel.settings = settings(
     max_examples=300, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+TestPendingQueueAgreesWithItsModel.pytestmark = [pytest.mark.slow]  # 300 runs x 50 steps: 17 s
 
 
 def test_dry_run_leaves_the_queue_unchanged_and_counts_new_records():

@@ -25,6 +25,7 @@ SANITIZERS = {
 }
 
 
+@pytest.mark.slow  # builds and runs a sanitizer harness: 15 s
 @pytest.mark.parametrize("sanitizer", list(SANITIZERS))
 def test_core_survives_concurrent_use_under_sanitizer(sanitizer, tmp_path, shm_dir):
     cc = shutil.which("gcc") or shutil.which("cc")

@@ -25,8 +25,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = "replicator"
 
@@ -245,13 +243,11 @@ def test_protocol_imports_only_itself_and_the_record_helpers() -> None:
     assert not bad, _report("protocol imports outside its boundary", bad)
 
 
-@pytest.mark.xfail(strict=True, reason="primary collaborators: helper-2 in progress")
 def test_primary_has_no_type_checking_imports() -> None:
     bad = type_checking_imports(_IMPORTS, f"{PACKAGE}.primary")
     assert not bad, _report("TYPE_CHECKING imports in replicator.primary", bad)
 
 
-@pytest.mark.xfail(strict=True, reason="primary collaborators: helper-2 in progress")
 def test_module_level_imports_have_no_cycle() -> None:
     cycles = import_cycles(_MODULES, _IMPORTS)
     assert not cycles, _report("import cycles", [" -> ".join(c) for c in cycles])
