@@ -32,8 +32,12 @@ def check_peer_state(local: State, peer: State) -> None:
                             f"{local.resource_uuid.hex()}: these are different resources "
                             f"(or one was re-created)", ErrorCode.STATE_MISMATCH)
     if local.device_size != peer.device_size:
-        raise ProtocolError(f"peer device is {peer.device_size} bytes, ours is "
-                            f"{local.device_size} bytes", ErrorCode.STATE_MISMATCH)
+        # Named by role, not "peer"/"ours": the text reaches the other side
+        # too (ERROR frame), where "ours" would mean the opposite.
+        raise ProtocolError(f"device sizes differ: the {peer.role}'s is {peer.device_size} "
+                            f"bytes, the {local.role}'s is {local.device_size} bytes",
+                            ErrorCode.STATE_MISMATCH)
     if local.track_size != peer.track_size:
-        raise ProtocolError(f"peer track size is {peer.track_size} bytes, ours is "
-                            f"{local.track_size} bytes", ErrorCode.STATE_MISMATCH)
+        raise ProtocolError(f"track sizes differ: the {peer.role}'s is {peer.track_size} "
+                            f"bytes, the {local.role}'s is {local.track_size} bytes",
+                            ErrorCode.STATE_MISMATCH)

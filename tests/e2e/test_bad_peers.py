@@ -28,7 +28,7 @@ def test_bad_peers_are_refused_and_the_secondary_stays_up(make_lab, netns_pair):
     expect = {
         "wrong-secret": "authentication failed",
         "other-resource": "serves resource 'r9'",
-        "other-size": f"peer device is {lab.size * 2} bytes",
+        "other-size": f"the primary's is {lab.size * 2} bytes",
         "garbage": "",
         "oversized": "",
     }
@@ -63,5 +63,8 @@ def test_primary_reports_a_peer_with_another_device_size(make_lab):
     st = lab.wait(lambda: (s := lab.control("alpha"))["connection"] == "StandAlone" and s,
                   "primary to refuse the peer")
     assert str(lab.size) in st["reason"] and str(lab.size // 2) in st["reason"], st["reason"]
+    # Each size named by its owner, not "peer"/"ours" from the refusing side.
+    assert (f"the primary's is {lab.size} bytes, the secondary's is {lab.size // 2} bytes"
+            in st["reason"]), st["reason"]
     # The primary keeps serving its own device.
     Workload(lab.uri, lab.size, threads=1, ops_per_thread=50).run()

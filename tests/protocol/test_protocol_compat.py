@@ -32,21 +32,23 @@ def test_a_fresh_side_with_no_resource_uuid_may_join(proto, fresh_side):
 def test_a_different_device_size_is_refused_with_both_sizes(proto):
     local = proto.make_state("primary", device_size=1 << 30)
     peer = proto.make_state("secondary", device_size=(1 << 30) - 4096)
-    with pytest.raises(ProtocolError, match="^peer device is 1073737728 bytes, ours is 1073741824 bytes$"):
+    with pytest.raises(ProtocolError, match="^device sizes differ: the secondary's is 1073737728 bytes, the primary's is "
+                                            "1073741824 bytes$"):
         check_peer_state(local, peer)
 
 
 def test_a_fresh_side_must_still_have_the_same_device_size(proto):
     local = proto.make_state("primary")
     peer = proto.make_state("secondary", resource_uuid=bytes(16), device_size=4096)
-    with pytest.raises(ProtocolError, match="peer device is 4096 bytes"):
+    with pytest.raises(ProtocolError, match="the secondary's is 4096 bytes"):
         check_peer_state(local, peer)
 
 
 def test_a_different_track_size_is_refused_with_both_sizes(proto):
     local = proto.make_state("secondary", track_size=65536)
     peer = proto.make_state("primary", track_size=4096)
-    with pytest.raises(ProtocolError, match="^peer track size is 4096 bytes, ours is 65536 bytes$"):
+    with pytest.raises(ProtocolError, match="^track sizes differ: the primary's is 4096 bytes, the secondary's is "
+                                            "65536 bytes$"):
         check_peer_state(local, peer)
 
 

@@ -149,8 +149,8 @@ def test_incompatible_states_are_refused_and_the_peer_learns_why(proto):
     proto.authenticate(p, s)
     proto.deliver(s, p.send(proto.make_state("primary")))
     small = proto.make_state("secondary", device_size=proto.DEVICE_SIZE // 2)
-    with pytest.raises(ProtocolError, match=f"peer device is {proto.DEVICE_SIZE} bytes, ours "
-                                            f"is {proto.DEVICE_SIZE // 2} bytes") as exc:
+    with pytest.raises(ProtocolError, match=f"the primary's is {proto.DEVICE_SIZE} bytes, the "
+                                            f"secondary's is {proto.DEVICE_SIZE // 2} bytes") as exc:
         s.send(small)  # s already knows p's STATE: the mismatch is found before sending
     events = proto.deliver(p, s.error_frame(exc.value))
     assert events == [Error(ErrorCode.STATE_MISMATCH, str(exc.value)), CLOSED]
@@ -163,7 +163,7 @@ def test_the_primary_checks_the_secondary_state_on_receipt(proto):
     proto.deliver(s, p.send(proto.make_state("primary")))
     other = proto.make_state("secondary", track_size=4096)
     s.check_state = False  # only the primary checks, so the check on receipt is what runs
-    with pytest.raises(ProtocolError, match="peer track size is 4096 bytes, ours is 65536 bytes"):
+    with pytest.raises(ProtocolError, match="the secondary's is 4096 bytes, the primary's is 65536 bytes"):
         proto.deliver(p, s.send(other))
 
 
