@@ -229,8 +229,10 @@ def test_up_on_a_full_meta_dir_names_it(lab, tmpfs):
 def test_up_with_a_device_of_another_size_names_both_sizes(lab):
     lab.create_md()
     os.truncate(lab.image["alpha"], 4 * MiB)
-    r = duplex(lab, "alpha", "up", RESOURCE, timeout=30)
-    assert_user_error(r, str(lab.image["alpha"]), str(4 * MiB), str(8 * MiB))
+    for role in ("primary", "secondary"):
+        r = duplex(lab, "alpha", "up", RESOURCE, "--role", role, timeout=30)
+        assert_user_error(r, str(lab.image["alpha"]), str(4 * MiB), str(8 * MiB))
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not lab.sock.exists()
 
 
@@ -252,8 +254,11 @@ def test_nbdkit_with_a_device_of_another_size_logs_one_line(lab, tmp_path):
 def test_up_with_a_bad_secret_file_fails_before_ready(lab):
     lab.create_md()
     lab.secret.chmod(0o644)
-    r = duplex(lab, "beta", "up", RESOURCE, timeout=30)
-    assert_user_error(r, str(lab.secret), "chmod 600")
+    for node, role in (("alpha", "primary"), ("beta", "secondary")):
+        r = duplex(lab, node, "up", RESOURCE, "--role", role, timeout=30)
+        assert_user_error(r, str(lab.secret), "chmod 600")
+        assert "ready" not in r.stderr, r.stderr
+    assert not lab.sock.exists()
 
 
 def test_up_with_its_port_taken_names_the_address(lab):
@@ -263,7 +268,7 @@ def test_up_with_its_port_taken_names_the_address(lab):
         s.bind(("127.0.0.1", lab.port))
         s.listen(1)
         r = duplex(lab, "beta", "up", RESOURCE, timeout=30)
-    assert_user_error(r, f"127.0.0.1:{lab.port}")
+    assert_user_error(r, f"127.0.0.1:{lab.port}", "resource.r0.on.beta.address")
 
 
 def test_promote_on_a_full_meta_dir_names_the_path(lab, tmpfs):
