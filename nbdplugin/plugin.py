@@ -97,8 +97,24 @@ def after_fork() -> None:
 
 
 def cleanup() -> None:
-    if _engine is not None:
+    # nbdkit calls this once every client has gone (`duplex up` bounds that
+    # wait and then disconnects them: replicator/exportuse.py). A failing
+    # stop is logged, never a silent hang; the activity log covers what it
+    # could not make durable. The device claim goes in any case.
+    if _engine is None:
+        return
+    import logging
+    log = logging.getLogger("duplex.primary")
+    try:
         _engine.stop()
+    except (OSError, DuplexError) as e:
+        log.error("%s: the clean stop failed: %s; the next start recovers from the "
+                  "activity log", _engine.resource.name, e)
+    except Exception:  # a bug: its traceback belongs in the log
+        log.exception("%s: the clean stop failed", _engine.resource.name)
+    finally:
+        if _engine.claim is not None:
+            _engine.claim.close()
 
 
 def open(readonly: bool) -> int:
