@@ -123,6 +123,12 @@ def test_split_brain_is_detected_and_discard_my_data_resolves_it(make_lab, netns
                   and "split brain" in s["reason"] and s, "alpha to report split brain")
     assert "--discard-my-data" in sa["reason"]
     assert "split brain" in st["reason"]
+    # Named on both sides, with the one command that ends it (issue 10 item 8).
+    assert (st["replication"], sa["replication"]) == ("SplitBrain", "SplitBrain"), (st, sa)
+    for s in (st, sa):
+        assert ("run `duplex connect r0 --discard-my-data` on the node whose data is to be "
+                "discarded") in s["reason"], s["reason"]
+        assert "promote it" not in s["reason"]
     assert lab.digest("alpha") != lab.digest("beta"), "split brain must not be merged"
     before = lab.digest("alpha")
     time.sleep(6)  # the primary retries; nothing changes while it is refused
