@@ -21,9 +21,16 @@ stays mounted but dead: stat() on it fails with ENOTCONN, so
 ``/proc/self/mountinfo``, where a dead mount is still listed, and unmounted
 with ``fusermount3 -u`` (``umount -l`` when that keeps failing). A mount that
 another node's attach record describes is never touched.
+
+A record whose device no longer reaches the export (nbdfuse exits with
+its server) is dead: ``attach`` replaces it, and ``duplex up`` does once
+nbdkit serves again (:func:`reattach`), unless the dead device is still
+mounted or held. Attach, detach and that re-attach of one node take turns
+under a flock on its meta-dir.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -438,11 +445,31 @@ def attach(config: Config, resource: Resource, node: Node, *,
     what failed.
     """
     try:
-        return _attach(resource, node, Path(DEFAULT_RUN_DIR if run_dir is None else run_dir),
-                       method)
+        with _record_lock(node):
+            return _attach(resource, node,
+                           Path(DEFAULT_RUN_DIR if run_dir is None else run_dir), method)
     except OSError as e:  # a safety net: the steps name their own errors
         raise AttachError(f"attaching resource {resource.name} on node {node.name}: "
                           f"{_os_error_text(e)}") from None
+
+
+@contextmanager
+def _record_lock(node: Node) -> Iterator[None]:
+    """Serialise attach, detach and the re-attach of ``duplex up`` on one
+    node (a flock on the meta-dir itself: no extra file), so that two of
+    them never both set up a device for one record."""
+    meta = MetaPaths(node.meta_dir).meta_dir
+    if not meta.is_dir():
+        # No metadata, so no record and nothing served: the steps say so.
+        yield
+        return
+    with _os_step(f"locking the meta-dir {meta} for attach"):
+        fd = os.open(meta, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # also lets go of the lock
 
 
 def _attach(resource: Resource, node: Node, run_dir: Path, method: str | None) -> str:
@@ -527,16 +554,21 @@ def reattach(config: Config, resource: Resource, node: Node) -> str | None:
     in place is dead. Returns what was done (None: nothing to do, the
     attach works or there is none). AttachError when the dead device is
     still in use (mounted: the admin must unmount it) or attaching fails."""
-    record = _read_record(node)
-    if record is None or (_record_is_live(record) and _record_works(record)):
-        return None
-    old = record["device"]
-    if _record_is_live(record):
-        _refuse_if_dead_in_use(resource, record)
-    mount_dir = record.get("mount_dir")
-    # The same place as before: RUN/<resource>/<node>/fuse.
-    run_dir = Path(mount_dir).parents[2] if mount_dir else None
-    device = attach(config, resource, node, run_dir=run_dir, method=record.get("method"))
+    try:
+        with _record_lock(node):
+            record = _read_record(node)
+            if record is None or (_record_is_live(record) and _record_works(record)):
+                return None  # none, or someone attached meanwhile
+            old = record["device"]
+            if _record_is_live(record):
+                _refuse_if_dead_in_use(resource, record)
+            mount_dir = record.get("mount_dir")
+            # The same place as before: RUN/<resource>/<node>/fuse.
+            run_dir = Path(mount_dir).parents[2] if mount_dir else Path(DEFAULT_RUN_DIR)
+            device = _attach(resource, node, run_dir, record.get("method"))
+    except OSError as e:  # a safety net, as in attach()
+        raise AttachError(f"re-attaching resource {resource.name} on node {node.name}: "
+                          f"{_os_error_text(e)}") from None
     return (f"re-attached the export as {device} (the attach in place, {old}, died with "
             f"the previous server)")
 
@@ -619,7 +651,8 @@ def detach(config: Config, resource: Resource, node: Node) -> str:
     OSError, is an :class:`AttachError` naming what failed.
     """
     try:
-        return _detach(resource, node)
+        with _record_lock(node):
+            return _detach(resource, node)
     except OSError as e:  # a safety net: the steps name their own errors
         raise AttachError(f"detaching resource {resource.name} on node {node.name}: "
                           f"{_os_error_text(e)}") from None

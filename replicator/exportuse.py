@@ -29,7 +29,9 @@ export a working device again once nbdkit serves (see
 Threads and locks: :class:`PrimaryStop` runs in the main thread; its
 signal handler only records the signal (no lock: one int written by the
 handler, read by the loop in the same thread). The re-attach runs in its
-own supervised thread ``duplex-reattach``, which shares nothing with the stop.
+own supervised thread ``duplex-reattach``, which shares nothing with the
+stop; it takes the attach lock (a flock on the meta-dir, attach.py), as
+``duplex attach`` and ``detach`` do, so a user's attach meanwhile wins.
 """
 from __future__ import annotations
 
@@ -169,11 +171,15 @@ class PrimaryStop:
         self._phase = "running"  # -> "clients" -> "engine" -> "killed"
         self._since = 0.0
         self._reported = 0.0
+        self._hurry = False
 
     def on_signal(self, signum: int, frame) -> None:
-        """Signal handler: only records the signal; :meth:`wait` acts on it."""
+        """Signal handler: only records the signal; :meth:`wait` acts on it.
+        A second signal cuts the wait for the clients short."""
         if self.signum is None:
             self.signum = signum
+        else:
+            self._hurry = True
 
     def wait(self) -> int:
         """nbdkit's exit status, once it has exited."""
@@ -213,13 +219,13 @@ class PrimaryStop:
             if not clients:
                 self._phase, self._since = "engine", now
                 log.info("%s: no client connected any more: nbdkit stops the engine", name)
-            elif now - self._since >= self.drain_s:
+            elif now - self._since >= self.drain_s or self._hurry:
                 n = disconnect_clients(self.proc.pid, clients)
                 log.warning(
-                    "%s: %s still open after %g s (drain-timeout): disconnected %d%s; "
+                    "%s: %s still open after %.0f s (drain-timeout %g s): disconnected %d%s; "
                     "it now fails every I/O (EIO); unmount it, then `duplex detach %s`, or "
                     "start `duplex up %s` again, which re-attaches it", name,
-                    _plural(len(clients), "client connection"), self.drain_s, n,
+                    _plural(len(clients), "client connection"), now - self._since, self.drain_s, n,
                     self._what_holds() or " (nothing attached by duplex)", name, name)
                 self._phase, self._since = "engine", now
             elif now - self._reported >= REPORT_EVERY_S:

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import config_text
-
 REPO = Path(__file__).resolve().parents[2]
 DUPLEX = [sys.executable, "-m", "replicator.cli"]
 
@@ -26,12 +24,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _write_config(tmp: Path, alpha_device: str, beta_device: str | None = None) -> Path:
+@pytest.fixture
+def write_config(config_text):
+    """Factory: write_config(tmp, alpha_device) -> the config's path."""
+    return lambda tmp, alpha_device: _write_config(config_text, tmp, alpha_device)
+
+
+def _write_config(config_text, tmp: Path, alpha_device: str) -> Path:
     """r0 with alpha on *alpha_device*, both nodes on 127.0.0.1 (so `up`
     gets past its address checks to the device), exports under *tmp*."""
     text = config_text(tmp).replace(f'device = "{tmp}/alpha.img"', f'device = "{alpha_device}"')
-    if beta_device is not None:
-        text = text.replace(f'device = "{tmp}/beta.img"', f'device = "{beta_device}"')
     text = (text.replace("10.0.0.1:7789", f"127.0.0.1:{_free_port()}")
                 .replace("10.0.0.2:7789", f"127.0.0.1:{_free_port()}")
                 .replace('journal-size = "1GiB"', 'journal-size = "8MiB"'))
@@ -90,19 +92,19 @@ def loop_ext4(setup_dir: Path):
         subprocess.run(["losetup", "-d", dev], capture_output=True)
 
 
-def test_create_md_refuses_a_mounted_loop_device_naming_the_mount(setup_dir, loop_ext4):
+def test_create_md_refuses_a_mounted_loop_device_naming_the_mount(write_config, setup_dir, loop_ext4):
     dev, _, mnt, mount = loop_ext4
     mount()
-    config = _write_config(setup_dir, dev)
+    config = write_config(setup_dir, dev)
     r = _duplex(config, "alpha", "create-md", "r0")
     _assert_refused(r, dev, f"mounted at {mnt}")
     assert not (setup_dir / "alpha-meta" / "metadata.json").exists()
 
 
 @pytest.mark.parametrize("role", ["primary", "secondary"])
-def test_up_refuses_a_mounted_loop_device_naming_the_mount(setup_dir, loop_ext4, role):
+def test_up_refuses_a_mounted_loop_device_naming_the_mount(write_config, setup_dir, loop_ext4, role):
     dev, _, mnt, mount = loop_ext4
-    config = _write_config(setup_dir, dev)
+    config = write_config(setup_dir, dev)
     r = _duplex(config, "alpha", "create-md", "r0")  # while nothing uses it
     assert r.returncode == 0, r.stdout + r.stderr
     mount()
@@ -110,26 +112,26 @@ def test_up_refuses_a_mounted_loop_device_naming_the_mount(setup_dir, loop_ext4,
     _assert_refused(r, dev, f"mounted at {mnt}")
 
 
-def test_attach_refuses_when_the_nodes_device_is_mounted(setup_dir, loop_ext4):
+def test_attach_refuses_when_the_nodes_device_is_mounted(write_config, setup_dir, loop_ext4):
     dev, _, mnt, mount = loop_ext4
     mount()
-    config = _write_config(setup_dir, dev)
+    config = write_config(setup_dir, dev)
     r = _duplex(config, "alpha", "attach", "r0")
     _assert_refused(r, dev, f"mounted at {mnt}")
 
 
-def test_an_image_that_backs_a_loop_device_is_refused(setup_dir, loop_ext4):
+def test_an_image_that_backs_a_loop_device_is_refused(write_config, setup_dir, loop_ext4):
     dev, backing, mnt, mount = loop_ext4
     mount()
-    config = _write_config(setup_dir, str(backing))
+    config = write_config(setup_dir, str(backing))
     r = _duplex(config, "alpha", "create-md", "r0")
     _assert_refused(r, str(backing), f"the backing file of {dev}, mounted at {mnt}")
 
 
-def test_a_running_daemon_locks_its_image_against_a_second_duplex(setup_dir):
+def test_a_running_daemon_locks_its_image_against_a_second_duplex(write_config, setup_dir):
     # Two configs naming one image (a typo away): the second is refused.
     from replicator.devices import DeviceBusy, claim_device
-    config = _write_config(setup_dir, str(setup_dir / "alpha.img"))
+    config = write_config(setup_dir, str(setup_dir / "alpha.img"))
     assert _duplex(config, "beta", "create-md", "r0").returncode == 0
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("NOTIFY_SOCKET", None)
