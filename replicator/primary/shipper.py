@@ -307,8 +307,9 @@ class Shipper:
             except (LinkError, OSError) as e:
                 for extra in links:
                     extra.close()
-                self._event(st.LinkFailed(_describe(e, self.peer)))
-                self._logged_error = None
+                why = _describe(e, self.peer)
+                self._event(st.LinkFailed(why))
+                self._log_once(logging.WARNING, f"cannot connect: {why}")
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
