@@ -23,10 +23,13 @@ replaced. The socket is created mode 0600 (bound under a temporary name,
 chmod, renamed into place, so it is never reachable with looser
 permissions).
 
-Threads and locks: the server runs one accept thread and one thread per
-client; handlers run on the client threads, so they must be thread-safe
-themselves. ``_held_locks`` (this process's NodeLocks, by lock path) is
-guarded by ``_held_guard``; nothing else is shared.
+Threads and locks: the server runs one accept thread (supervised: a bug in
+it is logged, recorded in :meth:`ControlServer.faults` or the owner's
+supervisor, and the loop restarts) and one short-lived thread per client;
+handlers run on the client threads, so they must be thread-safe themselves.
+``_held_locks`` (this process's NodeLocks, by lock path) is guarded by
+``_held_guard``, which is never held while anything else is taken; nothing
+else is shared between threads.
 
 Socket paths longer than AF_UNIX allows (108 bytes; deep test directories)
 are reached through ``/proc/self/fd/N/`` of an open directory descriptor.
@@ -47,6 +50,7 @@ from typing import Any, Callable, Iterator
 
 from replicator.errors import DuplexError
 from replicator.metadata import MetaPaths
+from replicator.supervise import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -218,10 +222,16 @@ class ControlServer:
     """Answers control requests on a meta-dir's socket from a daemon thread."""
 
     def __init__(self, meta_dir: str | os.PathLike,
-                 handlers: dict[str, Handler] | None = None, name: str = "control"):
+                 handlers: dict[str, Handler] | None = None, name: str = "control",
+                 supervisor: Supervisor | None = None):
+        """*supervisor*: the owner's (its faults then show in the owner's
+        status); without one the server supervises its accept thread itself
+        (:meth:`faults`)."""
         self.paths = MetaPaths(meta_dir)
         self.handlers: dict[str, Handler] = dict(handlers or {})
         self.name = name
+        self._given_sup = supervisor
+        self._sup: Supervisor | None = supervisor
         self._own_lock: NodeLock | None = None
         self._sock: socket.socket | None = None
         self._ino: int | None = None
@@ -282,15 +292,28 @@ class ControlServer:
         self._ino = path.stat().st_ino
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         self._stopping.clear()
-        self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
-        self._thread.start()
+        if self._given_sup is None:  # a fresh one per start: stop() ends its restarts
+            self._sup = Supervisor(f"control socket {path}")
+        assert self._sup is not None
+        # Restarted after a bug in the loop: a node whose control socket
+        # died would look "not running" to status and promote.
+        self._thread = self._sup.spawn(self.name, self._serve, restart=True,
+                                       backoff=(0.1, 2.0))
         return self
+
+    def faults(self) -> list[dict]:
+        """Faults of the accept thread (also in the owner's supervisor, if
+        one was given)."""
+        return [] if self._sup is None else [
+            f for f in self._sup.faults() if f["thread"] == self.name]
 
     def stop(self) -> None:
         """Stop serving, remove the socket file (if still ours), release the lock."""
         if self._thread is None:
             return
         self._stopping.set()
+        if self._given_sup is None and self._sup is not None:
+            self._sup.stop()  # no restart of the loop from here on
         os.write(self._wake_w, b"x")
         self._thread.join(timeout=5)
         self._thread = None
@@ -328,11 +351,18 @@ class ControlServer:
                 log.debug("control accept failed: %s", e)
                 continue
             # One thread per client: a slow handler (promote) must not
-            # block status.
+            # block status. Not supervised: it lives for one client, and
+            # what it could raise is caught and logged in _client.
             threading.Thread(target=self._client, args=(conn,),
                              name=f"{self.name}-client", daemon=True).start()
 
     def _client(self, conn: socket.socket) -> None:
+        try:
+            self._answer(conn)
+        except Exception:  # noqa: BLE001 (dispatch catches handler errors; this is a bug here)
+            log.exception("control: client thread failed")
+
+    def _answer(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(60)
             reader = _LineReader(conn)

@@ -11,6 +11,16 @@ change it); ``up --role`` only chooses it on fresh metadata. Under systemd
 it listens, the primary when nbdkit accepts on the export. A secondary that
 is promoted through its control socket stops and exits with
 :data:`EXIT_PROMOTED`, to be started again as primary.
+
+``up`` owns the node first (the meta-dir's lock, :class:`replicator.control.
+NodeLock`, which nbdkit inherits), then checks what it will need
+(:func:`check_before_ready`), and only then starts anything.
+
+Threads and locks: ``up`` of a primary runs one supervised thread,
+``duplex-ready`` (waits for nbdkit's pid file, then READY=1), sharing
+nothing but the nbdkit process handle, which it only polls. The secondary's
+threads are the daemon's (replicator/secondary/daemon.py); this module only
+waits for a signal or a promotion (a ``threading.Event``). No lock here.
 """
 from __future__ import annotations
 
@@ -38,6 +48,7 @@ from replicator.native.bitmap import Bitmap
 from replicator.native.core import CoreError
 from replicator.errors import DuplexError
 from replicator.secondary.journal import Journal
+from replicator.supervise import Supervisor
 from replicator.metadata import ROLE_PRIMARY, ROLE_SECONDARY, Metadata, load_metadata
 
 log = logging.getLogger("duplex")
@@ -312,7 +323,7 @@ def _notify_when_serving(proc: subprocess.Popen, pidfile: Path, resource: Resour
                 notify.ready(f"Primary: serving {node.export_uri()}")
                 log.info("%s: primary ready: serving %s", resource.name, node.export_uri())
                 return
-        except FileNotFoundError:
+        except (FileNotFoundError, UnicodeDecodeError):  # not there, or being written
             pass
         time.sleep(0.05)
     if proc.poll() is None:
@@ -376,8 +387,10 @@ def run_primary(config: Config, resource: Resource, node: Node,
     stop = PrimaryStop(proc, resource, node)
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, stop.on_signal)
-    threading.Thread(target=_notify_when_serving, args=(proc, pidfile, resource, node),
-                     name="duplex-ready", daemon=True).start()
+    # Supervised: if it failed, READY=1 would never come (systemd would
+    # kill a serving node at its start timeout) and nobody would know why.
+    Supervisor(f"{resource.name} up").spawn(
+        "duplex-ready", lambda: _notify_when_serving(proc, pidfile, resource, node))
     reattach_when_serving(config, resource, node, proc, pidfile)  # an attach left in place
     rc = stop.wait()
     pidfile.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import stat
 
 import pytest
@@ -111,3 +112,32 @@ def test_handler_bug_is_reported_not_fatal(tmp_path):
         with pytest.raises(ControlError, match="status: internal error: RuntimeError: oops"):
             request(tmp_path, "status")
         assert request(tmp_path, "ping") == {"pong": 1}
+
+
+def test_a_bug_in_the_accept_loop_is_recorded_and_the_socket_serves_again(tmp_path, monkeypatch):
+    import replicator.control as control_mod
+
+    real_select = control_mod.select.select
+    calls = {"n": 0}
+
+    def flaky_select(*args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected accept-loop bug")
+        return real_select(*args)
+
+    monkeypatch.setattr(control_mod.select, "select", flaky_select)
+    with ControlServer(tmp_path, {"status": lambda: {"ok": True}}) as server:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                if request(tmp_path, "status", timeout=1) == {"ok": True}:
+                    break
+            except ControlError:
+                pass
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the control socket never answered after the fault")
+        (fault,) = server.faults()
+        assert fault["thread"] == "control" and "injected accept-loop bug" in fault["error"]
+        assert fault["state"] == "restarting"
