@@ -46,6 +46,7 @@ Shared by both roles:
     records               the replication record: one encoding for ring, wire, journal
     crc32c                CRC32C, with a pure-Python fallback
     tracks                zero check, track digests, runs and ranges of tracks
+    layout                the volumes of a resource laid end to end in one logical space
     generations           generation identifiers: who is ahead, split brain (DESIGN §7)
     peerlink              the socket shell around a protocol Connection
     metadata              a node's metadata, and every file name in its meta-dir
