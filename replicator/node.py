@@ -494,8 +494,9 @@ UP_MIN_FREE = 1 << 20
 
 
 def _read_secret(resource: Resource) -> bytes:
-    """The resource's secret, checked (present, 0600, not empty)."""
-    return resource.secret()  # config.read_secret, with the config key named
+    """The resource's secret, checked as both roles check it at every
+    handshake (config.read_secret: present, 0600, not empty)."""
+    return resource.secret()
 
 
 def _check_bindable(host: str, port: int, what: str) -> None:
