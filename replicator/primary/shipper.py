@@ -100,7 +100,7 @@ class Shipper:
                  next_verify_id: Callable[[], int],
                  on_attached: Callable[[], None] = lambda: None,
                  on_detached: Callable[[], None] = lambda: None,
-                 connect: Callable[..., PeerLink] = PeerLink.connect):
+                 connect: Callable[..., PeerLink] | None = None):
         self.core = core
         self.res = resource
         self.peer = peer
@@ -111,7 +111,7 @@ class Shipper:
         self._next_verify_id = next_verify_id
         self._on_attached = on_attached
         self._on_detached = on_detached
-        self._connect_link = connect
+        self._connect_link = connect or PeerLink.connect  # looked up now: tests may replace it
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
