@@ -35,7 +35,7 @@ Threads and locks: the sender thread ("duplex-shipper", supervised) runs
 sessions and catch-ups; each link's reader thread calls :meth:`_on_ack`;
 the nbdkit request threads call :meth:`ring_dropped`; the control thread
 calls :meth:`snapshot` and :meth:`request_resync`. ``Shipper._lock`` guards
-``_states``, ``peer_disk``, ``journaled``, ``applied``, ``_samples``,
+``_states``, ``_again``, ``peer_disk``, ``journaled``, ``applied``, ``_samples``,
 ``sync``, ``incr_bytes_sent`` and ``matched_bytes``. It is a leaf: nothing
 else is locked while it is held, except the core's own internal lock in
 the status reads of :meth:`snapshot`. ``_queued``, ``_links``, ``_rr``,
@@ -119,6 +119,7 @@ class Shipper:
         self._thread: threading.Thread | None = None
         self._states = st.PrimaryStates.initial(resync_reason)
         self._logged_error: str | None = None
+        self._again: str | None = None  # a resync asked for during a catch-up
         # What the peer has told us; read by status.
         self.peer_disk = "Unknown"
         self.journaled = 0
@@ -436,7 +437,11 @@ class Shipper:
 
     def request_resync(self, reason: str) -> None:
         """Bits were set in the OOS bitmap behind the ring's back (verify
-        --fix): ship them with a catch-up."""
+        --fix): ship them with a catch-up. During a catch-up they may lie
+        outside its frozen map, so another one follows it."""
+        with self._lock:
+            if self._states.replication == st.SYNC_SOURCE:
+                self._again = reason
         self._resync(reason)
         self._wake.set()
 
@@ -461,6 +466,9 @@ class Shipper:
         with self._lock:
             self.journaled = max(self.journaled, base)
             self._states = self._states.step(st.CaughtUp())
+            if self._again is not None:  # marked during the catch-up: one more round
+                self._states = self._states.step(st.ResyncNeeded(self._again))
+                self._again = None
 
     # -- helpers for the catch-up ------------------------------------------
 

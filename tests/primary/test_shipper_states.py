@@ -152,3 +152,19 @@ def test_the_primary_package_has_no_back_pointers_or_type_checking_imports():
             text = open(os.path.join(root, name)).read()
             assert "TYPE_CHECKING" not in text, name
             assert "self.engine" not in text and "self.sh." not in text, name
+
+
+def test_a_resync_asked_for_during_a_catch_up_is_not_lost_when_it_commits(tmp_path):
+    # verify --fix marks tracks while a catch-up runs: they may lie outside
+    # its frozen map, so the commit must not clear the owed resync.
+    sh, sup, _ = _shipper(tmp_path, connect=None)
+    for ev in (st.Attached(), st.ResyncNeeded("initial sync"), st.SyncStart()):
+        sh._event(ev)
+    sh.request_resync("verify found differing tracks")
+    sh._committed(5)
+    assert (sh.states.replication, sh.states.resync_reason) == (
+        st.AHEAD, "verify found differing tracks")
+    # Without a request meanwhile, the commit ends the resync.
+    sh._event(st.SyncStart())
+    sh._committed(6)
+    assert (sh.states.replication, sh.states.resync_pending) == (st.ESTABLISHED, False)
