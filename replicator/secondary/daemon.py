@@ -533,6 +533,15 @@ class Secondary(IncrementReceiver):
                 self.sup.spawn("duplex-verify", lambda: self._answer_verify(link, ev))
         except StreamError as e:
             raise ProtocolError(str(e)) from None
+        except OSError as e:
+            if self.incr is None or self.incr.staged:
+                raise  # the journal: the link fails with it, and says why
+            # An increment written in place hit a full or failing image: a
+            # disk state, as for a run; the primary sends it again after the
+            # reconnect this causes.
+            self._apply_failed(f"writing increment {self.incr.id} in place: "
+                               f"{e.strerror or e} (image {self.node.device})")
+            raise ProtocolError(self.apply_error) from None
 
     def _on_tokens(self, ev: Tokens) -> None:
         with self._lock:
