@@ -92,7 +92,7 @@ class Verifier:
     """Runs verify passes for one primary, one at a time."""
 
     def __init__(self, core, oos, md, *, name: str, peer_name: str,
-                 current_link: Callable[[], "PeerLink | None"],
+                 current_link: Callable[[], PeerLink | None],
                  next_verify_id: Callable[[], int],
                  mark_out_of_sync: Callable[[list[int], str], None],
                  spawn: Callable[[str, Callable[[], None]], object]):
