@@ -304,6 +304,7 @@ class Shipper:
                 for extra in links:
                     extra.close()
                 self._refused(e)
+                self._stopping.wait(REFUSED_RETRY)
                 continue
             except (LinkError, OSError) as e:
                 for extra in links:
@@ -316,10 +317,12 @@ class Shipper:
                 continue
             backoff = BACKOFF_MIN
             self._links = links
+            refused = False
             try:
                 self._session(links[0])
             except RefusedError as e:
                 self._refused(e)
+                refused = True
             except (LinkError, OSError) as e:
                 if not self._stopping.is_set():
                     log.warning("%s: connection to %s lost: %s", self.res.name, self.peer.name, e)
@@ -329,17 +332,19 @@ class Shipper:
                 for one in links:
                     one.close()
                 self._links = []
+            if refused:
+                self._stopping.wait(REFUSED_RETRY)
         self._event(st.Stopped())
 
     def _refused(self, e: RefusedError) -> None:
         """A refused handshake (either side's verdict): StandAlone, or
-        SplitBrain; retried after a pause (the fix is made elsewhere)."""
+        SplitBrain. The caller retries after a pause: the fix is made
+        elsewhere (the peer's config, `connect --discard-my-data`)."""
         if e.split_brain:
             self._event(st.SplitBrainFound(str(e)))
         else:
             self._event(st.Refused(str(e)))
-        self._log_once(logging.ERROR, f"peer {self.peer.name} refused: {e}")
-        self._stopping.wait(REFUSED_RETRY)
+        self._log_once(logging.ERROR, f"handshake with {self.peer.name} refused: {e}")
 
     def _connect(self, secret: bytes) -> PeerLink:
         return self._connect_link(self.peer.address, role="primary", resource=self.res.name,
