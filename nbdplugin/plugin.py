@@ -9,6 +9,7 @@ serves every connection, and flush syncs the whole device).
     nbdkit python plugin.py config=/etc/duplex/duplex.toml resource=r0 node=alpha
 """
 import errno
+import logging
 import os
 import sys
 
@@ -34,8 +35,12 @@ def _startup_failed(e: BaseException) -> None:
     if isinstance(e, OSError):
         from replicator.control import describe_oserror
         msg = describe_oserror(e)
-    else:
+    elif isinstance(e, DuplexError):
         msg = str(e)
+    else:  # a bug: the traceback goes to the debug log, the user gets one line
+        logging.getLogger("duplex").debug("plugin startup failed", exc_info=e)
+        msg = (f"internal error: {type(e).__name__}: {e} (a bug; DUPLEX_LOG=DEBUG "
+               f"logs the traceback)")
     line = (" ".join(msg.split()) or type(e).__name__) + "\n"
     fd = os.environ.get(STARTUP_ERROR_FD_ENV, "")
     try:
@@ -83,7 +88,7 @@ def get_ready() -> None:
     try:
         _engine = Engine.open(_params["config"], _params["resource"], _params["node"],
                               history_path=_params.get("history"))
-    except (DuplexError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 (nbdkit would print a traceback)
         _startup_failed(e)
 
 
@@ -92,7 +97,7 @@ def after_fork() -> None:
     assert _engine is not None
     try:
         _engine.start()
-    except (DuplexError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 (nbdkit would print a traceback)
         _startup_failed(e)
 
 

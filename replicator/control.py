@@ -113,7 +113,9 @@ class NodeLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
-            raise ControlError(f"{self.path}: cannot open the daemon lock: {e.strerror}") from None
+            e.filename = None
+            raise ControlError(f"{self.path}: cannot open the daemon lock: "
+                               f"{describe_oserror(e)}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -128,8 +130,9 @@ class NodeLock:
             os.pwrite(fd, f"{pid or os.getpid()}\n".encode(), 0)
         except OSError as e:
             os.close(fd)
-            raise ControlError(f"{self.path}: cannot write the daemon lock: {e.strerror} "
-                               f"(free space in {self.paths.meta_dir})") from None
+            e.filename = None
+            raise ControlError(f"{self.path}: cannot write the daemon lock: "
+                               f"{describe_oserror(e)}") from None
         self.fd: int | None = fd
         if register:  # the servers this process starts serve under it
             with _held_guard:

@@ -168,7 +168,9 @@ def create_metadata_set(config: Config, resource: Resource, node: Node, size: in
             raise DuplexError(f"{meta}: cannot create the metadata set: "
                               f"{describe_oserror(e)}") from None
         except DuplexError as e:
-            raise DuplexError(f"{meta}: cannot create the metadata set: {e}") from None
+            # Name the files where they were going, not their build names.
+            what = str(e).replace(str(build), str(meta))
+            raise DuplexError(f"{meta}: cannot create the metadata set: {what}") from None
         _swap_in(build, meta)
     finally:
         _remove_tree(build)

@@ -192,6 +192,34 @@ def test_create_md_on_a_full_disk_leaves_nothing_and_a_retry_works(lab, tmpfs):
     load_metadata(meta, RESOURCE, "beta")
 
 
+def test_create_md_that_fails_while_writing_leaves_nothing_at_any_point(lab, tmp_path):
+    """The room check passes but the filesystem runs out of inodes part way
+    through the build: with 1, 2, 3, ... inodes to spare, each create-md
+    fails at a later file, and each leaves nothing; the first that has
+    enough succeeds."""
+    point = tmp_path / "inodes"
+    meta = move_meta(lab, "beta", point)
+    failures = []
+    try:
+        for inodes in range(3, 16):
+            _mount_tmpfs(point, f"16m,nr_inodes={inodes}")
+            meta.mkdir(exist_ok=True)
+            r = duplex(lab, "beta", "create-md", RESOURCE)
+            if r.returncode == 0:
+                break
+            line = assert_user_error(r, str(meta))
+            assert meta_files(meta) <= {"daemon.lock"}, (inodes, meta_files(meta))
+            failures.append(line)
+            _umount(point)
+        else:
+            raise AssertionError("create-md never succeeded")
+        load_metadata(meta, RESOURCE, "beta")
+    finally:
+        _umount(point)
+    building = [f for f in failures if "cannot create the metadata set" in f]
+    assert len(building) >= 3, f"the build failed at too few points: {failures}"
+
+
 def test_create_md_force_that_cannot_fit_keeps_the_old_set(lab, tmpfs):
     where = tmpfs("snug", "3m")  # one set (2 MiB journal) fits, two do not
     meta = move_meta(lab, "beta", where)
@@ -210,7 +238,26 @@ def test_create_md_on_a_read_only_meta_dir_names_it(lab, tmpfs):
     meta.mkdir()
     subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
     r = duplex(lab, "beta", "create-md", RESOURCE)
-    assert_user_error(r, str(meta))
+    assert_user_error(r, str(meta), "read-only")
+
+
+def test_create_md_refuses_a_journal_path_that_is_not_a_file_before_writing(lab):
+    meta = lab.meta["beta"]
+    (meta / "journal").mkdir(parents=True)
+    r = duplex(lab, "beta", "create-md", RESOURCE)
+    assert_user_error(r, str(meta / "journal"), "not a regular file")
+    assert meta_files(meta) <= {"daemon.lock", "journal"}, meta_files(meta)
+
+
+def test_create_md_removes_what_an_interrupted_create_md_left(lab):
+    meta = lab.meta["beta"]
+    left = meta / ".create-md.crashed"
+    left.mkdir(parents=True)
+    (left / "journal").write_bytes(b"\0" * 4096)
+    r = duplex(lab, "beta", "create-md", RESOURCE)
+    assert r.returncode == 0, r.stderr
+    assert not left.exists()
+    load_metadata(meta, RESOURCE, "beta")
 
 
 # --------------------------------------------------------------------------
