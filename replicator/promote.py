@@ -348,14 +348,14 @@ def _apply_journal(sec: "Secondary", timeout: float = DEFAULT_TIMEOUT,
         now = time.monotonic()
         if now - start >= timeout:
             raise PromoteError(
-                f"{name}: cannot promote: applying the journal stopped at seq "
-                f"{q.applied_through} for {timeout:g} s: cannot apply {error}; free space on "
+                f"{name}: cannot promote: gave up after {timeout:g} s: applied through seq "
+                f"{q.applied_through}, and cannot apply {error}; free space on "
                 f"(or repair) the image's device and run promote again (the journal keeps "
                 f"every record), or give promote a longer --timeout")
         if progress is not None and now - last_note >= 5.0:
             last_note = now
-            progress(f"{name}: promote: applying is stopped at seq {q.applied_through}: "
-                     f"cannot apply {error}; retrying ({now - start:.0f} s of {timeout:g} s)")
+            progress(f"{name}: promote: applied through seq {q.applied_through}, and cannot "
+                     f"apply {error}; retrying ({now - start:.0f} s of {timeout:g} s)")
         time.sleep(min(delay, max(0.0, timeout - (now - start))))
         delay = min(delay * 2, _RETRY[1])
     try:

@@ -872,7 +872,7 @@ class Secondary(IncrementReceiver):
     def _waiting_for(self, applied: int, target: int) -> str:
         """What apply_all waits for, in words."""
         if self.apply_error:
-            return (f"applying is stopped at seq {applied} of {target} journaled: cannot apply "
+            return (f"applied through seq {applied} of {target} journaled, and cannot apply "
                     f"{self.apply_error.removeprefix('applying ')}")
         if self._committed:
             return f"applying catch-up increment {self._committed[0].id}"

@@ -88,3 +88,30 @@ def test_a_full_image_filesystem_is_named_on_both_sides_and_applying_resumes(sma
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "run `duplex verify r0` on alpha" in r.stderr, r.stderr
     assert "unknown command" not in r.stderr, r.stderr
+
+    # Full again, and the primary is lost: promote must not hang on the disk.
+    ballast = _fill(small_fs, leave=256 << 10)
+    h = nbd.NBD()
+    h.connect_uri(lab.uri)
+    try:
+        for i in range(SIZE // CHUNK // 2, SIZE // CHUNK):  # the other half: new blocks
+            h.pwrite(bytes([i + 1]) * CHUNK, i * CHUNK)
+        h.flush()
+    finally:
+        h.shutdown()
+    lab.wait(lambda: lab.status("beta").get("disk") == "Failed", "beta's disk Failed again",
+             timeout=30)
+    lab.kill_primary()
+    lab.wait(lambda: lab.status("beta").get("connection") != "Connected",
+             "beta to notice the primary is gone", timeout=30)
+    r = lab.duplex("beta", "promote", "r0", "--timeout", "4", check=False, timeout=60)
+    assert r.returncode != 0, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stdout + r.stderr, r.stderr
+    err = [l for l in r.stderr.splitlines() if "error" in l]
+    assert len(err) == 1 and "cannot promote" in err[0] and "gave up after 4 s" in err[0], r.stderr
+    assert "No space left on device" in err[0] and image in err[0], err
+    assert "r0: promote: applied through seq" in r.stderr, r.stderr  # progress while it waited
+    assert lab.status("beta")["role"] == "Secondary"
+    ballast.unlink()
+    r = lab.duplex("beta", "promote", "r0", "--timeout", "30", check=False, timeout=90)
+    assert r.returncode == 0, r.stderr

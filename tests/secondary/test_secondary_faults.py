@@ -280,6 +280,13 @@ def test_promote_gives_up_after_its_timeout_naming_the_cause(beta, monkeypatch):
     assert f"No space left on device (image {sec.node.device})" in msg, msg
     assert "free space" in msg and "--timeout" in msg, msg
     assert sec.receiving and sec.md.role == "Secondary"  # still a secondary
+    # What it waits for, every few seconds, while it waits.
+    lines = []
+    with pytest.raises(SecondaryError):
+        sec.apply_all(timeout=2.5, progress=lines.append)
+    assert lines and lines[0].startswith("r0: promote: applied through seq 0 of 10 journaled, "
+                                         "and cannot apply seq 1 (run 1..10): No space left "
+                                         "on device (image "), lines
 
 
 def _journal_with(md_dir: Path, node_uuid: str, recs) -> None:
@@ -307,6 +314,8 @@ def test_offline_promote_with_a_full_image_disk_fails_in_one_line_after_timeout(
     assert "cannot apply applying seq" not in errors[0]
     assert "No space left on device" in errors[0] and str(tmpfs / "beta.img") in errors[0], errors
     assert "free space" in errors[0], errors
+    assert "r0: promote: applied through seq 0, and cannot apply seq 1 (run 1..10): No space " \
+        "left on device" in r.stderr, r.stderr  # the progress line, before the error
     assert took < 30, took
     assert load_metadata(tmp_path / "meta-beta", "r0").role == "Secondary"  # nothing promoted
 
