@@ -54,7 +54,8 @@ int collide_reset(struct collide *q, size_t cap)
 	return 0;
 }
 
-int collide_push_read(struct collide *q, int fd, uint64_t off, uint32_t len)
+int collide_push_read(struct collide *q, int fd, uint64_t dev_off, uint32_t len,
+                      uint64_t entry_off)
 {
 	size_t need = entry_size(len);
 	ssize_t n;
@@ -73,13 +74,13 @@ int collide_push_read(struct collide *q, int fd, uint64_t off, uint32_t len)
 	}
 	/* Collisions are rare (a write hitting a not yet drained track): read
 	 * under the queue's lock, the simplest way to keep entries whole. */
-	n = dpx_pread_full(fd, q->buf + q->used + COLLIDE_ENTRY_HEADER, len, (off_t)off);
+	n = dpx_pread_full(fd, q->buf + q->used + COLLIDE_ENTRY_HEADER, len, (off_t)dev_off);
 	if (n < 0) {
 		r = (int)n;
 		q->overflow = true; /* the increment lacks this track: it must restart */
 		goto out;
 	}
-	memcpy(q->buf + q->used, &off, 8);
+	memcpy(q->buf + q->used, &entry_off, 8);
 	memcpy(q->buf + q->used + 8, &len, 4);
 	memset(q->buf + q->used + 12, 0, 4);
 	memset(q->buf + q->used + COLLIDE_ENTRY_HEADER + len, 0, need - COLLIDE_ENTRY_HEADER - len);

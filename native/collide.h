@@ -20,7 +20,7 @@
 
 struct collide;
 
-/* Each entry, as collide_take() lays it out: u64 offset, u32 length,
+/* Each entry, as collide_take() lays it out: u64 offset (logical), u32 length,
  * u32 zero, then the data padded to 8 bytes. */
 #define COLLIDE_ENTRY_HEADER 16
 
@@ -30,9 +30,12 @@ void collide_destroy(struct collide *q);
 /* Forget every entry and the overflow flag; new capacity cap. */
 int collide_reset(struct collide *q, size_t cap);
 
-/* Read len bytes at off from fd into a new entry. 0, -ENOSPC (overflow is
- * now flagged) or -errno of the read. */
-int collide_push_read(struct collide *q, int fd, uint64_t off, uint32_t len);
+/* Read len bytes at dev_off from fd into a new entry that records
+ * entry_off as its offset (the core passes the track's LOGICAL offset and
+ * reads its volume's device at the volume-relative one). 0, -ENOSPC
+ * (overflow is now flagged) or -errno of the read. */
+int collide_push_read(struct collide *q, int fd, uint64_t dev_off, uint32_t len,
+                      uint64_t entry_off);
 
 /* Move whole entries, oldest first, into out (at most cap bytes; a single
  * entry larger than cap is never split: returns -ENOBUFS). Bytes copied. */

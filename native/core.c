@@ -5,6 +5,11 @@
  * groups (one at a time) -> sequencer -> ring. The consumer side takes
  * consumer -> [sequencer ->] ring, then pending groups one at a time with
  * no other lock held.
+ *
+ * Volumes: struct core_vol holds one fd per volume and its logical base.
+ * Everything keyed by track (locks, pending counts, bitmaps, activity log)
+ * uses logical offsets; only the device I/O and the records use the
+ * volume-relative ones.
  */
 #include "core.h"
 
@@ -26,6 +31,7 @@
 #include "bitmap.h"
 #include "collide.h"
 #include "crc32c.h"
+#include "records.h"
 #include "util.h"
 
 #define NSTRIPES 256u      /* track lock stripes */
@@ -33,11 +39,20 @@
 #define NPEND_LOCKS 256u
 #define PEND_CHUNK 4096u   /* pending counters are allocated per chunk */
 
-struct core {
+/* One volume: read-only after core_open. */
+struct core_vol {
 	int fd;
 	bool is_blk;
+	char *path;    /* for messages */
+	uint64_t size; /* bytes exported */
+	uint64_t base; /* logical offset of its byte 0, track-aligned */
+};
+
+struct core {
+	struct core_vol *vols;
+	uint32_t nvols;
 	atomic_bool dsync_ok; /* pwritev2(RWF_DSYNC) works here */
-	uint64_t size;
+	uint64_t size; /* logical size: the last volume's base + size */
 	struct bitmap *oos;
 	_Atomic(struct bitmap *) cr; /* read once per request */
 	struct bitmap *frozen; /* catch-up increment being drained, or NULL (fence) */
@@ -71,6 +86,33 @@ static inline void wr64(unsigned char *p, uint64_t v) { memcpy(p, &v, 8); }
 static inline void wr32(unsigned char *p, uint32_t v) { memcpy(p, &v, 4); }
 static inline uint64_t rd64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 static inline uint32_t rd32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+/* The volume holding logical byte off, or NULL (alignment gap or past the
+ * end). Volumes are few: a scan from the last one. */
+static const struct core_vol *vol_at(const struct core *c, uint64_t off)
+{
+	for (uint32_t i = c->nvols; i-- > 0;) {
+		const struct core_vol *v = &c->vols[i];
+		if (v->base <= off)
+			return off - v->base < v->size ? v : NULL;
+	}
+	return NULL;
+}
+
+/* The bytes of logical track t that its volume holds (from the track's
+ * start to the volume's end at most), and that volume; NULL: none. */
+static const struct core_vol *track_extent(const struct core *c, uint64_t t, uint64_t *lo,
+                                           uint64_t *len)
+{
+	const struct core_vol *v;
+
+	*lo = t << c->track_shift;
+	*len = (uint64_t)1 << c->track_shift;
+	v = vol_at(c, *lo);
+	if (v != NULL && *len > v->base + v->size - *lo)
+		*len = v->base + v->size - *lo;
+	return v;
+}
 
 static uint64_t now_ns(void)
 {
@@ -202,13 +244,15 @@ static void pend_sub(struct core *c, uint64_t t0, uint64_t t1, bool may_clear)
 	}
 }
 
+/* A record's logical tracks: its offset is relative to its volume. */
 static bool record_tracks(struct core *c, const unsigned char *hdr, uint64_t *t0, uint64_t *t1)
 {
 	uint64_t off = rd64(hdr + REC_OFFSET);
-	uint32_t len = rd32(hdr + REC_LENGTH);
+	uint32_t len = rd32(hdr + REC_LENGTH), vol = rd32(hdr + REC_VOLUME);
 
-	if (hdr[REC_OP] == REC_OP_FLUSH || len == 0)
+	if (hdr[REC_OP] == REC_OP_FLUSH || len == 0 || vol >= c->nvols)
 		return false;
+	off += c->vols[vol].base;
 	*t0 = off >> c->track_shift;
 	*t1 = (off + len - 1) >> c->track_shift;
 	return true;
@@ -234,7 +278,8 @@ static void on_discard(void *ctx, const unsigned char *hdr)
 
 /* ---- device I/O ----------------------------------------------------------- */
 
-static int dev_write(struct core *c, const void *buf, uint64_t len, uint64_t off, bool fua)
+static int dev_write(struct core *c, const struct core_vol *v, const void *buf, uint64_t len,
+                     uint64_t off, bool fua)
 {
 	uint64_t done = 0;
 	int r;
@@ -243,7 +288,7 @@ static int dev_write(struct core *c, const void *buf, uint64_t len, uint64_t off
 		/* One durable write instead of write + fdatasync. */
 		while (done < len) {
 			struct iovec iov = {(char *)buf + done, (size_t)(len - done)};
-			ssize_t n = pwritev2(c->fd, &iov, 1, (off_t)(off + done), RWF_DSYNC);
+			ssize_t n = pwritev2(v->fd, &iov, 1, (off_t)(off + done), RWF_DSYNC);
 			if (n < 0) {
 				if (errno == EINTR)
 					continue;
@@ -260,20 +305,36 @@ static int dev_write(struct core *c, const void *buf, uint64_t len, uint64_t off
 		if (done == len)
 			return 0;
 	}
-	r = dpx_pwrite_full(c->fd, (const char *)buf + done, len - done, (off_t)(off + done));
+	r = dpx_pwrite_full(v->fd, (const char *)buf + done, len - done, (off_t)(off + done));
 	if (r == 0 && fua)
-		r = dpx_fdatasync(c->fd);
+		r = dpx_fdatasync(v->fd);
 	return r;
 }
 
 /* Make [off, off+len) read as zeros (util.h), then FUA if asked. */
-static int dev_zero(struct core *c, uint64_t off, uint64_t len, bool punch_first, bool fua)
+static int dev_zero(const struct core_vol *v, uint64_t off, uint64_t len, bool punch_first,
+                    bool fua)
 {
-	int r = dpx_zero_range(c->fd, c->is_blk, off, len, punch_first);
+	int r = dpx_zero_range(v->fd, v->is_blk, off, len, punch_first);
 
 	if (r < 0)
 		return r;
-	return fua ? dpx_fdatasync(c->fd) : 0;
+	return fua ? dpx_fdatasync(v->fd) : 0;
+}
+
+/* fdatasync every volume; the first failure stops (the others keep their
+ * error state for the next flush). */
+static int sync_volumes(struct core *c, char *err, size_t errlen)
+{
+	for (uint32_t i = 0; i < c->nvols; i++) {
+		int r = dpx_fdatasync(c->vols[i].fd);
+		if (r < 0) {
+			dpx_seterr(err, errlen, "device %s: fdatasync failed: %s", c->vols[i].path,
+			           strerror(-r));
+			return r;
+		}
+	}
+	return 0;
 }
 
 /* ---- lifecycle ------------------------------------------------------------ */
@@ -287,8 +348,12 @@ static void core_free(struct core *c)
 	}
 	ring_destroy(c->ring);
 	collide_destroy(c->collide);
-	if (c->fd >= 0)
-		close(c->fd);
+	for (uint32_t i = 0; c->vols != NULL && i < c->nvols; i++) {
+		if (c->vols[i].fd >= 0)
+			close(c->vols[i].fd);
+		free(c->vols[i].path);
+	}
+	free(c->vols);
 	if (c->hist_fd >= 0)
 		close(c->hist_fd);
 	pthread_rwlock_destroy(&c->fence);
@@ -301,41 +366,115 @@ static void core_free(struct core *c)
 	free(c);
 }
 
-int core_open(struct core **out, const char *device_path, uint64_t size, struct bitmap *oos,
+/* Open volume v's device and check that it holds v->size bytes. */
+static int open_volume(struct core_vol *v, char *err, size_t errlen)
+{
+	struct stat st;
+	uint64_t dev_size;
+	int r;
+
+	v->fd = open(v->path, O_RDWR | O_CLOEXEC);
+	if (v->fd < 0) {
+		r = -errno;
+		dpx_seterr(err, errlen, "device %s: cannot open: %s", v->path, strerror(-r));
+		return r;
+	}
+	if (fstat(v->fd, &st) != 0) {
+		r = -errno;
+		dpx_seterr(err, errlen, "device %s: cannot stat: %s", v->path, strerror(-r));
+		return r;
+	}
+	if (S_ISBLK(st.st_mode)) {
+		v->is_blk = true;
+		if (ioctl(v->fd, BLKGETSIZE64, &dev_size) != 0) {
+			r = -errno;
+			dpx_seterr(err, errlen, "device %s: cannot get its size: %s", v->path,
+			           strerror(-r));
+			return r;
+		}
+	} else if (S_ISREG(st.st_mode)) {
+		dev_size = (uint64_t)st.st_size;
+	} else {
+		dpx_seterr(err, errlen, "device %s: neither a block device nor a regular file",
+		           v->path);
+		return -EINVAL;
+	}
+	if (dev_size < v->size) {
+		dpx_seterr(err, errlen, "device %s: has %llu bytes, %llu requested", v->path,
+		           (unsigned long long)dev_size, (unsigned long long)v->size);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+/* The volumes' sizes and bases against the layout (core.h). */
+static int check_layout(const struct core_volume *vols, uint32_t n, uint32_t ts, char *err,
+                        size_t errlen)
+{
+	uint64_t want = 0;
+
+	if (n == 0) {
+		dpx_seterr(err, errlen, "core: no volume given");
+		return -EINVAL;
+	}
+	for (uint32_t i = 0; i < n; i++) {
+		if (vols[i].size == 0) {
+			dpx_seterr(err, errlen, "device %s: size must be > 0", vols[i].path);
+			return -EINVAL;
+		}
+		if (vols[i].base != want) {
+			dpx_seterr(err, errlen,
+			           "device %s: volume %u has logical base %llu, the layout puts it at %llu",
+			           vols[i].path, i, (unsigned long long)vols[i].base,
+			           (unsigned long long)want);
+			return -EINVAL;
+		}
+		if (vols[i].size > UINT64_MAX - ts - vols[i].base) {
+			dpx_seterr(err, errlen, "device %s: size %llu overflows the logical space",
+			           vols[i].path, (unsigned long long)vols[i].size);
+			return -EINVAL;
+		}
+		want = (vols[i].base + vols[i].size + ts - 1) / ts * ts;
+	}
+	return 0;
+}
+
+int core_open(struct core **out, const struct core_volume *vols, uint32_t n, struct bitmap *oos,
               struct actlog *al, size_t ring_size, uint64_t first_seq,
               const char *history_path, char *err, size_t errlen)
 {
 	struct core *c;
-	struct stat st;
-	uint64_t dev_size;
 	uint32_t ts = bitmap_track_size(oos);
+	const char *name;
+	uint64_t size;
 	pthread_rwlockattr_t ra;
 	int r;
 
 	*out = NULL;
-	if (size == 0) {
-		dpx_seterr(err, errlen, "device %s: size must be > 0", device_path);
-		return -EINVAL;
-	}
+	if ((r = check_layout(vols, n, ts, err, errlen)) < 0)
+		return r;
+	name = vols[0].path; /* messages about the whole core name the first device */
+	size = vols[n - 1].base + vols[n - 1].size;
 	if (bitmap_nbits(oos) < (size + ts - 1) / ts) {
 		dpx_seterr(err, errlen,
-		           "device %s: OOS bitmap covers %llu bytes (%llu tracks of %u), device size is %llu",
-		           device_path, (unsigned long long)(bitmap_nbits(oos) * ts),
-		           (unsigned long long)bitmap_nbits(oos), ts, (unsigned long long)size);
+		           "device %s: OOS bitmap covers %llu bytes (%llu tracks of %u), %s size is %llu",
+		           name, (unsigned long long)(bitmap_nbits(oos) * ts),
+		           (unsigned long long)bitmap_nbits(oos), ts,
+		           n > 1 ? "the volumes' logical" : "device", (unsigned long long)size);
 		return -EINVAL;
 	}
 	if (actlog_extent_size(al) % ts != 0) {
 		dpx_seterr(err, errlen,
 		           "device %s: activity log extent size %llu is not a multiple of the track size %u",
-		           device_path, (unsigned long long)actlog_extent_size(al), ts);
+		           name, (unsigned long long)actlog_extent_size(al), ts);
 		return -EINVAL;
 	}
 	c = calloc(1, sizeof(*c));
 	if (c == NULL) {
-		dpx_seterr(err, errlen, "device %s: out of memory", device_path);
+		dpx_seterr(err, errlen, "device %s: out of memory", name);
 		return -ENOMEM;
 	}
-	c->fd = c->hist_fd = -1;
+	c->hist_fd = -1;
 	pthread_rwlockattr_init(&ra);
 	/* A fence must not starve behind a steady stream of writes. */
 	pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
@@ -357,48 +496,44 @@ int core_open(struct core **out, const char *device_path, uint64_t size, struct 
 	atomic_store(&c->dsync_ok, true);
 	c->npend_chunks = (c->ntracks + PEND_CHUNK - 1) / PEND_CHUNK;
 	c->pend = calloc(c->npend_chunks, sizeof(*c->pend));
-	if (c->pend == NULL) {
+	c->vols = calloc(n, sizeof(*c->vols));
+	if (c->pend == NULL || c->vols == NULL) {
 		r = -ENOMEM;
-		dpx_seterr(err, errlen, "device %s: out of memory", device_path);
+		dpx_seterr(err, errlen, "device %s: out of memory", name);
 		goto fail;
 	}
+	c->nvols = n;
+	for (uint32_t i = 0; i < n; i++)
+		c->vols[i].fd = -1;
 	if ((r = ring_create(&c->ring, ring_size, first_seq)) < 0) {
 		dpx_seterr(err, errlen, "device %s: cannot create a send ring of %zu bytes: %s",
-		           device_path, ring_size, r == -EINVAL ? "too small (minimum 4096)" : strerror(-r));
+		           name, ring_size, r == -EINVAL ? "too small (minimum 4096)" : strerror(-r));
 		goto fail;
 	}
-	c->fd = open(device_path, O_RDWR | O_CLOEXEC);
-	if (c->fd < 0) {
-		r = -errno;
-		dpx_seterr(err, errlen, "device %s: cannot open: %s", device_path, strerror(-r));
-		goto fail;
-	}
-	if (fstat(c->fd, &st) != 0) {
-		r = -errno;
-		dpx_seterr(err, errlen, "device %s: cannot stat: %s", device_path, strerror(-r));
-		goto fail;
-	}
-	if (S_ISBLK(st.st_mode)) {
-		c->is_blk = true;
-		if (ioctl(c->fd, BLKGETSIZE64, &dev_size) != 0) {
-			r = -errno;
-			dpx_seterr(err, errlen, "device %s: cannot get its size: %s", device_path,
-			           strerror(-r));
+	for (uint32_t i = 0; i < n; i++) {
+		struct core_vol *v = &c->vols[i];
+		struct stat si, sj;
+		v->size = vols[i].size;
+		v->base = vols[i].base;
+		if ((v->path = strdup(vols[i].path)) == NULL) {
+			r = -ENOMEM;
+			dpx_seterr(err, errlen, "device %s: out of memory", vols[i].path);
 			goto fail;
 		}
-	} else if (S_ISREG(st.st_mode)) {
-		dev_size = (uint64_t)st.st_size;
-	} else {
-		r = -EINVAL;
-		dpx_seterr(err, errlen, "device %s: neither a block device nor a regular file",
-		           device_path);
-		goto fail;
-	}
-	if (dev_size < size) {
-		r = -EINVAL;
-		dpx_seterr(err, errlen, "device %s: has %llu bytes, %llu requested", device_path,
-		           (unsigned long long)dev_size, (unsigned long long)size);
-		goto fail;
+		if ((r = open_volume(v, err, errlen)) < 0)
+			goto fail;
+		/* Two volumes on one device would overwrite each other. */
+		for (uint32_t j = 0; j < i; j++) {
+			if (fstat(v->fd, &si) == 0 && fstat(c->vols[j].fd, &sj) == 0 &&
+			    (si.st_mode & S_IFMT) == (sj.st_mode & S_IFMT) &&
+			    (S_ISBLK(si.st_mode) ? si.st_rdev == sj.st_rdev
+			                         : si.st_dev == sj.st_dev && si.st_ino == sj.st_ino)) {
+				r = -EINVAL;
+				dpx_seterr(err, errlen, "device %s: volume %u is the same device as volume %u (%s)",
+				           v->path, i, j, c->vols[j].path);
+				goto fail;
+			}
+		}
 	}
 	if (history_path != NULL) {
 		c->hist_fd = open(history_path, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0644);
@@ -415,15 +550,24 @@ fail:
 	return r;
 }
 
+int core_open_device(struct core **out, const char *device_path, uint64_t size,
+                     struct bitmap *oos, struct actlog *al, size_t ring_size, uint64_t first_seq,
+                     const char *history_path, char *err, size_t errlen)
+{
+	struct core_volume v = {device_path, size, 0};
+
+	return core_open(out, &v, 1, oos, al, ring_size, first_seq, history_path, err, errlen);
+}
+
+uint32_t core_nvolumes(struct core *c) { return c->nvols; }
+
 int core_close(struct core *c, bool clean, char *err, size_t errlen)
 {
 	int r = 0;
 
 	if (clean) {
-		r = dpx_fdatasync(c->fd);
-		if (r < 0)
-			dpx_seterr(err, errlen, "device: fdatasync failed: %s", strerror(-r));
-		else
+		r = sync_volumes(c, err, errlen);
+		if (r == 0)
 			r = actlog_quiesce(c->al, c->oos, err, errlen);
 	}
 	core_free(c);
@@ -534,39 +678,47 @@ static enum seq_outcome sequence(struct core *c, uint8_t op, uint8_t flags, uint
 
 /* The collision rule (DESIGN §4): a track still frozen for the increment
  * being drained goes into the increment as it is now, before this write
- * changes it. Called with the tracks locked and the fence read-held. */
+ * changes it. Called with the tracks locked and the fence read-held. The
+ * entry is keyed by the track's logical offset, read from its volume. */
 static void collide_tracks(struct core *c, uint64_t t0, uint64_t t1)
 {
 	for (uint64_t t = t0; t <= t1; t++) {
+		uint64_t lo, len;
+		const struct core_vol *v;
 		if (!bitmap_clear_bit(c->frozen, t))
 			continue;
-		uint64_t off = t << c->track_shift;
-		uint64_t len = (uint64_t)1 << c->track_shift;
-		if (len > c->size - off)
-			len = c->size - off;
-		(void)collide_push_read(c->collide, c->fd, off, (uint32_t)len);
+		v = track_extent(c, t, &lo, &len);
+		if (v != NULL)
+			(void)collide_push_read(c->collide, v->fd, lo - v->base, (uint32_t)len, lo);
 	}
 }
 
 static int do_range_op(struct core *c, uint8_t op, const void *buf, uint64_t len, uint64_t off,
                        uint32_t flags, uint32_t volume, struct core_result *res)
 {
-	uint64_t t0, t1;
+	uint64_t t0, t1, lo;
+	const struct core_vol *v;
 	bool fua = (flags & CORE_FUA) != 0, al_held = false, large = false;
 	enum seq_outcome outcome;
 	int r;
 
 	res->queued = false;
-	if (len == 0 || len > UINT32_MAX || off > c->size || len > c->size - off)
+	/* Checked before anything: a bad volume or range touches no device,
+	 * no bitmap and no seq. */
+	if (volume >= c->nvols)
 		return -EINVAL;
-	t0 = off >> c->track_shift;
-	t1 = (off + len - 1) >> c->track_shift;
+	v = &c->vols[volume];
+	if (len == 0 || len > UINT32_MAX || off > v->size || len > v->size - off)
+		return -EINVAL;
+	lo = v->base + off; /* tracks, locks and the activity log are logical */
+	t0 = lo >> c->track_shift;
+	t1 = (lo + len - 1) >> c->track_shift;
 
 	pthread_rwlock_rdlock(&c->fence);
 	lock_tracks(c, t0, t1);
 	if ((r = pend_ensure(c, t0, t1)) < 0)
 		goto out;
-	r = actlog_begin(c->al, off, len, c->oos);
+	r = actlog_begin(c->al, lo, len, c->oos);
 	if (r == 0) {
 		al_held = true;
 	} else if (r == -E2BIG) {
@@ -584,9 +736,9 @@ static int do_range_op(struct core *c, uint8_t op, const void *buf, uint64_t len
 			goto undo;
 	}
 	if (op == REC_OP_WRITE)
-		r = dev_write(c, buf, len, off, fua);
+		r = dev_write(c, v, buf, len, off, fua);
 	else
-		r = dev_zero(c, off, len, op == REC_OP_TRIM, fua);
+		r = dev_zero(v, off, len, op == REC_OP_TRIM, fua);
 	if (r < 0)
 		goto undo; /* the bits stay set: the device may have changed */
 
@@ -612,7 +764,7 @@ undo:
 	pend_sub(c, t0, t1, false);
 out:
 	if (al_held)
-		actlog_end(c->al, off, len);
+		actlog_end(c->al, lo, len);
 	unlock_tracks(c, t0, t1);
 	pthread_rwlock_unlock(&c->fence);
 	return r;
@@ -636,17 +788,19 @@ int core_zero(struct core *c, uint64_t off, uint64_t len, uint32_t flags, uint32
 	return do_range_op(c, REC_OP_ZERO, NULL, len, off, flags, volume, res);
 }
 
-int core_flush(struct core *c, uint32_t volume, struct core_result *res)
+int core_flush(struct core *c, struct core_result *res)
 {
 	int r;
 
 	res->queued = false;
 	pthread_rwlock_rdlock(&c->fence);
-	r = dpx_fdatasync(c->fd);
+	/* Every volume: a flush orders writes across the whole resource. */
+	r = sync_volumes(c, NULL, 0);
 	if (r == 0)
 		r = bitmap_sync(c->oos, NULL, 0);
 	if (r == 0) {
-		res->queued = sequence(c, REC_OP_FLUSH, 0, 0, 0, NULL, 0, volume, &res->seq) == SEQ_QUEUED;
+		res->queued = sequence(c, REC_OP_FLUSH, 0, 0, 0, NULL, 0, REC_FLUSH_VOLUME,
+		                       &res->seq) == SEQ_QUEUED;
 		atomic_fetch_add(&c->n_flushes, 1);
 	}
 	pthread_rwlock_unlock(&c->fence);
@@ -656,18 +810,21 @@ int core_flush(struct core *c, uint32_t volume, struct core_result *res)
 int64_t core_pread(struct core *c, void *buf, uint64_t len, uint64_t off, bool locked)
 {
 	uint64_t t0 = 0, t1 = 0;
+	const struct core_vol *v;
 	ssize_t n;
 
 	if (off > c->size || len > c->size - off)
 		return -EINVAL;
-	if (len == 0)
-		return 0;
+	if (len == 0 || (v = vol_at(c, off)) == NULL)
+		return 0; /* the alignment gap holds no bytes */
+	if (len > v->base + v->size - off)
+		len = v->base + v->size - off; /* cut at the volume's end */
 	if (locked) {
 		t0 = off >> c->track_shift;
 		t1 = (off + len - 1) >> c->track_shift;
 		lock_tracks(c, t0, t1);
 	}
-	n = dpx_pread_full(c->fd, buf, (size_t)len, (off_t)off);
+	n = dpx_pread_full(v->fd, buf, (size_t)len, (off_t)(off - v->base));
 	if (locked)
 		unlock_tracks(c, t0, t1);
 	return n;
@@ -836,22 +993,20 @@ int core_freeze(struct core *c, struct bitmap *frozen, struct bitmap *cr, size_t
 int64_t core_drain_track(struct core *c, uint64_t t, void *buf, size_t cap)
 {
 	int64_t n = 0;
-	uint64_t off, len;
+	uint64_t lo, len;
+	const struct core_vol *v;
 
 	if (t >= c->ntracks)
 		return -EINVAL;
-	off = t << c->track_shift;
-	len = (uint64_t)1 << c->track_shift;
-	if (len > c->size - off)
-		len = c->size - off;
+	v = track_extent(c, t, &lo, &len);
 	if (len > cap)
 		return -ENOBUFS;
 	pthread_rwlock_rdlock(&c->fence);
 	lock_tracks(c, t, t);
 	/* Under the track's lock: either we take it from the frozen map here,
 	 * or a write already took it into the collision queue. */
-	if (c->frozen != NULL && bitmap_clear_bit(c->frozen, t))
-		n = dpx_pread_full(c->fd, buf, (size_t)len, (off_t)off);
+	if (c->frozen != NULL && bitmap_clear_bit(c->frozen, t) && v != NULL)
+		n = dpx_pread_full(v->fd, buf, (size_t)len, (off_t)(lo - v->base));
 	unlock_tracks(c, t, t);
 	pthread_rwlock_unlock(&c->fence);
 	return n;

@@ -21,6 +21,25 @@
  * (the writes made while dropped exist only as OOS bits), and only the
  * owner turns it back on, once a catch-up has shipped them.
  *
+ * Volumes (replicator/layout.py has the same arithmetic in Python): a
+ * resource's volumes lie end to end in one LOGICAL address space, volume i
+ * at logical base b_i, b_0 = 0, b_{i+1} = round_up(b_i + size_i, track
+ * size). A track never spans two volumes; a volume's last track may be
+ * partial and the rest of it (the alignment gap) is nobody's. One OOS
+ * bitmap, CR bitmap, activity log, set of track locks and sequencer cover
+ * the logical space, so a freeze fences every volume at one instant and
+ * Ahead, catch-up, verify and recovery span every volume unchanged.
+ *   - core_write/trim/zero take (volume, volume-relative offset), mark and
+ *     lock at logical b_v + off, do the I/O on volume v's device at off,
+ *     and the record carries (volume, off).
+ *   - core_flush fdatasyncs every volume; its one FLUSH record has volume
+ *     REC_FLUSH_VOLUME (records.h).
+ *   - core_pread, core_drain_track and the collision entries use LOGICAL
+ *     offsets: a read is cut at the end of the volume holding its first
+ *     byte, and the alignment gap reads as nothing (0 bytes).
+ * A single device is one volume at base 0 (core_open_device): logical
+ * offsets are device offsets, exactly as before volumes existed.
+ *
  * The bitmaps, activity log and history stay owned by the caller and must
  * outlive the core. Every call is thread-safe except core_close().
  */
@@ -54,30 +73,50 @@ struct core_stats {
 	uint64_t history_errors;
 };
 
-/* Open the device (regular file or block device) read-write. size: bytes
- * exported (<= the device's size). oos covers size; al's extent size is a
- * multiple of oos's track size. history_path: NULL or a file that receives
- * every record in seq order (test aid). 0 or -errno with a message. */
-int core_open(struct core **out, const char *device_path, uint64_t size, struct bitmap *oos,
+/* One volume: its device (regular file or block device), the bytes it
+ * exports (<= the device's size) and its logical base (see above). */
+struct core_volume {
+	const char *path;
+	uint64_t size;
+	uint64_t base;
+};
+
+/* Open n >= 1 volumes read-write, one fd each. The bases must be exactly
+ * the layout above (-EINVAL naming the volume otherwise), and no two
+ * volumes may be the same file or device. oos covers the logical size
+ * (last base + last size); al's extent size is a multiple of oos's track
+ * size. history_path: NULL or a file that receives every record in seq
+ * order (test aid). 0 or -errno with a message. */
+int core_open(struct core **out, const struct core_volume *vols, uint32_t n, struct bitmap *oos,
               struct actlog *al, size_t ring_size, uint64_t first_seq,
               const char *history_path, char *err, size_t errlen);
 
-/* clean: fdatasync the device, then quiesce the activity log (sync oos,
+/* core_open of one volume at base 0: a single device of size bytes. */
+int core_open_device(struct core **out, const char *device_path, uint64_t size,
+                     struct bitmap *oos, struct actlog *al, size_t ring_size, uint64_t first_seq,
+                     const char *history_path, char *err, size_t errlen);
+
+uint32_t core_nvolumes(struct core *c);
+
+/* clean: fdatasync every volume, then quiesce the activity log (sync oos,
  * empty transaction). Frees the core in any case. 0 or -errno. */
 int core_close(struct core *c, bool clean, char *err, size_t errlen);
 
-/* 0 with *res set, or -errno (nothing sequenced). */
+/* 0 with *res set, or -errno (nothing sequenced). -EINVAL for a volume
+ * >= n or a range past the volume's end: no device is touched. */
 int core_write(struct core *c, const void *buf, uint64_t len, uint64_t off, uint32_t flags,
                uint32_t volume, struct core_result *res);
 int core_trim(struct core *c, uint64_t off, uint64_t len, uint32_t flags, uint32_t volume,
               struct core_result *res);
 int core_zero(struct core *c, uint64_t off, uint64_t len, uint32_t flags, uint32_t volume,
               struct core_result *res);
-/* fdatasync the device, sync the OOS bitmap, append a FLUSH record. */
-int core_flush(struct core *c, uint32_t volume, struct core_result *res);
+/* fdatasync every volume, sync the OOS bitmap, append one FLUSH record. */
+int core_flush(struct core *c, struct core_result *res);
 
-/* Read the device. locked: hold the track locks (a snapshot of the range
- * no write is half-way through). Bytes read or -errno. */
+/* Read at a LOGICAL offset, cut at the end of the volume holding off (0
+ * bytes when off is in an alignment gap). locked: hold the track locks (a
+ * snapshot of the range no write is half-way through). Bytes read, or
+ * -errno (-EINVAL: the range runs past the logical end). */
 int64_t core_pread(struct core *c, void *buf, uint64_t len, uint64_t off, bool locked);
 
 uint64_t core_next_seq(struct core *c);
@@ -119,7 +158,8 @@ int core_set_cr(struct core *c, struct bitmap *cr);
  * track into the collision queue of collide_cap bytes and clears it), and
  * with stream resume a dropped ring at the next seq. *base: the last seq
  * before this instant. core_drain_track: take track t from the frozen map
- * and read it into buf (bytes read; 0 if a write already took it).
+ * (logical) and read it into buf, cut at its volume's end (bytes read; 0
+ * if a write already took it).
  * core_collisions: move queued copies out (collide.h entry layout).
  * core_thaw: disarm the collision rule. */
 int core_freeze(struct core *c, struct bitmap *frozen, struct bitmap *cr, size_t collide_cap,

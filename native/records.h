@@ -3,6 +3,12 @@
  * layout: 48-byte header, data padded to 8) in one call: structure and
  * CRC32C of every record. The receiver checks a whole DATA frame this way
  * instead of one call per record.
+ *
+ * Volumes (replicator/layout.py): a WRITE, TRIM or ZERO record carries the
+ * index of its volume (config order) and an offset relative to that
+ * volume. A FLUSH record covers every volume of the resource (the core
+ * fdatasyncs them all before sequencing it) and its volume field is
+ * REC_FLUSH_VOLUME, 0, whatever the number of volumes.
  */
 #ifndef DUPLEX_RECORDS_H
 #define DUPLEX_RECORDS_H
@@ -10,6 +16,9 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+
+/* The volume field of every FLUSH record: it covers all volumes. */
+#define REC_FLUSH_VOLUME 0
 
 /* Why a record is refused (the Python layer words the message). */
 enum records_fault {

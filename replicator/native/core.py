@@ -6,6 +6,12 @@ the device, assign the seq, queue the record in the send ring. The consumer
 side (peek, advance, release, rewind, drop, resume) feeds the shipper; the
 catch-up increments (freeze, drain_track, collisions, thaw: native/collide.h)
 run against the same Core. ship() streams the ring in C (replicator.native.ship).
+
+Volumes (replicator.layout, native/core.h): ``Core(device, size, ...)`` is one
+volume at base 0, as before; ``Core.open_volumes(devices, layout, ...)`` opens
+several, laid end to end in one logical space. write/trim/zero take
+(volume-relative offset, ``volume``); pread, drain_track and collisions use
+LOGICAL offsets (a read stops at the end of the volume holding its first byte).
 """
 from __future__ import annotations
 
@@ -15,8 +21,9 @@ import struct
 import sys
 import threading
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
+from replicator.layout import Layout
 from replicator.native import ship as _ship
 from replicator.native.actlog import ActivityLog
 from replicator.native.bitmap import Bitmap
@@ -65,24 +72,59 @@ class Core:
     def __init__(self, device_path: str, size: int, oos: Bitmap, al: ActivityLog,
                  ring_size: int, first_seq: int, history_path: str | None = None,
                  cr: Bitmap | None = None):
-        """Open *device_path* (file or block device) for *size* bytes."""
+        """Open *device_path* (file or block device) for *size* bytes: one
+        volume at logical base 0."""
         self._c = None
         if size <= 0:
             raise ValueError(f"device size {size} must be positive")
+        self._open([device_path], Layout.single(size, oos.track_size), oos, al, ring_size,
+                   first_seq, history_path, cr)
+
+    @classmethod
+    def open_volumes(cls, devices: Sequence[str], layout: Layout, oos: Bitmap,
+                     al: ActivityLog, ring_size: int, first_seq: int,
+                     history_path: str | None = None, cr: Bitmap | None = None) -> "Core":
+        """Open the volumes of *layout*, volume i on ``devices[i]``, with one
+        sequencer, OOS bitmap (covering ``layout.ntracks``) and activity log."""
+        if len(devices) != len(layout):
+            raise ValueError(f"{len(devices)} device(s) for {len(layout)} volume(s)")
+        if layout.track_size != oos.track_size:
+            raise ValueError(f"layout track size {layout.track_size} differs from the OOS "
+                             f"bitmap's {oos.track_size}")
+        self = cls.__new__(cls)
+        self._c = None
+        self._open(devices, layout, oos, al, ring_size, first_seq, history_path, cr)
+        return self
+
+    def _open(self, devices: Sequence[str], layout: Layout, oos: Bitmap, al: ActivityLog,
+              ring_size: int, first_seq: int, history_path: str | None,
+              cr: Bitmap | None) -> None:
         if first_seq < 0:
             raise ValueError(f"first seq {first_seq} must be >= 0")
+        n = len(layout)
+        # char[] copies, alive across the call (the struct holds pointers).
+        paths = [_ffi.new("char[]", _path_arg(d)) for d in devices]
+        vols = _ffi.new("struct core_volume[]", n)
+        for i in range(n):
+            vols[i].path = paths[i]
+            vols[i].size = layout.sizes[i]
+            vols[i].base = layout.bases[i]
         out = _ffi.new("struct core **")
         err = _errbuf()
         hist = _ffi.NULL if history_path is None else _path_arg(history_path)
-        rc = _lib.core_open(out, _path_arg(device_path), size, oos._ptr(), al._ptr(),
-                            ring_size, first_seq, hist, err, _ERRLEN)
+        rc = _lib.core_open(out, vols, n, oos._ptr(), al._ptr(), ring_size, first_seq, hist,
+                            err, _ERRLEN)
         if rc < 0:
-            raise CoreError(_errmsg(err, f"device {device_path}: {os.strerror(-rc)}"))
+            raise CoreError(_errmsg(err, f"device {os.fspath(devices[0])}: {os.strerror(-rc)}"))
         self._c = out[0]
         self._ship_abort = _ffi.new("int *")
         self._ship_inflight = _ffi.new("uint64_t[3]")
-        self.device_path = os.fspath(device_path)
-        self.size = size
+        self.devices: tuple[str, ...] = tuple(os.fspath(d) for d in devices)
+        self.device_path = self.devices[0] if n == 1 else ", ".join(self.devices)
+        self.layout = layout
+        self._sizes = layout.sizes
+        self._nvols = n
+        self.size = layout.logical_size  # logical: the single device's size for one volume
         self.oos = oos
         self.al = al
         self.cr: Bitmap | None = None
@@ -100,32 +142,45 @@ class Core:
         return f"<Core {self.device_path} size={self.size}>"
 
     def _check(self, offset: int, length: int) -> None:
+        """A logical range (reads)."""
         if offset < 0 or length <= 0 or offset + length > self.size or length > _U32:
             raise ValueError(f"range {offset}+{length} is outside the device "
                              f"{self.device_path} ({self.size} bytes) or empty")
 
+    def _check_volume(self, volume: int, offset: int, length: int) -> None:
+        """A volume-relative range (writes)."""
+        if not 0 <= volume < self._nvols:
+            raise ValueError(f"volume {volume} does not exist: {self._nvols} volume(s) on "
+                             f"{self.device_path}")
+        size = self._sizes[volume]
+        if offset < 0 or length <= 0 or offset + length > size or length > _U32:
+            raise ValueError(f"range {offset}+{length} is outside the device "
+                             f"{self.devices[volume]} ({size} bytes) or empty")
+
     def write(self, data, offset: int, fua: bool = False, volume: int = 0) -> WriteResult:
-        """Write *data* at *offset*: mark, write the device, sequence, queue."""
+        """Write *data* at *offset* of *volume*: mark, write the device,
+        sequence, queue."""
         buf = _from_buffer(data)
         n = len(buf)
-        if offset < 0 or n == 0 or offset + n > self.size or n > _U32:
-            self._check(offset, n)
+        if (offset < 0 or n == 0 or n > _U32 or not 0 <= volume < self._nvols
+                or offset + n > self._sizes[volume]):
+            self._check_volume(volume, offset, n)
         c = self._c
         if c is None:
             self._ptr()
         out = _result()
         rc = _core_write(c, buf, n, offset, 1 if fua else 0, volume, out)
         if rc < 0:
-            raise _oserror(rc, f"write of {n} bytes at {offset} to {self.device_path}")
+            raise _oserror(rc, f"write of {n} bytes at {offset} to {self.devices[volume]}")
         return WriteResult(out.seq, out.queued)
 
     def _zeroing(self, fn, name: str, offset: int, length: int, volume: int,
                  fua: bool) -> WriteResult:
-        self._check(offset, length)
+        self._check_volume(volume, offset, length)
         out = _result()
         rc = fn(self._ptr(), offset, length, 1 if fua else 0, volume, out)
         if rc < 0:
-            raise _oserror(rc, f"{name} of {length} bytes at {offset} on {self.device_path}")
+            raise _oserror(rc, f"{name} of {length} bytes at {offset} on {self.devices[volume]}")
         return WriteResult(out.seq, out.queued)
 
     def trim(self, offset: int, length: int, volume: int = 0, fua: bool = False) -> WriteResult:
@@ -136,16 +191,19 @@ class Core:
         """Write zeros over a range (punching holes where that is cheaper)."""
         return self._zeroing(_lib.core_zero, "zero", offset, length, volume, fua)
 
-    def flush(self, volume: int = 0) -> WriteResult:
-        """fdatasync the device, sync the OOS bitmap, queue a FLUSH record."""
+    def flush(self) -> WriteResult:
+        """fdatasync every volume, sync the OOS bitmap, queue one FLUSH
+        record (volume field 0: it covers every volume)."""
         out = _result()
-        rc = _lib.core_flush(self._ptr(), volume, out)
+        rc = _lib.core_flush(self._ptr(), out)
         if rc < 0:
             raise _oserror(rc, f"flush of {self.device_path}")
         return WriteResult(out.seq, out.queued)
 
     def pread(self, length: int, offset: int, locked: bool = False) -> bytes:
-        """Read the device. locked: hold the track locks (no write half-way)."""
+        """Read at a LOGICAL offset, cut at the end of the volume holding
+        *offset* (b"" in an alignment gap). locked: hold the track locks (no
+        write half-way)."""
         if length == 0:
             return b""
         self._check(offset, length)
@@ -156,7 +214,8 @@ class Core:
         return _ffi.unpack(buf, n)
 
     def pread_into(self, buf, offset: int, locked: bool = False) -> int:
-        """Read len(buf) bytes at *offset* into a writable buffer; bytes read."""
+        """Read up to len(buf) bytes at LOGICAL *offset* into a writable
+        buffer, cut as pread() is; bytes read."""
         dst = _ffi.from_buffer(buf, require_writable=True)
         n = len(dst)
         if n == 0:
@@ -321,8 +380,9 @@ class Core:
         return base[0]
 
     def drain_track(self, track: int) -> bytes | None:
-        """Take *track* from the frozen map and read it (under its lock);
-        None if a write already put it in the collision queue."""
+        """Take logical *track* from the frozen map and read it (under its
+        lock, cut at its volume's end); None if a write already put it in
+        the collision queue."""
         buf = _alloc_uninit("unsigned char[]", self.oos.track_size)  # read over: no memset
         n = _lib.core_drain_track(self._ptr(), track, buf, self.oos.track_size)
         if n < 0:
@@ -330,7 +390,7 @@ class Core:
         return bytes(_ffi.buffer(buf, n)) if n else None
 
     def collisions(self, max_bytes: int = 8 << 20, drain: bool = True) -> list[tuple[int, bytes]]:
-        """The collision copies queued so far: [(offset, data)], oldest first.
+        """The collision copies queued so far: [(logical offset, data)], oldest first.
         With *drain* false, only the first *max_bytes* or so of them (at
         least one), so that a caller can send the queue in slices."""
         cap = max(max_bytes, self.oos.track_size + 16)
@@ -403,7 +463,7 @@ class Core:
         return _lib.core_pending(self._ptr(), track)
 
     def close(self, clean: bool = True) -> None:
-        """Close. clean: fdatasync the device, sync the OOS bitmap and empty
+        """Close. clean: fdatasync every volume, sync the OOS bitmap and empty
         the activity log, so the bitmaps can then be closed cleanly.
         Records still in the ring are lost (their OOS bits stay set)."""
         if self._c is None:

@@ -78,9 +78,9 @@ static void *producer(void *arg)
 		else if (roll < 10)
 			rc = core_zero(core, off, len, 0, 0, &res);
 		else if (roll < 12)
-			rc = core_flush(core, 0, &res);
+			rc = core_flush(core, &res);
 		else
-			rc = core_write(core, buf, len, off, roll == 99 ? CORE_FUA : 0, 1, &res);
+			rc = core_write(core, buf, len, off, roll == 99 ? CORE_FUA : 0, 0, &res);
 		CHECK(rc == 0, "request failed: %d", rc);
 		CHECK(res.seq > last || last == 0, "seq went back in one thread: %llu after %llu",
 		      (unsigned long long)res.seq, (unsigned long long)last);
@@ -217,7 +217,7 @@ int main(int argc, char **argv)
 		return fprintf(stderr, "%s\n", err), 2;
 	snprintf(path, sizeof(path), "%s/dev", argv[1]);
 	/* A small ring: it wraps all the time and overflows now and then. */
-	if (core_open(&core, path, DEV_SIZE, oos, al, 256 << 10, 1, NULL, err, sizeof(err)) < 0)
+	if (core_open_device(&core, path, DEV_SIZE, oos, al, 256 << 10, 1, NULL, err, sizeof(err)) < 0)
 		return fprintf(stderr, "%s\n", err), 2;
 
 	deadline = now() + atof(argv[2]);
