@@ -75,7 +75,7 @@ from replicator.fileio import atomic_write
 from replicator.oosfiles import open_bitmaps
 from replicator.secondary.applier import ApplyError
 from replicator.secondary.pending import PendingQueue, StreamError
-from replicator.supervise import FAILED, Fault, Supervisor
+from replicator.supervise import Fault, Supervisor
 from replicator.secondary import snapshot
 from replicator.protocol.errors import ProtocolError
 from replicator import generations
