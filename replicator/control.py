@@ -362,7 +362,7 @@ class ControlServer:
     def _client(self, conn: socket.socket) -> None:
         try:
             self._answer(conn)
-        except Exception:  # noqa: BLE001 (dispatch catches handler errors; this is a bug here)
+        except Exception:  # dispatch catches handler errors: this is a bug here
             log.exception("control: client thread failed")
 
     def _answer(self, conn: socket.socket) -> None:
@@ -511,7 +511,7 @@ def request(meta_dir: str | os.PathLike, cmd: str, *, timeout: float = 5.0,
         msg = str(reply["error"])
         # Most daemon errors already lead with the resource ("r0: ..."):
         # say it once, not "resource r0: r0: ...".
-        if resource and (msg.startswith(f"{resource}:") or msg.startswith(f"resource {resource} ")):
+        if resource and msg.startswith((f"{resource}:", f"resource {resource} ")):
             raise ControlError(msg)
         raise ControlError(f"{what}: {msg}")
     return reply

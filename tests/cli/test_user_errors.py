@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import nbd
 import pytest
 
-from fixtures.duplex_lab import DUPLEX, REPO, RESOURCE, Lab, duplex_env
+from fixtures.duplex_lab import DUPLEX, RESOURCE, Lab, duplex_env
 from fixtures.processes import ProcessGroup
 
 from replicator.metadata import MetaPaths, load_metadata
@@ -156,8 +156,10 @@ def test_create_md_while_up_is_refused_before_touching_any_file(lab):
     before = {p.name: p.stat().st_mtime_ns for p in meta.iterdir()}
     r = duplex(lab, "beta", "create-md", RESOURCE, "--force")
     assert_user_error(r, f"resource {RESOURCE} is already up on this node (pid {first.pid})")
+    r = duplex(lab, "beta", "up", RESOURCE, timeout=30)
+    assert_user_error(r, f"resource {RESOURCE} is already up on this node (pid {first.pid})")
     assert {p.name: p.stat().st_mtime_ns for p in meta.iterdir()} == before
-    assert first.is_running()
+    assert first.is_running() and lab.control("beta")["role"] == "Secondary"
 
 
 # --------------------------------------------------------------------------
@@ -292,7 +294,8 @@ def test_nbdkit_with_a_device_of_another_size_logs_one_line(lab, tmp_path):
     sock = tmp_path / "direct.nbd"
     r = subprocess.run(["nbdkit", "-f", "-U", str(sock), "python", str(PLUGIN),
                         f"config={lab.config}", f"resource={RESOURCE}", "node=alpha"],
-                       capture_output=True, text=True, timeout=30, env=plugin_env())
+                       check=False, capture_output=True, text=True, timeout=30,
+                       env=plugin_env())
     line = assert_user_error(r, str(lab.image["alpha"]))
     assert len([ln for ln in r.stderr.splitlines() if "error" in ln]) == 1, r.stderr
     assert "nbdkit" in line
@@ -360,7 +363,8 @@ def test_a_daemon_error_names_the_resource_once(lab):
 def test_global_options_are_accepted_after_the_subcommand(lab):
     lab.create_md()
     argv = [*DUPLEX, "status", RESOURCE, "--json", "--config", str(lab.config), "--node", "beta"]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=duplex_env())
+    r = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=30,
+                       env=duplex_env())
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["node"] == "beta"
 
