@@ -145,6 +145,11 @@ class Metadata:
     discard_my_data: bool = False
     created: float = 0.0
     updated: float = 0.0
+    # The resource's volumes in config order, {"name", "size"} each; their
+    # sizes laid end to end (track-aligned) make device_size, the logical
+    # size every bitmap covers (DESIGN §8). Absent in files of a
+    # single-volume resource made before volumes: one volume, DEFAULT_VOLUME.
+    volumes: list[dict[str, Any]] = field(default_factory=list)
     # Where it lives; not part of the document.
     meta_dir: Path = field(default=Path("."), compare=False, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False,
@@ -198,7 +203,11 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "needs_initial_sync": (bool,), "seq_hwm": (int,), "seq_reserved": (bool,), "discard_my_data": (bool,),
     "created": (float, int),
     "updated": (float, int),
+    "volumes": (list,),
 }
+
+#: The name of the one volume of a resource configured with a plain ``device``.
+DEFAULT_VOLUME = "default"
 
 
 def _is_uuid(v: Any) -> bool:
@@ -208,6 +217,8 @@ def _is_uuid(v: Any) -> bool:
 def _validate_body(body: dict[str, Any], where: Path) -> None:
     """Raise MetadataError naming the first field that is wrong."""
     body.setdefault("discard_my_data", False)  # absent in the first format-1 files
+    if "volumes" not in body and isinstance(body.get("device_size"), int):
+        body["volumes"] = [{"name": DEFAULT_VOLUME, "size": body["device_size"]}]
     body.setdefault("seq_reserved", False)  # absent before it was added: exact as before
     missing = [k for k in _FIELD_TYPES if k not in body]
     if missing:
@@ -234,6 +245,26 @@ def _validate_body(body: dict[str, Any], where: Path) -> None:
         raise MetadataError(f"{where}: field 'disk' is {body['disk']!r} (expected one of {', '.join(DISK_STATES)})")
     if body["device_size"] <= 0 or body["track_size"] <= 0 or body["seq_hwm"] < 0:
         raise MetadataError(f"{where}: device_size/track_size must be > 0 and seq_hwm >= 0")
+    _validate_volumes(body, where)
+
+
+def _validate_volumes(body: dict[str, Any], where: Path) -> None:
+    vols = body["volumes"]
+    names = set()
+    end = 0
+    ts = body["track_size"]
+    for i, v in enumerate(vols):
+        if (not isinstance(v, dict) or set(v) != {"name", "size"} or not isinstance(v["name"], str)
+                or not v["name"] or type(v["size"]) is not int or v["size"] <= 0):
+            raise MetadataError(f"{where}: field 'volumes' entry {i} is not "
+                                f"{{\"name\": NAME, \"size\": BYTES}}: {v!r}")
+        if v["name"] in names:
+            raise MetadataError(f"{where}: field 'volumes' names volume {v['name']!r} twice")
+        names.add(v["name"])
+        end = (end + ts - 1) // ts * ts + v["size"]
+    if not vols or end != body["device_size"]:
+        raise MetadataError(f"{where}: field 'volumes' ({len(vols)} volume(s), {end} bytes laid "
+                            f"end to end) does not match device_size {body['device_size']}")
 
 
 def decode_metadata(data: bytes, where: Path) -> dict[str, Any]:
@@ -263,15 +294,26 @@ def decode_metadata(data: bytes, where: Path) -> dict[str, Any]:
     return body
 
 
+def logical_size(volumes: list[dict[str, Any]], track_size: int) -> int:
+    """The volumes' sizes laid end to end, each starting on a track."""
+    end = 0
+    for v in volumes:
+        end = (end + track_size - 1) // track_size * track_size + v["size"]
+    return end
+
+
 def create_metadata(meta_dir: str | os.PathLike, resource: str, node: str,
                     device_size: int, track_size: int, assume_clean: bool,
-                    force: bool = False) -> Metadata:
+                    force: bool = False,
+                    volumes: list[dict[str, Any]] | None = None) -> Metadata:
     """Create and save fresh metadata in *meta_dir* (created if missing).
 
     New random resource, node and generation identifiers. With
     *assume_clean* the disk is UpToDate and no initial sync is needed (both
     devices declared identical); otherwise Inconsistent, needing one.
-    Refuses to overwrite existing metadata unless *force*.
+    Refuses to overwrite existing metadata unless *force*. *volumes*
+    (``{"name", "size"}`` each, config order) for a resource of several
+    volumes; then *device_size* must be their :func:`logical_size`.
     """
     paths = MetaPaths(meta_dir)
     if paths.metadata.exists() and not force:
@@ -292,6 +334,8 @@ def create_metadata(meta_dir: str | os.PathLike, resource: str, node: str,
         disk=DISK_UPTODATE if assume_clean else DISK_INCONSISTENT,
         needs_initial_sync=not assume_clean, created=now, updated=now,
         meta_dir=paths.meta_dir,
+        volumes=[dict(v) for v in volumes] if volumes else
+        [{"name": DEFAULT_VOLUME, "size": device_size}],
     )
     md.save()
     return md
