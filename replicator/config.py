@@ -32,6 +32,16 @@ Schema (defaults shown; only ``secret-file`` and the node's ``address``,
     service-address = "10.0.0.10/24"    # optional: address failover moves
     service-interface = "eth0"          # optional
     mount-point = "/srv/data"           # optional
+
+A resource of several volumes (one write order across them, DESIGN §8)
+names them in volume tables instead of ``device``; both nodes list the same
+names, in the same order::
+
+    [resource.r0.on.alpha.volume.data]
+    device = "/dev/sdb"
+    mount-point = "/srv/pg"             # optional, per volume
+    [resource.r0.on.alpha.volume.wal]
+    device = "/dev/sdc"
 """
 from __future__ import annotations
 
@@ -49,6 +59,7 @@ from replicator.errors import DuplexError
 from replicator.sizes import parse_duration, parse_rate, parse_size
 
 DEFAULT_CONFIG_PATH = "/etc/duplex/duplex.toml"
+DEFAULT_VOLUME = "default"  # the one volume of a resource with a plain `device`
 DEFAULT_RUN_DIR = "/run/duplex"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -92,17 +103,39 @@ class Export:
 
 
 @dataclass(frozen=True)
+class Volume:
+    """One volume of a node: its name (the NBD export name on the primary)
+    and its device. A resource with a plain ``device`` has one, named
+    :data:`DEFAULT_VOLUME`."""
+
+    name: str
+    device: str
+    mount_point: str | None = None
+
+
+@dataclass(frozen=True)
 class Node:
     """One host's side of a resource."""
 
     name: str
     address: tuple[str, int]  # replication endpoint (host, port)
-    device: str
+    device: str               # the first volume's device (the only one, mostly)
     meta_dir: str
     export: Export
     service_address: str | None = None  # "10.0.0.10/24"
     service_interface: str | None = None
     mount_point: str | None = None
+    volumes: tuple[Volume, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.volumes:
+            object.__setattr__(self, "volumes",
+                               (Volume(DEFAULT_VOLUME, self.device, self.mount_point),))
+
+    @property
+    def multi_volume(self) -> bool:
+        """True for a resource configured with volume tables."""
+        return len(self.volumes) > 1 or self.volumes[0].name != DEFAULT_VOLUME
 
     def export_uri(self) -> str:
         """The NBD URI of this node's export (when it is primary)."""
@@ -387,8 +420,9 @@ _RESOURCE_KEYS = {
 }
 _NODE_KEYS = {
     "address", "device", "meta-dir", "export", "service-address",
-    "service-interface", "mount-point",
+    "service-interface", "mount-point", "volume",
 }
+_VOLUME_KEYS = {"device", "mount-point"}
 
 
 def _parse_node(c: _Checker, res_name: str, name: str, table: Any) -> Node:
@@ -396,9 +430,10 @@ def _parse_node(c: _Checker, res_name: str, name: str, table: Any) -> Node:
     if not _NAME.match(name):
         raise c.fail(key, f"{name!r} is not a valid node name (letters, digits, '_', '.', '-')")
     t = c.table(table, key)
-    c.keys(t, key, _NODE_KEYS, {"address", "device", "meta-dir"})
+    c.keys(t, key, _NODE_KEYS, {"address", "meta-dir"})
     address = c.parsed(t, key, "address", None, parse_address)
-    device = c.abspath(t, key, "device")
+    volumes = _parse_volumes(c, key, t)
+    device = volumes[0].device
     meta_dir = c.abspath(t, key, "meta-dir")
     export = c.parsed(t, key, "export", f"unix:{DEFAULT_RUN_DIR}/{res_name}.nbd", parse_export)
     service_address = c.string(t, key, "service-address")
@@ -417,9 +452,60 @@ def _parse_node(c: _Checker, res_name: str, name: str, table: Any) -> Node:
         raise c.fail(f"{key}.service-interface",
                      "required when service-address is set (the interface to put it on)")
     mount_point = c.abspath(t, key, "mount-point")
+    if "volume" in t and mount_point is not None:
+        raise c.fail(f"{key}.mount-point", "give mount-point in each volume table instead")
+    if "volume" not in t:
+        volumes = (Volume(DEFAULT_VOLUME, device, mount_point),)
     return Node(name=name, address=address, device=device, meta_dir=meta_dir,
                 export=export, service_address=service_address,
-                service_interface=service_interface, mount_point=mount_point)
+                service_interface=service_interface, mount_point=mount_point,
+                volumes=volumes)
+
+
+def _parse_volumes(c: _Checker, key: str, t: dict) -> tuple[Volume, ...]:
+    """The node's volume tables, or its one plain ``device``."""
+    if "volume" not in t:
+        if "device" not in t:
+            raise c.fail(f"{key}.device", "is required (or volume tables: volume.NAME.device)")
+        return (Volume(DEFAULT_VOLUME, c.abspath(t, key, "device")),)
+    if "device" in t:
+        raise c.fail(f"{key}.device", "a plain device beside volume tables: give every "
+                     "device in its volume table (volume.NAME.device)")
+    vt = c.table(t["volume"], f"{key}.volume")
+    if not vt:
+        raise c.fail(f"{key}.volume", "names no volume")
+    out: list[Volume] = []
+    seen: dict[str, str] = {}
+    for vname, table in vt.items():
+        vkey = f"{key}.volume.{vname}"
+        if not _NAME.match(vname):
+            raise c.fail(vkey, f"{vname!r} is not a valid volume name (letters, digits, '_', '.', '-')")
+        v = c.table(table, vkey)
+        c.keys(v, vkey, _VOLUME_KEYS, {"device"})
+        dev = c.abspath(v, vkey, "device")
+        real = os.path.realpath(dev)
+        if real in seen:
+            raise c.fail(f"{vkey}.device", f"{dev} is also volume {seen[real]!r}'s device")
+        seen[real] = vname
+        out.append(Volume(vname, dev, c.abspath(v, vkey, "mount-point")))
+    return tuple(out)
+
+
+def _check_same_volumes(c: _Checker, key: str, nodes: dict[str, Node]) -> None:
+    """Both nodes list the same volume names in the same order."""
+    (a, na), (b, nb) = nodes.items()
+    names_a = [v.name for v in na.volumes]
+    names_b = [v.name for v in nb.volumes]
+    if names_a == names_b:
+        return
+    for x, nx, ny, other in ((a, names_a, names_b, b), (b, names_b, names_a, a)):
+        missing = [v for v in nx if v not in ny]
+        if missing:
+            raise c.fail(f"{key}.on.{x}.volume.{missing[0]}",
+                         f"volume {missing[0]!r} is on node {x} only: node {other} must list "
+                         f"the same volumes")
+    raise c.fail(f"{key}.on", f"the nodes list their volumes in different orders "
+                 f"({a}: {', '.join(names_a)}; {b}: {', '.join(names_b)}): use one order")
 
 
 def _parse_resource(c: _Checker, name: str, table: Any) -> Resource:
@@ -469,6 +555,7 @@ def _parse_resource(c: _Checker, name: str, table: Any) -> Resource:
                      f"a resource needs exactly two nodes, found {len(on)}"
                      + (f" ({', '.join(on)})" if on else ""))
     nodes = {n: _parse_node(c, name, n, nt) for n, nt in on.items()}
+    _check_same_volumes(c, key, nodes)
     return Resource(
         name=name, secret_file=secret_file, track_size=track_size,
         ring_size=ring_size, journal_size=journal_size,
