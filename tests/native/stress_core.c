@@ -8,6 +8,10 @@
  * syncs, swaps the CR bitmap and drops the ring. At the end every pending
  * count must be back to zero, and the files must reopen clean.
  *
+ * The core has two volumes: volume 0 ends 3000 bytes short of a track
+ * boundary (an alignment gap), volume 1 starts at the next track. Requests
+ * go to either; records must name a volume and stay within it.
+ *
  * usage: stress_core DIR SECONDS
  */
 #ifndef _GNU_SOURCE
@@ -29,9 +33,12 @@
 #include "crc32c.h"
 #include "ring.h"
 
-#define DEV_SIZE (8u << 20)
+#define DEV_SIZE (8u << 20) /* the logical size */
 #define TS 4096u
 #define NTRACKS (DEV_SIZE / TS)
+#define NVOLS 2
+static const uint64_t vol_size[NVOLS] = {(4u << 20) - 3000, 4u << 20};
+static const uint64_t vol_base[NVOLS] = {0, 4u << 20};
 #define NPROD 4
 
 static struct core *core;
@@ -69,18 +76,19 @@ static void *producer(void *arg)
 	for (size_t i = 0; i < 16384; i++)
 		buf[i] = (unsigned char)(i * 7 + seed);
 	while (now() < deadline) {
+		uint32_t vol = (uint32_t)rand_r(&seed) % NVOLS;
 		uint64_t len = 1 + (uint64_t)rand_r(&seed) % 16384;
-		uint64_t off = (uint64_t)rand_r(&seed) % (DEV_SIZE - len);
+		uint64_t off = (uint64_t)rand_r(&seed) % (vol_size[vol] - len + 1);
 		int roll = rand_r(&seed) % 100, rc;
 		struct core_result res;
 		if (roll < 5)
-			rc = core_trim(core, off, len, 0, 0, &res);
+			rc = core_trim(core, off, len, 0, vol, &res);
 		else if (roll < 10)
-			rc = core_zero(core, off, len, 0, 0, &res);
+			rc = core_zero(core, off, len, 0, vol, &res);
 		else if (roll < 12)
 			rc = core_flush(core, &res);
 		else
-			rc = core_write(core, buf, len, off, roll == 99 ? CORE_FUA : 0, 0, &res);
+			rc = core_write(core, buf, len, off, roll == 99 ? CORE_FUA : 0, vol, &res);
 		CHECK(rc == 0, "request failed: %d", rc);
 		CHECK(res.seq > last || last == 0, "seq went back in one thread: %llu after %llu",
 		      (unsigned long long)res.seq, (unsigned long long)last);
@@ -105,6 +113,15 @@ static uint64_t check_span(const unsigned char *p, size_t n, uint64_t *expect)
 		memset(hdr + REC_CRC, 0, 4);
 		crc = crc32c(crc32c(0, hdr, 48), h + 48, dlen);
 		CHECK(crc == rd32(h + REC_CRC), "record %llu: CRC mismatch", (unsigned long long)seq);
+		if (h[REC_OP] == REC_OP_FLUSH) {
+			CHECK(rd32(h + REC_VOLUME) == 0, "record %llu: flush of volume %u",
+			      (unsigned long long)seq, rd32(h + REC_VOLUME));
+		} else {
+			uint32_t v = rd32(h + REC_VOLUME);
+			CHECK(v < NVOLS && rd64(h + REC_OFFSET) + rd32(h + REC_LENGTH) <= vol_size[v],
+			      "record %llu: range %llu+%u outside volume %u", (unsigned long long)seq,
+			      (unsigned long long)rd64(h + REC_OFFSET), rd32(h + REC_LENGTH), v);
+		}
 		if (*expect)
 			CHECK(seq == *expect, "record %llu where %llu was due", (unsigned long long)seq,
 			      (unsigned long long)*expect);
@@ -191,7 +208,8 @@ static void *chaos(void *arg)
 
 int main(int argc, char **argv)
 {
-	char path[4096], err[512];
+	char path[4096], path1[4096], err[512];
+	struct core_volume vols[NVOLS];
 	struct actlog *al;
 	const uint8_t uuid[16] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
 	pthread_t prod[NPROD], cons, ch;
@@ -202,11 +220,13 @@ int main(int argc, char **argv)
 		fprintf(stderr, "usage: %s DIR SECONDS\n", argv[0]);
 		return 2;
 	}
-	snprintf(path, sizeof(path), "%s/dev", argv[1]);
-	fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);
-	if (fd < 0 || ftruncate(fd, DEV_SIZE) != 0)
-		return perror("device"), 2;
-	close(fd);
+	for (int v = 0; v < NVOLS; v++) {
+		snprintf(path, sizeof(path), "%s/dev%d", argv[1], v);
+		fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);
+		if (fd < 0 || ftruncate(fd, (off_t)vol_size[v]) != 0)
+			return perror("device"), 2;
+		close(fd);
+	}
 	snprintf(path, sizeof(path), "%s/oos", argv[1]);
 	if (bitmap_create(&oos, path, uuid, TS, NTRACKS, err, sizeof(err)) < 0)
 		return fprintf(stderr, "%s\n", err), 2;
@@ -215,9 +235,12 @@ int main(int argc, char **argv)
 	snprintf(path, sizeof(path), "%s/al", argv[1]);
 	if (actlog_create(&al, path, uuid, 64 << 10, 8, err, sizeof(err)) < 0)
 		return fprintf(stderr, "%s\n", err), 2;
-	snprintf(path, sizeof(path), "%s/dev", argv[1]);
+	snprintf(path, sizeof(path), "%s/dev0", argv[1]);
+	snprintf(path1, sizeof(path1), "%s/dev1", argv[1]);
+	vols[0] = (struct core_volume){path, vol_size[0], vol_base[0]};
+	vols[1] = (struct core_volume){path1, vol_size[1], vol_base[1]};
 	/* A small ring: it wraps all the time and overflows now and then. */
-	if (core_open_device(&core, path, DEV_SIZE, oos, al, 256 << 10, 1, NULL, err, sizeof(err)) < 0)
+	if (core_open(&core, vols, NVOLS, oos, al, 256 << 10, 1, NULL, err, sizeof(err)) < 0)
 		return fprintf(stderr, "%s\n", err), 2;
 
 	deadline = now() + atof(argv[2]);
