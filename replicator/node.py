@@ -430,10 +430,12 @@ def run_secondary(config: Config, resource: Resource, node: Node) -> int:
 
     sec = Secondary.open(config.path, resource.name, node.name)
     promoted = threading.Event()
+    wake = threading.Event()  # promoted, or the node cannot go on without a restart
 
     def promote(force: bool = False, timeout_s: float = DEFAULT_TIMEOUT) -> dict:
         reply = promote_running(sec, force, float(timeout_s))
         promoted.set()
+        wake.set()
         return reply
 
     sec.control.add_handler("promote", promote)
@@ -442,6 +444,9 @@ def run_secondary(config: Config, resource: Resource, node: Node) -> int:
     last_status = [0.0]
 
     def tick() -> None:
+        if sec.restart_needed:  # exit non-zero: systemd (Restart=on-failure) restarts it
+            wake.set()
+            return
         # systemctl status shows where replication stands, every few seconds.
         if not os.environ.get("NOTIFY_SOCKET") or time.monotonic() - last_status[0] < 5:
             return
@@ -451,8 +456,11 @@ def run_secondary(config: Config, resource: Resource, node: Node) -> int:
                       f"seq {st['seq']['applied']}, lag {st['lag']['writes']} writes")
 
     try:
-        sig = _wait_for_signal(promoted, tick)
-        if sig is None:
+        sig = _wait_for_signal(wake, tick)
+        if sig is None and not promoted.is_set():
+            log.error("%s: stopping: %s", resource.name, sec.restart_needed)
+            notify.stopping(f"Secondary: stopping to restart: {sec.restart_needed}")
+        elif sig is None:
             log.info("%s: promoted to Primary: the secondary stops; start the node again "
                      "(`duplex up %s`) to serve the image", resource.name, resource.name)
             notify.stopping("Secondary: promoted to Primary, restarting as Primary")
@@ -464,7 +472,7 @@ def run_secondary(config: Config, resource: Resource, node: Node) -> int:
     if promoted.is_set():
         _join_control_clients(sec, 10.0)
         return EXIT_PROMOTED
-    return 0
+    return 1 if sec.restart_needed else 0
 
 
 def run_up(config: Config, resource: Resource, node: Node, role: str | None) -> int:

@@ -698,7 +698,9 @@ class Secondary(IncrementReceiver):
             delay = self._retry_delay
             self._retry_at = time.monotonic() + delay
             self._retry_delay = min(delay * 2, APPLY_RETRY[1])
-        if first:
+        if first and self._sync_error:
+            log.error("%s: disk Failed: %s", self.resource.name, why)
+        elif first:
             log.error("%s: disk Failed: %s; the journal keeps every record (applied through "
                       "seq %d) and receiving goes on while it has room; retrying in %.1f s, "
                       "or now with `duplex connect %s`", self.resource.name, why,
@@ -742,6 +744,12 @@ class Secondary(IncrementReceiver):
                 return True
             self._apply_retry.wait(min(left, 1.0))
         return False
+
+    @property
+    def restart_needed(self) -> str:
+        """Why only a restart can make this node go on (a failed fdatasync
+        of the image), or "". ``duplex up`` then exits non-zero."""
+        return self._sync_error
 
     def retry_apply(self) -> None:
         """Retry a failed apply now (``duplex connect``, promote)."""

@@ -339,7 +339,9 @@ def running(tmp_path, monkeypatch):
     try:
         yield start, sec, port
     finally:
-        if started:
+        if sec._stop.is_set():
+            pass  # stopped already (run_secondary does)
+        elif started:
             sec.stop()
         else:
             sec.journal.close()
@@ -546,3 +548,59 @@ def test_verify_on_the_secondary_says_where_verify_runs(running):
         sec.control.handlers["verify"](fix=False)
     assert str(ei.value) == ("r0: node beta is the Secondary; `duplex verify` compares both "
                              "sides from the primary: run `duplex verify r0` on alpha")
+
+
+# -- a failed fdatasync of the image: only a restart recovers ------------------
+
+def test_a_failed_image_fdatasync_frees_no_journal_and_asks_for_a_restart(beta, monkeypatch):
+    """After fdatasync of the image failed, the kernel may have dropped the
+    pages it could not write, and the next fdatasync would not say so:
+    nothing is checkpointed any more (the journal keeps every record since
+    the last good one), and the node says that only a restart recovers."""
+    sec, link, _mnt = beta
+    real = os.fdatasync
+    failing = [True]
+
+    def fdatasync(fd):
+        if fd == sec.fd and failing[0]:
+            raise OSError(5, "Input/output error")
+        return real(fd)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    hist = _history()[:6]
+    _feed(sec, hist)
+    st = _wait(lambda: _failed(sec), "disk Failed after the fdatasync error")
+    assert st["apply"]["error"] == (
+        f"fdatasync of image {sec.node.device} failed: Input/output error; the journal keeps "
+        f"every record since seq 0: restart the secondary (systemctl restart duplex@r0) to "
+        f"apply them again"), st["apply"]
+    assert sec.restart_needed == st["apply"]["error"]
+    failing[0] = False  # the device answers again: that proves nothing about the lost pages
+    _feed(sec, _history()[6:8])
+    time.sleep(0.5)
+    assert sec.journal.applied_seq == 0  # no checkpoint: a restart re-applies 1..8
+    assert sec.status()["disk"] == "Failed"
+    assert any(a[2] == "Failed" and "restart" in a[3] for a in link.acks)
+
+
+def test_up_exits_non_zero_when_only_a_restart_recovers(running, monkeypatch):
+    """`duplex up` on the secondary exits 1 (systemd: Restart=on-failure)
+    once the image's fdatasync failed."""
+    import signal
+    import threading as th
+
+    from replicator import node as node_mod
+
+    _start, sec, _port = running
+    monkeypatch.setattr(Secondary, "open", classmethod(lambda cls, *a, **k: sec))
+    cfg = load_config(sec.resource.config_path)
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    timer = th.Timer(1.0, lambda: sec._sync_failed(OSError(5, "Input/output error")))
+    timer.start()
+    try:
+        rc = node_mod.run_secondary(cfg, sec.resource, sec.node)  # starts and stops sec
+    finally:
+        timer.cancel()
+        for s, h in old.items():
+            signal.signal(s, h)
+    assert rc == 1
+    assert "restart the secondary" in sec.restart_needed
