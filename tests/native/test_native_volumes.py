@@ -5,7 +5,6 @@ volume, records carry (volume, relative offset), and the track machinery
 from __future__ import annotations
 
 import errno
-import os
 import random
 import re
 import shutil
