@@ -4,7 +4,17 @@ Every data callback is one call into the engine, which is one call into the
 C core with the GIL released (DESIGN §3). Capabilities say exactly what the
 engine guarantees: FUA (native: fdatasync inside the core), trim and zero
 (both leave zeros on both sides), flush, and multi-conn (one sequencer
-serves every connection, and flush syncs the whole device).
+serves every connection, and flush syncs every volume).
+
+Volumes (DESIGN §8): one nbdkit process serves every volume of the
+resource as its own export, named by the volume name (``list_exports``);
+the default export "" is the first volume (``default_export``), so a
+plain-``device`` resource is served at "" exactly as before (its one
+volume is also listed by its name, "default"). ``open`` resolves the
+client's export name to a volume index, which is the connection's handle:
+every data callback is still ONE engine call, passing that index. An
+unknown name fails the open with ENOENT and one log line naming the
+volumes; the client gets an NBD error, the server goes on.
 
     nbdkit python plugin.py config=/etc/duplex/duplex.toml resource=r0 node=alpha
 """
@@ -122,8 +132,34 @@ def cleanup() -> None:
             _engine.claim.close()
 
 
+def list_exports(readonly: bool, is_tls: bool) -> list[str]:
+    """Every volume, in config order (NBD_OPT_LIST)."""
+    return list(_engine.layout.names)
+
+
+def default_export(readonly: bool, is_tls: bool) -> str:
+    """What export "" means: the first volume."""
+    return _engine.layout.names[0]
+
+
+class UnknownExport(Exception):
+    """A client asked for an export that is no volume of the resource."""
+
+
 def open(readonly: bool) -> int:
-    return 1
+    """The handle is the volume index of the export the client asked for."""
+    name = nbdkit.export_name()
+    if name == "":
+        return 0
+    names = _engine.layout.names
+    try:
+        return names.index(name)
+    except ValueError:
+        pass
+    nbdkit.set_error(errno.ENOENT)
+    # Untrusted client text: shown with repr, bounded.
+    raise UnknownExport(f"{_engine.resource.name}: no volume {name[:64]!r}: the exports are "
+                        + ", ".join(repr(n) for n in names))
 
 
 def close(h: int) -> None:
@@ -131,7 +167,7 @@ def close(h: int) -> None:
 
 
 def get_size(h: int) -> int:
-    return _engine.size
+    return _engine.volume_size(h)
 
 
 def block_size(h: int):
@@ -178,7 +214,7 @@ def _fail(e: OSError) -> None:
 def pread(h: int, buf, offset: int, flags: int) -> None:
     threadstate.pin()
     try:
-        _engine.pread_into(buf, offset)
+        _engine.pread_into(buf, offset, h)
     except OSError as e:
         _fail(e)
 
@@ -186,12 +222,13 @@ def pread(h: int, buf, offset: int, flags: int) -> None:
 def pwrite(h: int, buf, offset: int, flags: int) -> None:
     threadstate.pin()
     try:
-        _engine.write(buf, offset, bool(flags & nbdkit.FLAG_FUA))
+        _engine.write(buf, offset, bool(flags & nbdkit.FLAG_FUA), h)
     except OSError as e:
         _fail(e)
 
 
 def flush(h: int, flags: int) -> None:
+    # Whichever export it comes on, a flush covers every volume.
     try:
         _engine.flush()
     except OSError as e:
@@ -200,13 +237,13 @@ def flush(h: int, flags: int) -> None:
 
 def trim(h: int, count: int, offset: int, flags: int) -> None:
     try:
-        _engine.trim(offset, count, bool(flags & nbdkit.FLAG_FUA))
+        _engine.trim(offset, count, bool(flags & nbdkit.FLAG_FUA), h)
     except OSError as e:
         _fail(e)
 
 
 def zero(h: int, count: int, offset: int, flags: int) -> None:
     try:
-        _engine.zero(offset, count, bool(flags & nbdkit.FLAG_FUA))
+        _engine.zero(offset, count, bool(flags & nbdkit.FLAG_FUA), h)
     except OSError as e:
         _fail(e)

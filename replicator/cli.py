@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable
 
 from replicator.config import Config, Node, Resource, load_config, local_node_name, select_node
-from replicator.devices import claim_device, device_size
 from replicator.errors import DuplexError
 from replicator.sizes import format_size
 
@@ -84,15 +83,24 @@ def cmd_create_md(args: argparse.Namespace, ctx: Context) -> int:
         raise DuplexError(f"{meta}: cannot create the meta-dir: {e.strerror}") from None
     node_mod = _node_module()
     with NodeLock(meta, resource.name, hint="stop it before create-md"):
-        size = device_size(node.device)
+        from replicator.metadata import logical_size
+        from replicator.volumes import claim_volumes, read_volumes
+        volumes = read_volumes(node)
         # A device in use (mounted, held, another Duplex's) is refused by name.
-        claim_device(node.device, f"{resource.name}: node {node.name}").close()
+        claim_volumes(resource, node).close()
+        size = logical_size(volumes, resource.track_size)
         md = node_mod.create_metadata_set(ctx.config, resource, node, size,
-                                          args.assume_clean, args.force)
+                                          args.assume_clean, args.force,
+                                          volumes if node.multi_volume else None)
     print(f"{resource.name}: created metadata for node {node.name} in {node.meta_dir}")
-    print(f"  device {node.device} ({format_size(size)}), track size "
-          f"{format_size(resource.track_size)}, disk {md.disk}"
-          + (", needs initial sync" if md.needs_initial_sync else ""))
+    tail = (f"track size {format_size(resource.track_size)}, disk {md.disk}"
+            + (", needs initial sync" if md.needs_initial_sync else ""))
+    if node.multi_volume:
+        for v, rec in zip(node.volumes, volumes):
+            print(f"  volume {v.name}: device {v.device} ({format_size(rec['size'])})")
+        print(f"  {tail}")
+    else:
+        print(f"  device {node.device} ({format_size(size)}), {tail}")
     return 0
 
 

@@ -42,13 +42,13 @@ from typing import Callable
 from replicator import notify
 from replicator.control import describe_oserror
 from replicator.config import Config, Node, Resource
-from replicator.devices import device_size
 from replicator.native.actlog import ActivityLog
 from replicator.native.bitmap import Bitmap
 from replicator.native.core import CoreError
 from replicator.errors import DuplexError
 from replicator.secondary.journal import Journal
 from replicator.supervise import Supervisor
+from replicator.volumes import check_volumes
 from replicator.metadata import ROLE_PRIMARY, ROLE_SECONDARY, Metadata, load_metadata
 
 log = logging.getLogger("duplex")
@@ -115,9 +115,15 @@ def remove_stale_builds(meta_dir: Path) -> None:
 
 
 def create_metadata_set(config: Config, resource: Resource, node: Node, size: int,
-                        assume_clean: bool, force: bool) -> Metadata:
+                        assume_clean: bool, force: bool,
+                        volumes: list[dict] | None = None) -> Metadata:
     """``create-md``: make the metadata, OOS bitmap, activity log and
     journal of *node*, all or nothing. The caller holds the node's lock.
+
+    *volumes*: the node's volumes as ``[{"name", "size"}]`` in config order
+    (replicator.volumes.read_volumes); *size* is then their logical size
+    (metadata.logical_size: laid end to end on track boundaries), which the
+    bitmaps cover. None: one volume of *size* bytes, today's resource.
 
     Every precondition is checked before anything is written (no metadata
     yet, or *force*; journal path usable; room for a whole new set beside
@@ -154,7 +160,7 @@ def create_metadata_set(config: Config, resource: Resource, node: Node, size: in
     try:
         try:
             md = create_metadata(build, resource.name, node.name, size, resource.track_size,
-                                 assume_clean)
+                                 assume_clean, volumes=volumes)
             create_node_files(config, resource, node, md)
             for f in SET_FILES:
                 if (build / f).exists():
@@ -556,19 +562,17 @@ def check_before_ready(config: Config, resource: Resource, node: Node, md: Metad
                        primary: bool) -> None:
     """Everything ``up`` will need, checked before anything starts (so
     before READY=1): meta-dir writable with room, the device there and of
-    the metadata's size, the secret file, the address it listens on
+    the metadata's size (each volume's), the secret file, the address it listens on
     (secondary) or the export (primary). Raises DuplexError with one line
     naming the file, path or key. *primary*: the role it is to start in."""
     meta = Path(node.meta_dir)
     _check_meta_dir_writable(meta)
     check_meta_dir_room(meta, UP_MIN_FREE, "`duplex up`")
-    size = device_size(node.device)
-    if size != md.device_size:
-        raise DuplexError(
-            f"{resource.name}: device {node.device} is {size} bytes, but the metadata "
-            f"({md.paths.metadata}) was made for {md.device_size} bytes: give the device "
-            f"back its size, or run `duplex create-md {resource.name} --force` (discards "
-            f"the replication state; a full sync follows)")
+    # Every volume's device, each of the size the metadata recorded.
+    check_volumes(resource, node, md.volumes, str(md.paths.metadata),
+                  fix=f"give the device back its size, or run `duplex create-md "
+                      f"{resource.name} --force` (discards the replication state; a full "
+                      f"sync follows)")
     _read_secret(resource)
     key = f"{resource.config_path}: resource.{resource.name}.on.{node.name}"
     if primary:

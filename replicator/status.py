@@ -22,7 +22,11 @@ these)::
                           #     "increment"} (increment: optional)
       "incr_bytes_sent": 0,   # optional (primary): catch-up bytes sent since up
       "reason": null,     # why StandAlone / Inconsistent / down, in words
-      "faults": []        # optional: supervised threads that raised
+      "faults": [],       # optional: supervised threads that raised
+      "volumes": [        # config order; one "default" for a plain `device`
+        {"name": "data", "device": "/dev/sdb", "size": 1073741824,
+         "out_of_sync_bytes": 0}                  # size, out_of_sync_bytes: null = unknown
+      ]
     }
 
 ``connection`` and ``replication`` are DRBD's two layers and neither masks
@@ -36,14 +40,18 @@ A value nobody measured is null (JSON) and "unknown" (human), never 0.
 ``seq.written`` is the last seq assigned (primary) or received (secondary);
 ``journaled`` and ``applied`` are what the secondary acknowledged / did.
 ``lag`` is written minus applied, in writes, bytes and the age of the oldest
-unapplied write. ``sync.rate`` is bytes/s.
+unapplied write. ``sync.rate`` is bytes/s. ``volumes`` splits the
+resource by volume (DESIGN §8): each volume's device, its size and the
+out-of-sync bytes inside it (``out_of_sync_bytes`` is their sum); a
+provider that does not know one of them gives null, and new_status fills
+the names and devices from the configuration when it gives no list.
 """
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Iterable, Sequence
 
-from replicator.config import Node, Resource
+from replicator.config import DEFAULT_VOLUME, Node, Resource
 from replicator.metadata import Metadata
 from replicator.sizes import format_duration, format_size
 
@@ -70,7 +78,9 @@ _TEMPLATE: dict[str, Any] = {
     "nbd_uri": None,
     "sync": None,
     "reason": None,
+    "volumes": None,  # new_status: from the node's configuration unless given
 }
+_VOLUME_KEYS = ("name", "device", "size", "out_of_sync_bytes")
 _SYNC_KEYS = ("done_bytes", "total_bytes", "rate", "eta_seconds")
 SYNC_BAR_WIDTH = 20  # the sync line's bar: the whole line fits ~100 columns
 
@@ -96,7 +106,36 @@ def new_status(resource: Resource, node: Node, **fields: Any) -> dict:
         d["replication"], d["connection"] = d["connection"], CONNECTED
     if d["replication"] is None:
         d["replication"] = "Off"
+    if d["volumes"] is None:
+        d["volumes"] = volume_rows(node)
     return d
+
+
+def volume_rows(node: Node, sizes: Sequence[int | None] | None = None,
+                out_of_sync: Sequence[int | None] | None = None) -> list[dict]:
+    """The ``volumes`` list of *node*: name and device from its config,
+    with *sizes* and *out_of_sync* bytes (volume order) where known, else null."""
+    n = len(node.volumes)
+    sizes = list(sizes) if sizes is not None else [None] * n
+    oos = list(out_of_sync) if out_of_sync is not None else [None] * n
+    return [{"name": v.name, "device": v.device, "size": sizes[i], "out_of_sync_bytes": oos[i]}
+            for i, v in enumerate(node.volumes)]
+
+
+def volumes_out_of_sync(runs: Iterable[tuple[int, int]], bases: Sequence[int],
+                        sizes: Sequence[int]) -> list[int]:
+    """Out-of-sync bytes inside each volume, from the OOS bitmap's runs of
+    LOGICAL (offset, length) bytes and the volumes' logical bases and sizes
+    (replicator.layout): a run is counted where it overlaps a volume, so the
+    alignment gap after a volume's end counts for none."""
+    out = [0] * len(bases)
+    for off, length in runs:
+        end = off + length
+        for i, (b, sz) in enumerate(zip(bases, sizes)):
+            lo, hi = max(off, b), min(end, b + sz)
+            if hi > lo:
+                out[i] += hi - lo
+    return out
 
 
 def health_problems(d: dict) -> list[str]:
@@ -152,6 +191,15 @@ def check_status(d: dict) -> list[str]:
             problems += [f"missing key sync.{k}" for k in _SYNC_KEYS if k not in d["sync"]]
     if not isinstance(d["out_of_sync_bytes"], int):
         problems.append("out_of_sync_bytes is not an integer")
+    vols = d["volumes"]
+    if not isinstance(vols, list) or not vols:
+        problems.append("volumes is not a non-empty list")
+    else:
+        for i, v in enumerate(vols):
+            if not isinstance(v, dict):
+                problems.append(f"volumes[{i}] is not an object")
+                continue
+            problems += [f"missing key volumes[{i}].{k}" for k in _VOLUME_KEYS if k not in v]
     return problems
 
 
@@ -165,9 +213,11 @@ def offline_status(resource: Resource, node: Node, metadata: Metadata | None,
     # A mark still reserved means the last run did not stop cleanly: the
     # last seq it wrote is somewhere below the mark, not the mark itself.
     reserved = getattr(metadata, "seq_reserved", False)
+    recorded = {v.get("name"): v.get("size") for v in getattr(metadata, "volumes", None) or ()}
     return new_status(
         resource, node, running=False, role=metadata.role, disk=metadata.disk,
         seq={"written": None if reserved else metadata.seq_hwm},
+        volumes=volume_rows(node, [recorded.get(v.name) for v in node.volumes]),
         reason=reason + ("; needs initial sync" if metadata.needs_initial_sync else "")
         + (f"; the last run did not stop cleanly: its last seq is unknown (below "
            f"{metadata.seq_hwm})" if reserved else ""),
@@ -240,6 +290,16 @@ def format_status(d: dict) -> str:
                      f"{'unknown' if secs is None else format_duration(float(secs))}")
     if g("out_of_sync_bytes") is not None:
         lines.append(f"  out of sync   {format_size(g('out_of_sync_bytes') or 0)}")
+    vols = g("volumes") or []
+    if len(vols) > 1 or (vols and vols[0].get("name") != DEFAULT_VOLUME):
+        # A plain `device` resource shows no volume lines: its table is as before.
+        width = max(len(str(v.get("name"))) for v in vols)
+        for v in vols:
+            size, oos = v.get("size"), v.get("out_of_sync_bytes")
+            lines.append(f"  volume        {str(v.get('name')):<{width}}  {v.get('device')}, "
+                         f"{'size unknown' if size is None else format_size(size)}, "
+                         f"out of sync "
+                         f"{'unknown' if oos is None else format_size(oos)}")
     if g("nbd_uri"):
         lines.append(f"  export        {g('nbd_uri')}")
     sync = g("sync")

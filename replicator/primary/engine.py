@@ -3,6 +3,13 @@ drains its send ring to the secondary, and the status it reports.
 
 It lives inside the nbdkit process. The plugin's data callbacks call
 ``write``/``trim``/``zero``/``flush``, each one C call with the GIL released.
+
+Volumes (DESIGN §8): the resource's volumes (one for a plain ``device``)
+are opened in one core, laid end to end in one logical space
+(``self.layout``, replicator.layout) with one sequencer, one OOS bitmap and
+one activity log. The data path takes a volume index and a volume-relative
+offset; a flush covers every volume. ``self.size`` is the logical size
+(the bitmaps'), ``self.layout.sizes[i]`` each volume's.
 Threads (shipper, control socket, seq mark) start in ``start()``, which the
 plugin calls from ``after_fork`` (DESIGN §10).
 
@@ -31,7 +38,6 @@ from replicator.control import ControlServer
 from replicator.native.actlog import ActivityLog
 from replicator.native.bitmap import Bitmap
 from replicator.native.core import Core, CoreError, WriteResult
-from replicator.devices import DeviceClaim, claim_device, device_size
 from replicator.errors import DuplexError
 from replicator import generations
 from replicator.metadata import DISK_UPTODATE, Metadata, load_metadata, new_uuid
@@ -40,8 +46,9 @@ from replicator.primary import states
 from replicator.primary.seqmark import SeqMark
 from replicator.primary.shipper import THREAD_NAME as SHIPPER_THREAD, Shipper
 from replicator.primary.verify import Verifier, VerifyIds
-from replicator.status import new_status
+from replicator.status import new_status, volume_rows, volumes_out_of_sync
 from replicator.supervise import Fault, Supervisor
+from replicator.volumes import VolumeClaims, check_volumes, claim_volumes, layout_of
 
 log = logging.getLogger("duplex.primary")
 
@@ -55,9 +62,9 @@ class Engine:
 
     def __init__(self, resource: Resource, node: Node, peer: Node, md: Metadata,
                  oos: Bitmap, al: ActivityLog, core: Core, mark: SeqMark,
-                 claim: DeviceClaim | None = None):
+                 claim: VolumeClaims | None = None):
         self.resource = resource
-        self.claim = claim  # the device is ours alone until stop() (devices.py)
+        self.claim = claim  # the devices are ours alone until stop() (devices.py)
         self.node = node
         self.peer = peer
         self.md = md
@@ -65,7 +72,8 @@ class Engine:
         self.al = al
         self.core = core
         self.mark = mark
-        self.size = md.device_size
+        self.layout = core.layout
+        self.size = md.device_size  # logical: the volumes laid end to end
         self.started = time.time()
         self.sup = Supervisor(f"{resource.name} primary", on_fault=self._on_fault)
         # Bits set when this run starts belong to data the (empty) ring no
@@ -89,7 +97,15 @@ class Engine:
                                      name="primary")
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._fd = os.open(node.device, os.O_RDONLY | os.O_CLOEXEC)
+        # One read descriptor per volume (reads bypass the core: no lock).
+        self._fds: list[int] = []
+        try:
+            for v in node.volumes:
+                self._fds.append(os.open(v.device, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            for fd in self._fds:
+                os.close(fd)
+            raise
         self._gen_lock = threading.Lock()
         self._attached = False  # the peer follows our current generation
         self._bumped = False    # a new generation was started since the peer left
@@ -106,19 +122,29 @@ class Engine:
         md = load_metadata(node.meta_dir, res.name)
         # Exclusive before anything writes: a mounted or held device, or an
         # image another Duplex serves, is refused with its holder named.
-        claim = claim_device(node.device, f"{res.name}: node {node.name}")
-        size = device_size(node.device)
-        if size != md.device_size:
-            raise EngineError(f"{node.device} is {size} bytes, but the metadata of "
-                              f"{res.name} was made for {md.device_size}")
-        opened = open_bitmaps(md, res)
-        mark = SeqMark(md)
+        claim = claim_volumes(res, node)
         try:
-            core = Core(node.device, size, opened.oos, opened.al, res.ring_size,
-                        mark.first_seq(), history_path=history_path)
-        except (CoreError, OSError) as e:
-            raise EngineError(f"{res.name}: cannot open {node.device}: {e}") from None
-        return cls(res, node, peer, md, opened.oos, opened.al, core, mark, claim)
+            try:
+                check_volumes(res, node, md.volumes, str(md.paths.metadata))
+                layout = layout_of(md.volumes, md.track_size)
+            except ValueError as e:  # a list metadata.py accepted but no layout can hold
+                raise EngineError(f"{res.name}: {md.paths.metadata}: {e}") from None
+            if layout.logical_size != md.device_size:
+                raise EngineError(f"{res.name}: {md.paths.metadata}: the volumes laid end to "
+                                  f"end make {layout.logical_size} bytes, not its device_size "
+                                  f"{md.device_size}")
+            opened = open_bitmaps(md, res)
+            mark = SeqMark(md)
+            devices = [v.device for v in node.volumes]
+            try:
+                core = Core.open_volumes(devices, layout, opened.oos, opened.al, res.ring_size,
+                                         mark.first_seq(), history_path=history_path)
+            except (CoreError, OSError) as e:
+                raise EngineError(f"{res.name}: cannot open {', '.join(devices)}: {e}") from None
+            return cls(res, node, peer, md, opened.oos, opened.al, core, mark, claim)
+        except BaseException:
+            claim.close()
+            raise
 
     # -- lifecycle --------------------------------------------------------
 
@@ -148,7 +174,8 @@ class Engine:
         self.oos.close()
         self.al.close()
         self.mark.close(next_seq)
-        os.close(self._fd)
+        for fd in self._fds:
+            os.close(fd)
         if self.claim is not None:
             self.claim.close()
         log.info("%s: primary stopped at seq %d", self.resource.name, next_seq - 1)
@@ -208,29 +235,32 @@ class Engine:
 
     # -- the data path (plugin callbacks) ---------------------------------
 
-    def write(self, buf, offset: int, fua: bool = False) -> WriteResult:
-        """One NBD write: the whole primary write path in one C call."""
+    def write(self, buf, offset: int, fua: bool = False, volume: int = 0) -> WriteResult:
+        """One NBD write at *offset* of *volume* (an index into the
+        volumes): the whole primary write path in one C call."""
         if not self._attached and not self._bumped:
             self._new_generation()
-        res = self.core.write(buf, offset, fua=fua)
+        res = self.core.write(buf, offset, fua=fua, volume=volume)
         if not res.queued:
             self.shipper.ring_dropped()
         return res
 
-    def trim(self, offset: int, length: int, fua: bool = False) -> WriteResult:
+    def trim(self, offset: int, length: int, fua: bool = False, volume: int = 0) -> WriteResult:
+        """Discard a range of *volume* (reads as zeros on both sides)."""
         if not self._attached and not self._bumped:
             self._new_generation()
-        res = self.core.trim(offset, length)
+        res = self.core.trim(offset, length, volume=volume)
         if fua:
             self.core.flush()
         if not res.queued:
             self.shipper.ring_dropped()
         return res
 
-    def zero(self, offset: int, length: int, fua: bool = False) -> WriteResult:
+    def zero(self, offset: int, length: int, fua: bool = False, volume: int = 0) -> WriteResult:
+        """Write zeros over a range of *volume*."""
         if not self._attached and not self._bumped:
             self._new_generation()
-        res = self.core.zero(offset, length)
+        res = self.core.zero(offset, length, volume=volume)
         if fua:
             self.core.flush()
         if not res.queued:
@@ -238,18 +268,24 @@ class Engine:
         return res
 
     def flush(self) -> WriteResult:
+        """Make every volume durable (one FLUSH record covers them all)."""
         res = self.core.flush()
         if not res.queued:
             self.shipper.ring_dropped()
         return res
 
-    def pread_into(self, buf, offset: int) -> None:
-        """Reads need no lock: NBD gives no ordering between overlapping
-        in-flight reads and writes."""
+    def volume_size(self, volume: int) -> int:
+        """The size in bytes of *volume* (what its NBD export reports)."""
+        return self.layout.sizes[volume]
+
+    def pread_into(self, buf, offset: int, volume: int = 0) -> None:
+        """Read at *offset* of *volume*. Reads need no lock: NBD gives no
+        ordering between overlapping in-flight reads and writes."""
         mv = memoryview(buf)
+        fd = self._fds[volume]
         done = 0
         while done < len(mv):
-            n = os.preadv(self._fd, [mv[done:]], offset + done)
+            n = os.preadv(fd, [mv[done:]], offset + done)
             if n <= 0:
                 raise OSError(5, f"short read at offset {offset + done}")
             done += n
@@ -274,6 +310,9 @@ class Engine:
             lag={"writes": max(0, written - applied), "bytes": sh["lag_bytes"],
                  "seconds": sh["lag_seconds"]},
             out_of_sync_bytes=self.oos.dirty_bytes(self.size),
+            volumes=volume_rows(self.node, self.layout.sizes,
+                                volumes_out_of_sync(self.oos.runs(self.size), self.layout.bases,
+                                                    self.layout.sizes)),
             nbd_uri=self.node.export_uri(), reason=sh["reason"], sync=sh["sync"],
             incr_bytes_sent=sh["incr_bytes_sent"], matched_bytes=sh["matched_bytes"],
             ring=self.core.ring_stats, uptime_seconds=round(time.time() - self.started, 1),

@@ -59,6 +59,7 @@ from replicator.native.core import CoreError
 from replicator.peerlink import LinkError, PeerLink, RefusedError
 from replicator.primary import states as st
 from replicator.primary.catchup import CatchUp, Hooks, SyncProgress
+from replicator.protocol.compat import wire_volumes
 from replicator.protocol.errors import ErrorCode
 from replicator.protocol.messages import (STATE_DISCARD_MY_DATA, STATE_HAS_BITMAP_UUID,
                                           STATE_NEEDS_RESYNC, STATE_SENDS_BITMAP, ZERO_UUID,
@@ -88,7 +89,8 @@ def local_primary_state(md, core, needs_resync: bool) -> State:
                  md.track_size, "primary", "UpToDate",
                  written_seq=core.next_seq - 1,
                  oldest_held_seq=stats.get("oldest_seq", 0) or 0,
-                 flags=flags, history=history)
+                 flags=flags, history=history,
+                 volumes=wire_volumes([(v["name"], v["size"]) for v in md.volumes]))
 
 
 class Shipper:

@@ -63,6 +63,8 @@ ZERO_UUID = bytes(UUID_SIZE)
 MAX_NAME_BYTES = 255
 MAX_ERROR_MESSAGE = 4096
 MAX_HISTORY = 8
+MAX_VOLUMES = 64
+LEGACY_VOLUME = "default"  # the one volume of a STATE without a list (config.DEFAULT_VOLUME)
 MAX_VERIFY_TRACKS = 4096
 
 # STATE flags
@@ -225,6 +227,8 @@ class Auth(Message):
 
 
 _STATE = struct.Struct("<16s16sQIBBBBQQQQII")
+_VOLS = struct.Struct("<H")     # the volume list's count
+_VOL = struct.Struct("<QB")     # each volume: size, name length; then the name (UTF-8)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +242,13 @@ class State(Message):
     older generation UUIDs (newest first) for the generation handshake; this
     module only carries and bounds them. A resource UUID of all zeros means
     "fresh, not yet initialised" (see compat.check_peer_state).
+
+    ``volumes``: the resource's volumes as (name, size) pairs in config
+    order (DESIGN §8). Empty means one volume named ``LEGACY_VOLUME`` of
+    ``device_size`` bytes: a single-volume resource sends no list, so its
+    STATE is byte for byte what nodes from before volumes send and accept.
+    On the wire the list follows the history: u16 count, then per volume
+    u64 size, u8 name length, the name in UTF-8.
     """
 
     TYPE: ClassVar[FrameType] = FrameType.STATE
@@ -253,6 +264,7 @@ class State(Message):
     applied_seq: int = 0
     flags: int = 0
     history: tuple[bytes, ...] = ()
+    volumes: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         _set(self, "resource_uuid", _fixed_bytes("STATE", "resource_uuid", self.resource_uuid, UUID_SIZE))
@@ -274,17 +286,47 @@ class State(Message):
             raise _fail("STATE", "history", f"has {len(hist)} UUIDs, at most {MAX_HISTORY} allowed")
         _set(self, "history", tuple(_fixed_bytes("STATE", f"history[{i}]", u, UUID_SIZE)
                                     for i, u in enumerate(hist)))
+        vols = tuple(self.volumes)
+        if len(vols) > MAX_VOLUMES:
+            raise _fail("STATE", "volumes", f"has {len(vols)} volumes, at most {MAX_VOLUMES} allowed")
+        seen: set[str] = set()
+        out = []
+        for i, v in enumerate(vols):
+            if not isinstance(v, tuple) or len(v) != 2:
+                raise _fail("STATE", f"volumes[{i}]", "must be a (name, size) pair")
+            name = _name("STATE", f"volumes[{i}].name", v[0], limit=255)
+            size = _uint("STATE", f"volumes[{i}].size", v[1], _U64)
+            if size == 0:
+                raise _fail("STATE", f"volumes[{i}].size", f"of volume {name!r} is 0")
+            if name in seen:
+                raise _fail("STATE", "volumes", f"names volume {name!r} twice")
+            seen.add(name)
+            out.append((name, size))
+        _set(self, "volumes", tuple(out))
 
     @property
     def fresh(self) -> bool:
         """True when this side has no resource UUID yet (never initialised)."""
         return self.resource_uuid == ZERO_UUID
 
+    @property
+    def volume_list(self) -> tuple[tuple[str, int], ...]:
+        """The volumes, the legacy form spelled out: one ``LEGACY_VOLUME``
+        of ``device_size`` bytes when no list was sent."""
+        return self.volumes or ((LEGACY_VOLUME, self.device_size),)
+
     def encode(self) -> bytes:
-        return _STATE.pack(self.resource_uuid, self.generation, self.device_size,
-                           self.track_size, ROLE_CODES[self.role], DISK_CODES[self.disk],
-                           len(self.history), 0, self.written_seq, self.oldest_held_seq,
-                           self.journaled_seq, self.applied_seq, self.flags, 0) + b"".join(self.history)
+        out = _STATE.pack(self.resource_uuid, self.generation, self.device_size,
+                          self.track_size, ROLE_CODES[self.role], DISK_CODES[self.disk],
+                          len(self.history), 0, self.written_seq, self.oldest_held_seq,
+                          self.journaled_seq, self.applied_seq, self.flags, 0) + b"".join(self.history)
+        if self.volumes:
+            parts = [out, _VOLS.pack(len(self.volumes))]
+            for name, size in self.volumes:
+                raw = name.encode("utf-8")
+                parts += [_VOL.pack(size, len(raw)), raw]
+            out = b"".join(parts)
+        return out
 
     @classmethod
     def decode(cls, payload) -> State:
@@ -299,11 +341,37 @@ class State(Message):
             raise _fail("STATE", "disk", f"has unknown value {disk}")
         if nhist > MAX_HISTORY:
             raise _fail("STATE", "history", f"count {nhist} is above {MAX_HISTORY}")
-        _exact("STATE", payload, _STATE.size + UUID_SIZE * nhist)
+        end = _STATE.size + UUID_SIZE * nhist
+        if len(payload) < end:
+            _exact("STATE", payload, end)
         hist = tuple(bytes(payload[_STATE.size + i * UUID_SIZE:_STATE.size + (i + 1) * UUID_SIZE])
                      for i in range(nhist))
+        vols = _decode_volumes(payload, end) if len(payload) > end else ()
         return cls(ruuid, gen, size, track, ROLES_BY_CODE[role], DISKS_BY_CODE[disk],
-                   written, oldest, journaled, applied, flags, hist)
+                   written, oldest, journaled, applied, flags, hist, vols)
+
+
+def _decode_volumes(payload, at: int) -> tuple[tuple[str, int], ...]:
+    """STATE's volume list from offset *at* to the end of *payload*."""
+    if len(payload) < at + _VOLS.size:
+        raise ProtocolError(f"STATE: payload is {len(payload)} bytes: {len(payload) - at} "
+                            f"byte(s) after the history, too short for a volume list")
+    (n,) = _VOLS.unpack_from(payload, at)
+    if n == 0 or n > MAX_VOLUMES:
+        raise _fail("STATE", "volumes", f"count {n} is not 1..{MAX_VOLUMES}")
+    at += _VOLS.size
+    out = []
+    for i in range(n):
+        if len(payload) < at + _VOL.size:
+            raise ProtocolError(f"STATE: payload ends inside volume {i} of {n}")
+        size, ln = _VOL.unpack_from(payload, at)
+        at += _VOL.size
+        if len(payload) < at + ln:
+            raise ProtocolError(f"STATE: payload ends inside the name of volume {i} of {n}")
+        out.append((_utf8("STATE", f"volumes[{i}].name", payload[at:at + ln]), size))
+        at += ln
+    _exact("STATE", payload, at)
+    return tuple(out)
 
 
 # -- the replication stream -------------------------------------------------

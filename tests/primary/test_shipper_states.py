@@ -43,7 +43,8 @@ def _shipper(tmp_path, connect, faults=None):
     peer = SimpleNamespace(name="beta", address=("127.0.0.1", 1),
                            address_str=lambda: "127.0.0.1:1")
     md = SimpleNamespace(resource_uuid="ab" * 16, generation="cd" * 16, device_size=1 << 20,
-                         track_size=65536, bitmap_uuid=None, history=[])
+                         track_size=65536, bitmap_uuid=None, history=[],
+                         volumes=[{"name": "default", "size": 1 << 20}])
     sup = Supervisor("r0 primary", on_fault=lambda f: sh.fault(f.error))
     ids = iter(range(1, 1000))
     sh = Shipper(_Core(), res, peer, "alpha", md, SimpleNamespace(nbits=16), resync_reason=None,
