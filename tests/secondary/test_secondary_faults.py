@@ -595,11 +595,15 @@ def test_up_exits_non_zero_when_only_a_restart_recovers(running, monkeypatch):
     cfg = load_config(sec.resource.config_path)
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     timer = th.Timer(1.0, lambda: sec._sync_failed(OSError(5, "Input/output error")))
+    # Bounded: a node that does not stop by itself gets SIGTERM (and exits 0).
+    guard = th.Timer(15.0, lambda: os.kill(os.getpid(), signal.SIGTERM))
     timer.start()
+    guard.start()
     try:
         rc = node_mod.run_secondary(cfg, sec.resource, sec.node)  # starts and stops sec
     finally:
         timer.cancel()
+        guard.cancel()
         for s, h in old.items():
             signal.signal(s, h)
     assert rc == 1
