@@ -296,6 +296,10 @@ class Engine:
         """The status document (replicator/status.py schema)."""
         sh = self.shipper.snapshot()
         written = self.core.next_seq - 1
+        # Out-of-sync bytes inside each volume (the alignment gaps count for
+        # none); the resource's are their sum.
+        vol_oos = volumes_out_of_sync(self.oos.runs(self.size), self.layout.bases,
+                                      self.layout.sizes)
         applied = sh["applied"]
         streaming = (sh["connection"] == states.CONNECTED
                      and sh["replication"] == states.ESTABLISHED)
@@ -309,10 +313,8 @@ class Engine:
             seq={"written": written, "journaled": sh["journaled"], "applied": applied},
             lag={"writes": max(0, written - applied), "bytes": sh["lag_bytes"],
                  "seconds": sh["lag_seconds"]},
-            out_of_sync_bytes=self.oos.dirty_bytes(self.size),
-            volumes=volume_rows(self.node, self.layout.sizes,
-                                volumes_out_of_sync(self.oos.runs(self.size), self.layout.bases,
-                                                    self.layout.sizes)),
+            out_of_sync_bytes=sum(vol_oos),
+            volumes=volume_rows(self.node, self.layout.sizes, vol_oos),
             nbd_uri=self.node.export_uri(), reason=sh["reason"], sync=sh["sync"],
             incr_bytes_sent=sh["incr_bytes_sent"], matched_bytes=sh["matched_bytes"],
             ring=self.core.ring_stats, uptime_seconds=round(time.time() - self.started, 1),
