@@ -27,6 +27,17 @@ its server) is dead: ``attach`` replaces it, and ``duplex up`` does once
 nbdkit serves again (:func:`reattach`), unless the dead device is still
 mounted or held. Attach, detach and that re-attach of one node take turns
 under a flock on its meta-dir.
+
+Volumes (DESIGN §8): a resource with volume tables has one export per
+volume, named by it; each is attached on its own device with its own
+record, ``meta-dir/attach-NAME.json``, and (FUSE) its own directory
+``RUN/<res>/<node>/<volume>``. ``attach_volumes`` attaches every volume
+(or the one named) and ``detach_volumes`` detaches them; a failure part
+way gives back the devices that call attached. A plain-``device``
+resource keeps ``attach.json``, ``RUN/<res>/<node>`` and the default
+export, exactly as before; :func:`attach` and :func:`detach` are its
+one-volume face. ``has_record``, ``describe_attach`` and ``reattach``
+(``duplex up``) cover every volume of the node.
 """
 from __future__ import annotations
 
@@ -41,7 +52,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from replicator.config import DEFAULT_RUN_DIR, Config, Node, Resource
+from replicator.config import DEFAULT_RUN_DIR, Config, Node, Resource, Volume
 from replicator.devices import check_not_in_use, holders
 from replicator.errors import DuplexError
 from replicator.metadata import MetaPaths
@@ -71,11 +82,43 @@ def _os_step(what: str) -> Iterator[None]:
 
 
 def fuse_base_dir(resource: Resource, node: Node,
-                  run_dir: str | os.PathLike | None = None) -> Path:
+                  run_dir: str | os.PathLike | None = None, vol: Volume | None = None) -> Path:
     """Where the FUSE attach of *node* keeps its mount (``fuse/``), nbdfuse's
-    pid file and log: ``RUN/<resource>/<node>``. Per node, so that two nodes
-    of one resource on one machine never share (or unmount) each other's."""
-    return Path(DEFAULT_RUN_DIR if run_dir is None else run_dir) / resource.name / node.name
+    pid file and log: ``RUN/<resource>/<node>``, and ``.../<volume>`` for
+    each volume of a resource with volume tables. Per node, so that two
+    nodes of one resource on one machine never share (or unmount) each
+    other's."""
+    base = Path(DEFAULT_RUN_DIR if run_dir is None else run_dir) / resource.name / node.name
+    return base / vol.name if vol is not None and node.multi_volume else base
+
+
+def volume_uri(node: Node, vol: Volume) -> str:
+    """The NBD URI of *vol*'s export on *node*: the export named by the
+    volume, or the default export "" for a plain-``device`` resource."""
+    if not node.multi_volume:
+        return node.export_uri()
+    exp = node.export
+    if exp.kind == "unix":
+        return f"nbd+unix:///{vol.name}?socket={exp.path}"
+    return f"{exp.uri()}/{vol.name}"
+
+
+def select_volumes(resource: Resource, node: Node, name: str | None) -> list[Volume]:
+    """Every volume of *node* (config order), or the one called *name*;
+    AttachError naming the volumes there are when there is none of that name."""
+    if name is None:
+        return list(node.volumes)
+    for v in node.volumes:
+        if v.name == name:
+            return [v]
+    raise AttachError(f"resource {resource.name} has no volume {name!r} on node {node.name} "
+                      f"(its volumes: {', '.join(v.name for v in node.volumes)})")
+
+
+def _label(node: Node, vol: Volume) -> str:
+    """What messages add after "resource r0" to name a volume: " volume data"
+    with volume tables, nothing for a plain-``device`` resource."""
+    return f" volume {vol.name}" if node.multi_volume else ""
 
 
 def _unescape_mount_field(s: str) -> str:
@@ -191,12 +234,18 @@ def check_export(uri: str, resource: str, node: str) -> int:
     return size  # the handle closes when it is collected
 
 
-def _record_path(node: Node) -> Path:
-    return MetaPaths(node.meta_dir).attach
+def _record_path(node: Node, vol: Volume | None = None) -> Path:
+    """attach.json, or attach-NAME.json for volume NAME of a resource with
+    volume tables (*vol* None: the node's first volume)."""
+    paths = MetaPaths(node.meta_dir)
+    if not node.multi_volume:
+        return paths.attach
+    vol = vol or node.volumes[0]
+    return paths.meta_dir / f"attach-{vol.name}.json"
 
 
-def _read_record(node: Node) -> dict[str, Any] | None:
-    path = _record_path(node)
+def _read_record(node: Node, vol: Volume | None = None) -> dict[str, Any] | None:
+    path = _record_path(node, vol)
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
@@ -213,8 +262,8 @@ def _read_record(node: Node) -> dict[str, Any] | None:
     return record
 
 
-def _write_record(node: Node, record: dict[str, Any]) -> None:
-    path = _record_path(node)
+def _write_record(node: Node, record: dict[str, Any], vol: Volume | None = None) -> None:
+    path = _record_path(node, vol)
     tmp = path.with_name(path.name + ".tmp")
     with _os_step(f"writing the attach record {path}"):
         tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -225,18 +274,21 @@ def _other_owner(resource: Resource, node: Node, mount_dir: str) -> tuple[str, P
     """(node name, record path) of another node of *resource* whose attach
     record describes *mount_dir*, if any: that mount is not ours to touch."""
     want = os.path.realpath(mount_dir)
-    mine = os.path.realpath(_record_path(node))
+    mine = {os.path.realpath(_record_path(node, v)) for v in node.volumes}
     for other in resource.nodes.values():
-        path = _record_path(other)
-        if other.name == node.name or os.path.realpath(path) == mine:
+        if other.name == node.name:
             continue
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # none (the usual case), or unreadable: it claims nothing
-        theirs = record.get("mount_dir") if isinstance(record, dict) else None
-        if theirs and os.path.realpath(theirs) == want:
-            return other.name, path
+        for v in other.volumes:
+            path = _record_path(other, v)
+            if os.path.realpath(path) in mine:
+                continue
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # none (the usual case), or unreadable: it claims nothing
+            theirs = record.get("mount_dir") if isinstance(record, dict) else None
+            if theirs and os.path.realpath(theirs) == want:
+                return other.name, path
     return None
 
 
@@ -337,7 +389,7 @@ def _wait(cond, timeout: float = WAIT_S) -> bool:
 # attach
 
 
-def _attach_nbd(uri: str, node: Node) -> dict[str, Any]:
+def _attach_nbd(uri: str, node: Node, vol: Volume) -> dict[str, Any]:
     exp = node.export
     for dev in sorted(Path("/sys/block").glob("nbd*"), key=lambda p: int(p.name[3:])):
         if (dev / "pid").exists():
@@ -347,6 +399,8 @@ def _attach_nbd(uri: str, node: Node) -> dict[str, Any]:
             argv = ["nbd-client", "-unix", str(exp.path), device]
         else:
             argv = ["nbd-client", str(exp.host), str(exp.port), device]
+        if node.multi_volume:
+            argv += ["-N", vol.name]  # the volume's export (else the default one)
         _run(argv, f"connecting {device} to {uri}")
         return {"method": "nbd", "device": device, "uri": uri}
     raise AttachError("no free /dev/nbdX device (all are connected)")
@@ -370,12 +424,13 @@ def _clear_leftover_mount(resource: Resource, node: Node, mount_dir: Path,
     _unmount(str(mount_dir))
 
 
-def _attach_fuse(uri: str, resource: Resource, node: Node, run_dir: Path) -> dict[str, Any]:
+def _attach_fuse(uri: str, resource: Resource, node: Node, run_dir: Path,
+                 vol: Volume) -> dict[str, Any]:
     for tool in ("nbdfuse", "losetup", "fusermount3"):
         if not shutil.which(tool):
             raise AttachError(f"{tool} is not installed (needed to attach without kernel nbd)")
     # Canonical, as the kernel reports it in mountinfo and loop backing files.
-    base = Path(os.path.realpath(fuse_base_dir(resource, node, run_dir)))
+    base = Path(os.path.realpath(fuse_base_dir(resource, node, run_dir, vol)))
     mount_dir = base / "fuse"
     fuse_file = mount_dir / "nbd"
     pidfile = base / "nbdfuse.pid"
@@ -444,13 +499,41 @@ def attach(config: Config, resource: Resource, node: Node, *,
     failure, also an unexpected OSError, is an :class:`AttachError` naming
     what failed.
     """
+    return attach_volumes(config, resource, node, run_dir=run_dir, method=method,
+                          volume=node.volumes[0].name)[0][1]
+
+
+def attach_volumes(config: Config, resource: Resource, node: Node, *,
+                   run_dir: str | os.PathLike | None = None, method: str | None = None,
+                   volume: str | None = None) -> list[tuple[str, str]]:
+    """Attach every volume of *node* (or only *volume*), each on its own
+    block device, as :func:`attach` does one; returns [(volume, device)] in
+    config order. All or nothing: when one fails, the devices this call
+    attached are detached again and the AttachError names the volume."""
+    vols = select_volumes(resource, node, volume)
+    base = Path(DEFAULT_RUN_DIR if run_dir is None else run_dir)
+    done: list[tuple[Volume, str]] = []
     try:
         with _record_lock(node):
-            return _attach(resource, node,
-                           Path(DEFAULT_RUN_DIR if run_dir is None else run_dir), method)
+            try:
+                for v in vols:
+                    done.append((v, _attach(resource, node, base, method, v)))
+            except AttachError as e:
+                for v, _ in reversed(done):
+                    record = _read_record(node, v)
+                    if record is not None:
+                        _undo(record, resource, node, strict=False)
+                        _record_path(node, v).unlink(missing_ok=True)
+                if node.multi_volume and len(vols) > 1:
+                    failed = vols[len(done)]
+                    given = (f"; volumes {', '.join(v.name for v, _ in done)} given back"
+                             if done else "")
+                    raise AttachError(f"volume {failed.name}: {e}{given}") from None
+                raise
     except OSError as e:  # a safety net: the steps name their own errors
         raise AttachError(f"attaching resource {resource.name} on node {node.name}: "
                           f"{_os_error_text(e)}") from None
+    return [(v.name, dev) for v, dev in done]
 
 
 @contextmanager
@@ -472,17 +555,20 @@ def _record_lock(node: Node) -> Iterator[None]:
         os.close(fd)  # also lets go of the lock
 
 
-def _attach(resource: Resource, node: Node, run_dir: Path, method: str | None) -> str:
-    record = _read_record(node)
+def _attach(resource: Resource, node: Node, run_dir: Path, method: str | None,
+            vol: Volume) -> str:
+    record = _read_record(node, vol)
     if record is not None and _record_is_live(record) and _record_works(record):
-        raise AttachError(f"resource {resource.name} is already attached as "
-                          f"{record['device']} (run `duplex detach {resource.name}` first)")
-    # The export writes node.device: if that is mounted or held here as
-    # well, the new device would be a second writer under a live
+        flag = f" --volume {vol.name}" if node.multi_volume else ""
+        raise AttachError(f"resource {resource.name}{_label(node, vol)} is already attached as "
+                          f"{record['device']} (run `duplex detach {resource.name}{flag}` first)")
+    # The export writes the volume's device: if that is mounted or held
+    # here as well, the new device would be a second writer under a live
     # filesystem. (A running primary's own O_EXCL claim is no mount or
     # holder, so this does not refuse the normal case.)
-    check_not_in_use(node.device, f"{resource.name}: node {node.name}")
-    uri = node.export_uri()
+    check_not_in_use(vol.device, f"{resource.name}: node {node.name}"
+                     + (f", volume {vol.name}" if node.multi_volume else ""))
+    uri = volume_uri(node, vol)
     check_export(uri, resource.name, node.name)
     if record is not None:
         # Dead (its nbdfuse exited with the server) or stale (a reboot):
@@ -490,17 +576,19 @@ def _attach(resource: Resource, node: Node, run_dir: Path, method: str | None) -
         if _record_is_live(record):
             _refuse_if_dead_in_use(resource, record)
         _undo(record, resource, node, strict=False)
-        with _os_step(f"removing the stale attach record {_record_path(node)}"):
-            _record_path(node).unlink(missing_ok=True)
+        with _os_step(f"removing the stale attach record {_record_path(node, vol)}"):
+            _record_path(node, vol).unlink(missing_ok=True)
     method = method or choose_method()
     if method == "nbd":
-        record = _attach_nbd(uri, node)
+        record = _attach_nbd(uri, node, vol)
     elif method == "fuse":
-        record = _attach_fuse(uri, resource, node, run_dir)
+        record = _attach_fuse(uri, resource, node, run_dir, vol)
     else:
         raise AttachError(f"unknown attach method {method!r} (nbd or fuse)")
     record.update(resource=resource.name, node=node.name, created=time.time())
-    _write_record(node, record)
+    if node.multi_volume:
+        record["volume"] = vol.name
+    _write_record(node, record, vol)
     return record["device"]
 
 
@@ -528,24 +616,29 @@ def _refuse_if_dead_in_use(resource: Resource, record: dict[str, Any]) -> None:
 
 
 def has_record(node: Node) -> bool:
-    """Whether an attach record is in place for *node*."""
-    return _record_path(node).exists()
+    """Whether an attach record is in place for *node* (for any volume)."""
+    return any(_record_path(node, v).exists() for v in node.volumes)
 
 
 def describe_attach(node: Node) -> str | None:
     """``attached as /dev/loop5 (attach.json), mounted at /mnt`` when an
-    attach record is in place, else None. Never raises (used while
-    stopping)."""
-    try:
-        record = _read_record(node)
-    except AttachError:
-        return None
-    if record is None:
-        return None
-    device = record["device"]
-    found = holders(device) if _record_is_live(record) else []
-    return (f"attached as {device} ({_record_path(node)})"
-            + (f", {', '.join(found)}" if found else ""))
+    attach record is in place, else None; with volume tables one such
+    part per attached volume (``volume data attached as ...``), joined by
+    "; ". Never raises (used while stopping)."""
+    parts = []
+    for v in node.volumes:
+        try:
+            record = _read_record(node, v)
+        except AttachError:
+            continue
+        if record is None:
+            continue
+        device = record["device"]
+        found = holders(device) if _record_is_live(record) else []
+        parts.append(f"{_label(node, v).strip() + ' ' if node.multi_volume else ''}"
+                     f"attached as {device} ({_record_path(node, v)})"
+                     + (f", {', '.join(found)}" if found else ""))
+    return "; ".join(parts) or None
 
 
 def reattach(config: Config, resource: Resource, node: Node) -> str | None:
@@ -554,23 +647,29 @@ def reattach(config: Config, resource: Resource, node: Node) -> str | None:
     in place is dead. Returns what was done (None: nothing to do, the
     attach works or there is none). AttachError when the dead device is
     still in use (mounted: the admin must unmount it) or attaching fails."""
+    done: list[str] = []
     try:
         with _record_lock(node):
-            record = _read_record(node)
-            if record is None or (_record_is_live(record) and _record_works(record)):
-                return None  # none, or someone attached meanwhile
-            old = record["device"]
-            if _record_is_live(record):
-                _refuse_if_dead_in_use(resource, record)
-            mount_dir = record.get("mount_dir")
-            # The same place as before: RUN/<resource>/<node>/fuse.
-            run_dir = Path(mount_dir).parents[2] if mount_dir else Path(DEFAULT_RUN_DIR)
-            device = _attach(resource, node, run_dir, record.get("method"))
+            for v in node.volumes:
+                record = _read_record(node, v)
+                if record is None or (_record_is_live(record) and _record_works(record)):
+                    continue  # none, or someone attached meanwhile
+                old = record["device"]
+                if _record_is_live(record):
+                    _refuse_if_dead_in_use(resource, record)
+                mount_dir = record.get("mount_dir")
+                # The same place as before: RUN/<resource>/<node>[/<volume>]/fuse.
+                depth = 3 if node.multi_volume else 2
+                run_dir = (Path(mount_dir).parents[depth] if mount_dir
+                           else Path(DEFAULT_RUN_DIR))
+                device = _attach(resource, node, run_dir, record.get("method"), v)
+                what = f"volume {v.name}'s export" if node.multi_volume else "the export"
+                done.append(f"re-attached {what} as {device} (the attach in place, {old}, "
+                            f"died with the previous server)")
     except OSError as e:  # a safety net, as in attach()
         raise AttachError(f"re-attaching resource {resource.name} on node {node.name}: "
                           f"{_os_error_text(e)}") from None
-    return (f"re-attached the export as {device} (the attach in place, {old}, died with "
-            f"the previous server)")
+    return "; ".join(done) or None
 
 
 # --------------------------------------------------------------------------
@@ -636,7 +735,8 @@ def _undo(record: dict[str, Any], resource: Resource, node: Node, strict: bool) 
         log = base / "nbdfuse.log"
         if log.exists() and log.stat().st_size == 0:
             log.unlink()
-        for d in (base, base.parent):
+        # RUN/<res>/<node>[/<volume>]: up to RUN/<res> when nothing else is in them.
+        for d in (base, base.parent, *((base.parent.parent,) if record.get("volume") else ())):
             try:
                 d.rmdir()
             except OSError:
@@ -650,28 +750,50 @@ def detach(config: Config, resource: Resource, node: Node) -> str:
     (its nbdfuse gone with the server). Every failure, also an unexpected
     OSError, is an :class:`AttachError` naming what failed.
     """
+    return detach_volumes(config, resource, node, volume=node.volumes[0].name)[0][1]
+
+
+def detach_volumes(config: Config, resource: Resource, node: Node,
+                   volume: str | None = None) -> list[tuple[str, str]]:
+    """Undo :func:`attach_volumes` for every attached volume of *node* (or
+    only *volume*); returns [(volume, device)] detached. Every device is
+    checked (not mounted, not held) before any is detached, so a refusal
+    leaves all of them as they were. AttachError when none is attached."""
+    vols = select_volumes(resource, node, volume)
     try:
         with _record_lock(node):
-            return _detach(resource, node)
+            records = [(v, r) for v in vols if (r := _read_record(node, v)) is not None]
+            if not records:
+                if node.multi_volume:
+                    what = (f"volume {volume} of resource {resource.name} is not" if volume
+                            else f"no volume of resource {resource.name} is")
+                    where = ", ".join(str(_record_path(node, v)) for v in vols)
+                    raise AttachError(f"{what} attached on node {node.name} (no {where})")
+                raise AttachError(f"resource {resource.name} is not attached on node "
+                                  f"{node.name} (no {_record_path(node)})")
+            for v, record in records:
+                _check_detachable(node, v, record)
+            out = []
+            for v, record in records:
+                _undo(record, resource, node, strict=True)
+                with _os_step(f"removing the attach record {_record_path(node, v)}"):
+                    _record_path(node, v).unlink(missing_ok=True)
+                out.append((v.name, record.get("device", "?")))
+            return out
     except OSError as e:  # a safety net: the steps name their own errors
         raise AttachError(f"detaching resource {resource.name} on node {node.name}: "
                           f"{_os_error_text(e)}") from None
 
 
-def _detach(resource: Resource, node: Node) -> str:
-    record = _read_record(node)
-    if record is None:
-        raise AttachError(f"resource {resource.name} is not attached on node {node.name} "
-                          f"(no {_record_path(node)})")
+def _check_detachable(node: Node, vol: Volume, record: dict[str, Any]) -> None:
+    """AttachError when *record*'s device is mounted or held."""
     device = record.get("device", "?")
     if _record_is_live(record):
+        lead = f"volume {vol.name}: " if node.multi_volume else ""
         where = _mounted_at(device)
         if where:
-            raise AttachError(f"{device} is mounted on {where}; unmount it first")
+            raise AttachError(f"{lead}{device} is mounted on {where}; unmount it first")
         found = holders(device)  # a dm/md holder, a partition's mount, swap
         if found:
-            raise AttachError(f"{device} is in use ({'; '.join(found)}); stop that use first")
-    _undo(record, resource, node, strict=True)
-    with _os_step(f"removing the attach record {_record_path(node)}"):
-        _record_path(node).unlink(missing_ok=True)
-    return device
+            raise AttachError(f"{lead}{device} is in use ({'; '.join(found)}); stop that "
+                              f"use first")

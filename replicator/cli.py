@@ -207,21 +207,25 @@ def _check(args: argparse.Namespace, targets: list) -> int:
 
 
 def cmd_attach(args: argparse.Namespace, ctx: Context) -> int:
-    """Give a block device for this node's export; print its path."""
-    from replicator.attach import attach
+    """Give a block device for this node's export; print its path (with
+    volume tables: one ``NAME DEVICE`` line per volume attached)."""
+    from replicator.attach import attach_volumes
 
     resource, node = ctx.resolve(args.resource)
-    print(attach(ctx.config, resource, node))
+    done = attach_volumes(ctx.config, resource, node, volume=args.volume)
+    for name, device in done:
+        print(f"{name} {device}" if node.multi_volume else device)
     return 0
 
 
 def cmd_detach(args: argparse.Namespace, ctx: Context) -> int:
-    """Undo attach."""
-    from replicator.attach import detach
+    """Undo attach (every attached volume, or the one given)."""
+    from replicator.attach import detach_volumes
 
     resource, node = ctx.resolve(args.resource)
-    device = detach(ctx.config, resource, node)
-    print(f"{resource.name}: detached {device}")
+    for name, device in detach_volumes(ctx.config, resource, node, volume=args.volume):
+        print(f"{resource.name}: detached volume {name} ({device})" if node.multi_volume
+              else f"{resource.name}: detached {device}")
     return 0
 
 
@@ -442,9 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("attach", cmd_attach, "give a block device for this node's export; print it")
     sp.add_argument("resource", metavar="RES")
+    sp.add_argument("--volume", metavar="NAME",
+                    help="only this volume (default: every volume, one line each)")
 
     sp = command("detach", cmd_detach, "remove the block device made by attach")
     sp.add_argument("resource", metavar="RES")
+    sp.add_argument("--volume", metavar="NAME", help="only this volume (default: every one)")
     return p
 
 
