@@ -115,13 +115,15 @@ def _status_of(resource: Resource, node: Node, timeout: float) -> dict:
     """A running node's status over its control socket, or the offline
     status from its metadata when it is not running."""
     from replicator.control import ControlError, NotRunningError, lock_holder, request
-    from replicator.metadata import load_metadata
+    from replicator.metadata import ROLE_SECONDARY, load_metadata
     from replicator.status import offline_status
 
+    stopped = False  # no process owns the node: its files may be read
     try:
         return request(node.meta_dir, "status", resource=resource.name, timeout=timeout)
     except NotRunningError:
         holder = lock_holder(node.meta_dir)
+        stopped = holder is None
         # A process owns the node but serves no socket (yet): starting up,
         # or create-md/promote at work. Not "not running".
         reason = ("not running" if holder is None else
@@ -133,6 +135,15 @@ def _status_of(resource: Resource, node: Node, timeout: float) -> dict:
         md = load_metadata(node.meta_dir, resource.name, node.name)
     except DuplexError as e:
         return offline_status(resource, node, None, f"{reason}; {e}")
+    if md.role == ROLE_SECONDARY and stopped and md.paths.journal.exists():
+        from replicator.secondary.journal import image_behind_journal
+
+        try:
+            behind = image_behind_journal(md.paths.journal, bytes.fromhex(md.node_uuid))
+        except DuplexError as e:
+            behind = str(e)
+        if behind:
+            reason = f"{reason}; {behind}"
     return offline_status(resource, node, md, reason)
 
 

@@ -753,6 +753,15 @@ class Journal:
                 yield tok, JournalPos(base + off, tok.size, tok.seq, e.lsn)
                 off += tok.size
 
+    def backlog(self) -> tuple[int, int]:
+        """What the live log holds beyond the checkpoint, from its index
+        alone (no payload is read): the highest journaled seq above
+        :attr:`applied_seq` (0: none) and the number of committed increments
+        not applied yet."""
+        hi = max((e.seq_hi for e in self._live if e.type == ENTRY_RECORDS
+                  and e.seq_hi > self._applied_seq), default=0)
+        return hi, len(self.committed_increments())
+
     # -- state ------------------------------------------------------------
 
     @property
@@ -826,3 +835,22 @@ class Journal:
 __all__ = ["Journal", "JournalError", "JournalFull", "JournalPos", "entry_size",
            "ENTRY_RECORDS", "ENTRY_TOKENS", "ENTRY_INCR_DATA", "ENTRY_INCR_COMMIT",
            "FORMAT_VERSION"]
+
+
+def image_behind_journal(path: str | os.PathLike, uuid: bytes | uuidlib.UUID) -> str | None:
+    """For the status of a stopped secondary: None when its image alone is
+    the replica, else a sentence saying what its journal still holds and
+    what replays it (the image and the journal together are the crash
+    image, DESIGN §12). Raises JournalError as :meth:`Journal.open`."""
+    with Journal.open(path, uuid) as j:
+        hi, increments = j.backlog()
+        applied = j.applied_seq
+    if not hi and not increments:
+        return None
+    held = []
+    if hi:
+        held.append(f"records through seq {hi} (the image has seq {applied})")
+    if increments:
+        held.append(f"{increments} committed catch-up increment(s)")
+    return ("the image alone is behind its journal, which holds " + " and ".join(held)
+            + ": `duplex up` or `duplex promote` replays it before the image is used")
