@@ -46,8 +46,9 @@ Threads and locks
 ``_lock`` (a Condition) guards the pending queue, journal appends and
 checkpoints, ``links``, ``incr``, ``_committed`` and the apply-failure
 fields (``apply_error``, ``_sync_error``); its waiters are woken by every
-checkpoint. ``_commit_lock`` serialises journal commits (fdatasync) and is
-taken inside ``_lock`` or alone, never the other way round. ``_ack_lock``
+checkpoint. ``_commit_lock`` serialises journal commits (fdatasync) and
+guards ``journaled`` (written only right after a commit); it is taken
+inside ``_lock`` or alone, never the other way round. ``_ack_lock``
 guards the ack coalescing fields and is never held with another lock. The
 run counters (``runs_started``, ``runs_done``) are written by the one
 thread applying and read by observers waiting under ``_lock``.
@@ -577,8 +578,12 @@ class Secondary(IncrementReceiver):
             return
         with self._commit_lock:
             self.journal.commit()
-        if target > self.journaled:
-            self.journaled = max(self.journaled, target)
+            # Two threads commit (the reader and the committer): the field
+            # is theirs under _commit_lock, or it could step back.
+            advanced = target > self.journaled
+            if advanced:
+                self.journaled = target
+        if advanced:
             self._apply_wake.set()
             self._send_ack()  # coalesced: the applier sends it if it is due
 

@@ -166,9 +166,9 @@ class IncrementReceiver:
                 with self._commit_lock:
                     self.journal.commit()
                     self.journal.checkpoint(inc.base)
+                    self.journaled = max(self.journaled, self.pending.received_through)
                 if inc.snapshot is not None:
                     snapshot.drop(inc.snapshot, self.node.meta_dir)
-                self.journaled = max(self.journaled, self.pending.received_through)
                 self._lock.notify_all()
         finally:
             self.runs_done += 1

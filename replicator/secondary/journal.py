@@ -217,7 +217,15 @@ def _pread_exact(fd: int, n: int, offset: int) -> bytes:
 
 class Journal:
     """An open journal. Use :meth:`create` or :meth:`open`, not the
-    constructor. Not thread-safe: the secondary serialises calls."""
+    constructor.
+
+    Threads: appends, checkpoints and the index (``backlog``,
+    ``committed_increments``, ``replay``) are serialised by the caller (the
+    daemon's ``_lock``). :meth:`commit` alone may run beside an append, by
+    design (group commit, under the daemon's ``_commit_lock``): it reads
+    ``_next_lsn`` once, which an append advances only after its write has
+    completed, so it makes durable exactly the entries written before it
+    looked, and never claims one still being written."""
 
     def __init__(self, path: str, fd: int, uuid: bytes, size: int) -> None:
         self.path = path
