@@ -615,9 +615,20 @@ def _refuse_if_dead_in_use(resource: Resource, record: dict[str, Any]) -> None:
             f"it, then run `duplex attach {res}` again, which replaces the dead attach")
 
 
+def record_path(node: Node, vol: Volume | None = None) -> Path:
+    """Where the attach record of *vol* (default: the first volume) of
+    *node* lives: attach.json, or attach-NAME.json with volume tables."""
+    return _record_path(node, vol)
+
+
+def attach_records(node: Node) -> list[Path]:
+    """The attach records in place for *node*'s volumes (config order)."""
+    return [p for v in node.volumes if (p := _record_path(node, v)).exists()]
+
+
 def has_record(node: Node) -> bool:
     """Whether an attach record is in place for *node* (for any volume)."""
-    return any(_record_path(node, v).exists() for v in node.volumes)
+    return bool(attach_records(node))
 
 
 def describe_attach(node: Node) -> str | None:

@@ -474,9 +474,11 @@ def demote(config: Config, resource: Resource, node: Node) -> Metadata:
         if md.role != ROLE_PRIMARY:
             raise PromoteError(f"{resource.name}: node {node.name} is already {md.role}; "
                                f"nothing to demote")
-        if paths.attach.exists():
+        from replicator.attach import attach_records
+        held = attach_records(node)  # every volume's (attach.json, attach-NAME.json)
+        if held:
             raise PromoteError(f"{resource.name}: node {node.name} still has its export "
-                               f"attached ({paths.attach}); run `duplex detach "
+                               f"attached ({', '.join(map(str, held))}); run `duplex detach "
                                f"{resource.name}` first")
         # A journal left from before this node was primary holds another
         # history's records: replaying them later would corrupt the image.
