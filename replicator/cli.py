@@ -342,8 +342,8 @@ def cmd_connect(args: argparse.Namespace, ctx: Context) -> int:
         # Owning the node, so no `up` starts from the metadata half-changed.
         with NodeLock(node.meta_dir, resource.name, hint="try again"):
             md = load_metadata(node.meta_dir, resource.name, node.name)
-            md.discard_my_data = True
-            md.save()
+            with md.update():
+                md.discard_my_data = True
         where = "the metadata (applies at the next `duplex up`)"
     print(f"{resource.name}: node {node.name} will discard its own changes and resync from "
           f"its peer at the next handshake (set in {where})")

@@ -262,8 +262,8 @@ def resolve_role(md: Metadata, role: str | None, record: bool = True) -> str:
         return wanted
     if metadata_is_fresh(md):
         if record:
-            md.role = wanted
-            md.save()
+            with md.update():
+                md.role = wanted
         return wanted
     how = (f"`duplex promote {md.resource}` makes a Secondary Primary"
            if wanted == ROLE_PRIMARY else

@@ -222,17 +222,17 @@ def _become_primary(md: Metadata, resource: Resource, node: Node, view: LossView
     was_invalid = _inconsistency(md) is not None
     _reset_bitmap(md, all_dirty=was_invalid)
     write_atomic(path, report.to_json())
-    old = md.generation
-    md.history = ([old] + [h for h in md.history if h != old])[:HISTORY_MAX]
-    md.generation = new_uuid()
-    md.bitmap_uuid = old
-    # Seqs go on past anything this node heard of: a seq is never reused.
-    md.seq_hwm = max(md.seq_hwm, view.last_token_seq, view.applied_through)
-    md.role = ROLE_PRIMARY
-    md.disk = DISK_UPTODATE
-    if was_invalid:
-        md.needs_initial_sync = True  # as primary: the peer needs a full sync
-    md.save()  # the commit point
+    with md.update():  # the commit point
+        old = md.generation
+        md.history = ([old] + [h for h in md.history if h != old])[:HISTORY_MAX]
+        md.generation = new_uuid()
+        md.bitmap_uuid = old
+        # Seqs go on past anything this node heard of: a seq is never reused.
+        md.seq_hwm = max(md.seq_hwm, view.last_token_seq, view.applied_through)
+        md.role = ROLE_PRIMARY
+        md.disk = DISK_UPTODATE
+        if was_invalid:
+            md.needs_initial_sync = True  # as primary: the peer needs a full sync
     log.info("%s: promoted to Primary: consistent through seq %d, %d writes known lost, "
              "generation %s (was %s)", resource.name, report.consistent_through_seq,
              report.lost_count, md.generation, old)
@@ -487,9 +487,9 @@ def demote(config: Config, resource: Resource, node: Node) -> Metadata:
                            resource.journal_size, overwrite=True).close()
         except JournalError as e:
             raise PromoteError(f"{resource.name}: cannot start the journal over: {e}") from None
-        md.role = ROLE_SECONDARY
-        md.disk = DISK_OUTDATED
-        md.save()
+        with md.update():
+            md.role = ROLE_SECONDARY
+            md.disk = DISK_OUTDATED
         log.info("%s: demoted to Secondary (Outdated until it resyncs from its peer)",
                  resource.name)
         return md

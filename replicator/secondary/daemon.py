@@ -385,10 +385,10 @@ class Secondary(IncrementReceiver):
         with self._lock:
             changed = self.md.generation != peer.current or self.md.discard_my_data
             if changed:
-                generations.adopt(self.md, peer)
-                if self.md.disk == DISK_OUTDATED:
-                    self.md.disk = DISK_CONSISTENT
-                self.md.save()
+                with self.md.update():
+                    generations.adopt(self.md, peer)
+                    if self.md.disk == DISK_OUTDATED:
+                        self.md.disk = DISK_CONSISTENT
             self.standalone_reason = ""
 
     def _close_own_oos(self) -> None:
@@ -509,9 +509,9 @@ class Secondary(IncrementReceiver):
         """At the first handshake the secondary takes the primary's resource
         UUID; from then on a peer with another one is refused."""
         if self.md.peer_node_uuid is None and peer.resource_uuid != ZERO_UUID:
-            self.md.resource_uuid = peer.resource_uuid.hex()
-            self.md.peer_node_uuid = peer.resource_uuid.hex()
-            self.md.save()
+            with self.md.update():
+                self.md.resource_uuid = peer.resource_uuid.hex()
+                self.md.peer_node_uuid = peer.resource_uuid.hex()
 
     def _on_event(self, link: PeerLink, ev: Message) -> None:
         """Reader thread: TOKENS and DATA from the primary."""
@@ -895,9 +895,8 @@ class Secondary(IncrementReceiver):
         """Control request ``connect``: --discard-my-data takes effect at the
         next handshake (the primary retries on its own)."""
         if discard_my_data:
-            with self._lock:
+            with self._lock, self.md.update():
                 self.md.discard_my_data = True
-                self.md.save()
             log.warning("%s: this node's own changes will be discarded at the next handshake",
                         self.resource.name)
         retried = bool(self.apply_error)

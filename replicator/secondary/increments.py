@@ -173,9 +173,9 @@ class IncrementReceiver:
         finally:
             self.runs_done += 1
         if self.md.needs_initial_sync or self.md.disk != DISK_UPTODATE:
-            self.md.needs_initial_sync = False
-            self.md.disk = DISK_UPTODATE
-            self.md.save()
+            with self.md.update():
+                self.md.needs_initial_sync = False
+                self.md.disk = DISK_UPTODATE
         self._pause_apply.clear()
         self.primary_needs_resync = False
         if self.own_oos is not None and self._clear_own_oos_at is not None \
@@ -188,8 +188,8 @@ class IncrementReceiver:
                  self.resource.name, inc.id, inc.bytes, inc.base)
 
     def _set_disk_inconsistent(self, why: str) -> None:
-        self.md.disk = DISK_INCONSISTENT
-        self.md.save()
+        with self.md.update():
+            self.md.disk = DISK_INCONSISTENT
         self.inconsistent_reason = why
         log.warning("%s: disk Inconsistent until the increment commits: %s",
                     self.resource.name, why)
