@@ -4,7 +4,6 @@ forbidden state, stray bytes and foreign content."""
 from __future__ import annotations
 
 import pytest
-
 from fixtures.volume_history import BLOCK, Chain, VolumeHistory, describe_block, stamp
 
 SIZES = {"data": 16 * BLOCK, "wal": 8 * BLOCK}
