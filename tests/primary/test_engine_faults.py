@@ -5,7 +5,6 @@ and the thread is restarted instead of ending silently."""
 from __future__ import annotations
 
 import errno
-import time
 
 import pytest
 
@@ -14,6 +13,7 @@ from replicator.node import create_metadata_set
 from replicator.peerlink import PeerLink
 from replicator.primary.engine import Engine
 from replicator.status import health_problems
+from fixtures.polling import eventually as _wait
 
 
 @pytest.fixture
@@ -31,16 +31,6 @@ def engine(r0_config, monkeypatch):
     eng.attempts = attempts
     yield eng
     eng.stop(drain_timeout=0.5)
-
-
-def _wait(pred, what, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_failing_seq_mark_keeper_is_a_fault_in_status_and_restarts(engine, monkeypatch):

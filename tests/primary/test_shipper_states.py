@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +17,7 @@ from replicator.primary import states as st
 from replicator.primary.shipper import Shipper
 from replicator.protocol.errors import ErrorCode
 from replicator.supervise import Supervisor
+from fixtures.polling import eventually as _wait
 
 
 class _Core:
@@ -50,15 +50,6 @@ def _shipper(tmp_path, connect, faults=None):
     sh = Shipper(_Core(), res, peer, "alpha", md, SimpleNamespace(nbits=16), resync_reason=None,
                  supervisor=sup, next_verify_id=lambda: next(ids), connect=connect)
     return sh, sup, secret
-
-
-def _wait(pred, what, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(autouse=True)

@@ -32,6 +32,7 @@ from replicator.secondary import daemon as daemon_mod
 from replicator.secondary.daemon import Secondary, SecondaryError
 from replicator.secondary.journal import Journal
 from replicator.status import format_status
+from fixtures.polling import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 4 << 20
@@ -41,13 +42,7 @@ TMPFS = 2 << 20         # the image's filesystem: room for 32 writes, N fit
 
 
 def _wait(pred, what: str, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    return eventually(pred, what, timeout)
 
 
 @pytest.fixture

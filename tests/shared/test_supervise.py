@@ -3,19 +3,9 @@ restarted or failed as asked; nothing dies unseen."""
 from __future__ import annotations
 
 import threading
-import time
 
 from replicator.supervise import FAILED, RESTARTING, Supervisor
-
-
-def _wait(pred, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.01)
-    raise AssertionError("condition not reached")
+from fixtures.polling import eventually as _wait
 
 
 def test_a_failing_thread_without_restart_is_recorded_failed_and_reported():
