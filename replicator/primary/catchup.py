@@ -40,6 +40,7 @@ from typing import Callable
 from replicator.native.bitmap import Bitmap
 from replicator.peerlink import LinkError, PeerLink
 from replicator.protocol.messages import IncrBegin, IncrCommit, IncrData, IncrZero, VerifyReq
+from replicator.status import volumes_out_of_sync
 from replicator.tracks import is_zero, track_digest, track_runs, zero_digest
 
 log = logging.getLogger("duplex.catchup")
@@ -114,6 +115,17 @@ class CatchUp:
         self.hooks = hooks
         self.track = md.track_size
         self.size = md.device_size
+        # Several volumes: the bytes of a track past its volume's end (the
+        # alignment gap) are never read or sent, so they are not counted.
+        layout = getattr(core, "layout", None)
+        self._layout = layout if layout is not None and len(layout) > 1 else None
+
+    def _dirty(self, bm: Bitmap) -> int:
+        """Bytes of the volumes that *bm* marks (what the increment reads)."""
+        if self._layout is None:
+            return bm.dirty_bytes(self.size)
+        return sum(volumes_out_of_sync(bm.runs(self.size), self._layout.bases,
+                                       self._layout.sizes))
 
     def _final(self, oos_bytes: int) -> bool:
         # Stream again when what is left fits comfortably in the ring.
@@ -124,11 +136,11 @@ class CatchUp:
         if not self.core.dropped:
             self.core.drop()  # writes only mark OOS while we catch up
         oos = self.oos
-        prog = SyncProgress(total_bytes=oos.dirty_bytes(self.size))
+        prog = SyncProgress(total_bytes=self._dirty(oos))
         self.hooks.progress(prog)
         try:
             while True:
-                final = self._final(oos.dirty_bytes(self.size))
+                final = self._final(self._dirty(oos))
                 prog.increment = self.hooks.next_increment()
                 try:
                     resumed = self._increment(prog.increment, final, prog)
@@ -140,7 +152,7 @@ class CatchUp:
                     # Streaming again (hooks.committed said so). A ring that
                     # overflows from here on is the shipper's: a new catch-up.
                     break
-                prog.total_bytes = prog.done_bytes + oos.dirty_bytes(self.size)
+                prog.total_bytes = prog.done_bytes + self._dirty(oos)
         finally:
             self.hooks.progress(None)  # a lost link ends the progress shown too
 
@@ -158,9 +170,9 @@ class CatchUp:
         original = frozen.copy()
         tracks = original.count()
         log.info("%s: increment %d: %d tracks (%d bytes) as of seq %d%s",
-                 self.name, k, tracks, original.dirty_bytes(self.size), base,
+                 self.name, k, tracks, self._dirty(original), base,
                  ", then streaming" if final else "")
-        self.link.send(IncrBegin(k, base, tracks, original.dirty_bytes(self.size)))
+        self.link.send(IncrBegin(k, base, tracks, self._dirty(original)))
         committed = resumed = False
         try:
             self._drain(k, frozen, prog, final)
