@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.duplex_lab import Lab
-from fixtures.volume_primary import serve_primary_alone
+from fixtures.volume_primary import free_port, serve_primary_alone
 from replicator import attach as attach_mod
 from replicator import cli
 from replicator.config import load_config
@@ -25,6 +25,7 @@ MiB = 1 << 20
 @pytest.fixture
 def lab(tmp_path, procs, run_dir, monkeypatch):  # noqa: F811
     lab = Lab(tmp_path / "lab", procs, None, None, size=8 * MiB, volumes=["data", "wal"],
+              port=free_port(),
               volume_sizes={"wal": 4 * MiB})
     serve_primary_alone(lab)
     monkeypatch.setattr("replicator.attach.DEFAULT_RUN_DIR", str(run_dir))

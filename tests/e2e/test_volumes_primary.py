@@ -9,8 +9,8 @@ from __future__ import annotations
 import nbd
 import pytest
 
-from fixtures.duplex_lab import REPO, RESOURCE, Lab
-from fixtures.nbdkit import start_nbdkit
+from fixtures.duplex_lab import Lab
+from fixtures.volume_primary import free_port, serve_primary_alone
 
 MiB = 1 << 20
 WAL_SIZE = 8 * MiB + 4096  # not whole tracks: the logical gap after it is no one's
@@ -18,25 +18,12 @@ WAL_SIZE = 8 * MiB + 4096  # not whole tracks: the logical gap after it is no on
 
 @pytest.fixture
 def served(tmp_path, procs):
-    """(lab, nbdkit server) of alpha's primary alone, metadata made through
-    the same create-md set building `duplex create-md` uses."""
-    from replicator.config import load_config
-    from replicator.metadata import logical_size
-    from replicator.node import create_metadata_set
-    from replicator.volumes import read_volumes
-
+    """(lab, nbdkit process) of alpha's primary alone, its metadata made
+    as `duplex create-md` makes it, nbdkit started as `duplex up` starts it."""
     lab = Lab(tmp_path / "lab", procs, None, None, size=16 * MiB, volumes=["data", "wal"],
-              volume_sizes={"wal": WAL_SIZE})
-    cfg = load_config(str(lab.config))
-    res = cfg.resource(RESOURCE)
-    node = res.node("alpha")
-    (lab.meta["alpha"]).mkdir(parents=True, exist_ok=True)
-    vols = read_volumes(node)
-    create_metadata_set(cfg, res, node, logical_size(vols, res.track_size), True, False, vols)
-    server = start_nbdkit(procs, REPO / "nbdplugin" / "plugin.py",
-                          [f"config={lab.config}", f"resource={RESOURCE}", "node=alpha"],
-                          workdir=tmp_path / "nbdkit", name="primary")
-    yield lab, server
+              port=free_port(), volume_sizes={"wal": WAL_SIZE})
+    proc = serve_primary_alone(lab)
+    yield lab, proc
     lab.stop()
 
 
@@ -54,9 +41,9 @@ def _read(path, off: int, n: int) -> bytes:
 
 
 def test_each_export_writes_its_own_volume_image_at_its_offset(served):
-    lab, server = served
-    data, wal = _connect(server.socket_path, "data"), _connect(server.socket_path, "wal")
-    default = _connect(server.socket_path, "")
+    lab, proc = served
+    data, wal = _connect(lab.sock, "data"), _connect(lab.sock, "wal")
+    default = _connect(lab.sock, "")
     try:
         assert (data.get_size(), wal.get_size(), default.get_size()) == (16 * MiB, WAL_SIZE,
                                                                         16 * MiB)
@@ -86,10 +73,10 @@ def test_each_export_writes_its_own_volume_image_at_its_offset(served):
 
 
 def test_the_export_list_names_the_volumes_and_an_unknown_name_is_refused(served):
-    lab, server = served
+    lab, proc = served
     h = nbd.NBD()
     h.set_opt_mode(True)
-    h.connect_unix(str(server.socket_path))
+    h.connect_unix(str(lab.sock))
     names: list[str] = []
     h.opt_list(lambda name, desc: names.append(name))
     h.opt_abort()
@@ -97,11 +84,38 @@ def test_the_export_list_names_the_volumes_and_an_unknown_name_is_refused(served
     bad = nbd.NBD()
     bad.set_export_name("nope")
     with pytest.raises(nbd.Error):
-        bad.connect_unix(str(server.socket_path))
-    assert server.process.is_running()
-    ok = _connect(server.socket_path, "wal")  # the server goes on serving
+        bad.connect_unix(str(lab.sock))
+    assert proc.is_running()
+    ok = _connect(lab.sock, "wal")  # the server goes on serving
     try:
         assert ok.get_size() == WAL_SIZE
     finally:
         ok.shutdown()
-    assert "r0: no volume 'nope': the exports are 'data', 'wal'" in server.log_text()
+    assert "r0: no volume 'nope': the exports are 'data', 'wal'" in proc.log_text()
+
+
+def test_a_secondary_with_another_volume_list_is_refused_naming_the_volume(served, tmp_path,
+                                                                           procs):
+    """beta's own config gives r0 a plain device (one 'default' volume): the
+    handshake refuses it on both sides, naming the volumes, and says so in
+    status; nothing is replicated."""
+    lab, proc = served
+    other = Lab(tmp_path / "beta-view", procs, None, None, size=16 * MiB, port=lab.port)
+    other.secret.write_text(lab.secret.read_text())
+    other.create_md()
+    other.start_secondary()
+    try:
+        # The secondary checks the primary's STATE (which comes first) and
+        # refuses; the primary hears why.
+        why = ("peer refused: volume lists differ: the primary has volume 'data', the "
+               "secondary does not (the primary's: data, wal; the secondary's: default)")
+        st = other.wait(lambda: (s := lab.control("alpha"))["last_error"]
+                        and "volume lists" in s["last_error"] and s, "alpha's refusal",
+                        timeout=30, proc=proc)
+        assert why in st["last_error"], st["last_error"]
+        assert st["connection"] != "Connected" and st["seq"]["journaled"] == 0
+        sec = other.control("beta")  # the secondary names the refusal as its reason
+        assert sec["reason"] == ("connection from 127.0.0.1 refused: "
+                                 + why.removeprefix("peer refused: ")), sec
+    finally:
+        other.stop()

@@ -16,7 +16,7 @@ import pytest
 
 from _failover_helpers import run_failover
 from fixtures.duplex_lab import REPO, RESOURCE, Lab
-from fixtures.volume_primary import create_md, serve_primary_alone
+from fixtures.volume_primary import create_md, free_port, serve_primary_alone
 
 MiB = 1 << 20
 
@@ -32,7 +32,8 @@ def _failover_module(monkeypatch):
 
 
 def test_dry_run_names_each_volumes_export_and_mount_point(tmp_path, procs):
-    lab = Lab(tmp_path / "lab", procs, None, None, size=8 * MiB, volumes=["data", "wal"])
+    lab = Lab(tmp_path / "lab", procs, None, None, size=8 * MiB, volumes=["data", "wal"],
+              port=free_port())
     lab.set_volume_keys("beta", "data", mount_point=str(tmp_path / "pg"))
     create_md(lab, "beta")
     r = run_failover(lab, "--dry-run")
@@ -58,6 +59,7 @@ def _run(*argv: str) -> str:
 def ext4_with_journal_on_wal(tmp_path, procs):
     """alpha's images: ext4 on data, its journal on wal; then served."""
     lab = Lab(tmp_path / "lab", procs, None, None, size=32 * MiB, volumes=["data", "wal"],
+              port=free_port(),
               volume_sizes={"wal": 8 * MiB})
     data_img, wal_img = lab.images["alpha"]["data"], lab.images["alpha"]["wal"]
     loops = []
