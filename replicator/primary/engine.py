@@ -240,7 +240,7 @@ class Engine:
         volumes): the whole primary write path in one C call."""
         if not self._attached and not self._bumped:
             self._new_generation()
-        res = self.core.write(buf, offset, fua=fua, volume=volume)
+        res = self.core.write(buf, offset, fua, volume)  # positional: the hot path
         if not res.queued:
             self.shipper.ring_dropped()
         return res
