@@ -17,7 +17,8 @@ Promotion turns a secondary into the primary of a new history:
    make it valid.)
 4. **Loss report** (DESIGN §7): consistent through A with its
    timestamp, every write known lost after A, and that nothing after the
-   last token is known. Written atomically as JSON to
+   last token is known. One report for the whole resource: with several
+   volumes (DESIGN §8) each lost write names its volume. Written atomically as JSON to
    ``meta-dir/loss-report.json``; the CLI also prints it.
 5. **New generation**: the old one is pushed onto ``history``,
    ``bitmap_uuid`` names it (the OOS bitmap, cleared now, records this
@@ -55,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from replicator.config import Config, Node, Resource
+from replicator.config import DEFAULT_VOLUME, Config, Node, Resource
 from replicator.native.bitmap import Bitmap
 from replicator.native.core import CoreError
 from replicator.errors import DuplexError
@@ -214,10 +215,20 @@ def _reset_bitmap(md: Metadata, all_dirty: bool) -> None:
         bm.close()
 
 
+def _volume_names(md: Metadata) -> list[str] | None:
+    """The volumes' names by index for the loss report (DESIGN §8), or None
+    for a single-volume resource (its report stays as it always was)."""
+    names = [str(v["name"]) for v in md.volumes]
+    if names in ([], [DEFAULT_VOLUME]):
+        return None
+    return names
+
+
 def _become_primary(md: Metadata, resource: Resource, node: Node, view: LossView,
                     forced: list[str]) -> Promotion:
     """Write the loss report, then commit the new generation and role."""
-    report = build_loss_report(view, resource=resource.name, created_ns=time.time_ns())
+    report = build_loss_report(view, resource=resource.name, created_ns=time.time_ns(),
+                               volume_names=_volume_names(md))
     path = MetaPaths(node.meta_dir).loss_report
     was_invalid = _inconsistency(md) is not None
     _reset_bitmap(md, all_dirty=was_invalid)
@@ -359,9 +370,10 @@ def _apply_journal(sec: "Secondary", timeout: float = DEFAULT_TIMEOUT,
         time.sleep(min(delay, max(0.0, timeout - (now - start))))
         delay = min(delay * 2, _RETRY[1])
     try:
-        os.fdatasync(sec.fd)
+        sec.sync_images()  # every volume's image
     except OSError as e:
-        raise PromoteError(f"{name}: cannot promote: fdatasync of the image {sec.node.device} "
+        raise PromoteError(f"{name}: cannot promote: fdatasync of the image "
+                           f"{e.filename or sec.node.device} "
                            f"failed: {e.strerror}; the journal was kept (applied through seq "
                            f"{sec.journal.applied_seq}): repair the device and run promote "
                            f"again") from None
@@ -397,7 +409,7 @@ def promote_offline(config_path: str, resource: Resource, node: Node,
         finally:
             sec.stop_receiving("promoted")
             sec.journal.close()
-            os.close(sec.fd)
+            sec.close_images()
             if sec.claim is not None:
                 sec.claim.close()
         return result.to_dict()

@@ -22,6 +22,20 @@ The image therefore only ever holds a prefix of the primary's history. A
 record is applied only once it is durable in the journal, so a crash never
 leaves the image holding a write the journal could not replay.
 
+Volumes (DESIGN §8): a resource of several volumes has one image per
+volume, claimed and opened together (``images``: volume index -> fd, in
+config order) and sized against the metadata's volume list. One journal
+and one pending queue carry all of them; a record goes to its volume's
+image at its volume-relative offset, and a record naming a volume the
+resource lacks (or running past its end) is a protocol error at receipt:
+the link closes with the reason, nothing of the frame is journaled.
+Catch-up increments and verify work on LOGICAL offsets (replicator.layout)
+and are split to (volume, offset) here. Every durability point -- a
+checkpoint, a FLUSH record, an increment's apply -- fdatasyncs every
+image. A single-volume resource takes exactly the path it always took (the
+run is written in C); several volumes are written from Python
+(applier.apply_run over the images).
+
 Every thread runs under a :class:`replicator.supervise.Supervisor`: an
 unexpected exception is logged with its traceback and shown in status as a
 named fault (``faults``; the human status prints each); the listener, the
@@ -62,11 +76,12 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from replicator.config import ConfigError, Node, Resource, load_config, select_node
+from replicator.config import DEFAULT_VOLUME, ConfigError, Node, Resource, load_config, select_node
 from replicator.control import ControlServer
-from replicator.devices import DeviceClaim, claim_device, device_size
+from replicator.devices import device_size
+from replicator.layout import Layout
 from replicator.errors import DuplexError
 from replicator.secondary.journal import Journal, JournalError
 from replicator.metadata import (DISK_CONSISTENT, DISK_INCONSISTENT, DISK_OUTDATED, DISK_UPTODATE,
@@ -74,20 +89,24 @@ from replicator.metadata import (DISK_CONSISTENT, DISK_INCONSISTENT, DISK_OUTDAT
 from replicator.peerlink import LinkError, PeerLink, pairing_uuid
 from replicator.fileio import atomic_write
 from replicator.oosfiles import open_bitmaps
-from replicator.secondary.applier import ApplyError
-from replicator.secondary.pending import PendingQueue, StreamError
+from replicator.records import HEADER_SIZE
+from replicator.secondary.applier import ApplyError, apply_run
+from replicator.secondary.pending import PendingQueue, StreamError, check_volumes
 from replicator.supervise import Fault, Supervisor
 from replicator.secondary import snapshot
 from replicator.protocol.errors import ProtocolError
 from replicator import generations
 from replicator.secondary.increments import Increment, IncrementReceiver
+from replicator.protocol.compat import wire_volumes
 from replicator.protocol.errors import ErrorCode
 from replicator.protocol.messages import (STATE_DISCARD_MY_DATA, STATE_HAS_BITMAP_UUID,
                                           STATE_NEEDS_RESYNC, STATE_SENDS_BITMAP, ZERO_UUID, Data,
                                           IncrBegin, IncrCommit, IncrData, IncrZero, Message, OosBitmap,
                                           State, Tokens, VerifyReq, VerifySums)
-from replicator.status import new_status
+from replicator.status import new_status, volume_rows
 from replicator.tracks import track_digest
+from replicator.volumes import VolumeClaims, VolumeSizeError, claim_volumes, layout_of
+from replicator import volumes as volumes_mod
 
 log = logging.getLogger("duplex.secondary")
 
@@ -119,16 +138,25 @@ class Secondary(IncrementReceiver):
     """One resource's secondary side."""
 
     def __init__(self, resource: Resource, node: Node, md: Metadata, journal: Journal,
-                 image_fd: int, pending: PendingQueue):
+                 images: Mapping[int, int] | int, pending: PendingQueue):
+        """*images*: volume index -> the fd of its image (or one fd: volume 0)."""
         self.resource = resource
         self.node = node
         self.peer = resource.peer_of(node.name)
         self.md = md
         self.journal = journal
-        self.fd = image_fd
-        self.claim: DeviceClaim | None = None  # set by open(): the image is ours alone
+        self.images: dict[int, int] = ({0: images} if isinstance(images, int)
+                                       else dict(images))
+        self.claim: VolumeClaims | None = None  # set by open(): the images are ours alone
         self.pending = pending
-        self.size = md.device_size
+        self.size = md.device_size  # logical: the volumes laid end to end
+        self.layout: Layout = (layout_of(md.volumes, md.track_size) if md.volumes
+                               else Layout.single(md.device_size, md.track_size))
+        # Several volumes: records are checked at receipt, runs written from Python.
+        self.multi = len(self.layout) > 1
+        self.devices: dict[int, str] = {i: v.device for i, v in enumerate(node.volumes)
+                                        if i < len(self.layout)}
+        self.image_sizes: dict[int, int] = dict(enumerate(self.layout.sizes))
         self._lock = threading.Condition()      # pending + journal appends/checkpoints
         self._commit_lock = threading.Lock()
         self._commit_wake = threading.Event()
@@ -182,15 +210,16 @@ class Secondary(IncrementReceiver):
         # Exclusive before the journal replay writes: a mounted or held
         # device, or an image another Duplex uses, is refused by name.
         context = f"{res.name}: node {node.name}"
-        claim = claim_device(node.device, context)
-        size = device_size(node.device)
-        if size != md.device_size:
-            raise SecondaryError(f"{node.device} is {size} bytes, but the metadata of "
-                                 f"{res.name} was made for {md.device_size}")
+        claim = claim_volumes(res, node)
         try:
+            cls._check_sizes(res, node, md)
             journal = Journal.open(str(md.paths.journal), bytes.fromhex(md.node_uuid))
         except JournalError as e:
+            claim.close()
             raise SecondaryError(str(e)) from None
+        except BaseException:
+            claim.close()
+            raise
         pending = PendingQueue.rebuild(journal.applied_seq, journal.replay(),
                                        applied_token=journal.applied_token)
         if len(pending):
@@ -202,9 +231,8 @@ class Secondary(IncrementReceiver):
                 snapshot.drop(snap, node.meta_dir)  # it committed before the stop
             else:
                 snapshot.restore(snap, node.device, node.meta_dir)
-                claim.refresh(context)  # the restored clone is a new file: lock it
-        fd = os.open(node.device, os.O_RDWR | os.O_CLOEXEC)
-        sec = cls(res, node, md, journal, fd, pending)
+                claim.refresh(context)  # the restored clones are new files: lock them
+        sec = cls(res, node, md, journal, _open_images(node), pending)
         sec.claim = claim
         # Our own out-of-sync tracks: empty on a secondary that was always
         # one; an old primary's unshipped writes after a failover.
@@ -218,12 +246,65 @@ class Secondary(IncrementReceiver):
                 sec._apply_increment(Increment(incr_id, base, True, positions))
             except OSError as e:
                 sec.journal.close()
-                os.close(sec.fd)
+                sec.close_images()
+                claim.close()
                 raise SecondaryError(
                     f"{res.name}: re-applying committed increment {incr_id} to "
-                    f"{node.device} failed: {e.strerror or e}; free space on (or repair) the "
-                    f"image's device and start again (the journal keeps the increment)") from None
+                    f"{e.filename or node.device} failed: {e.strerror or e}; free space on (or "
+                    f"repair) the image's device and start again (the journal keeps the "
+                    f"increment)") from None
         return sec
+
+    @staticmethod
+    def _check_sizes(res: Resource, node: Node, md: Metadata) -> None:
+        """Each image has the size the metadata records for its volume
+        (SecondaryError naming the volume, its device and both sizes)."""
+        names = [str(v["name"]) for v in md.volumes]
+        if not node.multi_volume and names in ([], [DEFAULT_VOLUME]):
+            size = device_size(node.device)  # one volume: the words it always had
+            if size != md.device_size:
+                raise SecondaryError(f"{node.device} is {size} bytes, but the metadata of "
+                                     f"{res.name} was made for {md.device_size}")
+            return
+        try:
+            volumes_mod.check_volumes(res, node, md.volumes, str(md.paths.metadata),
+                                      fix="the secondary does not start")
+        except VolumeSizeError as e:
+            raise SecondaryError(str(e)) from None
+
+    # -- images -----------------------------------------------------------
+
+    @property
+    def fd(self) -> int:
+        """The image of volume 0 (the one image of a single-volume resource)."""
+        return self.images[0]
+
+    def device_of(self, vol: int) -> str:
+        """The device (image path) of volume *vol*."""
+        return self.devices.get(vol, self.node.device)
+
+    def images_label(self) -> str:
+        """The image(s) for messages: the path, or every volume's."""
+        if not self.multi:
+            return self.node.device
+        return ", ".join(f"{self.layout.names[i]} {d}" for i, d in sorted(self.devices.items()))
+
+    def sync_images(self) -> None:
+        """fdatasync every image; an OSError names the failing image (filename)."""
+        for vol, fd in self.images.items():
+            try:
+                os.fdatasync(fd)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, self.device_of(vol)) from None
+
+    def close_images(self) -> None:
+        """Close every image's fd."""
+        images, self.images = self.images, {}
+        for fd in images.values():
+            os.close(fd)
+
+    def _reopen_images(self) -> None:
+        self.images = _open_images(self.node, len(self.layout))
 
     # -- lifecycle --------------------------------------------------------
 
@@ -280,9 +361,10 @@ class Secondary(IncrementReceiver):
         except OSError as e:  # the journal keeps what the image may have lost
             log.error("%s: image %s: fdatasync at stop failed: %s; the journal keeps every "
                       "record since seq %d and the next start applies them again",
-                      self.resource.name, self.node.device, e.strerror, self.journal.applied_seq)
+                      self.resource.name, e.filename or self.node.device, e.strerror,
+                      self.journal.applied_seq)
         self.journal.close()
-        os.close(self.fd)
+        self.close_images()
         if self.claim is not None:
             self.claim.close()
         log.info("%s: secondary stopped, applied through %d", self.resource.name,
@@ -323,7 +405,8 @@ class Secondary(IncrementReceiver):
                          self.md.device_size, self.md.track_size, "secondary", self._disk(),
                          journaled_seq=self.journaled,
                          applied_seq=self.pending.applied_through,
-                         flags=flags, history=history)
+                         flags=flags, history=history,
+                         volumes=wire_volumes([(v["name"], v["size"]) for v in self.md.volumes]))
 
     def _answer_verify(self, link: PeerLink, req: VerifyReq) -> None:
         """Checksums of the requested tracks, read between apply runs once
@@ -342,13 +425,23 @@ class Secondary(IncrementReceiver):
                 self._lock.wait(0.01)
             applied = self.pending.applied_through
             for t in range(req.first_track, req.first_track + req.count):
-                off = t * ts
-                n = max(0, min(ts, self.size - off))
-                sums.append(track_digest(os.pread(self.fd, n, off)) if n else 0)
+                sums.append(self._track_sum(t * ts, ts))
         try:
             link.send(VerifySums(req.verify_id, req.first_track, applied, tuple(sums)))
         except LinkError:
             pass
+
+    def _track_sum(self, off: int, ts: int) -> int:
+        """Digest of the logical track at *off*, read from its volume's image
+        and cut at that volume's end (as the primary's core_pread returns
+        short there); 0 past the logical end."""
+        if off >= self.size:
+            return 0
+        try:
+            vol, voff, n = self.layout.clip(off, ts)
+        except ValueError:  # no volume holds it (an alignment gap)
+            return 0
+        return track_digest(os.pread(self.images[vol], n, voff)) if n > 0 else 0
 
     def _check_generations(self, peer_state: State) -> None:
         """Refuse a primary whose data we must not follow: split brain,
@@ -423,14 +516,19 @@ class Secondary(IncrementReceiver):
                 ranges[-1][1] += self.md.track_size
             else:
                 ranges.append([off, self.md.track_size])
+        if self.multi:  # logical ranges -> each volume's, by name
+            rows = [{"volume": self.layout.names[v], "offset": o, "length": k}
+                    for lo, n in ranges for v, o, k in _volume_pieces(self.layout, lo, n)]
+        else:
+            rows = [{"offset": o, "length": n} for o, n in ranges]
         report = {"resource": self.resource.name, "node": self.node.name,
                   "superseded_by_generation": peer.current,
                   "our_generation": self.md.generation,
                   "note": ("writes of this node that never reached its peer, by range (the "
                            "exact writes are not kept); the resync from the peer overwrites "
                            "them"),
-                  "ranges": [{"offset": o, "length": n} for o, n in ranges],
-                  "bytes": sum(n for _, n in ranges),
+                  "ranges": rows,
+                  "bytes": sum(r["length"] for r in rows),
                   "time": time.time()}
         path = self.md.paths.meta_dir / "failback-report.json"
         atomic_write(path, (json.dumps(report, indent=2) + "\n").encode(), 0o644)
@@ -541,10 +639,12 @@ class Secondary(IncrementReceiver):
             # disk state, as for a run; the primary sends it again after the
             # reconnect this causes.
             self._apply_failed(f"writing increment {self.incr.id} in place: "
-                               f"{e.strerror or e} (image {self.node.device})")
+                               f"{e.strerror or e} (image {e.filename or self.node.device})")
             raise ProtocolError(self.apply_error) from None
 
     def _on_tokens(self, ev: Tokens) -> None:
+        if self.multi:  # a token for a volume we lack closes the link, before anything
+            check_volumes(ev.payload, self.layout.sizes, tokens_only=True)
         with self._lock:
             self._wait_room(len(ev.payload))
             # Queued first: a frame the queue refuses never reaches the journal.
@@ -556,6 +656,8 @@ class Secondary(IncrementReceiver):
         # here it is checked against the queue, journaled as one entry and
         # queued, each in one call: no Python work per record.
         payload = ev.payload
+        if self.multi:  # several volumes: each record's volume and range, at receipt
+            check_volumes(payload, self.layout.sizes)
         with self._lock:
             self._wait_room(len(payload))
             if self.pending.add_frame(payload, 0, dry_run=True):
@@ -619,7 +721,7 @@ class Secondary(IncrementReceiver):
                 except OSError as e:
                     if not self._sync_error:
                         self._apply_failed(f"applying increment {inc.id}: {e.strerror or e} "
-                                           f"(image {self.node.device})")
+                                           f"(image {e.filename or self.node.device})")
                     continue
                 with self._lock:
                     self._committed.remove(inc)
@@ -674,7 +776,10 @@ class Secondary(IncrementReceiver):
         self.runs_started += 1
         try:
             try:
-                self.pending.apply_taken(self.journal.fd, self.fd, self.size)
+                if self.multi:
+                    self._apply_taken_volumes()
+                else:
+                    self.pending.apply_taken(self.journal.fd, self.fd, self.size)
             except OSError as e:
                 # Nothing is marked: the run, maybe half written, is applied
                 # again from the journal, never skipped. The image holds
@@ -684,14 +789,32 @@ class Secondary(IncrementReceiver):
                 end = run.run_end
                 what = f"seq {first}" + (f" (run {first}..{end})" if end > first else "")
                 err = os.strerror(e.errno) if e.errno else str(e)
-                raise ApplyFailed(f"applying {what}: {err} (image {self.node.device})") from None
+                image = e.filename if self.multi and e.filename else self.node.device
+                raise ApplyFailed(f"applying {what}: {err} (image {image})") from None
             except ApplyError as e:
-                raise ApplyFailed(f"applying: {e} (image {self.node.device})") from None
+                raise ApplyFailed(f"applying: {e} (image {self.images_label()})") from None
             with self._lock:
                 self.pending.mark_applied(run.run_end)
             return run.run_bytes
         finally:
             self.runs_done += 1
+
+    def _apply_taken_volumes(self) -> None:
+        """Write the run handed out to the volumes' images (several
+        volumes): each record read back from the journal (its header must
+        be the token), then applier.apply_run. OSError names the image;
+        ApplyError a record that cannot go to its image."""
+        items = []
+        for tok, loc in self.pending.taken_run():
+            try:
+                raw = self.journal.read_record(loc)
+            except JournalError as e:
+                raise ApplyError(f"record seq {tok.seq}: {e}") from None
+            if raw[:HEADER_SIZE] != tok.pack():
+                raise ApplyError(f"journal offset {loc} does not hold record seq {tok.seq}: "
+                                 f"the journal is damaged or was overwritten")
+            items.append((tok, memoryview(raw)[HEADER_SIZE:HEADER_SIZE + tok.data_len]))
+        apply_run(self.images, items, self.image_sizes, self.devices)
 
     # -- apply failures: a disk state, retried ----------------------------
 
@@ -727,7 +850,8 @@ class Secondary(IncrementReceiver):
         """fdatasync of the image failed: written pages may be lost, and a
         later fdatasync would not say so. Nothing is checkpointed any more;
         a restart applies the journal again."""
-        why = (f"fdatasync of image {self.node.device} failed: {e.strerror or e}; the "
+        why = (f"fdatasync of image {e.filename or self.node.device} failed: "
+               f"{e.strerror or e}; the "
                f"journal keeps every record since seq {self.journal.applied_seq}: restart "
                f"the secondary (systemctl restart duplex@{self.resource.name}) to apply them "
                f"again")
@@ -777,7 +901,7 @@ class Secondary(IncrementReceiver):
         a failed fdatasync nothing is freed any more (see _sync_failed)."""
         if self._sync_error:
             return
-        os.fdatasync(self.fd)
+        self.sync_images()
         with self._lock:
             applied = self.pending.applied_through
             if applied > self.journal.applied_seq:
@@ -825,11 +949,11 @@ class Secondary(IncrementReceiver):
         if inc is not None and inc.snapshot is not None:
             with self._lock:
                 self.incr = None
-                os.close(self.fd)
+                self.close_images()
                 snapshot.restore(inc.snapshot, self.node.device, self.node.meta_dir)
-                if self.claim is not None:  # the restored clone is a new file: lock it
+                if self.claim is not None:  # the restored clones are new files: lock them
                     self.claim.refresh(f"{self.resource.name}: node {self.node.name}")
-                self.fd = os.open(self.node.device, os.O_RDWR | os.O_CLOEXEC)
+                self._reopen_images()
                 self._pause_apply.clear()
         with self._lock:
             self.links.clear()
@@ -962,7 +1086,8 @@ class Secondary(IncrementReceiver):
             journal={"used_bytes": self.journal.used_bytes, "size": self.journal.area_size},
             apply={"runs_started": self.runs_started, "runs_done": self.runs_done,
                    "error": self.apply_error or None},
-            faults=self.sup.faults(), promote_waiting=self.promote_waiting or None)
+            faults=self.sup.faults(), promote_waiting=self.promote_waiting or None,
+            volumes=volume_rows(self.node, self.layout.sizes, [0] * len(self.layout)))
 
     def _apply_note(self) -> str:
         """The reason status gives while applying fails."""
@@ -977,3 +1102,29 @@ class Secondary(IncrementReceiver):
         left = max(0.0, self._retry_at - time.monotonic())
         return (f"{why}; {room}; retrying in {left:.0f} s, or now with "
                 f"`duplex connect {self.resource.name}`")
+
+
+def _open_images(node: Node, count: int | None = None) -> dict[int, int]:
+    """Open every volume's image read-write: volume index -> fd (all or none)."""
+    fds: dict[int, int] = {}
+    try:
+        for i, v in enumerate(node.volumes[:count]):
+            fds[i] = os.open(v.device, os.O_RDWR | os.O_CLOEXEC)
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return fds
+
+
+def _volume_pieces(layout: Layout, off: int, length: int) -> list[tuple[int, int, int]]:
+    """The parts of the logical range [off, off+length) that lie in a
+    volume, as (volume, relative offset, length); alignment gaps and
+    anything past the end are left out."""
+    out = []
+    end = off + length
+    for i, (b, sz) in enumerate(zip(layout.bases, layout.sizes)):
+        lo, hi = max(off, b), min(end, b + sz)
+        if hi > lo:
+            out.append((i, lo - b, hi - lo))
+    return out

@@ -3,9 +3,21 @@ increment, staging it in the journal or writing it in place under a
 reflink snapshot, and applying it atomically at COMMIT.
 
 :class:`IncrementReceiver` is a part of :class:`replicator.secondary.daemon.Secondary`
-(a mixin: it uses the daemon's lock, journal, pending queue, image and
+(a mixin: it uses the daemon's lock, journal, pending queue, images and
 metadata); it is kept here so that the stream's fast path and the
 increments' rules each read on their own.
+
+Volumes (DESIGN §8): INCR_DATA and INCR_ZERO (track contents and
+collision copies alike) carry LOGICAL offsets, the volumes laid end to
+end; their volume field is unused (0). A piece is split with the layout
+into (volume, offset) parts, each written to its volume's image; a data
+piece that touches an alignment gap or runs past the end is refused at
+receipt (a protocol error), a zero range is cut to the volumes. One
+increment is the whole group at one instant: staged pieces of every
+volume are applied together after one COMMIT, redone together after a
+crash, made durable by an fdatasync of every image before the one
+checkpoint; written in place, it runs under a reflink snapshot of every
+image (snapshot.py), all restored together if it never commits.
 """
 from __future__ import annotations
 
@@ -75,8 +87,9 @@ class IncrementReceiver:
             # Nothing older may land on the image after the increment's data.
             self._pause_apply.set()
             self._wait_apply_idle()
-            self.incr.snapshot = snapshot.take(self.fd, self.node.device, self.node.meta_dir,
-                                               ev.incr_id, ev.base_seq)
+            self.incr.snapshot = snapshot.take(
+                [(fd, self.device_of(v)) for v, fd in sorted(self.images.items())],
+                meta_dir=self.node.meta_dir, incr_id=ev.incr_id, base=ev.base_seq)
             if self.incr.snapshot is not None:
                 how = f"written in place; the reflink snapshot {self.incr.snapshot.path} keeps " \
                       f"the previous image until it commits"
@@ -85,7 +98,8 @@ class IncrementReceiver:
                 how = "written in place (Inconsistent until it commits)"
                 self._set_disk_inconsistent(f"increment {ev.incr_id} ({ev.nbytes} bytes) is "
                                             f"larger than the journal can stage, and "
-                                            f"{self.node.device} cannot be cloned (no reflink)")
+                                            f"{self._clone_names()} cannot be cloned "
+                                            f"(no reflink)")
         log.info("%s: increment %d begins: %d tracks, %d bytes, base seq %d, %s",
                  self.resource.name, ev.incr_id, ev.tracks, ev.nbytes, ev.base_seq, how)
 
@@ -96,13 +110,14 @@ class IncrementReceiver:
         if ev.offset + len(ev.data) > self.size:
             raise StreamError(f"INCR_DATA at {ev.offset}+{len(ev.data)} runs past the "
                               f"device end {self.size}")
+        parts = self._data_parts("INCR_DATA", ev.offset, len(ev.data), ev.volume)
         if inc.staged:
             with self._lock:
                 self._wait_room(len(ev.data) + 32)
                 inc.positions.append(self.journal.append_incr_data(
                     inc.id, inc.base, ev.offset, ev.data, ev.volume))
         else:
-            pwrite_all(self.fd, ev.data, ev.offset)
+            self._write_parts(parts, ev.data)
         inc.bytes += len(ev.data)
 
     def _on_incr_zero(self, ev: IncrZero) -> None:
@@ -112,13 +127,16 @@ class IncrementReceiver:
         if ev.offset + ev.length > self.size:
             raise StreamError(f"INCR_ZERO at {ev.offset}+{ev.length} runs past the device "
                               f"end {self.size}")
+        if self.multi and ev.volume:
+            raise StreamError(f"INCR_ZERO at {ev.offset} names volume {ev.volume}: increment "
+                              f"offsets are logical, the volume field must be 0")
         if inc.staged:
             with self._lock:
                 self._wait_room(32)
                 inc.positions.append(self.journal.append_incr_zero(
                     inc.id, inc.base, ev.offset, ev.length, ev.volume))
         else:
-            zero_range(self.fd, ev.offset, ev.length)
+            self._zero_parts(ev.offset, ev.length)
         inc.bytes += ev.length
 
     def _on_incr_commit(self, ev: IncrCommit) -> None:
@@ -147,17 +165,18 @@ class IncrementReceiver:
                      len(inc.positions))
             if inc.staged:
                 for pos in inc.positions:
-                    off, _vol, data = self.journal.read_incr_data(pos)
+                    off, _vol, data = self.journal.read_incr_data(pos)  # off: logical
                     if isinstance(data, int):
-                        zero_range(self.fd, off, data)
+                        self._zero_parts(off, data)
                     else:
-                        pwrite_all(self.fd, data, off)
+                        self._write_parts(self._data_parts("staged INCR_DATA", off, len(data)),
+                                          data)
                     if _SLOW_APPLY:
                         time.sleep(_SLOW_APPLY)  # fault-injection tests: widen the window
             if self._sync_error:  # a failed fdatasync before: this one proves nothing
                 raise OSError(errno.EIO, self._sync_error)
             try:
-                os.fdatasync(self.fd)
+                self.sync_images()  # every volume durable before the one checkpoint
             except OSError as e:
                 self._sync_failed(e)
                 raise
@@ -186,6 +205,47 @@ class IncrementReceiver:
             self._clear_own_oos_at = None
         log.info("%s: increment %d applied (%d bytes); consistent at seq %d",
                  self.resource.name, inc.id, inc.bytes, inc.base)
+
+    # -- logical pieces -> (volume, offset) --------------------------------
+
+    def _data_parts(self, what: str, off: int, length: int,
+                    volume: int = 0) -> list[tuple[int, int, int]]:
+        """(volume, offset, length) parts of a data piece at logical *off*
+        (StreamError if a byte lies in no volume)."""
+        if self.multi and volume:
+            raise StreamError(f"{what} at {off} names volume {volume}: increment offsets "
+                              f"are logical, the volume field must be 0")
+        try:
+            return self.layout.split(off, length)
+        except ValueError as e:
+            raise StreamError(f"{what} at {off}+{length}: {e}") from None
+
+    def _write_parts(self, parts: list[tuple[int, int, int]], data) -> None:
+        mv = memoryview(data).cast("B")
+        pos = 0
+        for vol, voff, n in parts:
+            try:
+                pwrite_all(self.images[vol], mv[pos:pos + n], voff)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, self.device_of(vol)) from None
+            pos += n
+
+    def _zero_parts(self, off: int, length: int) -> None:
+        """Zero the logical range [off, +length) where it lies in a volume
+        (an alignment gap holds nothing to zero)."""
+        end = off + length
+        for vol, (b, sz) in enumerate(zip(self.layout.bases, self.layout.sizes)):
+            lo, hi = max(off, b), min(end, b + sz)
+            if hi > lo:
+                try:
+                    zero_range(self.images[vol], lo - b, hi - lo)
+                except OSError as e:
+                    raise OSError(e.errno, e.strerror, self.device_of(vol)) from None
+
+    def _clone_names(self) -> str:
+        if not self.multi:
+            return self.node.device
+        return "the images (" + ", ".join(self.device_of(v) for v in sorted(self.images)) + ")"
 
     def _set_disk_inconsistent(self, why: str) -> None:
         with self.md.update():

@@ -7,7 +7,8 @@ point*). The report says:
 * A and its timestamp: the image holds every write up to and including A
   and nothing after it;
 * every write known to be lost after A, in order: its address (volume,
-  offset, length, op), its timestamp, and whether its data had arrived
+  offset, length, op; with several volumes, DESIGN §8, the volume's name
+  too, and the offset is within that volume), its timestamp, and whether its data had arrived
   (arrived but unapplied, because an earlier write was missing) -- or
   that it was never announced, so its address is unknown;
 * that nothing after the last token received is known: writes the primary
@@ -23,9 +24,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from replicator.secondary.pending import LossView
-from replicator.records import OP_NAMES
+from replicator.records import OP_FLUSH, OP_NAMES
 
 REPORT_FORMAT = 2  # 2: a run of seqs never announced is one entry with a count
+#: ``volume_name`` of a lost FLUSH in a report of several volumes: it covers all.
+ALL_VOLUMES = "*"
 
 
 def iso_utc(ts_ns: int | None) -> str | None:
@@ -52,6 +55,7 @@ class LostWrite:
     data_arrived: bool
     announced: bool
     count: int = 1
+    volume_name: str | None = None  # several volumes: the name of ``volume``
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class LossReport:
     resource: str | None = None
     created_ns: int | None = None
     format: int = field(default=REPORT_FORMAT)
+    volumes: tuple[str, ...] | None = None  # several volumes: their names by index
 
     @property
     def lost_count(self) -> int:
@@ -91,8 +96,12 @@ class LossReport:
             "note": self.note,
             "lost": [],
         }
+        if self.volumes is not None:  # absent for one volume: the format as before
+            d["volumes"] = list(self.volumes)
         for w in self.lost:
             e = asdict(w)
+            if self.volumes is None:
+                del e["volume_name"]
             e["time"] = iso_utc(w.ts_ns)
             d["lost"].append(e)
         return d
@@ -117,10 +126,13 @@ class LossReport:
             raise ValueError(f"loss report format {d.get('format')!r} is not 1 or {REPORT_FORMAT}")
         try:
             lost = [LostWrite(e["seq"], e["volume"], e["offset"], e["length"], e["op"],
-                              e["ts_ns"], e["data_arrived"], e["announced"], e.get("count", 1))
+                              e["ts_ns"], e["data_arrived"], e["announced"], e.get("count", 1),
+                              e.get("volume_name"))
                     for e in d["lost"]]
+            vols = d.get("volumes")
             return cls(d["consistent_through_seq"], d["consistent_through_ts_ns"], lost,
-                       d["last_known_seq"], d["note"], d.get("resource"), d.get("created_ns"))
+                       d["last_known_seq"], d["note"], d.get("resource"), d.get("created_ns"),
+                       volumes=tuple(str(v) for v in vols) if vols is not None else None)
         except (KeyError, TypeError) as e:
             raise ValueError(f"loss report lacks or mangles field {e}") from None
 
@@ -137,6 +149,8 @@ class LossReport:
             title += f" for resource {self.resource}"
         if self.created_ns is not None:
             title += f", written {iso_utc(self.created_ns)}"
+        if self.volumes is not None:
+            title += f" (volumes {', '.join(self.volumes)})"
         lines.append(title)
         when = iso_utc(self.consistent_through_ts_ns)
         lines.append(f"Consistent through seq {a}"
@@ -168,7 +182,8 @@ class LossReport:
                 what = "data" if w.op == "write" else "record"
                 state = (f"{what} received, not applied" if w.data_arrived
                          else f"{what} not received")
-                lines.append(f"  seq {w.seq:>{width}}  vol {w.volume}  {w.op:<5}  "
+                vol = w.volume if w.volume_name is None else w.volume_name
+                lines.append(f"  seq {w.seq:>{width}}  vol {vol}  {w.op:<5}  "
                              f"offset {w.offset}  length {w.length}  "
                              f"{iso_utc(w.ts_ns)}  {state}")
                 i += 1
@@ -177,19 +192,28 @@ class LossReport:
 
 
 def build_loss_report(view: LossView, resource: str | None = None,
-                      created_ns: int | None = None) -> LossReport:
-    """The loss report for the state *view* describes (see module doc)."""
+                      created_ns: int | None = None,
+                      volume_names: list[str] | None = None) -> LossReport:
+    """The loss report for the state *view* describes (see module doc).
+    *volume_names*: the resource's volumes by index, when it has several
+    (each lost write then names its volume)."""
     lost = []
     for e in view.entries:
         t = e.token
         if t is None:
             lost.append(LostWrite(e.seq, None, None, None, None, None, False, False, e.count))
         else:
+            name = None
+            if volume_names is not None and t.op == OP_FLUSH:
+                name = ALL_VOLUMES  # a flush covers every volume
+            elif volume_names is not None:
+                name = volume_names[t.volume] if t.volume < len(volume_names) else None
             lost.append(LostWrite(e.seq, t.volume, t.offset, t.length,
                                   OP_NAMES.get(t.op, f"op{t.op}"), t.ts_ns,
-                                  e.data_arrived, True))
+                                  e.data_arrived, True, volume_name=name))
     ts = view.applied_token.ts_ns if view.applied_token is not None else None
     note = (f"Nothing after seq {view.last_token_seq} is known: writes the primary "
             f"sequenced later never reached this host, not even as tokens.")
     return LossReport(view.applied_through, ts, lost, view.last_token_seq, note,
-                      resource, created_ns)
+                      resource, created_ns,
+                      volumes=tuple(volume_names) if volume_names is not None else None)

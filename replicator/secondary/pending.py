@@ -38,14 +38,15 @@ secondary knows about the writes it does not have (DESIGN §7);
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from replicator.errors import DuplexError
 from replicator.secondary.applier import ApplyError
 from replicator.native.rxq import RXQ_FAULTS, RxFault, RxInfo, RxQueue
-from replicator.records import HEADER_SIZE, OP_NAMES, Token, unpack_token
+from replicator.records import HEADER_SIZE, OP_FLUSH, OP_NAMES, Token, padded, unpack_token
 
 #: How far past ``applied_through`` a token may be. A primary has at most a
 #: ring's worth of records in flight (a 64 MiB ring holds under 1.4 million
@@ -252,6 +253,17 @@ class PendingQueue:
         except RxFault as f:
             raise _apply_error(f) from None
 
+    def taken_run(self) -> list[tuple[Token, Any]]:
+        """The run :meth:`take_run` handed out, as ``[(token, location)]``
+        (the multi-volume applier writes it from Python)."""
+        n = self._rx.info().run_records
+        run = []
+        for i in range(n):
+            raw, loc = self._rx.run_item(i)
+            tok = unpack_token(raw)
+            run.append((tok, self._objs.get(tok.seq, loc) if self._objs else loc))
+        return run
+
     def next_run(self, max_records: int | None = None,
                  max_bytes: int | None = None) -> list[tuple[Token, Any]]:
         """The in-order run of complete entries after ``applied_through``.
@@ -393,6 +405,33 @@ class PendingQueue:
         return (f"<PendingQueue applied_through={info.applied} "
                 f"received_through={info.received} highest={info.highest} "
                 f"entries={info.entries} first_gap={self.first_gap()}>")
+
+
+# Header fields read to check a record's volume (records.HEADER layout).
+_OFF_LEN_DLEN_VOL = struct.Struct("<QII I")  # offset, length, data_len, volume at byte 16
+_OP_AT = 36
+
+
+def check_volumes(payload, sizes: Sequence[int], tokens_only: bool = False) -> None:
+    """Every record (or token) packed in *payload* names a volume of the
+    resource (index < len(sizes)) and lies inside it (FLUSH: any range; it
+    covers every volume). StreamError naming the seq otherwise, before
+    anything is queued or journaled. *payload* was structure-checked by the
+    frame decoder, so each header is whole."""
+    mv = memoryview(payload).cast("B")
+    pos, n = 0, len(mv)
+    nvol = len(sizes)
+    while pos + HEADER_SIZE <= n:
+        off, length, dlen, vol = _OFF_LEN_DLEN_VOL.unpack_from(mv, pos + 16)
+        if vol >= nvol:
+            seq = struct.unpack_from("<Q", mv, pos)[0]
+            raise StreamError(f"record seq {seq} names volume {vol}, but the resource has "
+                              f"{nvol} volume(s) (0..{nvol - 1})")
+        if mv[pos + _OP_AT] != OP_FLUSH and off + length > sizes[vol]:
+            seq = struct.unpack_from("<Q", mv, pos)[0]
+            raise StreamError(f"record seq {seq}: {length} bytes at offset {off} run past "
+                              f"the end of volume {vol} ({sizes[vol]} bytes)")
+        pos += HEADER_SIZE if tokens_only else HEADER_SIZE + padded(dlen)
 
 
 _FAULTS = {v: k for k, v in RXQ_FAULTS.items()}
