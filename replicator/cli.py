@@ -301,7 +301,8 @@ def cmd_verify(args: argparse.Namespace, ctx: Context) -> int:
             print(f"{resource.name}: {format_size(st['differing_bytes'])} differ "
                   f"({len(st['differing'])} ranges):")
             for r in st["differing"]:
-                print(f"  offset {r['offset']} length {r['length']}")
+                print(f"  {'volume ' + r['volume'] + ' ' if 'volume' in r else ''}"
+                      f"offset {r['offset']} length {r['length']}")
             print("  marked out of sync: a catch-up resends them" if st["marked_out_of_sync"]
                   else f"  run `duplex verify {resource.name} --fix` to resend them")
         if st["skipped"]:

@@ -59,18 +59,37 @@ class VerifyRun:
     skipped: list[int] = field(default_factory=list)
     error: str | None = None
 
-    def as_dict(self, track_size: int, size: int) -> dict:
+    def as_dict(self, track_size: int, size: int, layout=None) -> dict:
+        """The verify status document. With a *layout* of several volumes
+        (replicator.layout) each range names its ``volume`` and its offset
+        is volume-relative; the alignment gaps belong to no range."""
         elapsed = (self.finished or time.time()) - self.started
+        differing = by_volume(track_ranges(self.differing, track_size, size), layout)
         return {"running": self.finished is None, "fix": self.fix,
                 "done_tracks": self.done_tracks, "total_tracks": self.total_tracks,
                 "done_bytes": min(size, self.done_tracks * track_size), "total_bytes": size,
                 "seconds": round(elapsed, 2),
-                "differing": track_ranges(self.differing, track_size, size),
-                "differing_bytes": sum(r["length"] for r in
-                                       track_ranges(self.differing, track_size, size)),
-                "skipped": track_ranges(self.skipped, track_size, size),
+                "differing": differing,
+                "differing_bytes": sum(r["length"] for r in differing),
+                "skipped": by_volume(track_ranges(self.skipped, track_size, size), layout),
                 "marked_out_of_sync": self.fix and bool(self.differing),
                 "failure": self.error}
+
+
+def by_volume(ranges: list[dict], layout) -> list[dict]:
+    """LOGICAL byte ranges ``{"offset", "length"}`` as ranges of the volumes
+    of *layout*, ``{"volume", "offset", "length"}`` (offset relative to the
+    volume), cut at volume ends; unchanged for one volume (or no layout)."""
+    if layout is None or len(layout) < 2:
+        return ranges
+    out: list[dict] = []
+    for r in ranges:
+        start, end = r["offset"], r["offset"] + r["length"]
+        for name, base, vsize in zip(layout.names, layout.bases, layout.sizes):
+            lo, hi = max(start, base), min(end, base + vsize)
+            if hi > lo:
+                out.append({"volume": name, "offset": lo - base, "length": hi - lo})
+    return out
 
 
 class VerifyIds:
@@ -126,7 +145,7 @@ class Verifier:
         run = self.run
         if run is None:
             return {"running": False, "never_run": True}
-        return run.as_dict(self.md.track_size, self.size)
+        return run.as_dict(self.md.track_size, self.size, getattr(self.core, "layout", None))
 
     # -- the pass ----------------------------------------------------------
 

@@ -194,3 +194,20 @@ def test_a_single_volume_engine_is_one_default_volume(r0_config, tmp_path, monke
         assert "volume " not in format_status(st)  # the table is as before volumes
     finally:
         eng.stop(drain_timeout=0.2)
+
+
+def test_verify_ranges_name_their_volume_and_skip_the_gap():
+    from replicator.layout import Layout
+    from replicator.primary.verify import VerifyRun, by_volume
+
+    lay = Layout([("data", DATA_SIZE), ("wal", WAL_SIZE)], TRACK)
+    wal0 = lay.bases[1] // TRACK
+    last = (lay.logical_size - 1) // TRACK  # the wal's partial last track
+    run = VerifyRun(fix=False, total_tracks=lay.ntracks, differing=[wal0 - 1, wal0, last])
+    d = run.as_dict(TRACK, lay.logical_size, lay)
+    assert d["differing"] == [{"volume": "data", "offset": DATA_SIZE - TRACK, "length": TRACK},
+                              {"volume": "wal", "offset": 0, "length": TRACK},
+                              {"volume": "wal", "offset": WAL_SIZE - 4096, "length": 4096}]
+    assert d["differing_bytes"] == 2 * TRACK + 4096
+    one = [{"offset": 0, "length": TRACK}]
+    assert by_volume(one, Layout.single(DATA_SIZE, TRACK)) == one  # one volume: as before
