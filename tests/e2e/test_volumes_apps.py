@@ -235,9 +235,9 @@ class Postgres:
         r = subprocess.run(
             ["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(self.pgdata),
              "-l", str(self.log), "-w", "-t", "60", "-o",
-             f"-k {self.sockdir} -c listen_addresses='' -c fsync=on -c synchronous_commit=on "
-             "-c full_page_writes=on -c max_wal_size=16MB -c min_wal_size=4MB "
-             "-c shared_buffers=16MB", "start"],
+             (f"-k {self.sockdir} -c listen_addresses='' -c fsync=on -c synchronous_commit=on "
+              "-c full_page_writes=on -c max_wal_size=16MB -c min_wal_size=4MB "
+              "-c shared_buffers=16MB"), "start"],
             check=False, capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             log = self.log.read_text(errors="replace") if self.log.exists() else ""
