@@ -570,27 +570,58 @@ static int read_back(struct rxq *q, uint64_t i, int journal_fd, uint64_t *start,
 int rxq_apply_run(struct rxq *q, int journal_fd, int image_fd, uint64_t image_size,
                   uint64_t *written, struct rxq_err *err)
 {
+	return rxq_apply_run_volumes(q, journal_fd, &image_fd, &image_size, 1, written, err);
+}
+
+/* The merged write of volume vol: out to its image, or the fault. */
+static int flush_merged(struct rxq *q, int *niov, int fd, uint32_t vol, uint64_t m_off,
+                        uint64_t seq, struct rxq_err *err)
+{
+	int r;
+
+	if (*niov == 0)
+		return 0;
+	r = dpx_pwritev_full(fd, q->iov, *niov, (off_t)m_off);
+	*niov = 0;
+	if (r < 0) {
+		err->volume = vol;
+		return io_fail(err, -r, seq);
+	}
+	return 0;
+}
+
+int rxq_apply_run_volumes(struct rxq *q, int journal_fd, const int *image_fds,
+                          const uint64_t *image_sizes, uint32_t nvol,
+                          uint64_t *written, struct rxq_err *err)
+{
 	struct stat st;
-	bool is_blk;
+	bool is_blk[RXQ_MAX_VOLUMES];
 	uint64_t r_start = 0, r_end = 0; /* journal bytes in the scratch buffer */
 	uint64_t m_off = 0, m_end = 0;   /* image range of the merged write */
+	uint32_t m_vol = 0;              /* ...and its volume */
 	int niov = 0, r;
 
 	*written = 0;
-	if (fstat(image_fd, &st) != 0)
-		return io_fail(err, errno, 0);
-	is_blk = S_ISBLK(st.st_mode);
+	err->volume = UINT32_MAX;
+	if (nvol == 0 || nvol > RXQ_MAX_VOLUMES)
+		return io_fail(err, EINVAL, 0);
+	for (uint32_t v = 0; v < nvol; v++) {
+		if (fstat(image_fds[v], &st) != 0) {
+			err->volume = v;
+			return io_fail(err, errno, 0);
+		}
+		is_blk[v] = S_ISBLK(st.st_mode);
+	}
 	for (uint64_t k = 0; k < q->run_n; k++) {
 		const unsigned char *t = q->run[k].tok, *h = q->run[k].hot;
 		uint64_t seq = tok_seq(t), off = rd64(t + REC_OFFSET), loc = q->run[k].loc;
-		uint32_t length = rd32(t + REC_LENGTH);
+		uint32_t length = rd32(t + REC_LENGTH), vol = rd32(t + REC_VOLUME);
 		uint8_t op = t[REC_OP];
 
 		if (h == NULL && !(loc >= r_start && loc + rec_size(t) <= r_end)) {
 			/* The scratch buffer is about to change under the merged write. */
-			if (niov > 0 && (r = dpx_pwritev_full(image_fd, q->iov, niov, (off_t)m_off)) < 0)
-				return io_fail(err, -r, seq);
-			niov = 0;
+			if (flush_merged(q, &niov, image_fds[m_vol], m_vol, m_off, seq, err) < 0)
+				return -1;
 			if (read_back(q, k, journal_fd, &r_start, &r_end, err) < 0)
 				return -1;
 		}
@@ -601,19 +632,22 @@ int rxq_apply_run(struct rxq *q, int journal_fd, int image_fd, uint64_t image_si
 			err->off = loc;
 			return fail(err, RXQ_JOURNAL, seq, h, t);
 		}
-		if (rd32(t + REC_VOLUME) != 0)
+		if (vol >= nvol) {
+			err->volume = vol;
 			return fail(err, RXQ_VOLUME, seq, t, NULL);
-		if (op != REC_OP_FLUSH && (off > image_size || length > image_size - off)) {
-			err->limit = image_size;
+		}
+		if (op != REC_OP_FLUSH && (off > image_sizes[vol] || length > image_sizes[vol] - off)) {
+			err->limit = image_sizes[vol];
+			err->volume = vol;
 			return fail(err, RXQ_RANGE, seq, t, NULL);
 		}
 		if (op == REC_OP_WRITE) {
-			if (niov == 0 || off != m_end || niov == IOV_MAX ||
+			if (niov == 0 || vol != m_vol || off != m_end || niov == IOV_MAX ||
 			    m_end - m_off + length > MERGE_MAX) {
-				if (niov > 0 && (r = dpx_pwritev_full(image_fd, q->iov, niov, (off_t)m_off)) < 0)
-					return io_fail(err, -r, seq);
-				niov = 0;
+				if (flush_merged(q, &niov, image_fds[m_vol], m_vol, m_off, seq, err) < 0)
+					return -1;
 				m_off = m_end = off;
+				m_vol = vol;
 			}
 			q->iov[niov].iov_base = (void *)(h + RING_HEADER);
 			q->iov[niov++].iov_len = length;
@@ -621,17 +655,27 @@ int rxq_apply_run(struct rxq *q, int journal_fd, int image_fd, uint64_t image_si
 			*written += length;
 			continue;
 		}
-		if (niov > 0 && (r = dpx_pwritev_full(image_fd, q->iov, niov, (off_t)m_off)) < 0)
+		if (flush_merged(q, &niov, image_fds[m_vol], m_vol, m_off, seq, err) < 0)
+			return -1;
+		if (op == REC_OP_FLUSH) {
+			/* A flush covers every volume of the resource. */
+			for (uint32_t v = 0; v < nvol; v++) {
+				if ((r = dpx_fdatasync(image_fds[v])) < 0) {
+					err->volume = v;
+					return io_fail(err, -r, seq);
+				}
+			}
+			continue;
+		}
+		r = dpx_zero_range(image_fds[vol], is_blk[vol], off, length, true);
+		if (r < 0) {
+			err->volume = vol;
 			return io_fail(err, -r, seq);
-		niov = 0;
-		if (op == REC_OP_FLUSH)
-			r = dpx_fdatasync(image_fd);
-		else
-			r = dpx_zero_range(image_fd, is_blk, off, length, true);
-		if (r < 0)
-			return io_fail(err, -r, seq);
+		}
 	}
-	if (niov > 0 && (r = dpx_pwritev_full(image_fd, q->iov, niov, (off_t)m_off)) < 0)
-		return io_fail(err, -r, tok_seq(q->run[q->run_n - 1].tok));
+	if (q->run_n > 0 &&
+	    flush_merged(q, &niov, image_fds[m_vol], m_vol, m_off,
+	                 tok_seq(q->run[q->run_n - 1].tok), err) < 0)
+		return -1;
 	return 0;
 }

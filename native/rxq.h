@@ -52,6 +52,7 @@ struct rxq_err {
 	uint64_t off;
 	unsigned char got[48];  /* the offending token or header */
 	unsigned char had[48];  /* what the queue holds for that seq */
+	uint32_t volume;        /* apply: the volume whose image failed (UINT32_MAX: none) */
 };
 
 /* A snapshot of the counters, in one call. */
@@ -124,6 +125,17 @@ int rxq_run_item(const struct rxq *q, uint64_t i, unsigned char *token, uint64_t
  * (0). *written: data bytes written. 0, or -1 with err (nothing marked). */
 int rxq_apply_run(struct rxq *q, int journal_fd, int image_fd, uint64_t image_size,
                   uint64_t *written, struct rxq_err *err);
+
+/* rxq_apply_run for a resource of several volumes (DESIGN §8): volume v's
+ * image is image_fds[v], image_sizes[v] bytes, v < nvol (1..RXQ_MAX_VOLUMES);
+ * each record goes to its volume's image at its (volume-relative) offset;
+ * writes merge only within one volume; a FLUSH fdatasyncs every image; a
+ * record naming volume >= nvol fails RXQ_VOLUME. err->volume names the
+ * image of a RANGE or IO fault. rxq_apply_run is this with one volume. */
+#define RXQ_MAX_VOLUMES 64
+int rxq_apply_run_volumes(struct rxq *q, int journal_fd, const int *image_fds,
+                          const uint64_t *image_sizes, uint32_t nvol,
+                          uint64_t *written, struct rxq_err *err);
 
 /* The run ending at seq is in the image. 0, or -1 (not the run handed out). */
 int rxq_mark_applied(struct rxq *q, uint64_t seq);

@@ -17,8 +17,9 @@ class RxFault(Exception):
     """A call into the pending queue found a broken rule; nothing changed.
 
     ``fault`` is an RXQ_* code of native/rxq.h; ``seq``, ``got``, ``had``
-    (48-byte headers, or None), ``limit``, ``floor``, ``off`` and ``errnum``
-    say what, for replicator/secondary/pending.py to word the message."""
+    (48-byte headers, or None), ``limit``, ``floor``, ``off``, ``errnum``
+    and ``volume`` (apply: the image that failed, or None) say what, for
+    replicator/secondary/pending.py to word the message."""
 
     def __init__(self, err) -> None:
         self.fault = err.fault
@@ -27,6 +28,7 @@ class RxFault(Exception):
         self.floor = err.floor
         self.off = err.off
         self.errnum = err.errnum
+        self.volume = err.volume if err.volume != 0xFFFFFFFF else None
         self.got = bytes(_ffi.buffer(err.got, RECORD_HEADER_SIZE))
         self.had = bytes(_ffi.buffer(err.had, RECORD_HEADER_SIZE))
         super().__init__(f"rxq fault {self.fault} at seq {self.seq}")
@@ -34,7 +36,8 @@ class RxFault(Exception):
 
 RXQ_FAULTS = {name[4:].lower(): getattr(_lib, name) for name in dir(_lib)
               if name.startswith("RXQ_") and name not in ("RXQ_TOKEN", "RXQ_NONE",
-                                                          "RXQ_ANNOUNCED", "RXQ_COMPLETE")}
+                                                          "RXQ_ANNOUNCED", "RXQ_COMPLETE",
+                                                          "RXQ_MAX_VOLUMES")}
 
 
 class RxInfo(NamedTuple):
@@ -167,6 +170,18 @@ class RxQueue:
         """Write the handed-out run to the image; data bytes written."""
         err = _ffi.new("struct rxq_err *")  # own buffer: runs beside the other calls
         if _lib.rxq_apply_run(self._q, journal_fd, image_fd, image_size, self._written, err) < 0:
+            raise RxFault(err)
+        return self._written[0]
+
+    def apply_run_volumes(self, journal_fd: int, image_fds: list[int],
+                          image_sizes: list[int]) -> int:
+        """Write the handed-out run to the volumes' images (volume v:
+        image_fds[v], image_sizes[v] bytes); data bytes written."""
+        err = _ffi.new("struct rxq_err *")
+        fds = _ffi.new("int[]", image_fds)
+        sizes = _ffi.new("uint64_t[]", image_sizes)
+        if _lib.rxq_apply_run_volumes(self._q, journal_fd, fds, sizes, len(image_fds),
+                                      self._written, err) < 0:
             raise RxFault(err)
         return self._written[0]
 

@@ -170,28 +170,15 @@ def apply_record(fd: int, token: Token, data=b"", image_size: int | None = None)
 
 
 def apply_run(images: Mapping[int, int], items: Iterable[tuple[Token, object]],
-              image_sizes: Mapping[int, int] | None = None,
-              image_names: Mapping[int, str] | None = None) -> ApplyStats:
+              image_sizes: Mapping[int, int] | None = None) -> ApplyStats:
     """Apply an in-order run of ``(token, data)`` to the images.
 
     *images* maps volume -> fd; offsets are volume-relative. Writes that
     continue each other on the same volume (each starting where the
     previous ended, consecutive in the run) go out as one pwritev. A FLUSH
     fdatasyncs every image. The caller fdatasyncs the images before it
-    acks or checkpoints the run. With *image_names* (volume -> path), an
-    OSError carries the path of the image that failed as its filename.
+    acks or checkpoints the run.
     """
-    try:
-        return _apply_run(images, items, image_sizes)
-    except OSError as e:
-        vol = getattr(e, "duplex_volume", None)
-        if image_names is None or vol not in image_names:
-            raise
-        raise OSError(e.errno, e.strerror, image_names[vol]) from None
-
-
-def _apply_run(images: Mapping[int, int], items: Iterable[tuple[Token, object]],
-               image_sizes: Mapping[int, int] | None) -> ApplyStats:
     stats = ApplyStats()
     batch: list = []       # pending merged write: buffers
     b_vol = b_off = b_end = 0
@@ -201,14 +188,10 @@ def _apply_run(images: Mapping[int, int], items: Iterable[tuple[Token, object]],
         if not batch:
             return
         fd = images[b_vol]
-        try:
-            if len(batch) == 1:
-                stats.syscalls += pwrite_all(fd, batch[0], b_off)
-            else:
-                stats.syscalls += pwritev_all(fd, batch, b_off)
-        except OSError as e:
-            e.duplex_volume = b_vol  # which image: apply_run names it
-            raise
+        if len(batch) == 1:
+            stats.syscalls += pwrite_all(fd, batch[0], b_off)
+        else:
+            stats.syscalls += pwritev_all(fd, batch, b_off)
         batch = []
 
     for tok, data in items:
@@ -228,21 +211,13 @@ def _apply_run(images: Mapping[int, int], items: Iterable[tuple[Token, object]],
             stats.bytes_written += tok.length
         elif tok.op == OP_FLUSH:
             flush_batch()
-            for vol, fd in images.items():  # a flush covers every volume
-                try:
-                    os.fdatasync(fd)
-                except OSError as e:
-                    e.duplex_volume = vol
-                    raise
+            for fd in images.values():  # a flush covers every volume
+                os.fdatasync(fd)
                 stats.syscalls += 1
             stats.flushes += 1
         else:
             flush_batch()
-            try:
-                stats.syscalls += apply_record(images[tok.volume], tok, data, size)
-            except OSError as e:
-                e.duplex_volume = tok.volume
-                raise
+            stats.syscalls += apply_record(images[tok.volume], tok, data, size)
         stats.records += 1
         stats.last_seq = tok.seq
     flush_batch()

@@ -32,9 +32,8 @@ the link closes with the reason, nothing of the frame is journaled.
 Catch-up increments and verify work on LOGICAL offsets (replicator.layout)
 and are split to (volume, offset) here. Every durability point -- a
 checkpoint, a FLUSH record, an increment's apply -- fdatasyncs every
-image. A single-volume resource takes exactly the path it always took (the
-run is written in C); several volumes are written from Python
-(applier.apply_run over the images).
+image. Runs are written in C either way (native/rxq.h: rxq_apply_run, or
+rxq_apply_run_volumes over every image).
 
 Every thread runs under a :class:`replicator.supervise.Supervisor`: an
 unexpected exception is logged with its traceback and shown in status as a
@@ -89,8 +88,7 @@ from replicator.metadata import (DISK_CONSISTENT, DISK_INCONSISTENT, DISK_OUTDAT
 from replicator.peerlink import LinkError, PeerLink, pairing_uuid
 from replicator.fileio import atomic_write
 from replicator.oosfiles import open_bitmaps
-from replicator.records import HEADER_SIZE
-from replicator.secondary.applier import ApplyError, apply_run
+from replicator.secondary.applier import ApplyError
 from replicator.secondary.pending import PendingQueue, StreamError, check_volumes
 from replicator.supervise import Fault, Supervisor
 from replicator.secondary import snapshot
@@ -777,7 +775,9 @@ class Secondary(IncrementReceiver):
         try:
             try:
                 if self.multi:
-                    self._apply_taken_volumes()
+                    self.pending.apply_taken_volumes(
+                        self.journal.fd, [self.images[v] for v in range(len(self.layout))],
+                        self.layout.sizes)
                 else:
                     self.pending.apply_taken(self.journal.fd, self.fd, self.size)
             except OSError as e:
@@ -789,7 +789,9 @@ class Secondary(IncrementReceiver):
                 end = run.run_end
                 what = f"seq {first}" + (f" (run {first}..{end})" if end > first else "")
                 err = os.strerror(e.errno) if e.errno else str(e)
-                image = e.filename if self.multi and e.filename else self.node.device
+                vol = getattr(e, "duplex_volume", None)
+                image = self.device_of(vol) if self.multi and vol is not None else \
+                    self.node.device
                 raise ApplyFailed(f"applying {what}: {err} (image {image})") from None
             except ApplyError as e:
                 raise ApplyFailed(f"applying: {e} (image {self.images_label()})") from None
@@ -798,23 +800,6 @@ class Secondary(IncrementReceiver):
             return run.run_bytes
         finally:
             self.runs_done += 1
-
-    def _apply_taken_volumes(self) -> None:
-        """Write the run handed out to the volumes' images (several
-        volumes): each record read back from the journal (its header must
-        be the token), then applier.apply_run. OSError names the image;
-        ApplyError a record that cannot go to its image."""
-        items = []
-        for tok, loc in self.pending.taken_run():
-            try:
-                raw = self.journal.read_record(loc)
-            except JournalError as e:
-                raise ApplyError(f"record seq {tok.seq}: {e}") from None
-            if raw[:HEADER_SIZE] != tok.pack():
-                raise ApplyError(f"journal offset {loc} does not hold record seq {tok.seq}: "
-                                 f"the journal is damaged or was overwritten")
-            items.append((tok, memoryview(raw)[HEADER_SIZE:HEADER_SIZE + tok.data_len]))
-        apply_run(self.images, items, self.image_sizes, self.devices)
 
     # -- apply failures: a disk state, retried ----------------------------
 

@@ -253,16 +253,17 @@ class PendingQueue:
         except RxFault as f:
             raise _apply_error(f) from None
 
-    def taken_run(self) -> list[tuple[Token, Any]]:
-        """The run :meth:`take_run` handed out, as ``[(token, location)]``
-        (the multi-volume applier writes it from Python)."""
-        n = self._rx.info().run_records
-        run = []
-        for i in range(n):
-            raw, loc = self._rx.run_item(i)
-            tok = unpack_token(raw)
-            run.append((tok, self._objs.get(tok.seq, loc) if self._objs else loc))
-        return run
+    def apply_taken_volumes(self, journal_fd: int, image_fds: Sequence[int],
+                            image_sizes: Sequence[int]) -> int:
+        """:meth:`apply_taken` for a resource of several volumes (DESIGN §8):
+        volume v's image is ``image_fds[v]`` of ``image_sizes[v]`` bytes;
+        each record goes to its volume's image at its offset, a FLUSH syncs
+        every image. An OSError carries ``duplex_volume``, the index of the
+        image that failed (None: the journal read)."""
+        try:
+            return self._rx.apply_run_volumes(journal_fd, list(image_fds), list(image_sizes))
+        except RxFault as f:
+            raise _apply_error(f) from None
 
     def next_run(self, max_records: int | None = None,
                  max_bytes: int | None = None) -> list[tuple[Token, Any]]:
@@ -468,7 +469,9 @@ def _stream_error(f: RxFault) -> Exception:
 def _apply_error(f: RxFault) -> Exception:
     kind = _FAULTS.get(f.fault, "")
     if kind == "io":
-        return OSError(f.errnum, f"applying seq {f.seq}: {os.strerror(f.errnum)}")
+        e = OSError(f.errnum, f"applying seq {f.seq}: {os.strerror(f.errnum)}")
+        e.duplex_volume = getattr(f, "volume", None)  # which image (several volumes)
+        return e
     if kind == "range":
         t = unpack_token(f.got)
         return ApplyError(f"record seq {f.seq}: {OP_NAMES.get(t.op, t.op)} of {t.length} bytes "

@@ -361,15 +361,40 @@ def test_verify_digests_logical_tracks_cut_at_each_volume_end(beta):
     assert list(link.msg.sums) == want
 
 
-def test_a_flush_syncs_every_image(beta, monkeypatch):
-    sec = beta
-    synced = []
-    real = os.fdatasync
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+_FLUSH_CHILD = textwrap.dedent("""
+    import os, sys
+    sys.path[:0] = [{tests!r}, {secondary!r}]
+    from test_secondary_volumes import _apply_all, _feed
+    from _secondary_helpers import fill, rec
+    from replicator.records import OP_FLUSH
+    from replicator.secondary.daemon import Secondary
+    sec = Secondary.open({cfg!r}, "r0", "beta")
     _feed(sec, [rec(1, 0, fill(1, 4096), volume=1), rec(2, op=OP_FLUSH)])
-    synced.clear()
+    print(" ".join(str(fd) for fd in sorted(sec.images.values())), flush=True)
+    os.getcwd()                      # strace marks: the apply lies between them
     _apply_all(sec)
-    assert sorted(synced) == sorted(sec.images.values()), (synced, sec.images)
+    os.getcwd()
+""")
+
+
+def test_a_flush_syncs_every_image(cfg, tmp_path):
+    """The FLUSH record (volume field 0) fdatasyncs both images, in C: seen
+    with strace in a child applying one write and one flush."""
+    trace = tmp_path / "trace"
+    out = subprocess.run(
+        ["strace", "-f", "-qq", "-e", "trace=fdatasync,getcwd", "-o", str(trace),
+         sys.executable, "-c", _FLUSH_CHILD.format(tests=str(REPO / "tests"),
+                                                   secondary=str(REPO / "tests" / "secondary"),
+                                                   cfg=str(cfg))],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    fds = sorted(int(x) for x in out.stdout.split())
+    lines = trace.read_text().splitlines()
+    marks = [i for i, ln in enumerate(lines) if "getcwd(" in ln]
+    assert len(marks) >= 2, lines
+    synced = sorted(int(re.search(r"fdatasync\((\d+)\)", ln).group(1))
+                    for ln in lines[marks[-2]:marks[-1]] if "fdatasync(" in ln)
+    assert synced == fds, (synced, fds)
 
 
 def test_images_are_checked_against_the_metadata_volume_list_by_name(cfg):
