@@ -5,7 +5,8 @@ process on beta's two images. Writes on both exports reach beta's images
 at their offsets, in one order; after the secondary was away, the catch-up
 increment (logical tracks, both volumes) brings both images to the
 primary's again; a verify finds nothing different, and a block changed in
-beta's 'wal' behind Duplex's back at its logical track."""
+beta's 'wal' behind Duplex's back at its logical track; the primary lost,
+the running secondary is promoted with one loss report naming the volumes."""
 from __future__ import annotations
 
 import nbd
@@ -39,10 +40,10 @@ def pair(tmp_path, procs):
     lab = Lab(tmp_path / "lab", procs, None, None, size=8 * MiB, volumes=["data", "wal"],
               port=free_port(), volume_sizes={"wal": WAL_SIZE},
               options={"ring-size": "1MiB"})  # an outage outgrows it: an increment
-    serve_primary_alone(lab)
+    proc = serve_primary_alone(lab)
     create_md(lab, "beta")
     box = {"sec": _start_beta(lab)}
-    yield lab, box
+    yield lab, box, proc
     if box["sec"] is not None:
         box["sec"].stop()
     lab.stop()
@@ -73,7 +74,7 @@ def _same_images(lab: Lab) -> None:
 
 def test_writes_on_both_exports_reach_the_secondary_images_and_catch_up_after_an_outage(
         pair, caplog):
-    lab, box = pair
+    lab, box, proc = pair
     lab.wait(lambda: lab.control("alpha")["replication"] == "Established", "connected",
              timeout=30)
     _write_both(lab, 40, seed=1)
@@ -106,6 +107,18 @@ def test_writes_on_both_exports_reach_the_secondary_images_and_catch_up_after_an
     st = _verify(lab)
     assert st["differing"] == [{"volume": "wal", "offset": 2 * MiB, "length": 64 << 10}], \
         st["differing"]
+    # The primary is lost: the running secondary is promoted; one loss
+    # report for the resource, naming the volumes.
+    from replicator.metadata import load_metadata
+    from replicator.promote import promote_running
+
+    proc.stop(grace=10)
+    lab.wait(lambda: not box["sec"].links or not any(l.alive() for l in box["sec"].links),
+             "the link to go", timeout=30)
+    out = promote_running(box["sec"])
+    assert out["loss_report"]["volumes"] == ["data", "wal"], out["loss_report"]
+    assert out["loss_report"]["lost"] == [], out["loss_report"]
+    assert load_metadata(lab.meta["beta"], RESOURCE).role == "Primary"
 
 
 def _verify(lab: Lab) -> dict:

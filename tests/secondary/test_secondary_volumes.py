@@ -512,3 +512,26 @@ def test_offline_promote_names_each_lost_write_by_its_volume(cfg):
         img = Path(res.node("beta").volumes[v].device).read_bytes()
         assert img == want[v], f"volume {name}: {first_diff(img, want[v])}"
     assert load_metadata(res.node("beta").meta_dir, "r0").role == "Primary"
+
+
+def test_the_failback_report_names_each_volume_and_its_own_offsets(beta):
+    """An old primary's tracks its peer never got, as logical tracks 4-7:
+    the end of 'data' (cut at its end: the gap is no one's) and the first
+    two tracks of 'wal', each by name at its own offset."""
+    sec = beta
+
+    class Peer:
+        current = "0" * 32
+
+    sec._write_failback_report(Peer(), [4, 5, 6, 7])
+    report = json.loads((sec.md.paths.meta_dir / "failback-report.json").read_text())
+    assert report["ranges"] == [
+        {"volume": "data", "offset": 4 * TRACK, "length": DATA - 4 * TRACK},
+        {"volume": "wal", "offset": 0, "length": 2 * TRACK}], report["ranges"]
+    assert report["bytes"] == DATA - 4 * TRACK + 2 * TRACK
+
+
+def test_status_lists_each_volume_with_its_device_and_size(beta):
+    st = beta.status()
+    assert [(v["name"], v["device"], v["size"]) for v in st["volumes"]] == [
+        (n, beta.devices[i], SIZES[i]) for i, n in enumerate(NAMES)], st["volumes"]
