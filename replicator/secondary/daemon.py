@@ -150,11 +150,10 @@ class Secondary(IncrementReceiver):
         self.size = md.device_size  # logical: the volumes laid end to end
         self.layout: Layout = (layout_of(md.volumes, md.track_size) if md.volumes
                                else Layout.single(md.device_size, md.track_size))
-        # Several volumes: records are checked at receipt, runs written from Python.
+        # Several volumes: records are checked at receipt, runs go to every image.
         self.multi = len(self.layout) > 1
         self.devices: dict[int, str] = {i: v.device for i, v in enumerate(node.volumes)
                                         if i < len(self.layout)}
-        self.image_sizes: dict[int, int] = dict(enumerate(self.layout.sizes))
         self._lock = threading.Condition()      # pending + journal appends/checkpoints
         self._commit_lock = threading.Lock()
         self._commit_wake = threading.Event()

@@ -322,7 +322,7 @@ def test_a_kill_in_the_middle_of_an_increment_is_redone_on_both_volumes(cfg):
     finally:
         child.kill()
         child.wait(10)
-    devices = sorted((tmp := Path(cfg).parent).glob("beta-*.img"))
+    devices = sorted(Path(cfg).parent.glob("beta-*.img"))
     torn = {NAMES.index(p.name[5:-4]): p.read_bytes() for p in devices}
     assert torn != want and torn != base, "the kill must land in the middle of the apply"
     again = Secondary.open(str(cfg), "r0", "beta")   # the redo: every volume
