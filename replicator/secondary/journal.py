@@ -558,8 +558,15 @@ class Journal:
 
     def committed_increments(self) -> list[tuple[int, int, list[int]]]:
         """Increments whose COMMIT is in the live log and whose base seq is
-        above the checkpoint: ``[(incr_id, base_seq, [data positions])]`` in
-        log order, to be applied (again) on restart."""
+        at or above the checkpoint: ``[(incr_id, base_seq, [data positions])]``
+        in log order, to be applied (again) on restart.
+
+        At the checkpoint too: an increment that carries only resync tracks
+        (no write since the checkpoint) has base == checkpoint, and a crash
+        while applying it leaves torn tracks that only its redo repairs.
+        Redoing one that was applied already is harmless: its pieces are
+        the image at its base, and every record after the base is still in
+        the live log (none was checkpointed), replayed on top of it."""
         pieces: dict[int, list[int]] = {}
         done = []
         for e in self._live:
@@ -570,7 +577,7 @@ class Journal:
             elif e.type == ENTRY_INCR_COMMIT:
                 incr_id, base = _INCR_COMMIT.unpack(_pread_exact(
                     self._fd, _INCR_COMMIT.size, e.pos + ENTRY_HEADER_SIZE))
-                if base > self._applied_seq:
+                if base >= self._applied_seq:
                     done.append((incr_id, base, pieces.pop(incr_id, [])))
                 else:
                     pieces.pop(incr_id, None)
