@@ -58,16 +58,6 @@ def _node_module():
 # commands
 
 
-def refuse_volumes_not_built(resource: Resource, node: Node) -> None:
-    """Volume tables parse, but the data path serves one device so far: say
-    so rather than replicate the first volume alone (DESIGN §8)."""
-    if node.multi_volume:
-        names = ", ".join(v.name for v in node.volumes)
-        raise DuplexError(f"resource {resource.name} has volume tables ({names}): replicating "
-                          f"several volumes in one resource is not built yet; give the "
-                          f"resource a plain `device` (one resource per device) for now")
-
-
 def cmd_create_md(args: argparse.Namespace, ctx: Context) -> int:
     """Create this node's metadata, bitmap, activity log and journal: the
     node's lock first, then every check, then the whole set at once (see
@@ -75,7 +65,6 @@ def cmd_create_md(args: argparse.Namespace, ctx: Context) -> int:
     from replicator.control import NodeLock
 
     resource, node = ctx.resolve(args.resource)
-    refuse_volumes_not_built(resource, node)
     meta = Path(node.meta_dir)
     try:
         meta.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -107,7 +96,6 @@ def cmd_create_md(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_up(args: argparse.Namespace, ctx: Context) -> int:
     """Run this node's side of the resource in the foreground."""
     resource, node = ctx.resolve(args.resource)
-    refuse_volumes_not_built(resource, node)
     return int(_node_module().run_up(ctx.config, resource, node, args.role))
 
 

@@ -76,17 +76,3 @@ def test_volume_mistakes_name_the_key(alpha, beta, extra, key, words):
     with pytest.raises(ConfigError) as e:
         parse_config(_config(alpha, beta, extra))
     assert key in str(e.value) and words in str(e.value), str(e.value)
-
-
-@pytest.mark.parametrize("command", ["create-md", "up"])
-def test_commands_refuse_volume_tables_until_the_data_path_serves_them(tmp_path, capsys, command):
-    from replicator import cli
-
-    cfg = tmp_path / "duplex.toml"
-    cfg.write_text(_config(_vols("alpha", "data", "wal"), _vols("beta", "data", "wal"))
-                   .replace("/var/lib/duplex/r0", str(tmp_path / "meta")))
-    rc = cli.main(["--config", str(cfg), "--node", "alpha", command, "r0"])
-    err = capsys.readouterr().err
-    assert rc != 0 and "several volumes in one resource is not built yet" in err, err
-    assert "data, wal" in err and "Traceback" not in err
-    assert not (tmp_path / "meta").exists(), "a refused command touched the meta-dir"

@@ -32,7 +32,6 @@ from fixtures.duplex_lab import RESOURCE, VENV_BIN, Lab
 MiB = 1 << 20
 RELAY = Path(__file__).with_name("delay_relay.py")
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-NOT_BUILT = pytest.mark.xfail(strict=True, reason="volumes data path not built yet")
 
 
 def _run(*argv: str, timeout: float = 120) -> str:
@@ -134,7 +133,6 @@ class Files:
             self.error = f"{type(e).__name__}: {e}"
 
 
-@NOT_BUILT
 def test_ext4_with_its_journal_on_the_other_volume_survives_a_disaster(
         make_lab, netns_pair, nbd_block_device, procs, tmp_path):
     """mke2fs -O journal_dev on 'wal', mkfs.ext4 -J device= on 'data'; files
@@ -307,7 +305,6 @@ class Commits:
             p.wait(10)
 
 
-@NOT_BUILT
 def test_postgresql_with_pg_wal_on_the_other_volume_fails_over(
         make_lab, netns_pair, nbd_block_device, procs, tmp_path, shm_dir):
     """PostgreSQL's data directory on volume 'data' and pg_wal on volume

@@ -141,7 +141,6 @@ def test_two_independent_resources_show_the_forbidden_state(make_lab, procs):
 # -- one resource, two volumes ----------------------------------------------
 
 VOLUMES = ["data", "wal"]
-NOT_BUILT = pytest.mark.xfail(strict=True, reason="volumes data path not built yet")
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +215,6 @@ def _kill9_sample(lab: Lab) -> dict[str, bytes]:
     return images
 
 
-@NOT_BUILT
 def test_one_resource_keeps_one_order_across_volumes(vlab):
     """The same chain on one two-volume resource: every sample, frozen or
     after kill -9, is the global history replayed to one prefix across
@@ -252,7 +250,6 @@ def test_one_resource_keeps_one_order_across_volumes(vlab):
         h.shutdown()
 
 
-@NOT_BUILT
 def test_catch_up_after_a_link_outage_keeps_one_order(vlab):
     """The chain goes on while the link is cut: the primary goes Ahead
     (the 8 MiB ring overflows) and catches up in increments that freeze
@@ -315,7 +312,6 @@ def test_catch_up_after_a_link_outage_keeps_one_order(vlab):
         h.shutdown()
 
 
-@NOT_BUILT
 def test_the_bank_of_seed_004_t42_balances_in_every_sample(vlab):
     """Seed 004 T42 on two volumes: accounts on 'data' and 'wal', customers
     opened on 'data', deposits on 'wal', withdrawals on 'data', transfers
