@@ -12,7 +12,14 @@ image on tmpfs through three servers, one after the other, in this run:
       thread-state churn;
   (c) the Duplex primary, replicating to a secondary in another network
       namespace (shown as "not available yet" until the replication engine
-      exists: never with made-up numbers).
+      exists: never with made-up numbers);
+  (c2) the same with a resource of two volumes, ``data`` and ``wal`` (each
+      half of the image size, so the device bytes are those of (c)), fio
+      writing both exports at once: one job per export, each with half the
+      iodepth, so the requests in flight are those of (c). Its IOPS are the
+      sum of both jobs, its p99 the worse job's; "vs (c)" is its IOPS over
+      (c)'s in the same run: the cost per write of one write order across
+      two volumes (issue 12 wants it within 10%; printed, not asserted).
 
 Workloads: 4 KiB random writes at iodepth 16, and 1 MiB sequential writes at
 iodepth 4. Reported per run: IOPS, MB/s, p99 latency (fio's total latency,
@@ -51,6 +58,7 @@ from fixtures.processes import (ManagedProcess, ProcessGroup, cpu_seconds,  # no
 from bench_floor import CopyCosts, floor_mb_per_s, measure_copy_costs  # noqa: E402
 
 PASSTHROUGH_PLUGIN = REPO / "scripts" / "passthrough_plugin.py"
+TARGET_KEYS = ("a", "b", "p", "c", "c2")
 THREAD_MODELS = ("serialize_all_requests", "serialize_requests", "parallel")
 MIN_LAG_SAMPLES = 5  # streaming status samples needed to report the lag
 
@@ -67,6 +75,9 @@ class Workload:
     key: str
     label: str
     fio_args: tuple[str, ...]
+    #: Requests in flight, in all (split across the jobs of a target with
+    #: several exports).
+    iodepth: int = 1
     #: Large sequential writes: bytes, not requests, are the cost, so the
     #: copy floor (bench_floor.py) applies.
     bulk: bool = False
@@ -75,10 +86,10 @@ class Workload:
 WORKLOADS: dict[str, Workload] = {
     w.key: w for w in (
         Workload("randwrite-4k", "4 KiB random write, iodepth 16",
-                 ("--rw=randwrite", "--bs=4k", "--iodepth=16", "--norandommap",
-                  "--randrepeat=0")),
+                 ("--rw=randwrite", "--bs=4k", "--norandommap", "--randrepeat=0"),
+                 iodepth=16),
         Workload("seqwrite-1m", "1 MiB sequential write, iodepth 4",
-                 ("--rw=write", "--bs=1M", "--iodepth=4"), bulk=True),
+                 ("--rw=write", "--bs=1M"), iodepth=4, bulk=True),
     )
 }
 
@@ -91,7 +102,8 @@ class TargetUnavailable(Exception):
 class Running:
     """A started target: where fio connects and what to measure and stop."""
 
-    uri: str
+    #: One NBD URI per export fio writes at once (one fio job each).
+    uris: list[str]
     #: (label, peak RSS in bytes) of each server process, read while they run.
     rss: Callable[[], list[tuple[str, int | None]]]
     stop: Callable[[], None]
@@ -158,7 +170,7 @@ class FilePluginTarget(Target):
     def start(self, ctx: Context) -> Running:
         server = start_nbdkit(ctx.procs, "file", [str(ctx.image)], workdir=ctx.workdir,
                               name="nbdkit-file")
-        return Running(server.uri, rss_of(("nbdkit", server.process)), server.stop,
+        return Running([server.uri], rss_of(("nbdkit", server.process)), server.stop,
                        pids=lambda: [server.process.pid])
 
 
@@ -184,12 +196,13 @@ class PassthroughTarget(Target):
                               [f"file={ctx.image}", f"threads={self.model}",
                                f"pin={1 if self.pin else 0}"],
                               workdir=ctx.workdir, name="nbdkit-passthrough")
-        return Running(server.uri, rss_of(("nbdkit", server.process)), server.stop,
+        return Running([server.uri], rss_of(("nbdkit", server.process)), server.stop,
                        pids=lambda: [server.process.pid])
 
 
 class DuplexTarget(Target):
-    """(c) the Duplex primary replicating to a secondary in another namespace.
+    """(c) the Duplex primary replicating to a secondary in another namespace;
+    (c2) the same with a resource of several volumes, one export each.
 
     Runs the product as a user does, through ``tests/fixtures/duplex_lab.py``
     (``duplex create-md``, ``duplex up`` on each node): the secondary in one
@@ -198,9 +211,17 @@ class DuplexTarget(Target):
     stopping waits until the secondary has applied everything.
     """
 
-    key = "c"
-    label = "(c) Duplex primary -> secondary"
     LAG_SAMPLE_SECONDS = 0.2
+
+    def __init__(self, volumes: Sequence[str] = ()) -> None:
+        self.volumes = list(volumes)
+        if self.volumes:
+            self.key = f"c{len(self.volumes)}"
+            self.label = (f"({self.key}) Duplex, {len(self.volumes)} volumes "
+                          f"({', '.join(self.volumes)}) -> secondary")
+        else:
+            self.key = "c"
+            self.label = "(c) Duplex primary -> secondary"
 
     def start(self, ctx: Context) -> Running:
         if importlib.util.find_spec("replicator.node") is None:
@@ -220,9 +241,13 @@ class DuplexTarget(Target):
         # repeated rounds would fill memory.
         workdir = Path(tempfile.mkdtemp(prefix="lab-", dir=ctx.workdir))
         try:
-            # The product's defaults, not the small test geometry.
+            # The product's defaults, not the small test geometry. Volumes
+            # share the image size, so (c2) has the device bytes (and the
+            # tracks) of (c), and random writes the same spread.
+            size = ctx.options.size // max(1, len(self.volumes))
             lab = Lab(workdir, ctx.procs, pair.ns_a, pair.ns_b,
-                      pair.addr_a, pair.addr_b, size=ctx.options.size, preallocate=True,
+                      pair.addr_a, pair.addr_b, size=size, preallocate=True,
+                      volumes=self.volumes or None,
                       options={"ring-size": "64MiB", "journal-size": "1GiB",
                                "al-extent-size": "4MiB", "al-extents": 1024})
             lab.create_md(assume_clean=True)
@@ -258,7 +283,8 @@ class DuplexTarget(Target):
             return [pid for p in (lab.primary, lab.secondary)
                     for pid in (p.pid, *(c for c, _ in descendants(p.pid)))]
 
-        return Running(lab.uri, rss, stop, sampler.metrics, pids)
+        uris = [lab.volume_uri(v) for v in self.volumes] or [lab.uri]
+        return Running(uris, rss, stop, sampler.metrics, pids)
 
 
 class _LagSampler:
@@ -369,28 +395,65 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper())
 
 
-def run_fio(uri: str, workload: Workload, runtime: float, ramp: float, out: Path) -> dict:
-    """Run fio with its nbd engine; return the job of its JSON report
-    (``write`` holds the numbers of the writes, ``usr_cpu``/``sys_cpu`` fio's CPU %)."""
-    argv = ["fio", "--name=duplex-bench", "--ioengine=nbd", f"--uri={uri}",
-            *workload.fio_args, "--time_based", f"--runtime={runtime:g}",
-            f"--ramp_time={ramp:g}", "--lat_percentiles=1",
+def fio_argv(uris: Sequence[str], workload: Workload, runtime: float, ramp: float,
+             out: Path) -> list[str]:
+    """fio's command line: the shared options, then one job per URI, the
+    workload's iodepth split evenly between them (at least 1 each)."""
+    argv = ["fio", "--ioengine=nbd", *workload.fio_args, "--time_based",
+            f"--runtime={runtime:g}", f"--ramp_time={ramp:g}", "--lat_percentiles=1",
             "--output-format=json", f"--output={out}"]
+    depth = max(1, workload.iodepth // len(uris))
+    for i, uri in enumerate(uris):
+        # Options after --name belong to that job only.
+        argv += [f"--name=duplex-bench-{i}", f"--uri={uri}", f"--iodepth={depth}"]
+    return argv
+
+
+def merge_jobs(jobs: Sequence[dict]) -> dict:
+    """Several fio jobs that ran at once as one: IOPS, bandwidth and CPU
+    summed, p99 latency the worst job's (percentiles of separate jobs do
+    not add). One job is returned as it is."""
+    if len(jobs) == 1:
+        return jobs[0]
+    p99s = []
+    for job in jobs:
+        pct = (job["write"].get("lat_ns") or job["write"]["clat_ns"]).get("percentile", {})
+        if "99.000000" in pct:
+            p99s.append(pct["99.000000"])
+    return {
+        "write": {"iops": sum(j["write"]["iops"] for j in jobs),
+                  "bw_bytes": sum(j["write"]["bw_bytes"] for j in jobs),
+                  "lat_ns": {"percentile": {"99.000000": max(p99s)} if p99s else {}}},
+        "usr_cpu": sum(j.get("usr_cpu", 0) for j in jobs),
+        "sys_cpu": sum(j.get("sys_cpu", 0) for j in jobs),
+    }
+
+
+def run_fio(uris: Sequence[str], workload: Workload, runtime: float, ramp: float,
+            out: Path) -> dict:
+    """Run fio with its nbd engine, one job per URI, all at once; return
+    their numbers as one job of fio's JSON report (``write`` holds the
+    numbers of the writes, ``usr_cpu``/``sys_cpu`` fio's CPU %): merge_jobs."""
+    argv = fio_argv(uris, workload, runtime, ramp, out)
+    where = " and ".join(uris)
     try:
         res = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL,
-                             timeout=runtime + ramp + 120)
+                             timeout=runtime + ramp + 120, check=False)
     except FileNotFoundError as e:
         raise SystemExit("bench: fio is not installed (run scripts/setup)") from e
     if res.returncode != 0:
-        raise RuntimeError(f"fio failed (exit {res.returncode}) on {uri}:\n"
+        raise RuntimeError(f"fio failed (exit {res.returncode}) on {where}:\n"
                            f"{res.stderr.decode(errors='replace')[-2000:]}")
     text = out.read_text()
     # fio may print a line ("fio: connected to NBD server") before the JSON.
     report = json.loads(text[text.index("{"):])
-    job = report["jobs"][0]
-    if job.get("error"):
-        raise RuntimeError(f"fio job error {job['error']} on {uri}")
-    return job
+    jobs = report["jobs"]
+    if len(jobs) != len(uris):
+        raise RuntimeError(f"fio reported {len(jobs)} jobs for {len(uris)} exports on {where}")
+    for job, uri in zip(jobs, uris):
+        if job.get("error"):
+            raise RuntimeError(f"fio job error {job['error']} on {uri}")
+    return merge_jobs(jobs)
 
 
 def measure(target: Target, workload: Workload, options: argparse.Namespace,
@@ -426,7 +489,7 @@ def measure(target: Target, workload: Workload, options: argparse.Namespace,
             progress(f"{target.label}, {workload.label}: {options.runtime:g} s ...")
             pids = running.pids()
             cpu0, t0 = _cpu_of(pids), time.monotonic()
-            job = run_fio(running.uri, workload, options.runtime, options.ramp,
+            job = run_fio(running.uris, workload, options.runtime, options.ramp,
                           shm / "fio.json")
             result.server_cpus = (_cpu_of(pids) - cpu0) / (time.monotonic() - t0)
             result.fio_cpus = (job.get("usr_cpu", 0) + job.get("sys_cpu", 0)) / 100
@@ -468,7 +531,8 @@ def build_table(results: Sequence[Result], options: argparse.Namespace,
     IOPS; with *costs*, the copy floor under the bulk workload's (c)."""
     table = Table("Replication cost: fio nbd engine -> nbdkit, image on tmpfs",
                   ["target", ("IOPS", ">"), ("MB/s", ">"), ("p99 lat", ">"), ("CPUs", ">"),
-                   ("vs (a)", ">"), ("vs (b)", ">"), ("vs (p)", ">"), ("lag p50", ">"),
+                   ("vs (a)", ">"), ("vs (b)", ">"), ("vs (p)", ">"), ("vs (c)", ">"),
+                   ("lag p50", ">"),
                    ("lag p99", ">"), "peak RSS"])
     for workload in {r.workload.key: r.workload for r in results}.values():
         table.add_section(workload.label)
@@ -485,15 +549,22 @@ def build_table(results: Sequence[Result], options: argparse.Namespace,
                 r.target_label, fmt_count(r.iops), fmt_mbps(r.bw_bytes), fmt_ns(r.p99_ns),
                 f"{r.cpus:.2f}" if r.cpus is not None else None,
                 ratio(r.iops, base.get("a")) if r.target_key != "a" else None,
-                ratio(r.iops, base.get("b")) if r.target_key == "c" else None,
-                ratio(r.iops, base.get("p")) if r.target_key == "c" else None,
+                ratio(r.iops, base.get("b")) if r.target_key.startswith("c") else None,
+                ratio(r.iops, base.get("p")) if r.target_key.startswith("c") else None,
+                ratio(r.iops, base.get("c")) if r.target_key == "c2" else None,
                 fmt_ns(r.metrics.get("lag_p50_ns")), fmt_ns(r.metrics.get("lag_p99_ns")),
                 rss or None)
     table.add_note(f"fio --ioengine=nbd, {options.runtime:g} s per run after "
                    f"{options.ramp:g} s ramp, image {fmt_bytes(options.size)} "
                    "preallocated on /dev/shm; each run starts a fresh server")
-    table.add_note("vs (a), vs (b), vs (p): IOPS of the row over IOPS of (a) / (b) / (p) in "
-                   "the same workload; p99 lat: fio total latency; peak RSS: VmHWM of the server")
+    table.add_note("vs (a), vs (b), vs (p), vs (c): IOPS of the row over IOPS of (a) / (b) / "
+                   "(p) / (c) in the same workload; p99 lat: fio total latency; peak RSS: VmHWM "
+                   "of the server")
+    if any(r.target_key == "c2" for r in results):
+        table.add_note("(c2): one resource, volumes data and wal of half the image each, one "
+                       "fio job per export at half the iodepth, both at once; IOPS and MB/s "
+                       "the sum of the two jobs, p99 the worse job's; vs (c) is the cost per "
+                       "write of one write order across two volumes (target: >= 0.90x)")
     table.add_note("lag: age of the oldest write not applied on the secondary yet (sent, or "
                    "held back for its batch), from the primary's status every 0.2 s while "
                    "streaming")
@@ -513,9 +584,9 @@ def build_table(results: Sequence[Result], options: argparse.Namespace,
                                + ", ".join(fmt_count(x) for x in r.rounds))
     for r in results:
         drops = r.metrics.get("ring_drops", 0)
-        if r.target_key == "c" and drops:
+        if r.target_key.startswith("c") and drops:
             table.add_note(
-                f"(c), {r.workload.label}: the send ring overflowed {drops:g} time(s); the "
+                f"({r.target_key}), {r.workload.label}: the send ring overflowed {drops:g} time(s); the "
                 f"primary was Ahead or catching up in {r.metrics.get('not_streaming', 0):.0%} "
                 "of the status samples (it never blocks writers, DESIGN §3): that share of the "
                 "run was not streamed in order, and its IOPS are not replication IOPS")
@@ -576,8 +647,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="seconds of fio warm-up not counted (default 1)")
     p.add_argument("--size", type=parse_size, default=parse_size("1G"),
                    help="image size, e.g. 1G (default), on /dev/shm")
-    p.add_argument("--targets", default="a,b,p,c",
-                   help="comma-separated subset of a,b,p,c (default all)")
+    p.add_argument("--targets", default=",".join(TARGET_KEYS),
+                   help=f"comma-separated subset of {','.join(TARGET_KEYS)} (default all)")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
                    help=f"comma-separated subset of {','.join(WORKLOADS)}")
     p.add_argument("--passthrough-threads", choices=THREAD_MODELS,
@@ -586,8 +657,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     opts = p.parse_args(list(argv))
     opts.target_keys = [t.strip() for t in opts.targets.split(",") if t.strip()]
     for key in opts.target_keys:
-        if key not in ("a", "b", "p", "c"):
-            p.error(f"--targets: unknown target {key!r} (expected a, b, p, c)")
+        if key not in TARGET_KEYS:
+            p.error(f"--targets: unknown target {key!r} (expected {', '.join(TARGET_KEYS)})")
     opts.workload_keys = [w.strip() for w in opts.workloads.split(",") if w.strip()]
     for key in opts.workload_keys:
         if key not in WORKLOADS:
@@ -607,6 +678,7 @@ def run(argv: Sequence[str]) -> Table:
         "b": PassthroughTarget(options.passthrough_threads),
         "p": PassthroughTarget(options.passthrough_threads, pin=True),
         "c": DuplexTarget(),
+        "c2": DuplexTarget(volumes=("data", "wal")),
     }
     runs: dict[tuple[str, str], list[Result]] = {}
     started = time.monotonic()

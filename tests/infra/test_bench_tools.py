@@ -160,3 +160,27 @@ def test_copy_costs_are_measured_per_mib(tmp_path):
         assert 0 <= v < 0.05, f"{name}: {v * 1e3:.3f} ms per MiB is not a per-MiB cost"
     assert costs.replication > 0
     assert not list(tmp_path.iterdir()), "the scratch file was left behind"
+
+
+def test_two_exports_are_two_fio_jobs_at_half_the_iodepth_and_report_as_one(tmp_path):
+    from bench_replication import fio_argv, merge_jobs
+    w = WORKLOADS["randwrite-4k"]
+    argv = fio_argv(["nbd+unix:///data?socket=/s", "nbd+unix:///wal?socket=/s"], w, 3, 1,
+                    tmp_path / "o.json")
+    jobs = [i for i, a in enumerate(argv) if a.startswith("--name=")]
+    assert len(jobs) == 2
+    # Each job's own options follow its --name: its export and half the depth.
+    assert argv[jobs[0]:jobs[1]][1:] == ["--uri=nbd+unix:///data?socket=/s", "--iodepth=8"]
+    assert argv[jobs[1]:][1:] == ["--uri=nbd+unix:///wal?socket=/s", "--iodepth=8"]
+    assert fio_argv(["u"], w, 3, 1, tmp_path / "o.json")[-1] == "--iodepth=16"
+
+    def job(iops, p99, cpu):
+        return {"write": {"iops": iops, "bw_bytes": iops * 4096,
+                          "lat_ns": {"percentile": {"99.000000": p99}}},
+                "usr_cpu": cpu, "sys_cpu": cpu}
+    one = job(100, 5, 1)
+    assert merge_jobs([one]) is one
+    both = merge_jobs([job(100, 5e6, 10), job(300, 2e6, 20)])
+    assert both["write"]["iops"] == 400 and both["write"]["bw_bytes"] == 400 * 4096
+    assert both["write"]["lat_ns"]["percentile"]["99.000000"] == 5e6  # the worse job
+    assert both["usr_cpu"] + both["sys_cpu"] == 60
