@@ -57,6 +57,7 @@ Shared by both roles:
     sizes                 parsing and printing sizes, rates and durations
     config                the TOML configuration: resources and their two nodes
     devices               the device: its size, an exclusive claim, who else holds it
+    volumes               a node's volumes against its metadata: claimed, sized, laid out
 
 Operations:
     cli                   the ``duplex`` command line
