@@ -768,14 +768,17 @@ class Journal:
                 yield tok, JournalPos(base + off, tok.size, tok.seq, e.lsn)
                 off += tok.size
 
-    def backlog(self) -> tuple[int, int]:
+    def backlog(self) -> tuple[int, int, int]:
         """What the live log holds beyond the checkpoint, from its index
-        alone (no payload is read): the highest journaled seq above
-        :attr:`applied_seq` (0: none) and the number of committed increments
-        not applied yet."""
+        alone (no record payload is read): the highest journaled seq above
+        :attr:`applied_seq` (0: none), the committed increments based above
+        the checkpoint (not applied yet), and those based at it (perhaps
+        applied: the journal cannot tell, so a start redoes them)."""
         hi = max((e.seq_hi for e in self._live if e.type == ENTRY_RECORDS
                   and e.seq_hi > self._applied_seq), default=0)
-        return hi, len(self.committed_increments())
+        bases = [base for _, base, _ in self.committed_increments()]
+        return (hi, sum(b > self._applied_seq for b in bases),
+                sum(b == self._applied_seq for b in bases))
 
     # -- state ------------------------------------------------------------
 
@@ -858,9 +861,13 @@ def image_behind_journal(path: str | os.PathLike, uuid: bytes | uuidlib.UUID) ->
     what replays it (the image and the journal together are the crash
     image, DESIGN §12). Raises JournalError as :meth:`Journal.open`."""
     with Journal.open(path, uuid) as j:
-        hi, increments = j.backlog()
+        hi, increments, maybe = j.backlog()
         applied = j.applied_seq
     if not hi and not increments:
+        if maybe:
+            return (f"its journal holds {maybe} committed catch-up increment(s) at seq "
+                    f"{applied} that may be half applied: `duplex up` or `duplex promote` "
+                    f"redoes them before the image is used")
         return None
     held = []
     if hi:
