@@ -110,3 +110,41 @@ def test_an_unknown_volume_is_refused_naming_the_volumes(lab, capsys):
     assert cli.main([*lab.argv, "attach", "r0", "--volume", "idx"]) == 1
     assert capsys.readouterr().err == ("duplex: error: resource r0 has no volume 'idx' on node "
                                        "alpha (its volumes: data, wal)\n")
+
+
+def test_up_reattaches_every_dead_volume_once_the_server_is_back(lab, capsys):
+    """The server dies under both attached volumes (nbdfuse goes with it, or
+    is killed as it would die): once it serves again, the re-attach that
+    `duplex up` runs gives each volume a working device in its own place."""
+    import signal
+    import time
+
+    assert cli.main([*lab.argv, "attach", "r0"]) == 0
+    dev = dict(ln.split() for ln in capsys.readouterr().out.splitlines())
+    recs = {v: json.loads((lab.meta["alpha"] / f"attach-{v}.json").read_text())
+            for v in ("data", "wal")}
+    server = next(p for p in lab.procs.processes if p.name == "primary-alone")
+    server.send_signal(signal.SIGKILL)
+    server.wait(10)
+    for rec in recs.values():  # nbdfuse 1.14 answers EIO and stays: end it as a crash would
+        try:
+            os.kill(rec["nbdfuse_pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 5
+    while any(attach_mod._pid_alive(r["nbdfuse_pid"]) for r in recs.values()):
+        assert time.monotonic() < deadline, "nbdfuse did not exit"
+        time.sleep(0.05)
+    serve_primary_alone(lab, create=False)
+    node = load_config(str(lab.config)).resource("r0").node("alpha")
+    cfg = load_config(str(lab.config))
+    msg = attach_mod.reattach(cfg, cfg.resource("r0"), node)
+    assert msg is not None and msg.count("re-attached volume") == 2, msg
+    assert "re-attached volume data's export as /dev/loop" in msg
+    for v, payload in (("data", b"d" * 4096), ("wal", b"w" * 4096)):
+        rec = json.loads((lab.meta["alpha"] / f"attach-{v}.json").read_text())
+        assert rec["mount_dir"] == recs[v]["mount_dir"]  # the same place as before
+        _write(rec["device"], payload, MiB)
+        assert _read(lab.images["alpha"][v], MiB, 4096) == payload
+    assert attach_mod.reattach(cfg, cfg.resource("r0"), node) is None  # both work: nothing to do
+    assert set(dev) == {"data", "wal"}
