@@ -3,6 +3,7 @@
 # when nothing is.
 #
 #   make demo     two namespaces, replicate a mounted ext4, compare the images
+#   make demo-volumes  PostgreSQL on two volumes (data, pg_wal) of one resource, disaster, failover
 #   make test     the whole test suite (PYTEST_ARGS="tests/infra -k netns" to narrow it)
 #   make unit     the tests that need no root, namespaces, devices or nbdkit, in seconds (no setup)
 #   make bench    benchmarks, one table measured in one run (BENCH=native|replication|all)
@@ -16,7 +17,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 PYTEST_ARGS ?=
 BENCH ?= all
 
-.PHONY: setup demo test unit bench
+.PHONY: setup demo demo-volumes test unit bench
 
 setup:
 	@scripts/setup
@@ -27,6 +28,9 @@ demo: setup
 	    exit 1; \
 	fi
 	scripts/demo
+
+demo-volumes: setup
+	scripts/demo_volumes
 
 # pytest exits 5 when it collected no test: that is a failure, not a pass.
 test: setup
