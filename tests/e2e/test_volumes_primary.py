@@ -6,6 +6,8 @@ list names both, "" is "data", and an unknown export name is refused with
 an NBD error while the server goes on serving."""
 from __future__ import annotations
 
+import json
+
 import nbd
 import pytest
 
@@ -158,8 +160,6 @@ def test_verify_names_the_volume_of_a_difference_and_fix_resends_it(make_lab):
     """verify spans every volume: a corruption behind the secondary's back
     in wal (mid-volume, and in its last, partial track) is reported by
     volume and volume-relative offset, and --fix resends it."""
-    import json
-
     track = 64 << 10
     lab = make_lab(size=4 * MiB, volumes=["data", "wal"], volume_sizes={"wal": WAL_SIZE})
     lab.create_md()
