@@ -1,9 +1,13 @@
-"""The primary of a two-volume resource under real nbdkit (DESIGN §8), the
-secondary left out: one nbdkit process serves volume "data" and volume
-"wal" as exports of those names at one socket; an NBD client writing each
-export lands in that volume's primary image at that offset, the export
-list names both, "" is "data", and an unknown export name is refused with
-an NBD error while the server goes on serving."""
+"""A two-volume resource under real nbdkit (DESIGN §8).
+
+The primary alone (the secondary left out): one nbdkit process serves
+volume "data" and volume "wal" as exports of those names at one socket; an
+NBD client writing each export lands in that volume's primary image at that
+offset, the export list names both, "" is "data", an unknown export name
+is refused with an NBD error while the server goes on serving, and a
+secondary with another volume list is refused at the handshake naming the
+volume. Then the whole path as a user runs it (create-md, up on both
+nodes): both volumes replicate, and verify reports by volume."""
 from __future__ import annotations
 
 import json
