@@ -297,9 +297,13 @@ class Engine:
         sh = self.shipper.snapshot()
         written = self.core.next_seq - 1
         # Out-of-sync bytes inside each volume (the alignment gaps count for
-        # none); the resource's are their sum.
-        vol_oos = volumes_out_of_sync(self.oos.runs(self.size), self.layout.bases,
-                                      self.layout.sizes)
+        # none); the resource's are their sum. One volume: the bitmap's own
+        # count (C), as before volumes; several: a walk over its runs.
+        if len(self.layout) == 1:
+            vol_oos = [self.oos.dirty_bytes(self.size)]
+        else:
+            vol_oos = volumes_out_of_sync(self.oos.runs(self.size), self.layout.bases,
+                                          self.layout.sizes)
         applied = sh["applied"]
         streaming = (sh["connection"] == states.CONNECTED
                      and sh["replication"] == states.ESTABLISHED)
