@@ -56,6 +56,7 @@ from replicator.config import DEFAULT_RUN_DIR, Config, Node, Resource, Volume
 from replicator.devices import check_not_in_use, holders
 from replicator.errors import DuplexError
 from replicator.metadata import MetaPaths
+from replicator.volumes import volume_uri
 
 WAIT_S = 10.0  # how long to wait for nbdfuse / loop devices to settle
 
@@ -90,17 +91,6 @@ def fuse_base_dir(resource: Resource, node: Node,
     other's."""
     base = Path(DEFAULT_RUN_DIR if run_dir is None else run_dir) / resource.name / node.name
     return base / vol.name if vol is not None and node.multi_volume else base
-
-
-def volume_uri(node: Node, vol: Volume) -> str:
-    """The NBD URI of *vol*'s export on *node*: the export named by the
-    volume, or the default export "" for a plain-``device`` resource."""
-    if not node.multi_volume:
-        return node.export_uri()
-    exp = node.export
-    if exp.kind == "unix":
-        return f"nbd+unix:///{vol.name}?socket={exp.path}"
-    return f"{exp.uri()}/{vol.name}"
 
 
 def select_volumes(resource: Resource, node: Node, name: str | None) -> list[Volume]:

@@ -25,7 +25,8 @@ these)::
       "faults": [],       # optional: supervised threads that raised
       "volumes": [        # config order; one "default" for a plain `device`
         {"name": "data", "device": "/dev/sdb", "size": 1073741824,
-         "out_of_sync_bytes": 0}                  # size, out_of_sync_bytes: null = unknown
+         "out_of_sync_bytes": 0,                  # size, out_of_sync_bytes: null = unknown
+         "nbd_uri": "nbd+unix:///data?socket=/run/duplex/r0.nbd"}   # primary: its export
       ]
     }
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from typing import Any, Self
 
-from replicator.config import Node, Resource
+from replicator.config import Node, Resource, Volume
 from replicator.devices import DeviceClaim, claim_device, device_size
 from replicator.errors import DuplexError
 from replicator.layout import Layout
 
 __all__ = ["VolumeClaims", "VolumeSizeError", "check_volumes", "claim_volumes", "layout_of",
-           "read_volumes", "volume_list"]
+           "read_volumes", "volume_list", "volume_uri"]
 
 
 class VolumeSizeError(DuplexError):
@@ -74,6 +74,18 @@ def claim_volumes(resource: Resource, node: Node) -> VolumeClaims:
             c.close()
         raise
     return VolumeClaims(claims)
+
+
+def volume_uri(node: Node, vol: Volume) -> str:
+    """The NBD URI of *vol*'s export on *node* (when it is primary): the
+    export named by the volume, or the default export "" for a
+    plain-``device`` resource."""
+    if not node.multi_volume:
+        return node.export_uri()
+    exp = node.export
+    if exp.kind == "unix":
+        return f"nbd+unix:///{vol.name}?socket={exp.path}"
+    return f"{exp.uri()}/{vol.name}"
 
 
 def read_volumes(node: Node) -> list[dict[str, Any]]:

@@ -48,7 +48,8 @@ from replicator.primary.shipper import THREAD_NAME as SHIPPER_THREAD, Shipper
 from replicator.primary.verify import Verifier, VerifyIds
 from replicator.status import new_status, volume_rows, volumes_out_of_sync
 from replicator.supervise import Fault, Supervisor
-from replicator.volumes import VolumeClaims, check_volumes, claim_volumes, layout_of
+from replicator.volumes import (VolumeClaims, check_volumes, claim_volumes, layout_of,
+                                volume_uri)
 
 log = logging.getLogger("duplex.primary")
 
@@ -318,7 +319,8 @@ class Engine:
             lag={"writes": max(0, written - applied), "bytes": sh["lag_bytes"],
                  "seconds": sh["lag_seconds"]},
             out_of_sync_bytes=sum(vol_oos),
-            volumes=volume_rows(self.node, self.layout.sizes, vol_oos),
+            volumes=[dict(row, nbd_uri=volume_uri(self.node, v)) for row, v in
+                     zip(volume_rows(self.node, self.layout.sizes, vol_oos), self.node.volumes)],
             nbd_uri=self.node.export_uri(), reason=sh["reason"], sync=sh["sync"],
             incr_bytes_sent=sh["incr_bytes_sent"], matched_bytes=sh["matched_bytes"],
             ring=self.core.ring_stats, uptime_seconds=round(time.time() - self.started, 1),

@@ -134,7 +134,8 @@ def test_status_lists_each_volume_with_its_own_out_of_sync_bytes(engine, tmp_pat
     vols = {v["name"]: v for v in st["volumes"]}
     assert [v["name"] for v in st["volumes"]] == ["data", "wal"]
     assert vols["data"] == {"name": "data", "device": str(tmp_path / "alpha-data.img"),
-                            "size": DATA_SIZE, "out_of_sync_bytes": 0}
+                            "size": DATA_SIZE, "out_of_sync_bytes": 0,
+                            "nbd_uri": f"nbd+unix:///data?socket={tmp_path}/alpha.nbd"}
     # The wal's last track holds 4096 bytes of the volume: the rest is the gap.
     assert vols["wal"]["size"] == WAL_SIZE and vols["wal"]["out_of_sync_bytes"] == 4096, vols
     engine.write(b"d" * 512, 0, volume=0)
@@ -190,7 +191,8 @@ def test_a_single_volume_engine_is_one_default_volume(r0_config, tmp_path, monke
         assert _read(tmp_path / "alpha.img", 4096, 4096) == b"s" * 4096
         st = eng.status()
         assert st["volumes"] == [{"name": "default", "device": str(tmp_path / "alpha.img"),
-                                  "size": 4 << 20, "out_of_sync_bytes": TRACK}]
+                                  "size": 4 << 20, "out_of_sync_bytes": TRACK,
+                                  "nbd_uri": f"nbd+unix:///?socket={tmp_path}/r0.nbd"}]
         assert "volume " not in format_status(st)  # the table is as before volumes
     finally:
         eng.stop(drain_timeout=0.2)
