@@ -213,3 +213,20 @@ def test_verify_ranges_name_their_volume_and_skip_the_gap():
     assert d["differing_bytes"] == 2 * TRACK + 4096
     one = [{"offset": 0, "length": TRACK}]
     assert by_volume(one, Layout.single(DATA_SIZE, TRACK)) == one  # one volume: as before
+
+
+@pytest.mark.parametrize("recorded, why", [
+    ([{"name": "wal", "size": 1}, {"name": "data", "size": 1}],
+     "the volumes are configured in another order than the metadata's (M lists wal, data; "
+     "the config lists data, wal)"),
+    ([{"name": "data", "size": 1}, {"name": "wal", "size": 1}, {"name": "idx", "size": 1}],
+     "volume 'idx' is in the metadata but no longer configured (M lists data, wal, idx; the "
+     "config lists data, wal)"),
+])
+def test_a_volume_list_that_differs_from_the_metadata_is_named(vol_config, recorded, why):
+    from replicator.volumes import VolumeSizeError, check_volumes
+
+    res = load_config(str(vol_config)).resource("r0")
+    with pytest.raises(VolumeSizeError) as ei:
+        check_volumes(res, res.node("alpha"), recorded, "M", fix="do this")
+    assert str(ei.value) == f"r0: {why}: do this"
