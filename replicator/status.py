@@ -50,7 +50,8 @@ the names and devices from the configuration when it gives no list.
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from replicator.config import DEFAULT_VOLUME, Node, Resource
 from replicator.metadata import Metadata
