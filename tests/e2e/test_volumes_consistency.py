@@ -31,6 +31,7 @@ from fixtures.duplex_lab import VENV_BIN, Lab
 from fixtures.netns import NetnsPair
 from fixtures.processes import ProcessGroup
 from fixtures.volume_history import (
+    BLOCK,
     Chain,
     Sample,
     VolumeHistory,
@@ -41,7 +42,7 @@ from fixtures.volume_history import (
 
 pytestmark = pytest.mark.system  # root, namespaces, nbdkit (the module lab is no conftest fixture)
 
-SIZE = 1 << 20  # small images: a sample reads them whole in well under a millisecond
+SIZE = 1 << 20  # small images (16 tracks each): a sample reads them whole in a millisecond
 SLOTS = 64      # each volume's chain blocks cycle over its first 64 blocks
 RELAY = Path(__file__).with_name("delay_relay.py")
 
@@ -141,6 +142,9 @@ def test_two_independent_resources_show_the_forbidden_state(make_lab, procs):
 # -- one resource, two volumes ----------------------------------------------
 
 VOLUMES = ["data", "wal"]
+# The two-volume lab's volumes: 64 tracks each, so that a catch-up of all
+# of them takes many increments (long enough to be seen and killed in).
+VSIZE = 4 << 20
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +160,7 @@ def vlab(tmp_path_factory) -> Iterator[tuple[Lab, NetnsPair]]:
         pair = NetnsPair.create(procs)
         stack.callback(pair.close)
         lab = Lab(root / "lab", procs, pair.ns_a, pair.ns_b, pair.addr_a, pair.addr_b,
-                  size=SIZE, volumes=VOLUMES,
+                  size=VSIZE, volumes=VOLUMES,
                   options={"ring-size": "8MiB", "journal-size": "32MiB"})
         stack.callback(lab.stop)
         _VLAB_PROCS.append(procs)
@@ -202,7 +206,7 @@ def _start_history(lab: Lab) -> VolumeHistory:
     lab.wait_drained(timeout=60)
     base = _images(lab, "alpha")
     assert _images(lab) == base, "the secondary differs after a drain"
-    return VolumeHistory({v: SIZE for v in VOLUMES}, base=base)
+    return VolumeHistory({v: VSIZE for v in VOLUMES}, base=base)
 
 
 def _kill9_sample(lab: Lab) -> dict[str, bytes]:
@@ -251,35 +255,41 @@ def test_one_resource_keeps_one_order_across_volumes(vlab):
 
 
 def test_catch_up_after_a_link_outage_keeps_one_order(vlab):
-    """The chain goes on while the link is cut: the primary goes Ahead
-    (the 8 MiB ring overflows) and catches up in increments that freeze
-    both volumes at one fence. Every whole sample on the way (no apply run
-    or increment in flight while it was taken) is one prefix across both
-    volumes; a kill -9 in the middle of the catch-up changes nothing."""
+    """The chain goes on while the link is cut, over every block of both
+    volumes: the primary goes Ahead (the 8 MiB ring overflows) and catches
+    up in increments that freeze both volumes at one fence. Every whole
+    sample on the way (no apply run or increment in flight while it was
+    taken) is one prefix across both volumes; a kill -9 in the middle of
+    the catch-up changes nothing."""
     lab, pair = vlab
     history = _start_history(lab)
     handles = _volume_handles(lab)
     chain = Chain(history, lambda v, off, buf: handles[v].pwrite(buf, off), VOLUMES,
                   slots=SLOTS).start()
     seen: set[str] = set()
-    samples = []
-    killed = False
+    samples: list[Sample] = []
+    killed_at = None
     try:
         chain.wait_for(100)
+        sent0 = lab.control("alpha")["incr_bytes_sent"]
         pair.link_down()
         try:
+            # Every track of both volumes out of sync: a catch-up of many
+            # increments, long enough to be seen and killed in.
+            chain.slots = VSIZE // BLOCK
             lab.wait(lambda: lab.control("alpha")["replication"] == "Ahead",
                      "the primary to go Ahead", timeout=30)
-            chain.wait_for(len(history) + 1000)
+            chain.wait_for(len(history) + 2 * VSIZE // BLOCK)
+            chain.slots = SLOTS
         finally:
             pair.link_up()
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and len(samples) < 60:
             p = lab.control("alpha")
             seen.add(p["replication"])
-            if not killed and p["replication"] == "SyncSource":
+            if killed_at is None and p["replication"] == "SyncSource":
                 _kill9_sample(lab)  # the raw image may be mid-increment: not checked
-                killed = True
+                killed_at = len(samples)
                 continue
             if len(samples) % 2:
                 chain.gate.clear()  # a lull: the secondary goes quiet, the sample is whole
@@ -290,10 +300,14 @@ def test_catch_up_after_a_link_outage_keeps_one_order(vlab):
                 chain.gate.set()
             # Until streaming resumed after the catch-up (the chain keeps
             # some tracks out of sync while their writes are in flight).
-            if len(samples) >= 30 and p["replication"] == "Established" and "SyncSource" in seen:
+            # ...and whole samples at five points at least.
+            if (len(samples) >= 20 and killed_at is not None
+                    and p["replication"] == "Established" and p["incr_bytes_sent"] > sent0
+                    and len({x.applied for x in samples if x.whole}) >= 5):
                 break
             time.sleep(0.03)
     finally:
+        chain.gate.set()
         pair.link_up()
         n = chain.stop()
     lab.wait_drained(timeout=60)
@@ -302,8 +316,10 @@ def test_catch_up_after_a_link_outage_keeps_one_order(vlab):
     bad = [v.message for v in verdicts if not v.ok]
     torn = sum(not history.check(s.images).ok for s in samples if not s.whole)
     print(f"\ncatch-up: {n} chain writes, states {sorted(seen)}, {len(samples)} samples "
-          f"({len(whole)} whole), {len(bad)} violations, {torn} non-whole samples not a prefix")
-    assert {"Ahead", "SyncSource"} <= seen, f"no catch-up happened: {seen}"
+          f"({len(whole)} whole), killed after sample {killed_at}, {len(bad)} violations, "
+          f"{torn} non-whole samples not a prefix")
+    assert lab.control("alpha")["incr_bytes_sent"] > sent0, "no increment was sent"
+    assert killed_at is not None, f"the catch-up was never seen (states {seen}): no kill in it"
     assert not bad, "\n".join(bad)
     assert len({v.prefix[1] for v in verdicts}) >= 5, [v.prefix for v in verdicts]
     final = history.check(_images(lab))
