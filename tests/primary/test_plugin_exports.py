@@ -70,3 +70,38 @@ def test_data_callbacks_reach_the_volume_of_their_export(plugin, tmp_path):
     plugin.pread(h_data, buf, 65536, 0)
     assert bytes(buf) == bytes(4096)
     assert isinstance(plugin._engine, Engine)
+
+
+def test_a_plain_device_is_served_at_the_default_export_as_before(r0_config, tmp_path,
+                                                                   monkeypatch):
+    from replicator.config import load_config
+    from replicator.node import create_metadata_set
+    from replicator.peerlink import PeerLink
+
+    monkeypatch.setattr(PeerLink, "connect",
+                        lambda a, **kw: (_ for _ in ()).throw(OSError(errno.ECONNREFUSED, "no")))
+    cfg = load_config(str(r0_config))
+    res = cfg.resource("r0")
+    create_metadata_set(cfg, res, res.node("alpha"), 4 << 20, assume_clean=True, force=False)
+    eng = Engine.open(str(r0_config), "r0", "alpha")
+    fake = types.ModuleType("nbdkit")
+    fake.FLAG_FUA, fake.errors, fake.name = 2, [], ""
+    fake.export_name = lambda: fake.name
+    fake.set_error = fake.errors.append
+    monkeypatch.setitem(sys.modules, "nbdkit", fake)
+    monkeypatch.delitem(sys.modules, "nbdplugin.plugin", raising=False)
+    mod = importlib.import_module("nbdplugin.plugin")
+    monkeypatch.setattr(mod, "_engine", eng)
+    try:
+        assert mod.list_exports(False, False) == ["default"]
+        assert mod.default_export(False, False) == "default"
+        for name in ("", "default"):
+            fake.name = name
+            h = mod.open(False)
+            assert h == 0 and mod.get_size(h) == 4 << 20
+        fake.name = "data"
+        with pytest.raises(mod.UnknownExport):
+            mod.open(False)
+    finally:
+        eng.stop(drain_timeout=0.2)
+        monkeypatch.delitem(sys.modules, "nbdplugin.plugin", raising=False)
