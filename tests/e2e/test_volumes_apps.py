@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-import pytest
 from fixtures.blockdev import mounted
 from fixtures.duplex_lab import RESOURCE, VENV_BIN, Lab
 
@@ -301,8 +300,13 @@ class Commits:
         except Exception as e:  # noqa: BLE001 - the device or the primary dies under it
             self.error = f"{type(e).__name__}: {e}"
         finally:
-            p.kill()
-            p.wait(10)
+            # End of input ends psql (its server may be gone); then make sure.
+            try:
+                p.stdin.close()
+                p.wait(5)
+            except (OSError, subprocess.TimeoutExpired):
+                p.kill()
+                p.wait(10)
 
 
 def test_postgresql_with_pg_wal_on_the_other_volume_fails_over(
