@@ -565,8 +565,8 @@ def build_table(results: Sequence[Result], options: argparse.Namespace,
     table.add_note(f"fio --ioengine=nbd, {options.runtime:g} s per run after "
                    f"{options.ramp:g} s ramp, image {fmt_bytes(options.size)} "
                    "preallocated on /dev/shm; each run starts a fresh server")
-    table.add_note("vs (a), vs (b), vs (p), vs (c): IOPS of the row over IOPS of (a) / (b) / "
-                   "(p) / (c) in the same workload; p99 lat: fio total latency; peak RSS: VmHWM "
+    table.add_note("vs (a), vs (b), vs (p), vs (c), vs (cc): IOPS of the row over IOPS of "
+                   "(a) / (b) / (p) / (c) / (cc) in the same workload; p99 lat: fio total latency; peak RSS: VmHWM "
                    "of the server")
     if any(r.target_key == "c2" for r in results):
         table.add_note("(c2): one resource, volumes data and wal of half the image each, one "
