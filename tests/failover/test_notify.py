@@ -80,6 +80,10 @@ def test_up_notifies_ready_when_the_secondary_listens_and_the_primary_serves(
 
     lab.primary.stop(grace=30)
     msg = receive()
+    # Both nodes share the socket: the secondary's periodic STATUS lines may
+    # come in between; the primary's next word must be STOPPING.
+    while "STOPPING" not in msg and msg.get("STATUS", "").startswith("Secondary:"):
+        msg = receive()
     assert msg.get("STOPPING") == "1", msg
     lab.secondary.stop(grace=30)
     msg = receive()
