@@ -38,14 +38,19 @@ class DeviceBusy(DuplexError):
     """The device is in use by something else: mounted, held, or locked."""
 
 
+def _stat_device(path: str, lead: str = "") -> os.stat_result:
+    """os.stat of a device path, its failure worded (*lead* first)."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        raise DuplexError(f"{lead}device {path} does not exist") from None
+    except OSError as e:
+        raise DuplexError(f"{lead}device {path}: {e.strerror}") from None
+
+
 def device_size(path: str) -> int:
     """Size in bytes of a block device or regular file; DuplexError if unusable."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise DuplexError(f"device {path} does not exist") from None
-    except OSError as e:
-        raise DuplexError(f"device {path}: {e.strerror}") from None
+    st = _stat_device(path)
     if stat.S_ISREG(st.st_mode):
         size = st.st_size
     elif stat.S_ISBLK(st.st_mode):
@@ -304,12 +309,7 @@ def claim_device(path: str, context: str = "") -> DeviceClaim:
     (e.g. ``"r0: node alpha"``) leads the error. DeviceBusy naming the
     holder when it is in use, DuplexError when it cannot be opened."""
     lead = f"{context}: " if context else ""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise DuplexError(f"{lead}device {path} does not exist") from None
-    except OSError as e:
-        raise DuplexError(f"{lead}device {path}: {e.strerror}") from None
+    st = _stat_device(path, lead)
     if stat.S_ISBLK(st.st_mode):
         try:
             # O_EXCL without O_CREAT on a block device: an exclusive claim,
