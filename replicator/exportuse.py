@@ -185,11 +185,17 @@ class PrimaryStop:
         """nbdkit's exit status, once it has exited."""
         while True:
             try:
-                return self.proc.wait(timeout=0.2)
+                rc = self.proc.wait(timeout=0.2)
             except subprocess.TimeoutExpired:
-                pass
-            if self.signum is not None:
-                self._step(time.monotonic())
+                if self.signum is not None:
+                    self._step(time.monotonic())
+                continue
+            if self.signum is not None and self._phase == "running":
+                # The signal reached nbdkit too (a process-group kill) and it
+                # was gone before the first step: still say we are stopping.
+                log.info("%s: signal %d: stopping", self.resource.name, self.signum)
+                notify.stopping("Primary: stopping")
+            return rc
 
     def _what_holds(self) -> str:
         """", attached as /dev/loopN (attach.json), mounted at /x" or ""."""

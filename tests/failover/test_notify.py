@@ -82,7 +82,9 @@ def test_up_notifies_ready_when_the_secondary_listens_and_the_primary_serves(
     msg = receive()
     # Both nodes share the socket: the secondary's periodic STATUS lines may
     # come in between; the primary's next word must be STOPPING.
-    while "STOPPING" not in msg and msg.get("STATUS", "").startswith("Secondary:"):
+    for _ in range(20):  # bounded: a STOPPING that never comes fails, not hangs
+        if "STOPPING" in msg or not msg.get("STATUS", "").startswith("Secondary:"):
+            break
         msg = receive()
     assert msg.get("STOPPING") == "1", msg
     lab.secondary.stop(grace=30)
