@@ -180,11 +180,18 @@ class PeerLink:
 
     # -- sending ----------------------------------------------------------
 
+    def _check_not_failed(self) -> None:
+        # The reader found a protocol error and is closing the link: to a
+        # sender on another thread that is a lost link, not a bug of its own.
+        if self.conn.failure is not None:
+            raise LinkError(f"connection failed: {self.conn.failure}")
+
     def _send(self, make: Callable[[], bytes | list]) -> None:
         if self._closed.is_set():
             raise LinkError(self.error or "connection closed")
         with self._send_lock:
             with self._conn_lock:
+                self._check_not_failed()
                 out = make()
             try:
                 if isinstance(out, list):
@@ -205,6 +212,7 @@ class PeerLink:
             raise LinkError(self.error or "connection closed")
         with self._send_lock:
             with self._conn_lock:
+                self._check_not_failed()
                 self.conn.check_send(FrameType.DATA)
             try:
                 yield self.sock.fileno()

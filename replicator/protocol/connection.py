@@ -198,6 +198,13 @@ class Connection:
         self._cstate.close()
         return encode_frame(FrameType.ERROR, Error(code, text).encode())
 
+    @property
+    def failure(self) -> ProtocolError | None:
+        """The protocol error that failed this connection (received bytes
+        broke a rule), or None: from then on nothing but an ERROR frame may
+        be sent."""
+        return self._error
+
     def check_send(self, ftype: FrameType) -> None:
         """LocalProtocolError unless a frame of *ftype* may be sent now
         (for a sender that writes stream frames itself, e.g. in C)."""
