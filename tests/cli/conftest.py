@@ -16,7 +16,7 @@ def config_text(tmp: Path, extra_resource: str = "", extra_alpha: str = "") -> s
         secret-file = "{tmp}/r0.secret"
         track-size = "64KiB"
         ring-size = "64MiB"
-        journal-size = "1GiB"
+        journal-size = "16MiB"
         {extra_resource}
 
         [resource.r0.on.alpha]

@@ -18,7 +18,7 @@ def test_valid_file_loads_every_field_with_units_converted(config_file: Path, se
     cfg = load_config(config_file)
     assert cfg.path == str(config_file)
     r = cfg.resource("r0")
-    assert (r.track_size, r.ring_size, r.journal_size) == (64 << 10, 64 << 20, 1 << 30)
+    assert (r.track_size, r.ring_size, r.journal_size) == (64 << 10, 64 << 20, 16 << 20)
     # defaults for keys the file leaves out
     assert (r.al_extent_size, r.al_extents, r.batch_bytes) == (4 << 20, 1024, 1 << 20)
     assert r.batch_interval_s == pytest.approx(0.002)

@@ -36,7 +36,7 @@ def _write_config(config_text, tmp: Path, alpha_device: str) -> Path:
     text = config_text(tmp).replace(f'device = "{tmp}/alpha.img"', f'device = "{alpha_device}"')
     text = (text.replace("10.0.0.1:7789", f"127.0.0.1:{_free_port()}")
                 .replace("10.0.0.2:7789", f"127.0.0.1:{_free_port()}")
-                .replace('journal-size = "1GiB"', 'journal-size = "8MiB"'))
+                .replace('journal-size = "16MiB"', 'journal-size = "8MiB"'))
     path = tmp / "duplex.toml"
     path.write_text(text)
     return path

@@ -26,6 +26,7 @@ def r0_config(tmp_path: Path) -> Path:
 [resource.r0]
 secret-file = "{secret}"
 track-size = "64KiB"
+journal-size = "4MiB"
 
 [resource.r0.on.alpha]
 address = "10.0.0.1:7789"

@@ -33,7 +33,8 @@ def _write_config(tmp_path: Path, volumes: dict[str, int]) -> Path:
     secret = tmp_path / "r0.secret"
     secret.write_text("unit-test-secret\n")
     os.chmod(secret, 0o600)
-    lines = ["[resource.r0]", f'secret-file = "{secret}"', 'track-size = "64KiB"']
+    lines = ["[resource.r0]", f'secret-file = "{secret}"', 'track-size = "64KiB"',
+             'journal-size = "4MiB"']  # create-md preallocates it: keep the suite's disk small
     for node, addr in (("alpha", "10.0.0.1"), ("beta", "10.0.0.2")):
         (tmp_path / f"{node}-meta").mkdir(exist_ok=True)
         lines += ["", f"[resource.r0.on.{node}]", f'address = "{addr}:7789"',
