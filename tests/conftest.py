@@ -59,7 +59,8 @@ _GROUPS_ATTR = "_dpx_process_groups"
 # device: root). A test that needs root some other way carries
 # @pytest.mark.system itself.
 SYSTEM_FIXTURES = frozenset({"procs", "netns_pair", "nbdkit_server", "nbd_block_device",
-                             "mount_fs", "make_lab", "tmpfs", "loop_device", "loop_ext4"})
+                             "mount_fs", "make_lab", "tmpfs", "loop_device", "loop_ext4",
+                             "xfs_dir"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

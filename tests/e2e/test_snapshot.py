@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from fixtures.blockdev import mkfs, mounted
+from fixtures.blockdev import reflink_xfs
 from fixtures.duplex_lab import Lab, replay_history
 from fixtures.workload import Workload
 
@@ -23,17 +22,8 @@ OPTIONS = {"ring-size": "1MiB", "journal-size": "4MiB", "resync-rate": "4MiB"}
 @pytest.fixture
 def xfs_dir(tmp_path: Path):
     """An XFS filesystem with reflinks, in a loop image, mounted."""
-    img = tmp_path / "xfs.img"
-    with open(img, "wb") as f:
-        f.truncate(1 << 30)
-    loop = subprocess.run(["losetup", "--find", "--show", str(img)], capture_output=True,
-                          text=True, check=True).stdout.strip()
-    try:
-        mkfs(loop, "xfs", ("-m", "reflink=1"))
-        with mounted(loop, tmp_path / "xfs", fstype="xfs") as mnt:
-            yield mnt
-    finally:
-        subprocess.run(["losetup", "-d", loop], check=False)
+    with reflink_xfs(tmp_path, 1 << 30) as mnt:
+        yield mnt
 
 
 def _outage(lab: Lab, netns_pair) -> None:

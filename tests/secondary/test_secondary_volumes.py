@@ -444,21 +444,12 @@ def test_a_snapshot_marker_of_two_images_restores_both(tmp_path):
 @pytest.fixture
 def xfs_dir(tmp_path: Path):
     """An XFS filesystem with reflinks, in a loop image, mounted."""
-    from fixtures.blockdev import mkfs, mounted
+    from fixtures.blockdev import reflink_xfs
 
     if os.geteuid() != 0:
         pytest.fail("the reflink test needs root (loop devices)", pytrace=False)
-    img = tmp_path / "xfs.img"
-    with open(img, "wb") as f:
-        f.truncate(400 << 20)
-    loop = subprocess.run(["losetup", "--find", "--show", str(img)], capture_output=True,
-                          text=True, check=True).stdout.strip()
-    try:
-        mkfs(loop, "xfs", ("-m", "reflink=1"))
-        with mounted(loop, tmp_path / "xfs", fstype="xfs") as mnt:
-            yield mnt
-    finally:
-        subprocess.run(["losetup", "-d", loop], check=False)
+    with reflink_xfs(tmp_path, 400 << 20) as mnt:
+        yield mnt
 
 
 def test_an_increment_too_large_for_the_journal_runs_under_a_snapshot_of_every_image(xfs_dir):
