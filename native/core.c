@@ -71,6 +71,8 @@ struct core {
 
 	pthread_mutex_t seq_lock;
 	uint64_t next_seq;
+	uint64_t last_ts;      /* seq_lock: the last stamp; stamps strictly increase */
+	_Atomic int64_t clock_offset; /* ns added to CLOCK_REALTIME (tests inject skew) */
 	int hist_fd;
 
 	pthread_mutex_t consumer_lock;
@@ -114,12 +116,26 @@ static const struct core_vol *track_extent(const struct core *c, uint64_t t, uin
 	return v;
 }
 
-static uint64_t now_ns(void)
+static uint64_t now_ns(const struct core *c)
 {
 	struct timespec ts;
 
 	clock_gettime(CLOCK_REALTIME, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec +
+	       (uint64_t)atomic_load(&c->clock_offset);
+}
+
+/* The next stamp, with seq_lock held: strictly above the previous one, so
+ * seq order is timestamp order with no ties even when the clock steps back
+ * (a group's apply bound "ts <= T" is then always a prefix of the stream). */
+static uint64_t next_stamp(struct core *c)
+{
+	uint64_t t = now_ns(c);
+
+	if (t <= c->last_ts)
+		t = c->last_ts + 1;
+	c->last_ts = t;
+	return t;
 }
 
 static void fill_header(unsigned char *h, uint64_t seq, uint64_t ts, uint64_t off,
@@ -250,7 +266,8 @@ static bool record_tracks(struct core *c, const unsigned char *hdr, uint64_t *t0
 	uint64_t off = rd64(hdr + REC_OFFSET);
 	uint32_t len = rd32(hdr + REC_LENGTH), vol = rd32(hdr + REC_VOLUME);
 
-	if (hdr[REC_OP] == REC_OP_FLUSH || len == 0 || vol >= c->nvols)
+	if (hdr[REC_OP] == REC_OP_FLUSH || hdr[REC_OP] == REC_OP_MARK || len == 0 ||
+	    vol >= c->nvols)
 		return false;
 	off += c->vols[vol].base;
 	*t0 = off >> c->track_shift;
@@ -632,7 +649,8 @@ enum seq_outcome {
 
 /* Step 4: sequence the request and queue its record. */
 static enum seq_outcome sequence(struct core *c, uint8_t op, uint8_t flags, uint64_t off, uint32_t length,
-                     const void *data, uint32_t dlen, uint32_t volume, uint64_t *seq_out)
+                     const void *data, uint32_t dlen, uint32_t volume, uint64_t ts,
+                     uint64_t *seq_out)
 {
 	unsigned char hdr[RING_HEADER];
 	struct ring_resv rv;
@@ -643,7 +661,10 @@ static enum seq_outcome sequence(struct core *c, uint8_t op, uint8_t flags, uint
 
 	pthread_mutex_lock(&c->seq_lock);
 	*seq_out = c->next_seq++;
-	fill_header(hdr, *seq_out, now_ns(), off, length, dlen, volume, op, flags);
+	{
+		uint64_t stamp = next_stamp(c);
+		fill_header(hdr, *seq_out, ts ? ts : stamp, off, length, dlen, volume, op, flags);
+	}
 	rr = ring_reserve(c->ring, rsize, *seq_out, &rv);
 	if (rr == -ENOSPC) {
 		/* This append overflowed: the ring is now dropped. */
@@ -743,7 +764,7 @@ static int do_range_op(struct core *c, uint8_t op, const void *buf, uint64_t len
 		goto undo; /* the bits stay set: the device may have changed */
 
 	outcome = sequence(c, op, fua ? REC_FLAG_FUA : 0, off, (uint32_t)len, buf,
-	                   op == REC_OP_WRITE ? (uint32_t)len : 0, volume, &res->seq);
+	                   op == REC_OP_WRITE ? (uint32_t)len : 0, volume, 0, &res->seq);
 	res->queued = outcome == SEQ_QUEUED;
 	if (outcome == SEQ_NO_RECORD)
 		pend_sub(c, t0, t1, false); /* nothing will ever release it */
@@ -799,12 +820,53 @@ int core_flush(struct core *c, struct core_result *res)
 	if (r == 0)
 		r = bitmap_sync(c->oos, NULL, 0);
 	if (r == 0) {
-		res->queued = sequence(c, REC_OP_FLUSH, 0, 0, 0, NULL, 0, REC_FLUSH_VOLUME,
+		res->queued = sequence(c, REC_OP_FLUSH, 0, 0, 0, NULL, 0, REC_FLUSH_VOLUME, 0,
 		                       &res->seq) == SEQ_QUEUED;
 		atomic_fetch_add(&c->n_flushes, 1);
 	}
 	pthread_rwlock_unlock(&c->fence);
 	return r;
+}
+
+int core_mark(struct core *c, uint64_t t, uint64_t number, uint32_t skew_us,
+              struct core_result *res)
+{
+	res->queued = false;
+	if (t != 0) {
+		/* Wait (without the sequencer) until no write can still be
+		 * stamped at or before t; the clock only moves on, so every
+		 * stamp after this one is above t too. */
+		for (;;) {
+			uint64_t now;
+			pthread_mutex_lock(&c->seq_lock);
+			now = now_ns(c);
+			if (c->last_ts > now)
+				now = c->last_ts;
+			pthread_mutex_unlock(&c->seq_lock);
+			if (now > t)
+				break;
+			if (t - now > 10ull * 1000000000u)
+				return -ETIMEDOUT; /* a clock 10 s behind: refuse, do not stall */
+			struct timespec d = {(time_t)((t - now + 1) / 1000000000u),
+			                     (long)((t - now + 1) % 1000000000u)};
+			nanosleep(&d, NULL);
+		}
+	}
+	pthread_rwlock_rdlock(&c->fence);
+	res->queued = sequence(c, REC_OP_MARK, 0, number, skew_us, NULL, 0, 0, t,
+	                       &res->seq) == SEQ_QUEUED;
+	pthread_rwlock_unlock(&c->fence);
+	return 0;
+}
+
+void core_set_clock_offset(struct core *c, int64_t offset_ns)
+{
+	atomic_store(&c->clock_offset, offset_ns);
+}
+
+uint64_t core_now(struct core *c)
+{
+	return now_ns(c);
 }
 
 int64_t core_pread(struct core *c, void *buf, uint64_t len, uint64_t off, bool locked)

@@ -15,7 +15,9 @@ bool records_header_ok(const unsigned char *h)
 	uint32_t length = rd32(h + REC_LENGTH), dlen = rd32(h + REC_DATA_LEN);
 	uint8_t op = h[REC_OP];
 
-	if (op < REC_OP_WRITE || op > REC_OP_FLUSH || rd16(h + 38) != 0 || rd32(h + 44) != 0)
+	if (op < REC_OP_WRITE || op > REC_OP_MARK || rd16(h + 38) != 0 || rd32(h + 44) != 0)
+		return false;
+	if (op == REC_OP_MARK && rd32(h + REC_VOLUME) != 0)
 		return false;
 	return op == REC_OP_WRITE ? dlen == length : dlen == 0;
 }

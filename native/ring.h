@@ -51,6 +51,12 @@
 #define REC_OP_TRIM 2
 #define REC_OP_ZERO 3
 #define REC_OP_FLUSH 4
+/* A group point marker (DESIGN §13): no data, volume 0, offset = checkpoint
+ * number (0: a heartbeat), length = the primary's clock skew in us
+ * (UINT32_MAX: unknown); ts = the checkpoint time T. Every record stamped
+ * at or before ts precedes it in seq order. */
+#define REC_OP_MARK 5
+#define REC_MARK_SKEW_UNKNOWN UINT32_MAX
 #define REC_FLAG_FUA 1
 
 struct ring;

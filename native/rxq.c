@@ -50,6 +50,7 @@ struct rxq {
 	unsigned shift; /* 64 - log2(cap), for home() */
 	struct slot *slots;
 	uint32_t batch;
+	uint64_t ts_bound; /* 0: none; else a run stops before a non-MARK record stamped later */
 	bool has_applied_tok;
 	unsigned char applied_tok[RXQ_TOKEN];
 	struct item *run; /* the run handed out */
@@ -453,6 +454,8 @@ int64_t rxq_take_run(struct rxq *q, uint64_t max_records, uint64_t max_bytes)
 			break;
 		if (n && max_bytes && bytes + size > max_bytes)
 			break;
+		if (q->ts_bound && s->tok[REC_OP] != REC_OP_MARK && rd64(s->tok + REC_TS) > q->ts_bound)
+			break; /* a consistency group has not released it yet */
 		if (n == q->run_cap) {
 			uint64_t cap = q->run_cap ? 2 * q->run_cap : 256;
 			struct item *grown = realloc(q->run, cap * sizeof(*grown));
@@ -471,6 +474,20 @@ int64_t rxq_take_run(struct rxq *q, uint64_t max_records, uint64_t max_bytes)
 	q->run_bytes = bytes;
 	q->run_end = n ? q->applied + n : 0;
 	return (int64_t)n;
+}
+
+void rxq_set_ts_bound(struct rxq *q, uint64_t ts)
+{
+	q->ts_bound = ts;
+}
+
+uint64_t rxq_received_ts(const struct rxq *q)
+{
+	const struct slot *s = q->received > q->applied ? find(q, q->received) : NULL;
+
+	if (s == NULL)
+		return q->has_applied_tok ? rd64(q->applied_tok + REC_TS) : 0;
+	return rd64(s->tok + REC_TS);
 }
 
 int rxq_run_item(const struct rxq *q, uint64_t i, unsigned char *token, uint64_t *loc)
@@ -632,6 +649,8 @@ int rxq_apply_run_volumes(struct rxq *q, int journal_fd, const int *image_fds,
 			err->off = loc;
 			return fail(err, RXQ_JOURNAL, seq, h, t);
 		}
+		if (op == REC_OP_MARK)
+			continue; /* a group point marker: nothing to write */
 		if (vol >= nvol) {
 			err->volume = vol;
 			return fail(err, RXQ_VOLUME, seq, t, NULL);

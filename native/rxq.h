@@ -117,6 +117,15 @@ int rxq_get(const struct rxq *q, uint64_t seq, unsigned char *token, uint64_t *l
  * and max_bytes bytes, but at least one when one is ready; 0: no limit).
  * Returns its length; rxq_run_item reads it. */
 int64_t rxq_take_run(struct rxq *q, uint64_t max_records, uint64_t max_bytes);
+
+/* A consistency group's apply bound (DESIGN §13): from now on a run stops
+ * before the first record other than a MARK stamped after ts (0: no
+ * bound). Stamps increase with seq, so what passes is a prefix. */
+void rxq_set_ts_bound(struct rxq *q, uint64_t ts);
+
+/* The stamp of the record at `received` (the last of the complete prefix),
+ * or of the applied token when nothing is pending (0: none known). */
+uint64_t rxq_received_ts(const struct rxq *q);
 int rxq_run_item(const struct rxq *q, uint64_t i, unsigned char *token, uint64_t *loc);
 
 /* Write the handed-out run to the image: each record's data read back from

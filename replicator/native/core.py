@@ -200,6 +200,28 @@ class Core:
             raise _oserror(rc, f"flush of {self.device_path}")
         return WriteResult(out.seq, out.queued)
 
+    def mark(self, t_ns: int, number: int = 0, skew_us: int | None = None) -> WriteResult:
+        """Sequence a group point marker (DESIGN §13): a MARK record with
+        ts = *t_ns*, once no write can still be stamped at or before it
+        (``t_ns`` 0: a heartbeat stamped now). *number*: the checkpoint
+        number (0 for a heartbeat); *skew_us*: this primary's measured clock
+        skew (None: unknown). OSError(ETIMEDOUT) when this clock is more
+        than 10 s behind *t_ns*."""
+        skew = _U32 if skew_us is None else min(max(int(skew_us), 0), _U32 - 1)
+        out = _result()
+        rc = _lib.core_mark(self._ptr(), t_ns, number, skew, out)
+        if rc < 0:
+            raise _oserror(rc, f"group marker {number} at {t_ns}")
+        return WriteResult(out.seq, out.queued)
+
+    def set_clock_offset(self, offset_ns: int) -> None:
+        """Shift this core's clock by *offset_ns* (tests inject skew)."""
+        _lib.core_set_clock_offset(self._ptr(), offset_ns)
+
+    def now_ns(self) -> int:
+        """This core's clock (CLOCK_REALTIME plus the offset), in ns."""
+        return _lib.core_now(self._ptr())
+
     def pread(self, length: int, offset: int, locked: bool = False) -> bytes:
         """Read at a LOGICAL offset, cut at the end of the volume holding
         *offset* (b"" in an alignment gap). locked: hold the track locks (no

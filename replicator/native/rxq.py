@@ -161,6 +161,15 @@ class RxQueue:
             raise MemoryError("pending queue: cannot hand out a run")
         return n
 
+    def set_ts_bound(self, ts_ns: int) -> None:
+        """Runs stop before the first non-MARK record stamped after
+        *ts_ns* (0: no bound): a consistency group's release (DESIGN §13)."""
+        _lib.rxq_set_ts_bound(self._q, ts_ns)
+
+    def received_ts(self) -> int:
+        """The stamp of the last record of the complete prefix (0: none)."""
+        return _lib.rxq_received_ts(self._q)
+
     def run_item(self, i: int) -> tuple[bytes, int]:
         if _lib.rxq_run_item(self._q, i, self._tok, self._loc) < 0:
             raise IndexError(i)

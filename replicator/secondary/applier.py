@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 from replicator.errors import DuplexError
 from replicator.fileio import pwritev_all
-from replicator.records import (HEADER_SIZE, OP_FLUSH, OP_NAMES, OP_TRIM, OP_WRITE, OP_ZERO,
-                                Token, unpack_token)
+from replicator.records import (HEADER_SIZE, NO_RANGE_OPS, OP_FLUSH, OP_MARK, OP_NAMES,
+                                OP_TRIM, OP_WRITE, OP_ZERO, Token, unpack_token)
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -145,7 +145,7 @@ def _check(token: Token, data, image_size: int | None) -> None:
     if token.op == OP_WRITE and len(data) != token.length:
         raise ApplyError(f"record seq {token.seq}: write of {token.length} bytes "
                          f"given {len(data)} data bytes")
-    if (image_size is not None and token.op != OP_FLUSH
+    if (image_size is not None and token.op not in NO_RANGE_OPS
             and token.offset + token.length > image_size):
         raise ApplyError(
             f"record seq {token.seq}: {OP_NAMES[token.op]} of {token.length} bytes at offset "
@@ -165,6 +165,8 @@ def apply_record(fd: int, token: Token, data=b"", image_size: int | None = None)
         return pwrite_all(fd, data, token.offset)
     if token.op in (OP_TRIM, OP_ZERO):
         return zero_range(fd, token.offset, token.length)
+    if token.op == OP_MARK:
+        return 0  # a group point marker: nothing to write
     os.fdatasync(fd)  # OP_FLUSH
     return 1
 
@@ -195,6 +197,10 @@ def apply_run(images: Mapping[int, int], items: Iterable[tuple[Token, object]],
         batch = []
 
     for tok, data in items:
+        if tok.op == OP_MARK:  # a group point marker writes nothing
+            stats.records += 1
+            stats.last_seq = tok.seq
+            continue
         if tok.volume not in images:
             raise ApplyError(f"record seq {tok.seq}: no image for volume {tok.volume}")
         size = image_sizes.get(tok.volume) if image_sizes is not None else None

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from replicator.secondary.pending import LossView
-from replicator.records import OP_FLUSH, OP_NAMES
+from replicator.records import OP_FLUSH, OP_MARK, OP_NAMES
 
 REPORT_FORMAT = 2  # 2: a run of seqs never announced is one entry with a count
 #: ``volume_name`` of a lost FLUSH in a report of several volumes: it covers all.
@@ -200,6 +200,8 @@ def build_loss_report(view: LossView, resource: str | None = None,
     lost = []
     for e in view.entries:
         t = e.token
+        if t is not None and t.op == OP_MARK:
+            continue  # a group point marker, not a write
         if t is None:
             lost.append(LostWrite(e.seq, None, None, None, None, None, False, False, e.count))
         else:

@@ -46,7 +46,8 @@ from typing import Any
 from replicator.errors import DuplexError
 from replicator.secondary.applier import ApplyError
 from replicator.native.rxq import RXQ_FAULTS, RxFault, RxInfo, RxQueue
-from replicator.records import HEADER_SIZE, OP_FLUSH, OP_NAMES, Token, padded, unpack_token
+from replicator.records import (HEADER_SIZE, NO_RANGE_OPS, OP_NAMES, Token, padded,
+                               unpack_token)
 
 #: How far past ``applied_through`` a token may be. A primary has at most a
 #: ring's worth of records in flight (a 64 MiB ring holds under 1.4 million
@@ -428,7 +429,7 @@ def check_volumes(payload, sizes: Sequence[int], tokens_only: bool = False) -> N
             seq = struct.unpack_from("<Q", mv, pos)[0]
             raise StreamError(f"record seq {seq} names volume {vol}, but the resource has "
                               f"{nvol} volume(s) (0..{nvol - 1})")
-        if mv[pos + _OP_AT] != OP_FLUSH and off + length > sizes[vol]:
+        if mv[pos + _OP_AT] not in NO_RANGE_OPS and off + length > sizes[vol]:
             seq = struct.unpack_from("<Q", mv, pos)[0]
             raise StreamError(f"record seq {seq}: {length} bytes at offset {off} run past "
                               f"the end of volume {vol} ({sizes[vol]} bytes)")
