@@ -828,10 +828,12 @@ int core_flush(struct core *c, struct core_result *res)
 	return r;
 }
 
-int core_mark(struct core *c, uint64_t t, uint64_t number, uint32_t skew_us,
+int core_mark(struct core *c, uint64_t t, uint64_t number, const void *note, uint32_t note_len,
               struct core_result *res)
 {
 	res->queued = false;
+	if (note_len > REC_MARK_MAX)
+		return -EINVAL;
 	if (t != 0) {
 		/* Wait (without the sequencer) until no write can still be
 		 * stamped at or before t; the clock only moves on, so every
@@ -853,7 +855,7 @@ int core_mark(struct core *c, uint64_t t, uint64_t number, uint32_t skew_us,
 		}
 	}
 	pthread_rwlock_rdlock(&c->fence);
-	res->queued = sequence(c, REC_OP_MARK, 0, number, skew_us, NULL, 0, 0, t,
+	res->queued = sequence(c, REC_OP_MARK, 0, number, note_len, note, note_len, 0, t,
 	                       &res->seq) == SEQ_QUEUED;
 	pthread_rwlock_unlock(&c->fence);
 	return 0;

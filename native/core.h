@@ -114,12 +114,14 @@ int core_zero(struct core *c, uint64_t off, uint64_t len, uint32_t flags, uint32
 int core_flush(struct core *c, struct core_result *res);
 
 /* Group point marker (DESIGN §13): one MARK record (ring.h) with ts = t,
- * sequenced only once this core's clock has passed t, so every record
- * stamped at or before t is ahead of it in seq order (insertion is atomic
- * with stamping: both happen under the sequencer). t = 0: a heartbeat
- * stamped now. -ETIMEDOUT (nothing sequenced) when the clock is more than
- * 10 s behind t. res->queued is false while the ring is dropped. */
-int core_mark(struct core *c, uint64_t t, uint64_t number, uint32_t skew_us,
+ * offset = number and the note as its data, sequenced only once this
+ * core's clock has passed t, so every record stamped at or before t is
+ * ahead of it in seq order (insertion is atomic with stamping: both happen
+ * under the sequencer). t = 0: a heartbeat stamped now. -ETIMEDOUT
+ * (nothing sequenced) when the clock is more than 10 s behind t, -EINVAL
+ * for a note over REC_MARK_MAX. res->queued is false while the ring is
+ * dropped. */
+int core_mark(struct core *c, uint64_t t, uint64_t number, const void *note, uint32_t note_len,
               struct core_result *res);
 /* Shift this core's clock (tests inject skew between primaries). */
 void core_set_clock_offset(struct core *c, int64_t offset_ns);

@@ -17,8 +17,8 @@ bool records_header_ok(const unsigned char *h)
 
 	if (op < REC_OP_WRITE || op > REC_OP_MARK || rd16(h + 38) != 0 || rd32(h + 44) != 0)
 		return false;
-	if (op == REC_OP_MARK && rd32(h + REC_VOLUME) != 0)
-		return false;
+	if (op == REC_OP_MARK)
+		return rd32(h + REC_VOLUME) == 0 && dlen == length && dlen <= REC_MARK_MAX;
 	return op == REC_OP_WRITE ? dlen == length : dlen == 0;
 }
 
@@ -97,4 +97,23 @@ int64_t records_check_tokens(const unsigned char *buf, size_t len, uint64_t *bad
 	}
 	*fault = RECORDS_OK;
 	return (int64_t)(len / RING_HEADER);
+}
+
+int64_t records_find_op(const unsigned char *buf, size_t len, uint8_t op, uint64_t *offsets,
+                        size_t max)
+{
+	size_t pos = 0, n = 0;
+
+	while (pos + RING_HEADER <= len) {
+		uint64_t size = RING_HEADER + (((uint64_t)rd32(buf + pos + REC_DATA_LEN) + 7) & ~7ull);
+		if (buf[pos + REC_OP] == op) {
+			if (n < max)
+				offsets[n] = pos;
+			n++;
+		}
+		if (size > len - pos)
+			break;
+		pos += size;
+	}
+	return (int64_t)n;
 }

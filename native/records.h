@@ -42,4 +42,10 @@ int64_t records_check(const unsigned char *buf, size_t len, uint64_t *bad_off, i
 int64_t records_check_tokens(const unsigned char *buf, size_t len, uint64_t *bad_off, int *fault,
                              uint64_t *max_seq);
 
+/* The byte offsets of the records of op in a buffer of packed records
+ * that records_check passed: at most max stored; returns how many there
+ * are. (The secondary finds a group's MARK records in a DATA frame.) */
+int64_t records_find_op(const unsigned char *buf, size_t len, uint8_t op, uint64_t *offsets,
+                        size_t max);
+
 #endif

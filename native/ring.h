@@ -51,12 +51,12 @@
 #define REC_OP_TRIM 2
 #define REC_OP_ZERO 3
 #define REC_OP_FLUSH 4
-/* A group point marker (DESIGN §13): no data, volume 0, offset = checkpoint
- * number (0: a heartbeat), length = the primary's clock skew in us
- * (UINT32_MAX: unknown); ts = the checkpoint time T. Every record stamped
- * at or before ts precedes it in seq order. */
+/* A group point marker (DESIGN §13): volume 0, offset = checkpoint number
+ * (0: a heartbeat), ts = the point T, data (length == data_len, at most
+ * REC_MARK_MAX) = the group's JSON note (members, clock skew). Every record
+ * stamped at or before ts precedes it in seq order. */
 #define REC_OP_MARK 5
-#define REC_MARK_SKEW_UNKNOWN UINT32_MAX
+#define REC_MARK_MAX 4096
 #define REC_FLAG_FUA 1
 
 struct ring;

@@ -228,12 +228,56 @@ class Resource:
         return peer
 
 
+GROUP_MODES = ("checkpoint", "limit-time")
+
+
+@dataclass(frozen=True)
+class Group:
+    """A consistency group (DESIGN §13): resources on different primary
+    hosts that the secondaries keep at one common point in time."""
+
+    name: str
+    resources: tuple[str, ...]
+    secret_file: str
+    mode: str                 # "checkpoint" (seed 000) or "limit-time" (seed 002)
+    interval_s: float         # checkpoint (or heartbeat) interval
+    max_skew_s: float         # releases stop while a primary's clock is further off
+    master: str               # the resource whose two nodes are the masters
+    endpoints: dict[str, tuple[str, int]]  # node name -> its group endpoint
+    config_path: str = DEFAULT_CONFIG_PATH
+
+    def secret(self) -> bytes:
+        """The group's shared secret (read again at every handshake)."""
+        return read_secret(self.secret_file, f"{self.config_path}: group.{self.name}.secret-file")
+
+    def endpoint(self, node: str) -> tuple[str, int]:
+        """The group endpoint of *node*."""
+        return self.endpoints[node]
+
+
 @dataclass(frozen=True)
 class Config:
     """A loaded configuration file."""
 
     path: str
     resources: dict[str, Resource]
+    groups: dict[str, Group] = field(default_factory=dict)
+
+    def group(self, name: str) -> Group:
+        """The group called *name*; the error lists the configured ones."""
+        try:
+            return self.groups[name]
+        except KeyError:
+            raise ConfigError(
+                f"{self.path}: no group {name!r} "
+                f"(configured: {', '.join(sorted(self.groups)) or 'none'})") from None
+
+    def group_of(self, resource: str) -> Group | None:
+        """The group *resource* belongs to, if any."""
+        for g in self.groups.values():
+            if resource in g.resources:
+                return g
+        return None
 
     def resource(self, name: str) -> Resource:
         """The resource called *name*; the error lists the configured ones."""
@@ -566,6 +610,64 @@ def _parse_resource(c: _Checker, name: str, table: Any) -> Resource:
     )
 
 
+_GROUP_KEYS = {"resources", "secret-file", "mode", "checkpoint-interval", "max-clock-skew",
+               "master", "on"}
+
+
+def _parse_group(c: _Checker, name: str, table: Any, resources: dict[str, Resource],
+                 taken: dict[str, str]) -> Group:
+    key = f"group.{name}"
+    if not _NAME.match(name):
+        raise c.fail(key, f"{name!r} is not a valid group name (letters, digits, '_', '.', '-')")
+    t = c.table(table, key)
+    c.keys(t, key, _GROUP_KEYS, {"resources", "secret-file", "on"})
+    members = t["resources"]
+    if (not isinstance(members, list) or not all(isinstance(m, str) for m in members)):
+        raise c.fail(f"{key}.resources", "must be a list of resource names")
+    if len(members) < 2:
+        raise c.fail(f"{key}.resources", "a group needs at least two resources")
+    if len(set(members)) != len(members):
+        raise c.fail(f"{key}.resources", "names a resource twice")
+    for m in members:
+        if m not in resources:
+            raise c.fail(f"{key}.resources", f"no resource {m!r} is configured")
+        if m in taken:
+            raise c.fail(f"{key}.resources",
+                         f"resource {m} is already in group {taken[m]} (one group per resource)")
+        taken[m] = name
+    secret_file = c.abspath(t, key, "secret-file")
+    mode = c.string(t, key, "mode", "checkpoint")
+    if mode not in GROUP_MODES:
+        raise c.fail(f"{key}.mode", f"{mode!r} is not one of {', '.join(GROUP_MODES)}")
+    interval = c.parsed(t, key, "checkpoint-interval", "20ms", parse_duration)
+    if not 0.001 <= interval <= 10:
+        raise c.fail(f"{key}.checkpoint-interval",
+                     f"{t.get('checkpoint-interval')!r} must be between 1ms and 10s")
+    max_skew = c.parsed(t, key, "max-clock-skew", "5ms", parse_duration)
+    if max_skew > 10:
+        raise c.fail(f"{key}.max-clock-skew", f"{t.get('max-clock-skew')!r} is over 10s")
+    master = c.string(t, key, "master", members[0])
+    if master not in members:
+        raise c.fail(f"{key}.master", f"{master!r} is not one of the group's resources")
+    on = c.table(t["on"], f"{key}.on")
+    needed = {n for m in members for n in resources[m].nodes}
+    for n in sorted(set(on) - needed):
+        raise c.fail(f"{key}.on.{n}", f"{n} is not a node of any of the group's resources "
+                     f"({', '.join(sorted(needed))})")
+    for n in sorted(needed - set(on)):
+        raise c.fail(f"{key}.on", f"node {n} has no group endpoint: add [{key}.on.{n}] "
+                     f"with address = \"IP:PORT\"")
+    endpoints = {}
+    for n, nt in on.items():
+        nk = f"{key}.on.{n}"
+        nt = c.table(nt, nk)
+        c.keys(nt, nk, {"address"}, {"address"})
+        endpoints[n] = c.parsed(nt, nk, "address", None, parse_address)
+    return Group(name=name, resources=tuple(members), secret_file=secret_file, mode=mode,
+                 interval_s=interval, max_skew_s=max_skew, master=master,
+                 endpoints=endpoints, config_path=c.path)
+
+
 def parse_config(text: str, path: str = DEFAULT_CONFIG_PATH) -> Config:
     """Parse and validate TOML *text*; *path* is used in messages."""
     c = _Checker(path)
@@ -573,12 +675,15 @@ def parse_config(text: str, path: str = DEFAULT_CONFIG_PATH) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    c.keys(data, "", {"resource"}, set())
+    c.keys(data, "", {"resource", "group"}, set())
     resources_t = c.table(data.get("resource", {}), "resource")
     if not resources_t:
         raise ConfigError(f"{path}: no resources (add a [resource.NAME] table)")
     resources = {name: _parse_resource(c, name, t) for name, t in resources_t.items()}
-    return Config(path=path, resources=resources)
+    taken: dict[str, str] = {}
+    groups = {name: _parse_group(c, name, t, resources, taken)
+              for name, t in c.table(data.get("group", {}), "group").items()}
+    return Config(path=path, resources=resources, groups=groups)
 
 
 def default_config_path() -> str:

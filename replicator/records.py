@@ -41,15 +41,15 @@ OP_WRITE = 1
 OP_TRIM = 2
 OP_ZERO = 3
 OP_FLUSH = 4
-# A consistency group's point marker (DESIGN §13): no data, volume 0,
-# offset = checkpoint number (0: heartbeat), length = the primary's clock
-# skew in microseconds (MARK_SKEW_UNKNOWN: not measured), ts = the point T.
+# A consistency group's point marker (DESIGN §13): volume 0, offset =
+# checkpoint number (0: heartbeat), ts = the point T, data (length ==
+# data_len, at most MARK_MAX) = the group's JSON note.
 OP_MARK = 5
+MARK_MAX = 4096
 OP_NAMES = {OP_WRITE: "write", OP_TRIM: "trim", OP_ZERO: "zero", OP_FLUSH: "flush",
             OP_MARK: "mark"}
 # Ops that touch no range of any volume (their offset/length mean something else).
 NO_RANGE_OPS = frozenset({OP_FLUSH, OP_MARK})
-MARK_SKEW_UNKNOWN = 0xFFFFFFFF
 
 FLAG_FUA = 1
 
@@ -97,13 +97,15 @@ def unpack_token(buf, pos: int = 0) -> Token:
         raise RecordError(f"record seq {seq}: unknown op {op}")
     if rsv or rsv1:
         raise RecordError(f"record seq {seq}: reserved field is not zero")
-    if op == OP_WRITE:
+    if op in (OP_WRITE, OP_MARK):
         if dlen != length:
-            raise RecordError(f"record seq {seq}: write of {length} bytes carries {dlen} data bytes")
+            raise RecordError(f"record seq {seq}: {OP_NAMES[op]} of {length} bytes carries "
+                              f"{dlen} data bytes")
     elif dlen != 0:
         raise RecordError(f"record seq {seq}: {OP_NAMES[op]} must carry no data")
-    if op == OP_MARK and vol != 0:
-        raise RecordError(f"record seq {seq}: a mark names volume {vol} (must be 0)")
+    if op == OP_MARK and (vol != 0 or dlen > MARK_MAX):
+        raise RecordError(f"record seq {seq}: a mark must name volume 0 and carry at most "
+                          f"{MARK_MAX} bytes")
     return Token(seq, ts, off, length, dlen, vol, op, flags, crc)
 
 

@@ -200,16 +200,15 @@ class Core:
             raise _oserror(rc, f"flush of {self.device_path}")
         return WriteResult(out.seq, out.queued)
 
-    def mark(self, t_ns: int, number: int = 0, skew_us: int | None = None) -> WriteResult:
+    def mark(self, t_ns: int, number: int = 0, note: bytes = b"") -> WriteResult:
         """Sequence a group point marker (DESIGN §13): a MARK record with
         ts = *t_ns*, once no write can still be stamped at or before it
         (``t_ns`` 0: a heartbeat stamped now). *number*: the checkpoint
-        number (0 for a heartbeat); *skew_us*: this primary's measured clock
-        skew (None: unknown). OSError(ETIMEDOUT) when this clock is more
+        number (0 for a heartbeat); *note*: its data (the group's JSON
+        note, at most 4 KiB). OSError(ETIMEDOUT) when this clock is more
         than 10 s behind *t_ns*."""
-        skew = _U32 if skew_us is None else min(max(int(skew_us), 0), _U32 - 1)
         out = _result()
-        rc = _lib.core_mark(self._ptr(), t_ns, number, skew, out)
+        rc = _lib.core_mark(self._ptr(), t_ns, number, note, len(note), out)
         if rc < 0:
             raise _oserror(rc, f"group marker {number} at {t_ns}")
         return WriteResult(out.seq, out.queued)

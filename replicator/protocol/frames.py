@@ -81,6 +81,8 @@ class FrameType(IntEnum):
     # 0x4_: online verify
     VERIFY_REQ = 0x40   # primary -> secondary: checksums of these tracks, please
     VERIFY_SUMS = 0x41  # secondary -> primary: the checksums
+    # 0x5_: a consistency group's control channel (protocol/group.py)
+    GROUP = 0x50
     # 0x7_: connection control
     ERROR = 0x7F
 

@@ -30,6 +30,7 @@ ACK         u64 journaled_seq, u64 applied_seq [, u8 disk, u8 x, u16 len(reason)
 PING        u64 nonce, u64 send_ts_ns
 PONG        u64 nonce, u64 ping_ts_ns, u64 peer_ts_ns
 ERROR       u16 code, message UTF-8
+GROUP       a group channel's JSON message (protocol/group.py)
 =========== ==============================================================
 """
 from __future__ import annotations
@@ -892,10 +893,26 @@ class VerifySums(Message):
         return cls(vid, first, applied, sums)
 
 
+@dataclass(frozen=True, slots=True)
+class GroupFrame(Message):
+    """A consistency group's control message (protocol/group.py decodes
+    and checks the JSON inside); never valid on a replication link."""
+
+    TYPE: ClassVar[FrameType] = FrameType.GROUP
+    payload: bytes
+
+    def encode(self) -> bytes:
+        return self.payload
+
+    @classmethod
+    def decode(cls, payload) -> GroupFrame:
+        return cls(bytes(payload))
+
+
 MESSAGE_CLASSES: dict[FrameType, type[Message]] = {
     cls.TYPE: cls for cls in (Hello, Auth, State, Tokens, Data, Flush, IncrBegin,
                               IncrData, IncrCommit, Ack, Ping, Pong, Error, OosBitmap,
-                              VerifyReq, VerifySums, IncrZero)
+                              VerifyReq, VerifySums, IncrZero, GroupFrame)
 }
 assert set(MESSAGE_CLASSES) == set(FrameType), "every frame type needs a message class"
 

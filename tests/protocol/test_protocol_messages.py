@@ -11,7 +11,8 @@ from replicator.protocol.errors import ProtocolError
 from replicator.protocol.frames import FrameType
 from replicator.protocol.messages import (MESSAGE_CLASSES, OosBitmap, VerifyReq, VerifySums, IncrZero, STATE_NEEDS_RESYNC, Ack, Auth, Data,
                                           Error, Flush, Hello, IncrBegin, IncrCommit, IncrData,
-                                          Ping, Pong, State, Tokens, decode_message, truncate_utf8)
+                                          GroupFrame, Ping, Pong, State, Tokens, decode_message,
+                                          truncate_utf8)
 
 U64 = (1 << 64) - 1
 UUID_A = bytes.fromhex("00112233445566778899aabbccddeeff")
@@ -46,6 +47,7 @@ EXAMPLES = [
     VerifyReq(1, 256, 256, 99),
     IncrZero(3, 131072, 65536),
     VerifySums(1, 256, 100, (0, 0xFFFFFFFF, 12345)),
+    GroupFrame(b'{"type":"reset","n":7}'),
 ]
 
 
