@@ -1144,7 +1144,8 @@ def test_apply_taken_matches_the_replayed_history(history, data):
 
 MALFORMED = {
     "op-0": lambda h: h[:36] + b"\x00" + h[37:],
-    "op-5": lambda h: h[:36] + b"\x05" + h[37:],
+    "op-6": lambda h: h[:36] + b"\x06" + h[37:],
+    "mark-with-a-volume": lambda h: h[:32] + struct.pack("<I", 1) + b"\x05" + h[37:],
     "reserved-u16": lambda h: h[:38] + b"\x00\x01" + h[40:],
     "reserved-u32": lambda h: h[:44] + b"\x01\x00\x00\x00",
     "write-data-len": lambda h: h[:28] + struct.pack("<I", 4) + h[32:],
@@ -1205,7 +1206,7 @@ def test_token_payload_with_a_partial_token_is_refused():
 def test_malformed_single_record_names_byte_zero_not_a_stale_offset():
     q = PendingQueue(0)
     toks = [universe(s)[:48] for s in (1, 2, 3)]
-    toks[2] = MALFORMED["op-5"](toks[2])
+    toks[2] = MALFORMED["op-6"](toks[2])
     with pytest.raises(StreamError, match="byte 96"):
         q.add_token_bytes(b"".join(toks))
     bad = dataclasses.replace(tok(universe(1)), op=9)
