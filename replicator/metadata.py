@@ -106,6 +106,12 @@ class MetaPaths:
         """The JSON loss report written by ``duplex promote``."""
         return self.meta_dir / "loss-report.json"
 
+    @property
+    def group_state(self) -> Path:
+        """A group member secondary's released point and update-in-progress
+        flag (group/member.py); a primary master's checkpoint counter."""
+        return self.meta_dir / "group.json"
+
 
 def new_uuid() -> str:
     """A random 16-byte identifier, as 32 hex digits."""

@@ -81,6 +81,7 @@ _TEMPLATE: dict[str, Any] = {
     "sync": None,
     "reason": None,
     "volumes": None,  # new_status: from the node's configuration unless given
+    "group": None,    # a consistency group member: its side of the group (DESIGN §13)
 }
 _VOLUME_KEYS = ("name", "device", "size", "out_of_sync_bytes")
 _SYNC_KEYS = ("done_bytes", "total_bytes", "rate", "eta_seconds")

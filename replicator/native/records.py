@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from replicator.native.ffi import ffi as _ffi, lib as _lib
 
-__all__ = ["RECORD_HEADER_SIZE", "scan_records"]
+__all__ = ["RECORD_HEADER_SIZE", "find_op", "scan_records"]
 
 RECORD_HEADER_SIZE = 48
 
@@ -23,3 +23,16 @@ def scan_records(buf, tokens_only: bool = False) -> tuple[int, int] | None:
     check = _lib.records_check_tokens if tokens_only else _lib.records_check
     n = check(src, len(src), bad, fault, top)
     return None if n < 0 else (n, top[0])
+
+
+def find_op(buf, op: int) -> list[int]:
+    """The byte offsets of the records of *op* packed in *buf* (already
+    checked by :func:`scan_records`), in one C call: the secondary finds a
+    group's MARK records in a DATA frame without a loop over the rest."""
+    src = _ffi.from_buffer(buf)
+    out = _ffi.new("uint64_t[16]")
+    n = _lib.records_find_op(src, len(src), op, out, 16)
+    if n > 16:
+        out = _ffi.new(f"uint64_t[{n}]")
+        n = _lib.records_find_op(src, len(src), op, out, n)
+    return [out[i] for i in range(n)]

@@ -33,7 +33,8 @@ import os
 import threading
 import time
 
-from replicator.config import Node, Resource, load_config, select_node
+from replicator.config import ConfigError, Group, Node, Resource, load_config, select_node
+from replicator.group.primaries import PrimaryGroup
 from replicator.control import ControlServer
 from replicator.native.actlog import ActivityLog
 from replicator.native.bitmap import Bitmap
@@ -52,6 +53,10 @@ from replicator.volumes import (VolumeClaims, check_volumes, claim_volumes, layo
                                 volume_uri)
 
 log = logging.getLogger("duplex.primary")
+
+# Test aid: nbdkit's environment may shift this primary's clock (ns), to
+# inject skew between a group's primaries (DESIGN §13).
+CLOCK_OFFSET_ENV = "DUPLEX_TEST_CLOCK_OFFSET_NS"
 
 
 class EngineError(DuplexError):
@@ -110,6 +115,20 @@ class Engine:
         self._gen_lock = threading.Lock()
         self._attached = False  # the peer follows our current generation
         self._bumped = False    # a new generation was started since the peer left
+        self.group: PrimaryGroup | None = None  # a consistency group's primary side
+
+    def join_group(self, group: Group, master_nodes: list[str]) -> None:
+        """Be a member of consistency group *group* (DESIGN §13): its
+        checkpoints (or heartbeats) become MARK records in our stream."""
+        self.group = PrimaryGroup(group, self.resource.name, self.node.name, master_nodes,
+                                  self.group_mark, self.core.now_ns)
+
+    def group_mark(self, t: int, n: int, note: bytes) -> WriteResult:
+        """Sequence a group marker (the group's marker thread)."""
+        res = self.core.mark(t, n, note)
+        if not res.queued:
+            self.shipper.ring_dropped()
+        return res
 
     @classmethod
     def open(cls, config_path: str, resource_name: str, node_name: str,
@@ -142,7 +161,14 @@ class Engine:
                                          mark.first_seq(), history_path=history_path)
             except (CoreError, OSError) as e:
                 raise EngineError(f"{res.name}: cannot open {', '.join(devices)}: {e}") from None
-            return cls(res, node, peer, md, opened.oos, opened.al, core, mark, claim)
+            eng = cls(res, node, peer, md, opened.oos, opened.al, core, mark, claim)
+            offset = os.environ.get(CLOCK_OFFSET_ENV)
+            if offset:  # a test aid: this primary's clock runs off by that many ns
+                core.set_clock_offset(int(offset))
+            group = cfg.group_of(res.name)
+            if group is not None:
+                eng.join_group(group, list(cfg.resource(group.master).nodes))
+            return eng
         except BaseException:
             claim.close()
             raise
@@ -154,6 +180,17 @@ class Engine:
         self.control.start()
         self.shipper.start()
         self._threads.append(self.sup.spawn("duplex-mark", self._housekeeping, restart=True))
+        if self.group is not None:
+            g = self.group.group
+            try:
+                g.secret()
+                self.group.start()
+            except ConfigError as e:
+                raise EngineError(f"{self.resource.name}: cannot join group {g.name}: {e}") from None
+            except OSError as e:
+                host, port = g.endpoint(self.node.name)
+                raise EngineError(f"{self.resource.name}: cannot listen on group {g.name}'s "
+                                  f"endpoint {host}:{port}: {e.strerror}") from None
 
     def stop(self, drain_timeout: float | None = None) -> None:
         """Stop cleanly: let the shipper drain (for at most *drain_timeout*,
@@ -162,6 +199,8 @@ class Engine:
         if drain_timeout is None:
             drain_timeout = self.resource.drain_timeout_s
         self._stop.set()
+        if self.group is not None:
+            self.group.stop()
         self.sup.stop()  # what raises from now on is part of stopping, not a fault
         shipper_done = self.shipper.stop(drain_timeout)
         self.control.stop()
@@ -324,4 +363,5 @@ class Engine:
             nbd_uri=self.node.export_uri(), reason=sh["reason"], sync=sh["sync"],
             incr_bytes_sent=sh["incr_bytes_sent"], matched_bytes=sh["matched_bytes"],
             ring=self.core.ring_stats, uptime_seconds=round(time.time() - self.started, 1),
-            faults=self.sup.faults())
+            faults=self.sup.faults() + (self.group.sup.faults() if self.group else []),
+            group=self.group.status() if self.group is not None else None)

@@ -48,23 +48,26 @@ _NAME = 255
 # Field kinds: (python type, bound). "u64": int in [0, 2**64); "name": a
 # non-empty str of at most 255 UTF-8 bytes; "text": str up to 4 KiB;
 # "hex": str of hex digits; "opt_u64": u64 or null; "side": one of SIDES;
-# "any": a JSON object (the master's view, shown by status as it is).
+# "names": a list of at most 64 names; "any": a JSON object (the
+# master's view, shown by status as it is).
 MESSAGES: dict[str, dict[str, str]] = {
     # handshake
     "hello": {"version": "u64", "group": "name", "node": "name", "member": "name",
               "side": "side", "role": "role", "nonce": "hex"},
     "auth": {"mac": "hex"},
     # primaries: the checkpoint master to each primary; clock pings both ways
-    "checkpoint": {"n": "u64", "t": "u64"},
+    "checkpoint": {"n": "u64", "t": "u64", "members": "names"},
     "ping": {"nonce": "u64", "t0": "u64"},
     "pong": {"nonce": "u64", "t0": "u64", "t1": "u64"},
     # secondaries to the rendezvous master
     "join": {"member": "name", "released_n": "u64", "released_t": "u64",
              "in_progress": "opt_u64"},
-    "held": {"member": "name", "n": "u64", "t": "u64", "skew_us": "opt_u64"},
-    "watermark": {"member": "name", "t": "u64", "skew_us": "opt_u64"},
-    "complete": {"member": "name", "n": "u64"},
+    "held": {"member": "name", "n": "u64", "t": "u64", "skew_us": "opt_u64",
+             "members": "names"},
+    "watermark": {"member": "name", "t": "u64", "skew_us": "opt_u64", "members": "names"},
+    "complete": {"member": "name", "n": "u64", "seq": "u64"},
     "resign": {"member": "name", "reason": "text"},
+    "freeze": {"member": "name"},
     # the rendezvous master to every secondary
     "release": {"n": "u64", "t": "u64"},
     "reset": {"n": "u64"},
@@ -107,6 +110,12 @@ def _check_field(mtype: str, name: str, kind: str, value: Any) -> Any:
             raise bad(f"must be one of {', '.join(SIDES)}, not {value!r:.40}")
         if kind == "role" and value not in ROLE_BYTES:
             raise bad(f"must be member or master, not {value!r:.40}")
+        return value
+    if kind == "names":
+        if (not isinstance(value, list) or len(value) > 64
+                or not all(isinstance(v, str) and 0 < len(v.encode("utf-8", "surrogatepass"))
+                           <= _NAME for v in value)):
+            raise bad("must be a list of at most 64 names")
         return value
     if kind == "any":
         if not isinstance(value, dict):

@@ -77,7 +77,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-from replicator.config import DEFAULT_VOLUME, ConfigError, Node, Resource, load_config, select_node
+from replicator.config import (DEFAULT_VOLUME, ConfigError, Group, Node, Resource, load_config,
+                               select_node)
+from replicator.group.member import GroupStateError, Mark, MemberGate
+from replicator.group.notes import MarkNote, NoteError
+from replicator.group.secondaries import SecondaryGroup
+from replicator.native.records import find_op
+from replicator.records import HEADER_SIZE, OP_MARK, unpack_token
 from replicator.control import ControlServer
 from replicator.devices import device_size
 from replicator.layout import Layout
@@ -178,6 +184,8 @@ class Secondary(IncrementReceiver):
         self._clear_own_oos_at: int | None = None
         self.last_error = ""
         self.promote_waiting = ""   # what a promotion under way waits for (status)
+        self.group: SecondaryGroup | None = None  # a consistency group's member side
+        self._group_bound = 0       # _lock: the group's released point (0: no group)
         # Counted so that an observer can tell whether the image changed
         # while it read it: a sample is whole when no run was in flight.
         self.runs_started = 0
@@ -231,6 +239,15 @@ class Secondary(IncrementReceiver):
                 claim.refresh(context)  # the restored clones are new files: lock them
         sec = cls(res, node, md, journal, _open_images(node), pending)
         sec.claim = claim
+        group = cfg.group_of(res.name)
+        if group is not None:
+            try:
+                sec.join_group(group, list(cfg.resource(group.master).nodes))
+            except GroupStateError as e:
+                sec.journal.close()
+                sec.close_images()
+                claim.close()
+                raise SecondaryError(f"{res.name}: {e}") from None
         # Our own out-of-sync tracks: empty on a secondary that was always
         # one; an old primary's unshipped writes after a failover.
         opened = open_bitmaps(md, res)
@@ -251,6 +268,51 @@ class Secondary(IncrementReceiver):
                     f"repair) the image's device and start again (the journal keeps the "
                     f"increment)") from None
         return sec
+
+    def join_group(self, group: Group, master_nodes: list[str]) -> None:
+        """Be a member of consistency group *group* (DESIGN §13): from now
+        on nothing stamped after the group's released point is applied."""
+        gate = MemberGate(self.md.paths.group_state, group.name, group.mode, self.resource.name)
+        self._group_bound = gate.bound()
+        self.pending.set_ts_bound(self._group_bound)
+        self.group = SecondaryGroup(group, self.resource.name, self.node.name, master_nodes,
+                                    gate, self._set_group_bound, self._group_bound_reached,
+                                    self.sync_images)
+
+    def _set_group_bound(self, t: int) -> None:
+        with self._lock:
+            self._group_bound = t
+            self.pending.set_ts_bound(t)
+        self._apply_wake.set()
+
+    def _group_bound_reached(self) -> int | None:
+        """The applied seq once nothing journaled at or before the bound is
+        left to apply (None: not yet)."""
+        with self._lock:
+            if self.runs_started != self.runs_done or self._committed:
+                return None
+            if not self.pending.bound_reached(self._group_bound, self.journaled):
+                return None
+            return self.pending.applied_through
+
+    def _note_marks(self, payload) -> None:
+        """The group's MARK records in a DATA frame, for the member gate."""
+        offs = find_op(payload, OP_MARK)
+        if not offs:
+            return
+        marks = []
+        for off in offs:
+            tok = unpack_token(payload, off)
+            try:
+                note = MarkNote.decode(payload[off + HEADER_SIZE:off + HEADER_SIZE + tok.data_len])
+            except NoteError as e:
+                raise StreamError(f"record seq {tok.seq}: {e}") from None
+            if note.group != self.group.group.name:
+                raise StreamError(f"record seq {tok.seq}: a marker of group {note.group!r}, "
+                                  f"but {self.resource.name} is in group "
+                                  f"{self.group.group.name!r}")
+            marks.append(Mark(tok.seq, tok.ts_ns, note))
+        self.group.gate.on_marks(marks)
 
     @staticmethod
     def _check_sizes(res: Resource, node: Node, md: Metadata) -> None:
@@ -326,6 +388,12 @@ class Secondary(IncrementReceiver):
         ls.listen(8)
         ls.settimeout(0.5)
         self._listener = ls
+        if self.group is not None:
+            try:
+                self._start_group()
+            except SecondaryError:
+                ls.close()
+                raise
         self.control.start()
         # Each loop keeps its state in fields of this object (under _lock),
         # so running it again after an unexpected exception is safe.
@@ -336,10 +404,24 @@ class Secondary(IncrementReceiver):
         self._apply_wake.set()
         log.info("%s: secondary listening on %s", self.resource.name, self.node.address_str())
 
+    def _start_group(self) -> None:
+        g = self.group.group
+        try:
+            g.secret()
+            self.group.start()
+        except ConfigError as e:
+            raise SecondaryError(f"{self.resource.name}: cannot join group {g.name}: {e}") from None
+        except OSError as e:
+            host, port = g.endpoint(self.node.name)
+            raise SecondaryError(f"{self.resource.name}: cannot listen on group {g.name}'s "
+                                 f"endpoint {host}:{port}: {e.strerror}") from None
+
     def stop(self) -> None:
         """Stop accepting, drop links, apply what is journaled, checkpoint."""
         self._stop.set()
         self.sup.stop()
+        if self.group is not None:
+            self.group.stop()
         for link in list(self.links):
             link.close("secondary stopping")
         self._commit_wake.set()
@@ -658,6 +740,8 @@ class Secondary(IncrementReceiver):
         with self._lock:
             self._wait_room(len(payload))
             if self.pending.add_frame(payload, 0, dry_run=True):
+                if self.group is not None:
+                    self._note_marks(payload)
                 base = self.journal.append_frame(payload, ev.max_seq)
                 self.pending.add_frame(payload, base, max_seq=ev.max_seq)
 
@@ -685,6 +769,10 @@ class Secondary(IncrementReceiver):
         if advanced:
             self._apply_wake.set()
             self._send_ack()  # coalesced: the applier sends it if it is due
+            if self.group is not None:
+                with self._lock:
+                    ts = self.pending.stamp_of(target)
+                self.group.on_journaled(target, ts)
 
     def _wait_room(self, n: int) -> None:
         # Backpressure: never overwrite unapplied journal entries; the
@@ -709,6 +797,8 @@ class Secondary(IncrementReceiver):
         while True:
             if self.apply_error and not self._wait_retry():
                 return  # stopping
+            if self.group is not None:
+                self.group.poll()  # a release applied: complete it
             with self._lock:
                 # Peeked, not popped: one that fails stays first, to retry.
                 inc = self._committed[0] if self._committed else None
@@ -960,7 +1050,10 @@ class Secondary(IncrementReceiver):
             with self._lock:
                 target = min(self.journaled, self.pending.received_through)
                 applied = self.pending.applied_through
-                done = (applied >= target and not self._committed
+                # In a group, "everything" is everything up to its point.
+                reached = (self.pending.bound_reached(self._group_bound, self.journaled)
+                           if self._group_bound else applied >= target)
+                done = (reached and not self._committed
                         and self.runs_started == self.runs_done)
             if done:
                 break
@@ -1070,8 +1163,10 @@ class Secondary(IncrementReceiver):
             journal={"used_bytes": self.journal.used_bytes, "size": self.journal.area_size},
             apply={"runs_started": self.runs_started, "runs_done": self.runs_done,
                    "error": self.apply_error or None},
-            faults=self.sup.faults(), promote_waiting=self.promote_waiting or None,
-            volumes=volume_rows(self.node, self.layout.sizes, [0] * len(self.layout)))
+            faults=self.sup.faults() + (self.group.sup.faults() if self.group else []),
+            promote_waiting=self.promote_waiting or None,
+            volumes=volume_rows(self.node, self.layout.sizes, [0] * len(self.layout)),
+            group=self.group.status() if self.group is not None else None)
 
     def _apply_note(self) -> str:
         """The reason status gives while applying fails."""

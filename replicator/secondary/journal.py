@@ -203,6 +203,36 @@ def _records_intact(payload) -> bool:
     return True
 
 
+def _payload_problem(etype: int, payload: bytes) -> str | None:
+    """What is wrong with the payload of an intact entry of *etype*
+    (one whose crc covers its payload), or None: what replay and the
+    increment readers will parse must parse."""
+    try:
+        if etype == ENTRY_RECORDS:
+            if not payload:
+                return "no records"
+            for _ in iter_records(payload):
+                pass
+        elif etype == ENTRY_TOKENS:
+            if not payload:
+                return "no tokens"
+            for _ in iter_tokens(payload):
+                pass
+    except RecordError as e:
+        return str(e)
+    if etype == ENTRY_INCR_DATA:
+        if len(payload) < _INCR_DATA.size:
+            return f"{len(payload)} bytes, shorter than its {_INCR_DATA.size}-byte head"
+        length = _INCR_DATA.unpack_from(payload)[2]
+        if length != len(payload) - _INCR_DATA.size:
+            return f"its head says {length} data bytes, it holds {len(payload) - _INCR_DATA.size}"
+    elif etype == ENTRY_INCR_ZERO and len(payload) != _INCR_DATA.size:
+        return f"{len(payload)} bytes, expected {_INCR_DATA.size}"
+    elif etype == ENTRY_INCR_COMMIT and len(payload) != _INCR_COMMIT.size:
+        return f"{len(payload)} bytes, expected {_INCR_COMMIT.size}"
+    return None
+
+
 def _pread_exact(fd: int, n: int, offset: int) -> bytes:
     chunks = []
     while n:
@@ -446,6 +476,13 @@ class Journal:
                                f"(written by a newer version?)")
         if self_checked and not _records_intact(payload):
             return None  # torn (or damaged) like a payload failing the entry crc
+        bad = None if self_checked else _payload_problem(etype, payload)
+        if bad is not None:
+            # The crc covers this payload, so it is not torn: it was written
+            # so (or damaged and re-checksummed). Replaying it would fail, and
+            # taking it for the end of the log would drop the entries after it.
+            raise JournalError(f"journal {self.path}: entry lsn {lsn} at offset {pos} "
+                               f"({ENTRY_TYPE_NAMES[etype]}) is malformed: {bad}")
         return _Entry(pos, size, lsn, prev, crc, etype, plen, seq_hi)
 
     def _scan(self) -> None:
@@ -457,7 +494,9 @@ class Journal:
             if e is None and self._head != AREA_START:
                 # The writer puts an entry at the start when it did not fit.
                 e = self._read_entry(AREA_START, self._next_lsn, self._prev)
-                if e is not None:
+                if e is not None and self._live:
+                    # The gap at the end is inside the live log; before its
+                    # first entry it is not (used_bytes counts from there).
                     used += self._area_end - self._head
             if e is None or used + e.size > area:
                 break

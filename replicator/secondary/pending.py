@@ -46,7 +46,7 @@ from typing import Any
 from replicator.errors import DuplexError
 from replicator.secondary.applier import ApplyError
 from replicator.native.rxq import RXQ_FAULTS, RxFault, RxInfo, RxQueue
-from replicator.records import (HEADER_SIZE, NO_RANGE_OPS, OP_NAMES, Token, padded,
+from replicator.records import (HEADER_SIZE, NO_RANGE_OPS, OP_MARK, OP_NAMES, Token, padded,
                                unpack_token)
 
 #: How far past ``applied_through`` a token may be. A primary has at most a
@@ -337,6 +337,35 @@ class PendingQueue:
     def highest_token_seq(self) -> int:
         """Highest seq announced so far (never less than applied_through)."""
         return self._rx.info().highest
+
+    # -- a consistency group's bound (DESIGN §13) ---------------------------
+
+    def set_ts_bound(self, ts_ns: int) -> None:
+        """Runs stop before the first record (other than a MARK) stamped
+        after *ts_ns*; 0: no bound."""
+        self._rx.set_ts_bound(ts_ns)
+
+    def stamp_of(self, seq: int) -> int:
+        """The stamp of *seq* if the queue knows its token (or it is the
+        applied one), else 0."""
+        _st, tok, _loc = self._rx.get(seq)
+        if tok is None:
+            at = self.applied_token
+            return at.ts_ns if at is not None and at.seq == seq else 0
+        return int.from_bytes(tok[8:16], "little")
+
+    def bound_reached(self, bound: int, journaled: int) -> bool:
+        """Nothing journaled and stamped at or before *bound* is left to
+        apply: the next seq is not journaled, or is a record stamped after
+        the bound."""
+        nxt = self.applied_through + 1
+        if nxt > journaled:
+            return True
+        _st, tok, _loc = self._rx.get(nxt)
+        if tok is None:
+            return True
+        op = tok[36]
+        return op != OP_MARK and int.from_bytes(tok[8:16], "little") > bound
 
     @property
     def received_through(self) -> int:

@@ -1,0 +1,185 @@
+"""A member secondary's side of its consistency group (DESIGN §13).
+
+It keeps, durably in ``group.json`` in the meta-dir:
+
+- ``released``: the last point (n, T) the rendezvous master released; the
+  applier never applies a record stamped after T (the pending queue's
+  bound), across restarts too;
+- ``in_progress``: the release being applied (seed 000's update-in-progress:
+  set before applying, cleared only by the master's reset, so a kill -9 in
+  the middle is finished on restart, and while it is set the images are
+  not promotable).
+
+And, in memory, the markers (MARK records) received but not yet journaled
+with everything before them; once they are, they are *held* and reported
+to the master (``held`` in mode checkpoint, ``watermark`` in mode
+limit-time, where the watermark is also advanced by the stamp of the last
+journaled record).
+
+Threads and locks: ``MemberGate._lock`` guards every field; the daemon's
+reader (marks, journaled), its applier (apply_done) and the group agent
+(release, reset) call in. File writes happen under it (rare, small).
+"""
+from __future__ import annotations
+
+import json
+import threading
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from replicator.errors import DuplexError
+from replicator.fileio import atomic_write
+from replicator.group.notes import MarkNote
+
+
+class GroupStateError(DuplexError):
+    """group.json is damaged: the node refuses to guess its group point."""
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A marker in this member's stream: its seq and its note."""
+
+    seq: int
+    t: int
+    note: MarkNote
+
+
+class MemberGate:
+    """See the module doc."""
+
+    def __init__(self, path: Path, group: str, mode: str, member: str) -> None:
+        self.path = Path(path)
+        self.group = group
+        self.mode = mode
+        self.member = member
+        self._lock = threading.Lock()
+        self.released_n = 0
+        self.released_t = 0
+        self.in_progress: int | None = None
+        self._marks: deque[Mark] = deque()
+        self.held: Mark | None = None
+        self.watermark_t = 0
+        self.sent_t = 0
+        self._load()
+
+    # -- persistence --------------------------------------------------------
+
+    def _load(self) -> None:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        try:
+            d = json.loads(raw)
+            if d.get("group") != self.group:
+                raise ValueError(f"it belongs to group {d.get('group')!r}, not {self.group!r}")
+            n, t, ip = d["released_n"], d["released_t"], d["in_progress"]
+            if not (isinstance(n, int) and isinstance(t, int) and n >= 0 and t >= 0
+                    and (ip is None or isinstance(ip, int))):
+                raise ValueError("a field has the wrong type")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise GroupStateError(f"{self.path}: damaged group state ({e}); the member cannot "
+                                  f"know its group point: restore it, or remove it to start "
+                                  f"the member with nothing released (its image then waits "
+                                  f"for the group's next release)") from None
+        self.released_n, self.released_t, self.in_progress = n, t, ip
+
+    def _save(self) -> None:
+        body = {"group": self.group, "member": self.member, "released_n": self.released_n,
+                "released_t": self.released_t, "in_progress": self.in_progress}
+        atomic_write(self.path, json.dumps(body, sort_keys=True).encode() + b"\n")
+
+    # -- the apply bound ----------------------------------------------------
+
+    def bound(self) -> int:
+        """The stamp the applier may apply through (1 before any release:
+        nothing, since every stamp is later)."""
+        with self._lock:
+            return self.released_t or 1
+
+    # -- markers ------------------------------------------------------------
+
+    def on_marks(self, marks: list[Mark]) -> None:
+        """Markers seen in a DATA frame (not yet journaled)."""
+        with self._lock:
+            self._marks.extend(marks)
+
+    def on_journaled(self, journaled: int, journaled_ts: int) -> list:
+        """The stream is journaled and complete through seq *journaled*
+        (stamp *journaled_ts*): the messages to send the master (held /
+        watermark), maybe none."""
+        with self._lock:
+            newly = None
+            while self._marks and self._marks[0].seq <= journaled:
+                newly = self._marks.popleft()
+            if newly is not None:
+                self.held = newly
+            if self.held is None:
+                return []
+            note = self.held.note
+            if self.mode == "checkpoint":
+                if newly is None:
+                    return []
+                return [("held", {"member": self.member, "n": note.n, "t": self.held.t,
+                                  "skew_us": note.skew_us, "members": list(note.members)})]
+            wm = max(self.held.t, journaled_ts)
+            if wm <= self.watermark_t:
+                return []
+            self.watermark_t = wm
+            return [("watermark", {"member": self.member, "t": wm, "skew_us": note.skew_us,
+                                   "members": list(note.members)})]
+
+    def holds(self, t: int) -> bool:
+        """Does this member hold everything stamped at or before *t*?"""
+        with self._lock:
+            if self.mode == "checkpoint":
+                return self.held is not None and self.held.t >= t
+            return max(self.watermark_t, self.held.t if self.held else 0) >= t
+
+    # -- releases -----------------------------------------------------------
+
+    def on_release(self, n: int, t: int) -> int | None:
+        """The master released (n, t): persist update-in-progress and the
+        point, then return the new bound (None: an old release, ignored)."""
+        with self._lock:
+            if n < self.released_n or (n == self.released_n and self.in_progress is None
+                                       and t <= self.released_t):
+                return None
+            self.released_n, self.released_t = n, max(t, self.released_t)
+            self.in_progress = n
+            self._save()
+            return self.released_t
+
+    def on_reset(self, n: int) -> bool:
+        """The master reset release n: update-in-progress is over."""
+        with self._lock:
+            if self.in_progress is None or n < self.in_progress:
+                return False
+            self.in_progress = None
+            self._save()
+            return True
+
+    def join_fields(self) -> dict:
+        """What this member tells the master when it (re)connects."""
+        with self._lock:
+            return {"member": self.member, "released_n": self.released_n,
+                    "released_t": self.released_t, "in_progress": self.in_progress}
+
+    def promote_to(self, t: int) -> None:
+        """A promotion fixes the point at *t*: persist it as released."""
+        with self._lock:
+            self.released_t = t
+            self.in_progress = None
+            self._save()
+
+    def status(self) -> dict:
+        """This member's group state, for status."""
+        with self._lock:
+            return {"group": self.group, "mode": self.mode,
+                    "released": {"n": self.released_n, "t": self.released_t},
+                    "update_in_progress": self.in_progress,
+                    "held": ({"n": self.held.note.n, "t": self.held.t, "seq": self.held.seq}
+                             if self.held else None),
+                    "watermark_t": self.watermark_t or None}
