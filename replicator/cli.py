@@ -139,6 +139,8 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
     """Show the status of one resource, or of every resource of this node."""
     from replicator.status import format_status, format_statuses, watch_frame
 
+    if args.resource in ctx.config.groups and args.resource not in ctx.config.resources:
+        return _group_status(args, ctx)
     if args.resource:
         targets = [ctx.resolve(args.resource)]
     else:
@@ -179,6 +181,34 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
             else:
                 sys.stdout.write(text + "\n\n")
             sys.stdout.flush()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _group_status(args: argparse.Namespace, ctx: Context) -> int:
+    """``duplex status GROUP``: the group from this host's members."""
+    from replicator.group.view import format_group_status, group_status
+
+    group = ctx.config.group(args.resource)
+    me = local_node_name(ctx.config, ctx.node_name)
+
+    def render() -> str:
+        doc = group_status(ctx.config, group, me, lambda r: _status_of(
+            ctx.config.resource(r), ctx.config.resource(r).nodes[me], args.timeout))
+        if not doc["members"]:
+            raise DuplexError(f"{ctx.config.path}: node {me} holds no member of group "
+                              f"{group.name} (members: {', '.join(group.resources)}); "
+                              f"use --node NAME")
+        return json.dumps(doc, indent=None if args.watch else 2) if args.json \
+            else format_group_status(doc)
+
+    if not args.watch:
+        print(render())
+        return 0
+    try:
+        while True:
+            print(render() + ("" if args.json else "\n"), flush=True)
             time.sleep(args.interval)
     except KeyboardInterrupt:
         return 0
@@ -229,12 +259,26 @@ def cmd_detach(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_promote(args: argparse.Namespace, ctx: Context) -> int:
-    """Make this node's Secondary the Primary: apply, report losses, new generation."""
-    from replicator.promote import promote
+    """Make this node's Secondary the Primary: apply, report losses, new
+    generation; for a group, every member on this host, at the group's point."""
+    from replicator.promote import promote, promote_group
 
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    if args.resource in ctx.config.groups and args.resource not in ctx.config.resources:
+        group = ctx.config.group(args.resource)
+        results = promote_group(ctx.config, group, ctx.node_name, force=args.force,
+                                timeout=args.timeout, progress=say)
+        if args.json:
+            print(json.dumps({"group": group.name, "members": [r.to_dict() for r in results]},
+                             indent=2))
+        else:
+            print("\n".join(r.to_text() for r in results), end="")
+        return 0
     resource, node = ctx.resolve(args.resource)
     result = promote(ctx.config, resource, node, force=args.force, timeout=args.timeout,
-                     progress=lambda line: print(line, file=sys.stderr, flush=True))
+                     progress=say)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -401,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("promote", cmd_promote,
                  "failover: make this node's Secondary the Primary and write the loss report")
-    sp.add_argument("resource", metavar="RES")
+    sp.add_argument("resource", metavar="RES|GROUP",
+                    help="a resource, or a consistency group: every member on this host")
     sp.add_argument("--force", action="store_true",
                     help="promote even while the primary is connected, or when this node's "
                          "image is Inconsistent or Outdated")

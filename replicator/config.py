@@ -619,6 +619,9 @@ def _parse_group(c: _Checker, name: str, table: Any, resources: dict[str, Resour
     key = f"group.{name}"
     if not _NAME.match(name):
         raise c.fail(key, f"{name!r} is not a valid group name (letters, digits, '_', '.', '-')")
+    if name in resources:
+        raise c.fail(key, f"a resource is called {name!r} too: commands take either, so the "
+                     f"names must differ")
     t = c.table(table, key)
     c.keys(t, key, _GROUP_KEYS, {"resources", "secret-file", "on"})
     members = t["resources"]

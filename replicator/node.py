@@ -438,8 +438,9 @@ def run_secondary(config: Config, resource: Resource, node: Node) -> int:
     promoted = threading.Event()
     wake = threading.Event()  # promoted, or the node cannot go on without a restart
 
-    def promote(force: bool = False, timeout_s: float = DEFAULT_TIMEOUT) -> dict:
-        reply = promote_running(sec, force, float(timeout_s))
+    def promote(force: bool = False, timeout_s: float = DEFAULT_TIMEOUT,
+                group: bool = False) -> dict:
+        reply = promote_running(sec, force, float(timeout_s), bool(group))
         promoted.set()
         wake.set()
         return reply

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from replicator.config import DEFAULT_VOLUME, Config, Node, Resource
+from replicator.config import DEFAULT_VOLUME, Config, Group, Node, Resource, local_node_name
 from replicator.native.bitmap import Bitmap
 from replicator.native.core import CoreError
 from replicator.errors import DuplexError
@@ -225,10 +225,10 @@ def _volume_names(md: Metadata) -> list[str] | None:
 
 
 def _become_primary(md: Metadata, resource: Resource, node: Node, view: LossView,
-                    forced: list[str]) -> Promotion:
+                    forced: list[str], group: dict | None = None) -> Promotion:
     """Write the loss report, then commit the new generation and role."""
     report = build_loss_report(view, resource=resource.name, created_ns=time.time_ns(),
-                               volume_names=_volume_names(md))
+                               volume_names=_volume_names(md), group=group)
     path = MetaPaths(node.meta_dir).loss_report
     was_invalid = _inconsistency(md) is not None
     _reset_bitmap(md, all_dirty=was_invalid)
@@ -266,13 +266,55 @@ def _drain(sec: "Secondary", timeout: float) -> int:
         sec.promote_waiting = ""
 
 
+def _group_check(sec: "Secondary", group: bool) -> None:
+    """A group member is promoted with its group (to the group's point),
+    never alone by accident."""
+    if sec.group is not None and not group:
+        g = sec.group.group.name
+        raise PromoteError(f"{sec.resource.name} is a member of consistency group {g}: "
+                           f"`duplex promote {g}` promotes every member on this host to the "
+                           f"group's point (the same point on every secondary host)")
+
+
+def _freeze_group(sec: "Secondary", timeout: float) -> dict:
+    """Stop the group's releases and wait until the last one is applied
+    everywhere (must-complete), at most *timeout* s. Returns the group
+    point for the loss report; ``confirmed`` False when the rendezvous
+    master could not confirm every member finished (it is unreachable)."""
+    sg = sec.group
+    assert sg is not None
+    reached = sg.freeze()
+    start = time.monotonic()
+    deadline = start + timeout
+    confirmed = False
+    while time.monotonic() < deadline:
+        view = sg.status().get("view") or {}
+        mine_done = sg.gate.in_progress is None or sec._group_bound_reached() is not None
+        if reached and view.get("frozen") and view.get("update_in_progress") is None:
+            confirmed = True
+            break
+        if not sg.connected() and mine_done and time.monotonic() > start + min(5.0, timeout / 2):
+            break  # no master to ask: our own release is done, go on and say so
+        if not reached and sg.connected():
+            reached = sg.freeze()  # the master is back: freeze it
+        sec.promote_waiting = (f"{sec.resource.name}: promote: waiting for group "
+                               f"{sg.group.name} to finish release {view.get('update_in_progress')}"
+                               f" (members {', '.join(view.get('waiting') or []) or '?'})")
+        time.sleep(0.05)
+    st = sg.gate.status()
+    return {"name": sg.group.name, "mode": sg.group.mode, "point_ns": st["released"]["t"],
+            "checkpoint": st["released"]["n"], "confirmed": confirmed,
+            "resigned": st.get("resigned")}
+
+
 def promote_running(sec: "Secondary", force: bool = False,
-                    timeout: float = DEFAULT_TIMEOUT) -> dict:
+                    timeout: float = DEFAULT_TIMEOUT, group: bool = False) -> dict:
     """Promote the secondary daemon *sec* in place; returns
     :meth:`Promotion.to_dict`. The caller (``replicator.node``) stops the
     daemon after a successful return. On failure (also when applying does
     not finish within *timeout* seconds) the daemon stays a secondary and
     accepts its primary again."""
+    _group_check(sec, group)
     if not _promoting.acquire(blocking=False):
         raise PromoteError(f"{sec.resource.name}: a promotion is already in progress")
     try:
@@ -291,6 +333,7 @@ def promote_running(sec: "Secondary", force: bool = False,
             # A handshake still under way re-checks sec.receiving under the
             # secondary's lock, so no link can join after this.
             sec.stop_receiving("promoted to Primary")
+            point = _freeze_group(sec, timeout) if sec.group is not None else None
             if _inconsistency(sec.md) is None:
                 _drain(sec, timeout)
             else:
@@ -302,7 +345,10 @@ def promote_running(sec: "Secondary", force: bool = False,
             # No link feeds the queue any more and every in-order run is
             # applied: the view is final.
             view = sec.loss_view()
-            result = _become_primary(sec.md, sec.resource, sec.node, view, forced)
+            result = _become_primary(sec.md, sec.resource, sec.node, view, forced, point)
+            if sec.group is not None:
+                sec.group.gate.promote_to(point["point_ns"])
+                sec.group.stop()  # a primary now: it rejoins as one when it starts
         except BaseException:
             sec.receiving = was_receiving  # still a secondary: let the primary back
             raise
@@ -384,7 +430,8 @@ def _apply_journal(sec: "Secondary", timeout: float = DEFAULT_TIMEOUT,
 
 def promote_offline(config_path: str, resource: Resource, node: Node,
                     force: bool = False, timeout: float = DEFAULT_TIMEOUT,
-                    progress: Callable[[str], None] | None = None) -> dict:
+                    progress: Callable[[str], None] | None = None,
+                    group: bool = False) -> dict:
     """Promote this node while its daemon is stopped: replay and apply its
     journal here (at most *timeout* seconds), then the same report and
     metadata as a running one."""
@@ -400,12 +447,22 @@ def promote_offline(config_path: str, resource: Resource, node: Node,
         # Inconsistent image consistent: check after it.
         sec = Secondary.open(config_path, resource.name, node.name)
         try:
+            _group_check(sec, group)
             forced = check_promotable(sec.md, resource, node, connected=False, force=force)
             if _inconsistency(sec.md) is None:
+                # A group member: its journal applies up to its persisted
+                # released point (the pending queue's bound), no further.
                 applied = _apply_journal(sec, timeout, progress)
                 log.info("%s: journal applied through seq %d", resource.name, applied)
             sec.stop_receiving("promoted")  # also lets go of the bitmap file
-            result = _become_primary(sec.md, resource, node, sec.pending.loss_view(), forced)
+            point = None
+            if sec.group is not None:
+                st = sec.group.gate.status()
+                point = {"name": sec.group.group.name, "mode": sec.group.group.mode,
+                         "point_ns": st["released"]["t"], "checkpoint": st["released"]["n"],
+                         "confirmed": False, "resigned": st.get("resigned")}
+            result = _become_primary(sec.md, resource, node, sec.pending.loss_view(), forced,
+                                     point)
         finally:
             sec.stop_receiving("promoted")
             sec.journal.close()
@@ -423,7 +480,7 @@ def promote_offline(config_path: str, resource: Resource, node: Node,
 
 def promote(config: Config, resource: Resource, node: Node, force: bool = False,
             timeout: float = DEFAULT_TIMEOUT,
-            progress: Callable[[str], None] | None = None) -> Promotion:
+            progress: Callable[[str], None] | None = None, group: bool = False) -> Promotion:
     """Promote *node*: through its daemon when it runs, offline otherwise.
     Applying may take at most *timeout* seconds; *progress* gets a line
     every few seconds saying what the promotion waits for."""
@@ -433,7 +490,7 @@ def promote(config: Config, resource: Resource, node: Node, force: bool = False,
         st = request(node.meta_dir, "status", resource=resource.name, timeout=10)
     except NotRunningError:
         return Promotion.from_dict(promote_offline(config.path, resource, node, force,
-                                                   timeout, progress))
+                                                   timeout, progress, group))
     if st.get("role") == ROLE_PRIMARY:
         raise PromoteError(f"{resource.name}: node {node.name} is already running as Primary")
     done = threading.Event()
@@ -442,10 +499,26 @@ def promote(config: Config, resource: Resource, node: Node, force: bool = False,
                          name="duplex-promote-progress", daemon=True).start()
     try:
         reply = request(node.meta_dir, "promote", resource=resource.name,
-                        timeout=timeout + 30, force=bool(force), timeout_s=timeout)
+                        timeout=2 * timeout + 30, force=bool(force), timeout_s=timeout,
+                        group=bool(group))
     finally:
         done.set()
     return Promotion.from_dict(reply)
+
+
+def promote_group(config: Config, group: Group, node_name: str | None, force: bool = False,
+                  timeout: float = DEFAULT_TIMEOUT,
+                  progress: Callable[[str], None] | None = None) -> list[Promotion]:
+    """``duplex promote GROUP``: promote every member of *group* whose
+    secondary is on this host, each to the group's point (the rendezvous
+    master is frozen first, so every secondary host ends at the same point)."""
+    me = local_node_name(config, node_name)
+    members = [config.resource(r) for r in group.resources if me in config.resource(r).nodes]
+    if not members:
+        raise PromoteError(f"{config.path}: node {me} holds no member of group {group.name} "
+                           f"(members: {', '.join(group.resources)}); use --node NAME")
+    return [promote(config, r, r.nodes[me], force, timeout, progress, group=True)
+            for r in members]
 
 
 def _relay_progress(node: Node, resource: Resource, done: threading.Event,

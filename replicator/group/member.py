@@ -58,6 +58,10 @@ class MemberGate:
         self.released_n = 0
         self.released_t = 0
         self.in_progress: int | None = None
+        # Why this member is out of the group (catching up: its image is at
+        # its own point, not the group's); persisted, so a restart says so.
+        self.resigned: str | None = None
+        self._rejoin_after = 0  # catching up: rejoin at a marker past this seq
         self._marks: deque[Mark] = deque()
         self.held: Mark | None = None
         self.watermark_t = 0
@@ -76,6 +80,9 @@ class MemberGate:
             if d.get("group") != self.group:
                 raise ValueError(f"it belongs to group {d.get('group')!r}, not {self.group!r}")
             n, t, ip = d["released_n"], d["released_t"], d["in_progress"]
+            resigned = d.get("resigned")
+            if resigned is not None and not isinstance(resigned, str):
+                raise ValueError("resigned must be a reason or null")
             if not (isinstance(n, int) and isinstance(t, int) and n >= 0 and t >= 0
                     and (ip is None or isinstance(ip, int))):
                 raise ValueError("a field has the wrong type")
@@ -85,10 +92,12 @@ class MemberGate:
                                   f"the member with nothing released (its image then waits "
                                   f"for the group's next release)") from None
         self.released_n, self.released_t, self.in_progress = n, t, ip
+        self.resigned = resigned
 
     def _save(self) -> None:
         body = {"group": self.group, "member": self.member, "released_n": self.released_n,
-                "released_t": self.released_t, "in_progress": self.in_progress}
+                "released_t": self.released_t, "in_progress": self.in_progress,
+                "resigned": self.resigned}
         atomic_write(self.path, json.dumps(body, sort_keys=True).encode() + b"\n")
 
     # -- the apply bound ----------------------------------------------------
@@ -114,22 +123,47 @@ class MemberGate:
             newly = None
             while self._marks and self._marks[0].seq <= journaled:
                 newly = self._marks.popleft()
+            out: list = []
             if newly is not None:
                 self.held = newly
+                if self.resigned is not None and newly.seq > self._rejoin_after:
+                    # Streaming again after a catch-up: back in the group,
+                    # which from now on holds this member's point too.
+                    self.resigned = None
+                    self._save()
+                    out.append(("join", self._join_fields()))
             if self.held is None:
-                return []
+                return out
             note = self.held.note
+            if self.resigned is not None:
+                return out
             if self.mode == "checkpoint":
                 if newly is None:
-                    return []
-                return [("held", {"member": self.member, "n": note.n, "t": self.held.t,
-                                  "skew_us": note.skew_us, "members": list(note.members)})]
+                    return out
+                return out + [("held", {"member": self.member, "n": note.n, "t": self.held.t,
+                                        "skew_us": note.skew_us,
+                                        "members": list(note.members)})]
             wm = max(self.held.t, journaled_ts)
             if wm <= self.watermark_t:
-                return []
+                return out
             self.watermark_t = wm
-            return [("watermark", {"member": self.member, "t": wm, "skew_us": note.skew_us,
-                                   "members": list(note.members)})]
+            return out + [("watermark", {"member": self.member, "t": wm,
+                                         "skew_us": note.skew_us,
+                                         "members": list(note.members)})]
+
+    def catching_up(self, base_seq: int) -> list:
+        """A catch-up increment begins: its image will be at its primary's
+        own point, which is not the group's. Leave the group until the
+        stream is back (a marker after *base_seq*); returns the messages."""
+        with self._lock:
+            self._rejoin_after = max(self._rejoin_after, base_seq)
+            self._marks.clear()
+            if self.resigned is not None:
+                return []
+            self.resigned = ("catching up after falling behind: its image follows its own "
+                             "primary's catch-up increments, not the group's point")
+            self._save()
+            return [("resign", {"member": self.member, "reason": self.resigned})]
 
     def holds(self, t: int) -> bool:
         """Does this member hold everything stamped at or before *t*?"""
@@ -164,8 +198,19 @@ class MemberGate:
     def join_fields(self) -> dict:
         """What this member tells the master when it (re)connects."""
         with self._lock:
-            return {"member": self.member, "released_n": self.released_n,
-                    "released_t": self.released_t, "in_progress": self.in_progress}
+            return self._join_fields()
+
+    def _join_fields(self) -> dict:
+        return {"member": self.member, "released_n": self.released_n,
+                "released_t": self.released_t, "in_progress": self.in_progress}
+
+    def hello(self) -> tuple[str, dict]:
+        """The message a (re)connecting member sends: join, or resign (with
+        its reason) while it is out of the group."""
+        with self._lock:
+            if self.resigned is not None:
+                return "resign", {"member": self.member, "reason": self.resigned}
+            return "join", self._join_fields()
 
     def promote_to(self, t: int) -> None:
         """A promotion fixes the point at *t*: persist it as released."""
@@ -182,4 +227,4 @@ class MemberGate:
                     "update_in_progress": self.in_progress,
                     "held": ({"n": self.held.note.n, "t": self.held.t, "seq": self.held.seq}
                              if self.held else None),
-                    "watermark_t": self.watermark_t or None}
+                    "watermark_t": self.watermark_t or None, "resigned": self.resigned}

@@ -39,6 +39,8 @@ class MarkNote:
         """Parse and check a MARK's data; NoteError says what is wrong."""
         try:
             d = json.loads(bytes(data).decode("utf-8"))
+        except RecursionError:
+            raise NoteError("group note nests JSON too deeply") from None
         except (UnicodeDecodeError, ValueError) as e:
             raise NoteError(f"group note is not JSON: {e}") from None
         if not isinstance(d, dict) or set(d) != {"group", "n", "members", "skew_us"}:

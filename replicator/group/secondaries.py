@@ -31,7 +31,7 @@ from typing import Callable
 from replicator.config import Group
 from replicator.group.channel import GroupClient, GroupLink, GroupServer
 from replicator.group.member import MemberGate
-from replicator.group.rendezvous import Release, Rendezvous
+from replicator.group.rendezvous import Release, Rendezvous  # noqa: F401 (Release: joins)
 from replicator.protocol.group import GroupConnection, GroupMessage, make
 from replicator.supervise import Supervisor
 
@@ -76,8 +76,8 @@ class SecondaryGroup:
                                        self._check_member, self._on_link, self._on_message,
                                        self._on_close)
             self._server.start()
-            self._route(self._rdv("joined", self.resource, self._released(),
-                                  self.gate.in_progress))
+            mtype, fields = self.gate.hello()
+            self.send(mtype, fields)
             self.sup.spawn("duplex-group-view", self._view_loop, restart=True)
         else:
             eps = [self.group.endpoint(n) for n in self._master_nodes]
@@ -92,10 +92,6 @@ class SecondaryGroup:
             self._server.stop()
         if self._client:
             self._client.stop()
-
-    def _released(self) -> Release:
-        st = self.gate.join_fields()
-        return Release(st["released_n"], st["released_t"])
 
     def _conn(self) -> GroupConnection:
         return GroupConnection(role="master" if self.is_master else "member",
@@ -153,7 +149,8 @@ class SecondaryGroup:
         else:
             log.info("group %s: connected to the rendezvous master %s", self.group.name,
                      link.peer_node)
-            link.send("join", **self.gate.join_fields())
+            mtype, fields = self.gate.hello()
+            link.send(mtype, **fields)
             self._complete_sent = None  # say it again to this master
 
     def _on_close(self, link: GroupLink, why: str) -> None:
@@ -195,6 +192,9 @@ class SecondaryGroup:
                              tuple(f["members"]))
         if msg.type == "complete":
             return self._rdv("complete", f["member"], f["n"], f["seq"])
+        if msg.type == "resign":
+            log.warning("group %s: %s resigned: %s", self.group.name, f["member"], f["reason"])
+            return self._rdv("resign", f["member"], f["reason"])
         if msg.type == "freeze":
             log.warning("group %s: frozen by %s: a promotion is under way", self.group.name,
                         f["member"])
@@ -213,6 +213,11 @@ class SecondaryGroup:
     def on_journaled(self, journaled: int, journaled_ts: int) -> None:
         """The daemon journaled through *journaled*: report what is held."""
         for mtype, fields in self.gate.on_journaled(journaled, journaled_ts):
+            self.send(mtype, fields)
+
+    def catching_up(self, base_seq: int) -> None:
+        """A catch-up increment begins on our member (see MemberGate)."""
+        for mtype, fields in self.gate.catching_up(base_seq):
             self.send(mtype, fields)
 
     def _on_release(self, n: int, t: int) -> None:

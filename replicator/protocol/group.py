@@ -124,7 +124,7 @@ def _check_field(mtype: str, name: str, kind: str, value: Any) -> Any:
     raise AssertionError(kind)
 
 
-def make(mtype: str, **fields: Any) -> GroupMessage:
+def make(mtype: str, /, **fields: Any) -> GroupMessage:
     """A checked message of *mtype* (ProtocolError on a bad field: a bug
     when built locally, a refused frame when decoded)."""
     schema = MESSAGES.get(mtype)
@@ -151,6 +151,8 @@ def decode(payload) -> GroupMessage:
     """The message in a GROUP frame's payload, checked against its schema."""
     try:
         obj = json.loads(bytes(payload).decode("utf-8"))
+    except RecursionError:
+        raise ProtocolError("group frame nests JSON too deeply") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(f"group frame is not a JSON object: {e}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):

@@ -698,6 +698,8 @@ class Secondary(IncrementReceiver):
             elif isinstance(ev, Data):
                 self._on_data(ev)
             elif isinstance(ev, IncrBegin):
+                if self.group is not None:  # its image leaves the group's point
+                    self.group.catching_up(ev.base_seq)
                 self._on_incr_begin(ev)
             elif isinstance(ev, IncrData):
                 self._on_incr_data(ev)

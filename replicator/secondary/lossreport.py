@@ -71,6 +71,9 @@ class LossReport:
     created_ns: int | None = None
     format: int = field(default=REPORT_FORMAT)
     volumes: tuple[str, ...] | None = None  # several volumes: their names by index
+    # A consistency group member (DESIGN §13): {"name", "mode", "point_ns",
+    # "checkpoint"}: the image is at the group's point, the same on every member.
+    group: dict | None = None
 
     @property
     def lost_count(self) -> int:
@@ -98,6 +101,8 @@ class LossReport:
         }
         if self.volumes is not None:  # absent for one volume: the format as before
             d["volumes"] = list(self.volumes)
+        if self.group is not None:
+            d["group"] = dict(self.group, point_time=iso_utc(self.group.get("point_ns")))
         for w in self.lost:
             e = asdict(w)
             if self.volumes is None:
@@ -130,9 +135,13 @@ class LossReport:
                               e.get("volume_name"))
                     for e in d["lost"]]
             vols = d.get("volumes")
+            group = d.get("group")
+            if group is not None and not isinstance(group, dict):
+                raise TypeError("group")
             return cls(d["consistent_through_seq"], d["consistent_through_ts_ns"], lost,
                        d["last_known_seq"], d["note"], d.get("resource"), d.get("created_ns"),
-                       volumes=tuple(str(v) for v in vols) if vols is not None else None)
+                       volumes=tuple(str(v) for v in vols) if vols is not None else None,
+                       group=group)
         except (KeyError, TypeError) as e:
             raise ValueError(f"loss report lacks or mangles field {e}") from None
 
@@ -152,6 +161,20 @@ class LossReport:
         if self.volumes is not None:
             title += f" (volumes {', '.join(self.volumes)})"
         lines.append(title)
+        if self.group is not None:
+            g = self.group
+            if g.get("resigned"):
+                lines.append(f"Group {g.get('name')} ({g.get('mode')}): NOT at the group's "
+                             f"point: this member had left the group ({g['resigned']}).")
+            else:
+                lines.append(f"Group {g.get('name')} ({g.get('mode')}): at the group's point "
+                             f"{iso_utc(g.get('point_ns'))} (release {g.get('checkpoint')}), "
+                             f"the same point on every member; writes stamped later are lost "
+                             f"here.")
+            if g.get("confirmed") is False and not g.get("resigned"):
+                lines.append("  (the rendezvous master could not be asked whether every member "
+                             "finished the last release: compare `duplex status "
+                             f"{g.get('name')}` on the other secondary hosts)")
         when = iso_utc(self.consistent_through_ts_ns)
         lines.append(f"Consistent through seq {a}"
                      + (f" (written on the primary at {when})" if when else " (time unknown)")
@@ -193,7 +216,8 @@ class LossReport:
 
 def build_loss_report(view: LossView, resource: str | None = None,
                       created_ns: int | None = None,
-                      volume_names: list[str] | None = None) -> LossReport:
+                      volume_names: list[str] | None = None,
+                      group: dict | None = None) -> LossReport:
     """The loss report for the state *view* describes (see module doc).
     *volume_names*: the resource's volumes by index, when it has several
     (each lost write then names its volume)."""
@@ -218,4 +242,5 @@ def build_loss_report(view: LossView, resource: str | None = None,
             f"sequenced later never reached this host, not even as tokens.")
     return LossReport(view.applied_through, ts, lost, view.last_token_seq, note,
                       resource, created_ns,
-                      volumes=tuple(volume_names) if volume_names is not None else None)
+                      volumes=tuple(volume_names) if volume_names is not None else None,
+                      group=group)
