@@ -42,6 +42,17 @@ The C core's Python face (``native/``, the only code that touches cffi):
     native.ship           the C streaming loop (TOKENS + DATA per span)
     native.rxq            the secondary's pending queue and applier loop in C
 
+Consistency groups across primary hosts (``group/``, DESIGN §13):
+    group.rendezvous      the rendezvous master's rule: when a point is released (pure)
+    group.member          a member secondary's gate: its released point, held markers, group.json
+    group.notes           the JSON note a group's MARK record carries
+    group.clock           the clock offset of a primary to the primary master
+    group.channel         the group channel's sockets: a listening master, a member's link
+    group.primaries       a member's primary side: checkpoints, heartbeats, markers
+    group.secondaries     a member's secondary side: reports, releases, completion
+    group.view            ``duplex status GROUP`` from this host's members
+    protocol.group        the group channel's protocol: JSON messages, schema table, HMAC
+
 Shared by both roles:
     records               the replication record: one encoding for ring, wire, journal
     crc32c                CRC32C, with a pure-Python fallback

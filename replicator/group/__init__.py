@@ -1,0 +1,1 @@
+"""Consistency groups across primary hosts (DESIGN §13)."""
