@@ -38,6 +38,7 @@ from replicator.supervise import Supervisor
 log = logging.getLogger("duplex.group")
 
 VIEW_INTERVAL = 0.1
+WATERMARK_EVERY = 0.003
 
 
 class SecondaryGroup:
@@ -66,6 +67,7 @@ class SecondaryGroup:
         self._server: GroupServer | None = None
         self._client: GroupClient | None = None
         self.frozen_by_us = False
+        self._last_wm = 0.0  # the daemon's committer/reader threads: a throttle only
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -211,8 +213,16 @@ class SecondaryGroup:
     # -- our member ---------------------------------------------------------
 
     def on_journaled(self, journaled: int, journaled_ts: int) -> None:
-        """The daemon journaled through *journaled*: report what is held."""
+        """The daemon journaled through *journaled*: report what is held.
+        Watermarks (limit-time) go at most every WATERMARK_EVERY seconds:
+        under load every journal commit moves it; the next commit or
+        heartbeat marker carries a skipped one."""
+        now = time.monotonic()
+        if self.group.mode == "limit-time" and now - self._last_wm < WATERMARK_EVERY:
+            return
         for mtype, fields in self.gate.on_journaled(journaled, journaled_ts):
+            if mtype == "watermark":
+                self._last_wm = now
             self.send(mtype, fields)
 
     def catching_up(self, base_seq: int) -> None:
