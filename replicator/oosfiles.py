@@ -34,16 +34,26 @@ def open_bitmaps(md: Metadata, resource: Resource) -> _Opened:
     """Open the OOS bitmap and activity log; after an unclean stop, OR every
     active extent into the bitmap (DESIGN §5) and make that durable."""
     uuid = bytes.fromhex(md.node_uuid)
+    oos = al = None
     try:
         oos = Bitmap.open(str(md.paths.bitmap), uuid, md.track_size)
         al = ActivityLog.open(str(md.paths.activity_log), uuid)
+        if oos.was_dirty:
+            # The activity log's geometry is only checked against the
+            # bitmap's here (an extent size that is no multiple of the
+            # track size): a damaged log is refused like any other.
+            n = al.recover_into(oos)
+            oos.sync()
+            log.warning("%s: previous run did not stop cleanly: %d tracks of the "
+                        "activity log marked out of sync", md.resource, n)
     except CoreError as e:
+        # Neither file stays open (and locked) behind the error; the bitmap
+        # stays DIRTY, so the next open recovers again.
+        if al is not None:
+            al.close()
+        if oos is not None:
+            oos.abandon()
         raise BitmapFilesError(str(e)) from None
-    if oos.was_dirty:
-        n = al.recover_into(oos)
-        oos.sync()
-        log.warning("%s: previous run did not stop cleanly: %d tracks of the "
-                    "activity log marked out of sync", md.resource, n)
     return _Opened(md, oos, al)
 
 

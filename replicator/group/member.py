@@ -165,6 +165,20 @@ class MemberGate:
             self._save()
             return [("resign", {"member": self.member, "reason": self.resigned})]
 
+    def report(self) -> list:
+        """The held point (or watermark) as it is now: what a member says
+        again after (re)connecting, since the master may have restarted."""
+        with self._lock:
+            if self.held is None or self.resigned is not None:
+                return []
+            note = self.held.note
+            if self.mode == "checkpoint":
+                return [("held", {"member": self.member, "n": note.n, "t": self.held.t,
+                                  "skew_us": note.skew_us, "members": list(note.members)})]
+            return [("watermark", {"member": self.member,
+                                   "t": max(self.watermark_t, self.held.t),
+                                   "skew_us": note.skew_us, "members": list(note.members)})]
+
     def holds(self, t: int) -> bool:
         """Does this member hold everything stamped at or before *t*?"""
         with self._lock:

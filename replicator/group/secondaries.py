@@ -80,6 +80,8 @@ class SecondaryGroup:
             self._server.start()
             mtype, fields = self.gate.hello()
             self.send(mtype, fields)
+            for mtype, fields in self.gate.report():
+                self.send(mtype, fields)
             self.sup.spawn("duplex-group-view", self._view_loop, restart=True)
         else:
             eps = [self.group.endpoint(n) for n in self._master_nodes]
@@ -153,6 +155,8 @@ class SecondaryGroup:
                      link.peer_node)
             mtype, fields = self.gate.hello()
             link.send(mtype, **fields)
+            for mtype, fields in self.gate.report():
+                link.send(mtype, **fields)
             self._complete_sent = None  # say it again to this master
 
     def _on_close(self, link: GroupLink, why: str) -> None:

@@ -225,7 +225,15 @@ class Secondary(IncrementReceiver):
         except BaseException:
             claim.close()
             raise
-        pending = PendingQueue.rebuild(journal.applied_seq, journal.replay(),
+        marks: list = []  # a group's markers not yet applied: held again after the restart
+
+        def replayed():
+            for tok, pos in journal.replay():
+                if tok.op == OP_MARK and pos is not None and tok.seq > journal.applied_seq:
+                    marks.append((tok, pos))
+                yield tok, pos
+
+        pending = PendingQueue.rebuild(journal.applied_seq, replayed(),
                                        applied_token=journal.applied_token)
         if len(pending):
             log.info("%s: journal replay: applied through %d, %d records pending (through %d)",
@@ -243,6 +251,7 @@ class Secondary(IncrementReceiver):
         if group is not None:
             try:
                 sec.join_group(group, list(cfg.resource(group.master).nodes))
+                sec._replayed_marks(marks)
             except GroupStateError as e:
                 sec.journal.close()
                 sec.close_images()
@@ -278,6 +287,22 @@ class Secondary(IncrementReceiver):
         self.group = SecondaryGroup(group, self.resource.name, self.node.name, master_nodes,
                                     gate, self._set_group_bound, self._group_bound_reached,
                                     self.sync_images)
+
+    def _replayed_marks(self, marks: list) -> None:
+        """The markers the journal replay found: held (and reported when the
+        group agent starts) as if they had just arrived."""
+        found = []
+        for tok, pos in marks:
+            try:
+                note = MarkNote.decode(self.journal.read_record(pos)[HEADER_SIZE:][:tok.data_len])
+            except (NoteError, JournalError) as e:
+                log.warning("%s: journal replay: marker seq %d ignored: %s",
+                            self.resource.name, tok.seq, e)
+                continue
+            if note.group == self.group.group.name:
+                found.append(Mark(tok.seq, tok.ts_ns, note))
+        self.group.gate.on_marks(found)
+        self.group.gate.on_journaled(self.journaled, self.pending.stamp_of(self.journaled))
 
     def _set_group_bound(self, t: int) -> None:
         with self._lock:
