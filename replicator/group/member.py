@@ -83,9 +83,12 @@ class MemberGate:
             resigned = d.get("resigned")
             if resigned is not None and not isinstance(resigned, str):
                 raise ValueError("resigned must be a reason or null")
-            if not (isinstance(n, int) and isinstance(t, int) and n >= 0 and t >= 0
-                    and (ip is None or isinstance(ip, int))):
-                raise ValueError("a field has the wrong type")
+            def u64(v) -> bool:
+                return type(v) is int and 0 <= v < 1 << 64
+
+            if not (u64(n) and u64(t) and (ip is None or u64(ip))):
+                raise ValueError("released_n, released_t and in_progress must be integers "
+                                 "0..2^64-1 (in_progress may be null)")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise GroupStateError(f"{self.path}: damaged group state ({e}); the member cannot "
                                   f"know its group point: restore it, or remove it to start "
