@@ -42,7 +42,7 @@ test: setup
 # (they use a fixture that starts processes or needs root: tests/conftest.py)
 # or `slow`. Runs as any user and does not run setup (which needs root), so
 # it needs the venv and the C core built once by `make setup`.
-UNIT_DIRS := $(wildcard tests/protocol tests/primary tests/secondary tests/native tests/shared tests/cli)
+UNIT_DIRS := $(wildcard tests/protocol tests/primary tests/secondary tests/native tests/shared tests/cli tests/fuzz)
 unit:
 	@if ! $(PY) -c "import replicator._core" 2>/dev/null; then \
 	    echo "make unit: $(PY) cannot import the C core replicator._core: run 'make setup' (as root) once" >&2; \
