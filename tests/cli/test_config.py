@@ -74,7 +74,7 @@ def _variant(text: str, old: str, new: str) -> str:
 @pytest.mark.parametrize("old,new,expected", [
     # unknown key at each level
     ("[resource.r0]", "colour = 1\n[resource.r0]",
-     f"{P}: colour: unknown key (allowed: resource)"),
+     f"{P}: colour: unknown key (allowed: group, resource)"),
     ('track-size = "64KiB"', 'track-size = "64KiB"\ntrak-size = 1',
      f"{P}: resource.r0.trak-size: unknown key (did you mean 'track-size'?)"),
     ('device = ', 'devise = "/x"\ndevice = ',
