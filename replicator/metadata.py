@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -279,6 +280,12 @@ def decode_metadata(data: bytes, where: Path) -> dict[str, Any]:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MetadataError(f"{where}: damaged metadata (not JSON: {e})") from None
+    except ValueError:  # JSON, but an integer past Python's digit limit
+        raise MetadataError(f"{where}: damaged metadata (a number of more than "
+                            f"{sys.get_int_max_str_digits()} digits)") from None
+    except RecursionError:
+        raise MetadataError(f"{where}: damaged metadata (arrays or objects nested too "
+                            f"deeply to be metadata)") from None
     if not isinstance(doc, dict) or doc.get("magic") != MAGIC:
         raise MetadataError(f"{where}: not a Duplex metadata file (bad magic)")
     if doc.get("version") != VERSION:
@@ -290,7 +297,11 @@ def decode_metadata(data: bytes, where: Path) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise MetadataError(f"{where}: damaged metadata (no body)")
     want = doc.get("crc32c")
-    got = crc32c(_canonical(body))
+    try:
+        got = crc32c(_canonical(body))
+    except RecursionError:  # parsed a few levels short of the limit, deeper than dumps goes
+        raise MetadataError(f"{where}: damaged metadata (arrays or objects nested too "
+                            f"deeply to be metadata)") from None
     if want != got:
         raise MetadataError(
             f"{where}: damaged metadata: checksum mismatch "

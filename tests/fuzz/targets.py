@@ -825,6 +825,7 @@ def target_config(data: bytes) -> None:
     path = _write("duplex.toml", data)
     cfg = load_config(path)
     for r in cfg.resources.values():
+        _usable_path(f"resource.{r.name}.secret-file", r.secret_file)
         for name, node in r.nodes.items():
             r.node(name)
             r.peer_of(name)
@@ -832,6 +833,20 @@ def target_config(data: bytes) -> None:
             node.address_str()
             node.export.nbdkit_args()
             node.multi_volume  # noqa: B018
+            key = f"resource.{r.name}.on.{name}"
+            _usable_path(f"{key}.meta-dir", node.meta_dir)
+            _usable_path(f"{key}.export", node.export.path)
+            for v in node.volumes:
+                _usable_path(f"{key}.volume.{v.name}.device", v.device)
+                _usable_path(f"{key}.volume.{v.name}.mount-point", v.mount_point)
+
+
+def _usable_path(key: str, path: str | None) -> None:
+    """A path the loader accepted must be one the system calls take: a
+    NUL inside would fail later, in whichever command opens it, as a
+    ValueError traceback."""
+    if path is not None and "\0" in path:
+        raise ContractViolation(f"{key}: the loader accepted a path with a NUL byte: {path!r}")
 
 
 def _config_text(extra_resource: str = "", alpha: str = "", beta: str = "") -> str:
@@ -888,7 +903,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            "activity log file"),
     Target("oosfiles", target_oosfiles, (BitmapFilesError,), _seed_oosfiles, 1 << 16,
            "bitmap and activity log opened together after a crash"),
-    Target("metadata", target_metadata, (MetadataError,), _seed_metadata, 4096,
+    Target("metadata", target_metadata, (MetadataError,), _seed_metadata, 16384,
            "metadata.json"),
     Target("config", target_config, (ConfigError,), _seed_config, 4096,
            "duplex.toml"),

@@ -14,12 +14,20 @@ from pathlib import Path
 import pytest
 
 from fuzz import targets as t
+from replicator.config import ConfigError, parse_config
 from replicator.records import OP_WRITE, encode_record, iter_records
 from replicator.secondary import journal as jn
 
 REGRESSIONS = Path(__file__).resolve().parent / "regressions"
 # Inputs of bugs not fixed yet: file name -> why
-KNOWN_OPEN: dict[str, str] = {}
+_CONFIG_NUL = ("replicator/config.py accepts a TOML \\u0000 escape in a path value: in a "
+               "volume's device, os.path.realpath (config.py _parse_volumes) raises "
+               "ValueError 'embedded null byte'; elsewhere the path is accepted and fails "
+               "later in whichever command opens it")
+KNOWN_OPEN: dict[str, str] = {
+    "config-nul-in-volume-device": _CONFIG_NUL,
+    "config-nul-in-meta-dir": _CONFIG_NUL,
+}
 
 
 def _inputs() -> list[Path]:
@@ -171,3 +179,41 @@ def test_records_of_the_seed_journal_are_real():
                          jn.ENTRY_INCR_ZERO, jn.ENTRY_INCR_COMMIT}
         assert len(j.committed_increments()) == 1
     assert [tok.seq for tok, _ in iter_records(t._records_payload(3))] == [1, 2, 3]
+
+
+# -- metadata -------------------------------------------------------------------
+
+@pytest.mark.parametrize("content,why", [
+    (b"[" * 2000, "arrays or objects nested too deeply"),
+    (b'{"body": {"x": ' + b"[" * 5000 + b"]" * 5000 + b"}}", "arrays or objects nested too deeply"),
+    (b'{"magic": "duplex-metadata", "seq_hwm": 1' + b"0" * 4400 + b"}",
+     "a number of more than 4300 digits"),
+], ids=["array", "in-body", "digits"])
+def test_metadata_json_python_will_not_parse_is_a_metadata_error(content: bytes, why: str):
+    """Before: RecursionError / ValueError (int digit limit) tracebacks
+    out of json.loads, past the MetadataError the CLI prints as one line."""
+    with pytest.raises(t.MetadataError, match=f"metadata.json: damaged metadata \\({why}"):
+        t.decode_metadata(content, Path("/var/lib/duplex/r0/metadata.json"))
+
+
+# -- the config loader (replicator/config.py: not fixed here yet) -------------
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason=_CONFIG_NUL)
+def test_config_nul_byte_in_a_volume_device_is_a_config_error():
+    text = t._seed_config()[2].decode().replace('device = "/dev/sdb"', 'device = "/dev/s\\u0000db"')
+    with pytest.raises(ConfigError, match=r"resource\.r0\.on\.alpha\.volume\.data\.device"):
+        parse_config(text)  # today: ValueError: embedded null byte, from os.path.realpath
+
+
+@pytest.mark.xfail(strict=True, reason=_CONFIG_NUL)
+@pytest.mark.parametrize("key,value", [
+    ("meta-dir", "/var/lib/d\\u0000uplex/r0"),
+    ("device", "/dev/s\\u0000db"),
+    ("secret-file", "/etc/duplex/r0\\u0000.secret"),
+])
+def test_config_nul_byte_in_a_path_is_a_config_error(key: str, value: str):
+    lines = t._seed_config()[0].decode().splitlines()
+    i = next(n for n, line in enumerate(lines) if line.startswith(f"{key} = "))
+    lines[i] = f'{key} = "{value}"'
+    with pytest.raises(ConfigError, match=key):
+        parse_config("\n".join(lines))  # today: accepted
