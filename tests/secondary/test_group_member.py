@@ -19,7 +19,6 @@ from hypothesis import given, settings, strategies as st
 from replicator.errors import DuplexError
 from replicator.group.member import GroupStateError, Mark, MemberGate
 from replicator.group.notes import MarkNote, NoteError
-from replicator.protocol.errors import ProtocolError
 from replicator.protocol.group import make
 from replicator.records import MARK_MAX, OP_MARK, OP_WRITE, encode_record, unpack_token
 from replicator.secondary.pending import PendingQueue
@@ -172,22 +171,25 @@ def test_a_damaged_group_json_is_a_group_state_error_naming_the_file(path, raw):
     assert "\n" not in msg
 
 
-@pytest.mark.xfail(strict=True, raises=ProtocolError,
-                   reason="BUG: MemberGate._load accepts values a join cannot carry "
-                   "(bool, negative in_progress, n or T >= 2^64): the damage surfaces later "
-                   "as a ProtocolError building the join, not a GroupStateError at load")
 @pytest.mark.parametrize("field,value", [("in_progress", -1), ("in_progress", True),
                                          ("released_n", True), ("released_n", 1 << 64),
-                                         ("released_t", 1 << 70)])
-def test_every_group_json_the_gate_loads_can_be_told_to_the_master(path, field, value):
+                                         ("released_t", 1 << 70), ("released_t", False)])
+def test_a_value_a_join_cannot_carry_is_damage_found_at_load(path, field, value):
+    """A bool, a negative or a 2^64 value in group.json: refused at load,
+    not a ProtocolError at the next join (group_bugs.md, fixed in 9881aaf)."""
     body = {"group": "g0", "member": "r1", "released_n": 1, "released_t": 5,
             "in_progress": None, field: value}
     path.write_text(json.dumps(body))
-    try:
-        g = gate_at(path)
-    except GroupStateError:
-        return
-    make("join", **g.join_fields())
+    with pytest.raises(GroupStateError, match="damaged group state"):
+        gate_at(path)
+
+
+def test_every_group_json_the_gate_writes_loads_and_can_be_told_to_the_master(path):
+    g = gate_at(path)
+    g.on_release((1 << 64) - 1, (1 << 64) - 1)
+    g2 = gate_at(path)
+    make("join", **g2.join_fields())
+    assert g2.hello()[0] == "join"
 
 
 # -- markers --------------------------------------------------------------------
@@ -215,6 +217,26 @@ def test_of_several_markers_journaled_at_once_the_newest_is_reported(path):
     assert g.status()["held"] == {"n": 2, "t": T0 + 60, "seq": 6}
     out = g.on_journaled(9, T0 + 90)
     assert [f["n"] for _, f in out] == [3]
+
+
+def test_a_reconnecting_member_reports_its_held_point_again(path):
+    """The master may have restarted: report() repeats the held point (the
+    watermark in limit-time), nothing before a marker or while resigned."""
+    g = gate_at(path)
+    assert g.report() == []
+    g.on_marks([mark(4, T0 + 40, 2)])
+    g.on_journaled(4, T0 + 40)
+    assert g.report() == [("held", {"member": "r1", "n": 2, "t": T0 + 40, "skew_us": 40,
+                                    "members": ["r1", "r2"]})]
+    assert g.report() == g.report()  # as often as it reconnects
+    g.catching_up(base_seq=10)
+    assert g.report() == []
+    lt = MemberGate(path.with_name("lt.json"), "g0", "limit-time", "r1")
+    lt.on_marks([mark(2, T0 + 20, 0)])
+    lt.on_journaled(3, T0 + 35)
+    assert [(m, f["t"]) for m, f in lt.report()] == [("watermark", T0 + 35)]
+    for mtype, fields in g.report() + lt.report():
+        make(mtype, **fields)
 
 
 def test_markers_are_not_persisted_by_the_gate(path):
