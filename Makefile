@@ -4,6 +4,7 @@
 #
 #   make demo     two namespaces, replicate a mounted ext4, compare the images
 #   make demo-volumes  PostgreSQL on two volumes (data, pg_wal) of one resource, disaster, failover
+#   make demo-groups   a bank sharded over two primary hosts (four namespaces), both lost, the group failed over
 #   make test     the whole test suite (PYTEST_ARGS="tests/infra -k netns" to narrow it)
 #   make unit     the tests that need no root, namespaces, devices or nbdkit, in seconds (no setup)
 #   make bench    benchmarks, one table measured in one run (BENCH=native|replication|all)
@@ -17,7 +18,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 PYTEST_ARGS ?=
 BENCH ?= all
 
-.PHONY: setup demo demo-volumes test unit bench
+.PHONY: setup demo demo-volumes demo-groups test unit bench
 
 setup:
 	@scripts/setup
@@ -31,6 +32,9 @@ demo: setup
 
 demo-volumes: setup
 	scripts/demo_volumes
+
+demo-groups: setup
+	scripts/demo_groups
 
 # pytest exits 5 when it collected no test: that is a failure, not a pass.
 test: setup
