@@ -290,7 +290,8 @@ def _freeze_group(sec: "Secondary", timeout: float) -> dict:
     while time.monotonic() < deadline:
         view = sg.status().get("view") or {}
         mine_done = sg.gate.in_progress is None or sec._group_bound_reached() is not None
-        if reached and view.get("frozen") and view.get("update_in_progress") is None:
+        if (reached and view.get("frozen") and view.get("update_in_progress") is None
+                and view.get("all_joined", True)):
             confirmed = True
             break
         if not sg.connected() and mine_done and time.monotonic() > start + min(5.0, timeout / 2):

@@ -6,7 +6,8 @@ everything before it (``held``), in mode ``limit-time`` the stamp through
 which their stream is complete (``watermark``). The master releases a point
 when every member the point names holds it:
 
-- checkpoint: the highest n held by every member of n's member list;
+- checkpoint: the highest n held by every member of the newest marker's
+  member list;
 - limit-time: L = the minimum of the members' watermarks (seed 002's limit
   time), released only when it moves forward;
 
@@ -44,6 +45,7 @@ class MemberView:
     members: tuple[str, ...] = ()  # the member list of its last marker
     completed_n: int = 0       # the last release it finished
     applied_seq: int = 0       # its applied seq at that release
+    reported: tuple[int, int | None] | None = None  # (released n, in progress) at its join
     resigned: str | None = None  # why it resigned, when it has
 
 
@@ -77,26 +79,54 @@ class Rendezvous:
 
     def joined(self, member: str, released: Release, in_progress: int | None) -> list:
         """A member's secondary connected, persisting *released* (and in
-        the middle of applying *in_progress*). The master adopts the highest
-        release any member reports (it may have restarted and forgotten)."""
+        the middle of applying *in_progress*).
+
+        The master may have restarted and forgotten: it adopts the highest
+        point any member reports, and a release still being applied somewhere
+        is in progress again, waited for from every required member that has
+        not reported itself past it (those not yet joined included). A
+        member behind the newest point gets it again and is waited for, so
+        nothing is reset while a member still lacks it (behaviour 12)."""
         m = self._member(member)
         m.connected = True
         m.resigned = None
-        out: list = []
+        m.reported = (released.n, in_progress)
         if released.n > self.released.n:
             self.released = Release(released.n, released.t)
-        if in_progress is not None and (self.in_progress is None
-                                        or in_progress == self.in_progress.n):
-            # A release still being applied there (this master may have
-            # restarted and forgotten it): it finishes before the next.
-            if self.in_progress is None:
-                self.in_progress = Release(in_progress, released.t)
+        if (in_progress is not None and in_progress >= self.released.n
+                and (self.in_progress is None or in_progress > self.in_progress.n)):
+            self.in_progress = Release(in_progress, released.t)
+            self.waiting = {x for x in self._required(self.configured)
+                            if not self._past(x, in_progress)}
+        target = self.in_progress or self.released
+        out: list = []
+        if target.n and not self._past(member, target.n):
+            if self.in_progress is None:  # the others finished it: it alone applies it now
+                self.in_progress = Release(target.n, target.t)
+                self.waiting = set()
             self.waiting.add(member)
-        if self.in_progress is not None and member in self.waiting:
             out.append(("release", member, self.in_progress))
-        elif self.released.n > released.n:
-            out.append(("release", member, self.released))  # it missed one: catch it up
-        return out + self._maybe_release()
+        elif self.in_progress is not None:
+            self.waiting.discard(member)
+        # Members that reported a lower point than the one just adopted.
+        for other in self.members.values():
+            if (other.name != member and other.connected and other.reported is not None
+                    and self.in_progress is not None and other.name not in self.waiting
+                    and not self._past(other.name, self.in_progress.n)):
+                self.waiting.add(other.name)
+                out.append(("release", other.name, self.in_progress))
+        return out + self._maybe_reset() + self._maybe_release()
+
+    def _past(self, member: str, n: int) -> bool:
+        """Has *member* reported (since this master started) that it
+        finished release n, or completed it here?"""
+        m = self.members[member]
+        if m.completed_n >= n:
+            return True
+        if m.reported is None:
+            return False
+        rep_n, rep_ip = m.reported
+        return rep_n >= n and (rep_ip is None or rep_ip > n)
 
     def left(self, member: str) -> list:
         """A member's secondary disconnected (it still counts: behaviour 14)."""
@@ -131,24 +161,26 @@ class Rendezvous:
         m.completed_n = max(m.completed_n, n)
         m.applied_seq = applied_seq
         if self.in_progress is None or n != self.in_progress.n:
-            return [("reset", member, Release(n, 0))]  # a catch-up release: it alone
+            return [("reset", member, Release(n, 0))]  # an old release: it alone
         self.waiting.discard(member)
+        return self._maybe_reset() + self._maybe_release()
+
+    def _maybe_reset(self) -> list:
+        """Reset the release in progress once no required member waits."""
+        if self.in_progress is None:
+            return []
+        self.waiting &= set(self._required(self._current_members()))
         if self.waiting:
             return []
-        done = self.in_progress
-        self.in_progress = None
-        return [("reset", None, done)] + self._maybe_release()
+        done, self.in_progress = self.in_progress, None
+        return [("reset", None, done)]
 
     def resign(self, member: str, reason: str) -> list:
         """*member* leaves the group until its primary returns."""
         m = self._member(member)
         m.resigned = reason
         self.waiting.discard(member)
-        out: list = []
-        if self.in_progress is not None and not self.waiting:
-            done, self.in_progress = self.in_progress, None
-            out.append(("reset", None, done))
-        return out + self._maybe_release()
+        return self._maybe_reset() + self._maybe_release()
 
     def freeze(self) -> list:
         """A promotion started: release nothing new from now on."""
@@ -239,12 +271,17 @@ class Rendezvous:
             "waiting": sorted(self.waiting),
             "frozen": self.frozen,
             "blocked": self.blocked,
+            # Every required member has told this master where it is (since
+            # it started): only then is "nothing in progress" known.
+            "all_joined": all(self.members[x].reported is not None
+                              for x in self._required(self._current_members())),
             "members": {
                 m.name: {"connected": m.connected,
                          "state": ("resigned" if m.resigned or m.name not in current
                                    else "active"),
                          "resigned": m.resigned,
                          "held_n": m.held_n, "held_t": m.held_t, "skew_us": m.skew_us,
-                         "completed_n": m.completed_n, "applied_seq": m.applied_seq}
+                         "completed_n": m.completed_n, "applied_seq": m.applied_seq,
+                         "joined": m.reported is not None}
                 for m in self.members.values()},
         }
