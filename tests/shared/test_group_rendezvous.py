@@ -514,7 +514,12 @@ def test_a_resign_message_releases_the_others_and_finishes_a_release_in_progress
     g.p["r2"].seq = 60
     g.checkpoint(3, C)
     assert g.rdv.members["r2"].resigned is None
+    # It missed release 2: it gets it first, alone, then 3 with the others.
+    assert ("release", "r2", 2) in g.kinds()
+    g.settle()
     assert ("release", "r2", 3) in g.kinds()
+    g.settle()
+    assert g.in_progress() == {m: None for m in ALL} and g.rdv.released.n == 3
 
 
 def test_skew_above_the_bound_blocks_with_a_reason(make_group):
@@ -593,15 +598,17 @@ def test_a_restarted_master_adopts_the_released_point_and_resends_the_release_in
     assert ("release", "r4", 3) in g.kinds()
 
 
-_MISSED_BUG = ("BUG: Rendezvous.joined after a master restart: a member that missed the "
-               "release in progress is caught up with it but not added to `waiting` (joins "
-               "last: the reset reaches it before its complete), or, when it joins first, is "
-               "never caught up at all (the higher point is adopted from a later join)")
+_STALL_BUG = ("BUG: Rendezvous.joined (3de3b7a): the member behind joins first, reports the "
+              "lower point; a later join adopts the release in progress and puts it in "
+              "`waiting`, and the catch-up loop skips members already in `waiting`, so it is "
+              "never sent the release: the group stalls until its link flaps")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_MISSED_BUG)
-@pytest.mark.parametrize("order", [("r1", "r2", "r3", "r4"), ("r4", "r1", "r2", "r3")],
-                         ids=["behind-joins-last", "behind-joins-first"])
+@pytest.mark.parametrize("order", [
+    ("r1", "r2", "r3", "r4"),
+    pytest.param(("r4", "r1", "r2", "r3"),
+                 marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_STALL_BUG)),
+], ids=["behind-joins-last", "behind-joins-first"])
 def test_a_restarted_master_catches_up_a_member_that_missed_a_release(make_group, order):
     """r4's link is down when release 2 goes out; the master dies waiting
     for r4's complete. Whatever order the members join the new master in,
@@ -627,11 +634,9 @@ def test_a_restarted_master_catches_up_a_member_that_missed_a_release(make_group
     assert "r4" in resets and g.in_progress() == {m: None for m in ALL}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a restarted master adopts an in-progress "
-                   "release from the first member that joins and resets it as soon as that "
-                   "member completes, while members that have not joined yet may still be "
-                   "mid-apply (behaviour 12)")
 def test_a_restarted_master_resets_only_after_every_member_completed(make_group):
+    """(group_bugs.md, fixed in 3de3b7a: the reset went out on the first
+    joiner's complete.)"""
     g = make_group()
     g.deliver("r2", g.p["r2"].write(A, 0, W2))
     g.checkpoint(1, B)
