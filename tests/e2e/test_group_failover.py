@@ -22,8 +22,11 @@ import time
 from contextlib import ExitStack
 from typing import Iterator
 
+import subprocess
+
 import pytest
 
+from fixtures.duplex_lab import REPO, duplex_env
 from fixtures.group_lab import BLOCK, GroupLab, pattern
 from fixtures.processes import ProcessGroup
 
@@ -89,6 +92,51 @@ def test_a_killed_secondary_finishes_its_release_on_restart(flab: GroupLab) -> N
     lab.wait(lambda: all(_digest(lab.image[s], lab.size) == _digest(lab.image[p], lab.size)
                          for p, s in (("alpha", "beta"), ("gamma", "delta"))),
              "the secondaries' images to equal the primaries'", timeout=30, interval=0.2)
+
+
+def _advancing(lab: GroupLab, node: str, window: float = 0.6) -> bool:
+    """Does *node*'s released point move within *window* seconds?"""
+    first = (lab.group(node).get("released") or {}).get("n")
+    time.sleep(window)
+    return (lab.group(node).get("released") or {}).get("n") != first
+
+
+def test_losing_a_master_stops_the_point_and_it_resumes(flab: GroupLab) -> None:
+    """The rendezvous master (beta) killed: no member applies past the
+    last release; restarted, it learns the point from the joins and goes on.
+    The checkpoint master (alpha's primary) killed: no checkpoint, so the
+    point stops on both secondaries, at the same release; restarted, it
+    issues larger numbers and the point moves again."""
+    lab = flab
+    assert _advancing(lab, "delta")
+    lab.kill("beta")
+    time.sleep(0.3)
+    stuck = lab.group("delta")["released"]
+    assert not _advancing(lab, "delta"), "delta applies releases with its master gone"
+    lab.start("beta")
+    lab.wait(lambda: lab.group("delta")["released"]["n"] > stuck["n"],
+             "releases after the rendezvous master's restart", timeout=30)
+    lab.kill("alpha")
+    time.sleep(0.5)
+    point = lab.group("beta")["released"]
+    assert not _advancing(lab, "beta") and not _advancing(lab, "delta")
+    lab.wait(lambda: lab.group("delta")["released"] == point and
+             lab.group("delta").get("update_in_progress") is None,
+             "delta at beta's point", timeout=10)
+    blocked = lab.view().get("blocked") or ""
+    assert "waiting for" in blocked and "r0" in blocked, blocked
+    lab.start("alpha")
+    lab.wait(lambda: lab.group("delta")["released"]["n"] > point["n"],
+             "releases after the checkpoint master's restart", timeout=30)
+
+
+def test_failover_script_dry_run_walks_each_member_of_the_group(flab: GroupLab) -> None:
+    r = subprocess.run([str(REPO / "scripts" / "failover"), "--config", str(flab.config),
+                        "--node", "delta", "--dry-run", "g0"],
+                       capture_output=True, text=True, timeout=60, env=duplex_env())
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "failover of r1 to node delta (dry run: nothing is changed)" in r.stdout
+    assert "would promote node delta" in r.stdout and "r1: dry run done" in r.stdout
 
 
 def test_promote_group_puts_both_secondary_hosts_at_one_point(flab: GroupLab) -> None:
