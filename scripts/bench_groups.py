@@ -21,10 +21,10 @@ Measured per round:
   reads the control socket ``status`` of beta (the rendezvous master) every
   5-15 ms (random, so as not to beat with the checkpoint interval) and takes
   now minus the released point's time: ``group.released.t``, beta's own copy
-  of the last release, updated the moment the master releases. The same
-  from ``group.view.released.t`` (the master's view, what ``duplex status
-  g0`` prints; refreshed every 0.1 s, so up to that much older) is shown
-  beside it. Samples of every round of a configuration are pooled:
+  of the last release, updated the moment the master releases; a note
+  says how often ``group.view.released`` (the master's view, what ``duplex
+  status g0`` prints) named the same point. Samples of every round of a
+  configuration are pooled:
   p50 / p99 / max. The ungrouped rounds are sampled the same way (they
   have no point), so every configuration pays for the same status calls.
 - **write cost**: fio's completion latency (clat) p50 / p99 over both
@@ -67,6 +67,7 @@ LABELS = {"u": "(u) ungrouped (baseline)", "k": "(k) group, mode checkpoint",
           "t": "(t) group, mode limit-time"}
 SAMPLE_GAP_S = (0.005, 0.015)   # between status samples, uniform at random
 FIRST_RELEASE_TIMEOUT = 30.0    # a grouped lab must release before fio starts
+TARGET_NS = 100e6               # issue 13: exposure p99 under 100 ms
 
 
 def progress(msg: str) -> None:
@@ -80,15 +81,18 @@ class Round:
 
     key: str
     exposure_ns: list[float] = field(default_factory=list)       # beta's released point
-    view_exposure_ns: list[float] = field(default_factory=list)  # the master's view
+    view_lag_ns: list[float] = field(default_factory=list)       # the view's point older by
     samples_failed: int = 0
     blocked: dict[str, int] = field(default_factory=dict)        # reason -> samples
+    slow: dict[str, int] = field(default_factory=dict)           # the same, exposure > target
+    window_s: float | None = None     # first to last counted sample
     iops: float | None = None
     clat_p50_ns: float | None = None
     clat_p99_ns: float | None = None
     cpu_secondaries: float | None = None
     cpu_primaries: float | None = None
     releases: int | None = None       # releases during the fio run (n moved by)
+    load: float | None = None         # 1-minute load average when fio ended
     failed: str | None = None
 
 
@@ -108,6 +112,8 @@ class ExposureSampler:
                                         daemon=True)
         self.first_n: int | None = None
         self.last_n: int | None = None
+        self.first_at: float | None = None
+        self.last_at: float | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -137,20 +143,24 @@ class ExposureSampler:
                 continue
             g = st.get("group") or {}
             rel = g.get("released") or {}
+            exposure = None
             if rel.get("t"):
-                self.r.exposure_ns.append(now_ns - rel["t"])
-                self.last_n = rel.get("n")
+                exposure = now_ns - rel["t"]
+                self.r.exposure_ns.append(exposure)
+                self.last_n, self.last_at = rel.get("n"), time.monotonic()
                 if self.first_n is None:
-                    self.first_n = rel.get("n")
+                    self.first_n, self.first_at = self.last_n, self.last_at
             view = g.get("view") or {}
             vrel = view.get("released") or {}
-            if vrel.get("t"):
-                self.r.view_exposure_ns.append(now_ns - vrel["t"])
+            if vrel.get("t") and rel.get("t"):
+                self.r.view_lag_ns.append(rel["t"] - vrel["t"])
             if view.get("blocked"):
                 # "waiting for r1 to hold checkpoint 1796...": the number
                 # differs every time; the reason is what counts.
                 why = re.sub(r"\d{4,}", "N", str(view["blocked"]))
                 self.r.blocked[why] = self.r.blocked.get(why, 0) + 1
+                if exposure is not None and exposure > TARGET_NS:
+                    self.r.slow[why] = self.r.slow.get(why, 0) + 1
 
 
 def _tree_cpu(pids: Sequence[int]) -> float:
@@ -231,6 +241,7 @@ def measure(key: str, options: argparse.Namespace, scratch: Path) -> Round:
                     timer.cancel()
                     sampler.stop()
                 cs1, cp1 = _tree_cpu(secondaries), _tree_cpu(primaries)
+                r.load = os.getloadavg()[0]  # the machine is shared: say how busy it was
                 # CPU over the counted part only: fio's ramp is in t0..now too,
                 # scale it to the measured runtime so rows compare.
                 span = time.monotonic() - t0
@@ -244,6 +255,7 @@ def measure(key: str, options: argparse.Namespace, scratch: Path) -> Round:
                 r.clat_p99_ns = pct.get("99.000000")
                 if sampler.first_n is not None and sampler.last_n is not None:
                     r.releases = sampler.last_n - sampler.first_n
+                    r.window_s = sampler.last_at - sampler.first_at
                 if mode is not None and not r.exposure_ns:
                     r.failed = ("no released point was read during the run "
                                 f"(blocked: {r.blocked or 'not said'})")
@@ -281,7 +293,7 @@ def build_table(rounds: dict[str, list[Round]], options: argparse.Namespace) -> 
     t = Table(f"Consistency groups: two members on two primary hosts, r1's link "
               f"+{options.delay_ms} ms",
               ["configuration", ("exp p50", ">"), ("exp p99", ">"), ("exp max", ">"),
-               ("view p50", ">"), ("view p99", ">"), ("write p50", ">"), ("write p99", ">"), ("IOPS", ">"),
+ ("write p50", ">"), ("write p99", ">"), ("IOPS", ">"),
                ("IOPS vs (u)", ">"), ("p50 vs (u)", ">"), ("p99 vs (u)", ">"),
                ("CPU sec", ">"), ("CPU pri", ">")])
     t.add_section(f"4 KiB random writes, {options.rate} IOPS on each primary, iodepth 1; "
@@ -301,15 +313,12 @@ def build_table(rounds: dict[str, list[Round]], options: argparse.Namespace) -> 
             t.add_row(f"{LABELS[key]}: FAILED", *([None] * (len(t.columns) - 1)))
             continue
         exp = [x for r in ok for x in r.exposure_ns]
-        vexp = [x for r in ok for x in r.view_exposure_ns]
         m = med[key]
         grouped = key != "u"
         t.add_row(LABELS[key],
                   fmt_ns(_pct(exp, 0.50)) if grouped else None,
                   fmt_ns(_pct(exp, 0.99)) if grouped else None,
                   fmt_ns(max(exp)) if grouped and exp else None,
-                  fmt_ns(_pct(vexp, 0.50)) if grouped else None,
-                  fmt_ns(_pct(vexp, 0.99)) if grouped else None,
                   fmt_ns(m["p50"]), fmt_ns(m["p99"]), fmt_count(m["iops"]),
                   ratio(m["iops"], base.get("iops")) if grouped else None,
                   ratio(m["p50"], base.get("p50")) if grouped else None,
@@ -322,8 +331,7 @@ def build_table(rounds: dict[str, list[Round]], options: argparse.Namespace) -> 
                f"{options.ramp:g} s ramp, images {options.size >> 20} MiB on /dev/shm")
     t.add_note("exp: exposure = now - the group's released point (beta's group.released.t, "
                "read from its control socket every 5-15 ms during the run), samples of every "
-               "round pooled; view: the same from the master's view, as `duplex status g0` "
-               "prints it (refreshed every 0.1 s); target: exp p99 < 100 ms")
+               "round pooled; target: exp p99 < 100 ms")
     t.add_note("write p50/p99: fio completion latency of both jobs merged; IOPS: both jobs; "
                "each the median of the rounds; vs (u): over the ungrouped median of this run "
                "(target: within 5%)")
@@ -337,24 +345,45 @@ def build_table(rounds: dict[str, list[Round]], options: argparse.Namespace) -> 
     for key, rs in rounds.items():
         if key == "u":
             continue
-        rel = [r.releases for r in rs if r.releases is not None]
+        rel = [(r.releases, r.window_s) for r in rs if r.releases and r.window_s]
         if rel:
-            t.add_note(f"({key}) releases during each run: {', '.join(str(x) for x in rel)}"
-                       + (" (n counts checkpoints: n jumps by the checkpoints a release "
-                          "covers)" if key == "k" else " (limit-time: n counts releases of L)"))
+            t.add_note(f"({key}) " + ("checkpoints released through" if key == "k"
+                                      else "releases of L") + " per second: "
+                       + ", ".join(f"{n / w:.0f}" for n, w in rel)
+                       + (f" (a checkpoint every {options.interval})" if key == "k" else ""))
+        lag = [x for r in rs for x in r.view_lag_ns]
+        if lag:
+            same = sum(1 for x in lag if x == 0) / len(lag)
+            t.add_note(f"({key}) the master's view (what `duplex status g0` prints) named "
+                       f"beta's point in {same:.0%} of the samples"
+                       + ("" if same == 1 else f"; else older by up to {fmt_ns(max(0, max(lag)))}"
+                          f", newer by up to {fmt_ns(max(0, -min(lag)))}"))
         blocked: dict[str, int] = {}
         for r in rs:
             for why, c in r.blocked.items():
                 blocked[why] = blocked.get(why, 0) + c
         if blocked:
-            total = sum(len(r.view_exposure_ns) for r in rs) or 1
+            total = sum(len(r.exposure_ns) for r in rs) or 1
             t.add_note(f"({key}) what the master's view said it waited for (share of the "
                        "samples): " + "; ".join(
                            f"{why} {c / total:.0%}" for why, c in
                            sorted(blocked.items(), key=lambda kv: -kv[1])))
+        slow: dict[str, int] = {}
+        for r in rs:
+            for why, c in r.slow.items():
+                slow[why] = slow.get(why, 0) + c
+        over = sum(1 for r in rs for x in r.exposure_ns if x > TARGET_NS)
+        if over:
+            t.add_note(f"({key}) {over} samples over {TARGET_NS / 1e6:.0f} ms; the master then "
+                       "waited for: " + ("; ".join(f"{why} ({c})" for why, c in sorted(
+                           slow.items(), key=lambda kv: -kv[1])) or "nothing (not blocked)"))
         failed = sum(r.samples_failed for r in rs)
         if failed:
             t.add_note(f"({key}) {failed} status samples failed (control socket busy)")
+    loads = [r.load for rs in rounds.values() for r in rs if r.load is not None]
+    if loads:
+        t.add_note(f"1-minute load average at the end of each run: {min(loads):.1f} to "
+                   f"{max(loads):.1f} (this run's own processes count in it too)")
     if options.repeat > 1:
         for key, rs in rounds.items():
             t.add_note(f"  ({key}) per round: IOPS "
