@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import event, example, given, settings, strategies as st
 
 from replicator.group.clock import SkewEstimator
 from replicator.group.member import Mark, MemberGate
@@ -139,6 +139,17 @@ class Secondary:
         self.gate.on_journaled(self.journaled, self.q.stamp_of(self.journaled))
         self.complete_sent = None
 
+    def applied_to_bound(self) -> bool:
+        """No write journaled and stamped at or before the bound is left
+        (markers, which carry no data, aside)."""
+        bound = self.gate.bound()
+        for e in self.q.loss_view().entries:
+            if e.token is None or e.token.seq > self.journaled:
+                return True
+            if e.token.op != OP_MARK:
+                return e.token.ts_ns > bound
+        return True
+
     def poll(self) -> list:
         """The agent's poll: ``complete`` once nothing journaled at or
         before the bound is left to apply."""
@@ -228,8 +239,8 @@ class Group:
                     # Behaviour 12, everywhere: the fence of a member still
                     # applying its release is not lifted under it (unless
                     # it has resigned).
-                    assert (sec.gate.in_progress != rel.n or sec.complete_sent == rel.n
-                            or sec.gate.resigned is not None), \
+                    assert (sec.gate.in_progress != rel.n or sec.gate.resigned is not None
+                            or sec.applied_to_bound()), \
                         f"reset of {rel.n} reached {name} before it completed it"
                     sec.gate.on_reset(rel.n)
 
@@ -1071,3 +1082,115 @@ def test_must_complete_across_a_member_restart_gives_the_same_image(make_group):
     crashed.checkpoint(2, D)
     crashed.settle()
     assert crashed.s["r1"].block(10) == b"z" * BLOCK
+
+
+_FLAKY_OPS = st.lists(st.one_of(
+    st.tuples(st.just("write"), st.sampled_from(("r1", "r2", "r3"))),
+    st.tuples(st.just("checkpoint"), st.just("")),
+    st.tuples(st.just("deliver"), st.sampled_from(("r1", "r2", "r3"))),
+    st.tuples(st.just("deliver-all"), st.just("")),
+    st.tuples(st.just("apply"), st.sampled_from(("r1", "r2", "r3"))),
+    st.tuples(st.just("drop"), st.sampled_from(("r1", "r2", "r3"))),
+    st.tuples(st.just("join"), st.sampled_from(("r1", "r2", "r3"))),
+    st.tuples(st.just("master"), st.permutations(("r1", "r2", "r3"))),
+), max_size=80)
+
+
+def _flaky_run(root: Path, ops, mode: str = "checkpoint") -> None:
+    names = ("r1", "r2", "r3")
+    g = Group(root, mode=mode, names=names)
+    try:
+        clock, n_cp, blocks = T0, 0, 0
+        outbox: dict[str, list[bytes]] = {n: [] for n in names}
+        writes: dict[str, list[tuple[int, int]]] = {n: [] for n in names}
+
+        def shown(name: str) -> set[int]:
+            return {b for _, b in writes[name] if g.s[name].block(b)[:1] == bytes([b + 1])}
+
+        def cp() -> None:
+            nonlocal n_cp, clock
+            n_cp += 1
+            clock += MS
+            for n in names:
+                outbox[n].append(g.p[n].mark(n_cp if mode == "checkpoint" else 0, clock, names))
+
+        for op, arg in ops:
+            if op == "write" and blocks < IMAGE // BLOCK:
+                clock += MS
+                outbox[arg].append(g.p[arg].write(clock, blocks, bytes([blocks + 1])))
+                writes[arg].append((clock, blocks))
+                blocks += 1
+            elif op == "checkpoint":
+                cp()
+            elif op == "deliver" and outbox[arg]:
+                g.deliver(arg, outbox[arg].pop(0))
+            elif op == "deliver-all":
+                for n in names:
+                    if outbox[n]:
+                        g.deliver(n, *outbox[n])
+                        outbox[n] = []
+            elif op == "apply":
+                g.apply_and_poll(arg)
+            elif op == "drop":  # its group link drops: the master's messages are lost
+                g.connected.discard(arg)
+                g.route(g.rdv.left(arg))
+            elif op == "join" and arg not in g.connected:
+                g.connect(arg)
+            elif op == "master":  # the master restarts; members rejoin in this order
+                if g.rdv.in_progress is not None:
+                    event("master restart with a release in progress")
+                if set(g.connected) != set(names):
+                    event("master restart with a member's link down")
+                g.new_master(joining=arg)
+            if all(v is None for v in g.in_progress().values()):
+                t = g.rdv.released.t
+                # Mid-apply anywhere: fenced. At rest: every image at the point
+                # its gate was released to, and all of them at one point.
+                points = {g.s[n].gate.released_t for n in names}
+                for n in names:
+                    want = {b for ts, b in writes[n] if ts <= g.s[n].gate.released_t}
+                    assert shown(n) == want, n
+                assert len(points) == 1 or t == 0, points
+        # Links back, everything delivered, one more checkpoint: it converges.
+        for n in names:
+            if n not in g.connected:
+                g.connect(n)
+        cp()
+        for n in names:
+            if outbox[n]:
+                g.deliver(n, *outbox[n])
+        for _ in range(4):
+            g.settle()
+        event(f"checkpoints released: {min(n_cp, 3)}{'+' if n_cp > 3 else ''}")
+        assert g.rdv.released.t == clock, (g.rdv.released, g.rdv.waiting, g.rdv.blocked)
+        for n in names:
+            assert shown(n) == {b for _, b in writes[n]}
+    finally:
+        for s in g.s.values():
+            s.close()
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_STALL_BUG)
+@pytest.mark.parametrize("mode", ["checkpoint", "limit-time"])
+@settings(max_examples=150, deadline=None)
+@given(ops=_FLAKY_OPS)
+# The smallest case hypothesis found for the stall (kept so the xfail is
+# strict): r1's link is down when release 1 goes out, then the master
+# restarts and r1 joins first.
+@example(ops=[("checkpoint", ""), ("drop", "r1"), ("deliver-all", ""),
+              ("master", ["r1", "r2", "r3"])])
+def test_master_restarts_and_link_drops_never_split_the_group_point(tmp_path_factory, mode,
+                                                                     ops):
+    """Both modes, with the master restarting and members' group links
+    dropping at any point (a dropped link loses the master's messages; a
+    member rejoins with hello and report): at rest every member is at the
+    same point with exactly its writes up to it; at the end the group
+    converges to the last marker. (With a local fix of the stall, 1500
+    examples of each mode pass.)"""
+    shm = Path("/dev/shm")
+    root = Path(tempfile.mkdtemp(prefix="dpx-fl-", dir=shm if os.access(shm, os.W_OK)
+                                 else tmp_path_factory.getbasetemp()))
+    try:
+        _flaky_run(root, ops, mode)
+    finally:
+        shutil.rmtree(root)
