@@ -124,6 +124,9 @@ def fuzz(name: str, seconds: float, workdir: Path, runs: int | None = None,
     start_lines = len(_read_jsonl(jsonl))
     with tempfile.TemporaryDirectory(prefix=f"duplex-fuzz-seeds-{name}-") as seed_dir:
         _write_seeds(target, Path(seed_dir))
+        dict_file = base / "dictionary"
+        if target.dictionary:
+            dict_file.write_text("".join(f'"{_dict_escape(tok)}"\n' for tok in target.dictionary))
         t0 = time.monotonic()
         while True:
             left = seconds - (time.monotonic() - t0)
@@ -134,6 +137,8 @@ def fuzz(name: str, seconds: float, workdir: Path, runs: int | None = None,
                     f"-timeout={TIMEOUT_S}", f"-rss_limit_mb={RSS_LIMIT_MB}",
                     f"-artifact_prefix={crash_dir}/", "-print_final_stats=1",
                     "-reload=0"]
+            if target.dictionary:
+                argv.append(f"-dict={dict_file}")
             argv.append(f"-runs={runs}" if runs is not None else f"-max_total_time={max(1, int(left))}")
             proc = subprocess.run(argv, cwd=str(REPO), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, errors="replace")
@@ -158,6 +163,13 @@ def fuzz(name: str, seconds: float, workdir: Path, runs: int | None = None,
     for rec in found[start_lines:]:
         res.crashes.setdefault(rec["signature"], rec)
     return res
+
+
+def _dict_escape(tok: bytes) -> str:
+    """A token as a libFuzzer dictionary string: \\xNN for anything but
+    printable ASCII, backslash and quote escaped."""
+    return "".join(chr(b) if 32 <= b < 127 and b not in (0x22, 0x5C) else f"\\x{b:02x}"
+                   for b in tok)
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -99,6 +99,9 @@ class Target:
     doc: str = ""
     #: expected subclasses that are still crashes (our bug, not the input's)
     forbidden: tuple[type[BaseException], ...] = field(default=())
+    #: tokens the mutator may insert (libFuzzer -dict): syntax a random
+    #: byte flip rarely makes, such as a TOML \\u escape
+    dictionary: tuple[bytes, ...] = ()
 
 
 class FdLeak(Exception):
@@ -886,6 +889,24 @@ def _seed_metadata() -> list[bytes]:
         bytes([0]) + md.paths.metadata.read_bytes()]
 
 
+_TOML_TOKENS = (b"\\u0000", b"\\U0000000", b"\\u00e9", b"\\ud800", b"\\n", b"\\\"", b'"""', b"'''",
+                b"[resource.r0.on.alpha.volume.", b"[resource.r0.on.", b"[[resource]]", b" = ",
+                b"{}", b"[]", b"= {device = ", b"= true", b"= 1e999", b"= -1", b"= 0x7fffffff",
+                b"= 99999999999999999999", b"1979-05-27T07:32:00Z", b"volume", b"device",
+                b"mount-point", b"meta-dir", b"export", b"address", b"service-address",
+                b"service-interface", b"secret-file", b"track-size", b"ring-size",
+                b"journal-size", b"al-extent-size", b"al-extents", b"batch-bytes",
+                b"batch-interval", b"drain-timeout", b"connections", b"resync-rate",
+                b"fence-command", b"unix:", b"tcp:", b"[::1]:", b"KiB", b"MiB", b"GiB", b"TiB",
+                b"KB", b"ms", b"us", b"min", b"/s", b"0.5", b"1.5")
+_JSON_TOKENS = (b"\\u0000", b"\\ud800", b"\\udc00", b"1e999", b"-0", b"NaN", b"Infinity",
+                b"-Infinity", b"true", b"false", b"null", b"[]", b"{}", b'""', b'"volumes"',
+                b'"name"', b'"size"', b'"history"', b'"role"', b'"disk"', b'"body"', b'"crc32c"',
+                b'"magic"', b'"version"', b'"Primary"', b'"Secondary"', b'"UpToDate"',
+                b'"Outdated"', b'"device_size"', b'"track_size"', b'"seq_hwm"',
+                b"18446744073709551616", b"9223372036854775807", b"0.0")
+
+
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("frames", target_frames, (ProtocolError,), _seed_frames, 8192,
            "frame decoder and message codecs, no state", forbidden=(LocalProtocolError,)),
@@ -904,7 +925,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("oosfiles", target_oosfiles, (BitmapFilesError,), _seed_oosfiles, 1 << 16,
            "bitmap and activity log opened together after a crash"),
     Target("metadata", target_metadata, (MetadataError,), _seed_metadata, 16384,
-           "metadata.json"),
+           "metadata.json", dictionary=_JSON_TOKENS),
     Target("config", target_config, (ConfigError,), _seed_config, 4096,
-           "duplex.toml"),
+           "duplex.toml", dictionary=_TOML_TOKENS),
 )}
