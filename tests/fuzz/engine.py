@@ -67,6 +67,11 @@ class Result:
         return self.cases / self.seconds if self.seconds else 0.0
 
 
+def _shm() -> str | None:
+    """/dev/shm when it is there and writable (the children's scratch files)."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
 def _write_seeds(target, seed_dir: Path) -> int:
     seed_dir.mkdir(parents=True, exist_ok=True)
     seeds = target.seeds()
@@ -140,8 +145,13 @@ def fuzz(name: str, seconds: float, workdir: Path, runs: int | None = None,
             if target.dictionary:
                 argv.append(f"-dict={dict_file}")
             argv.append(f"-runs={runs}" if runs is not None else f"-max_total_time={max(1, int(left))}")
-            proc = subprocess.run(argv, cwd=str(REPO), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, errors="replace")
+            scratch = tempfile.mkdtemp(prefix=f"duplex-fuzz-{name}-", dir=_shm())
+            try:
+                proc = subprocess.run(argv, cwd=str(REPO), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, errors="replace",
+                                      env={**os.environ, "DUPLEX_FUZZ_SCRATCH": scratch})
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
             if verbose:
                 sys.stderr.write(proc.stdout)
             cases, artifact, death = _parse_log(proc.stdout, res)

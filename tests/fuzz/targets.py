@@ -34,8 +34,10 @@ scratch files live in one per-process temporary directory
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import struct
 import tempfile
 import traceback
@@ -162,11 +164,20 @@ _scratch: Path | None = None
 
 def scratch_dir() -> Path:
     """This process's directory for the files a case writes (on /dev/shm
-    when there is one: millions of small writes)."""
+    when there is one: millions of small writes). $DUPLEX_FUZZ_SCRATCH
+    names it when the caller removes it (the engine: a fuzzing child ends
+    in libFuzzer's exit(), which runs no atexit handler); else it is made
+    here and removed at exit."""
     global _scratch
     if _scratch is None:
-        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        _scratch = Path(tempfile.mkdtemp(prefix="duplex-fuzz-", dir=base))
+        given = os.environ.get("DUPLEX_FUZZ_SCRATCH")
+        if given:
+            _scratch = Path(given)
+            _scratch.mkdir(parents=True, exist_ok=True)
+        else:
+            base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+            _scratch = Path(tempfile.mkdtemp(prefix="duplex-fuzz-", dir=base))
+            atexit.register(shutil.rmtree, _scratch, True)
     return _scratch
 
 
