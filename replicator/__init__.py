@@ -78,5 +78,6 @@ Operations:
     attach                ``duplex attach`` / ``detach``: a block device for the export
     control               the local control socket of a running node
     status                the status schema, its derivation from metadata, rendering
+    metrics               Prometheus metrics of a running node, from its status
     notify                systemd readiness notification (sd_notify)
 """

@@ -126,6 +126,7 @@ class Node:
     service_interface: str | None = None
     mount_point: str | None = None
     volumes: tuple[Volume, ...] = ()
+    metrics_address: tuple[str, int] | None = None  # Prometheus metrics (off: None)
 
     def __post_init__(self) -> None:
         if not self.volumes:
@@ -464,7 +465,7 @@ _RESOURCE_KEYS = {
 }
 _NODE_KEYS = {
     "address", "device", "meta-dir", "export", "service-address",
-    "service-interface", "mount-point", "volume",
+    "service-interface", "mount-point", "volume", "metrics-address",
 }
 _VOLUME_KEYS = {"device", "mount-point"}
 
@@ -500,10 +501,12 @@ def _parse_node(c: _Checker, res_name: str, name: str, table: Any) -> Node:
         raise c.fail(f"{key}.mount-point", "give mount-point in each volume table instead")
     if "volume" not in t:
         volumes = (Volume(DEFAULT_VOLUME, device, mount_point),)
+    metrics = c.parsed(t, key, "metrics-address", None,
+                       lambda v: None if v is None else parse_address(v))
     return Node(name=name, address=address, device=device, meta_dir=meta_dir,
                 export=export, service_address=service_address,
                 service_interface=service_interface, mount_point=mount_point,
-                volumes=volumes)
+                volumes=volumes, metrics_address=metrics)
 
 
 def _parse_volumes(c: _Checker, key: str, t: dict) -> tuple[Volume, ...]:

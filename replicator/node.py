@@ -400,7 +400,10 @@ def run_primary(config: Config, resource: Resource, node: Node,
     Supervisor(f"{resource.name} up").spawn(
         "duplex-ready", lambda: _notify_when_serving(proc, pidfile, resource, node))
     reattach_when_serving(config, resource, node, proc, pidfile)  # an attach left in place
+    metrics = _serve_metrics(node, lambda: _primary_status(node, resource))
     rc = stop.wait()
+    if metrics is not None:
+        metrics.shutdown()
     pidfile.unlink(missing_ok=True)
     stop.report_stopped()
     startup_error = _startup_error(err_r)
@@ -415,6 +418,27 @@ def run_primary(config: Config, resource: Resource, node: Node,
         notify.stopping(f"Primary: nbdkit exited with status {rc}")
         return 1
     return 0
+
+
+def _primary_status(node: Node, resource: Resource) -> dict:
+    """The primary's status, from the engine inside nbdkit."""
+    from replicator.control import request
+    return request(node.meta_dir, "status", resource=resource.name, timeout=5)
+
+
+def _serve_metrics(node: Node, status):
+    """Serve Prometheus metrics when the node has metrics-address (the
+    address was checked before ready); the server, or None."""
+    if node.metrics_address is None:
+        return None
+    from replicator.metrics import serve
+    try:
+        return serve(node.metrics_address, status)
+    except OSError as e:  # lost a race for the port since the check: say so, go on
+        host, port = node.metrics_address
+        log.error("metrics: cannot listen on %s:%d: %s; the node runs without metrics",
+                  host, port, e.strerror)
+        return None
 
 
 def _join_control_clients(sec, timeout: float) -> None:
@@ -447,6 +471,7 @@ def run_secondary(config: Config, resource: Resource, node: Node) -> int:
 
     sec.control.add_handler("promote", promote)
     sec.start()
+    metrics = _serve_metrics(node, sec.status)
     notify.ready(f"Secondary: listening on {node.address_str()}")
     last_status = [0.0]
 
@@ -475,6 +500,8 @@ def run_secondary(config: Config, resource: Resource, node: Node) -> int:
             log.info("%s: signal %d: stopping", resource.name, sig)
             notify.stopping("Secondary: stopping")
     finally:
+        if metrics is not None:
+            metrics.shutdown()
         sec.stop()
     if promoted.is_set():
         _join_control_clients(sec, 10.0)
@@ -589,3 +616,6 @@ def check_before_ready(config: Config, resource: Resource, node: Node, md: Metad
     else:
         host, port = node.address
         _check_bindable(host, port, f"{key}.address: {node.address_str()}")
+    if node.metrics_address is not None:
+        host, port = node.metrics_address
+        _check_bindable(host, port, f"{key}.metrics-address: {host}:{port}")

@@ -364,4 +364,5 @@ class Engine:
             incr_bytes_sent=sh["incr_bytes_sent"], matched_bytes=sh["matched_bytes"],
             ring=self.core.ring_stats, uptime_seconds=round(time.time() - self.started, 1),
             faults=self.sup.faults() + (self.group.sup.faults() if self.group else []),
-            group=self.group.status() if self.group is not None else None)
+            group=self.group.status() if self.group is not None else None,
+            written_bytes=self.core.stats["bytes_written"])

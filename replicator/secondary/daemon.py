@@ -91,7 +91,7 @@ from replicator.errors import DuplexError
 from replicator.secondary.journal import Journal, JournalError
 from replicator.metadata import (DISK_CONSISTENT, DISK_INCONSISTENT, DISK_OUTDATED, DISK_UPTODATE,
                                  Metadata, load_metadata)
-from replicator.peerlink import LinkError, PeerLink, pairing_uuid
+from replicator.peerlink import LinkError, PeerLink, RefusedError, pairing_uuid
 from replicator.fileio import atomic_write
 from replicator.oosfiles import open_bitmaps
 from replicator.secondary.applier import ApplyError
@@ -185,6 +185,7 @@ class Secondary(IncrementReceiver):
         self.last_error = ""
         self.promote_waiting = ""   # what a promotion under way waits for (status)
         self.group: SecondaryGroup | None = None  # a consistency group's member side
+        self.refused: dict[str, int] = {}  # _lock: refused connections/frames by reason
         self._group_bound = 0       # _lock: the group's released point (0: no group)
         # Counted so that an observer can tell whether the image changed
         # while it read it: a sample is whole when no run was in flight.
@@ -661,6 +662,7 @@ class Secondary(IncrementReceiver):
             except (LinkError, DuplexError, OSError) as e:
                 self.last_error = f"connection from {addr[0]} refused: {e}"
                 log.error("%s: %s", self.resource.name, self.last_error)
+                self._count_refused(e)
                 return
             with self._lock:
                 if not self.receiving:  # promoted while this handshake ran
@@ -687,6 +689,20 @@ class Secondary(IncrementReceiver):
                     self._drop(link, link.error or "this node no longer receives (promoted)")
                 else:
                     sock.close()  # closing twice is harmless: accept may have
+
+    def _count_refused(self, e: BaseException) -> None:
+        """Count a refused connection or frame by reason (metrics)."""
+        if isinstance(e, StreamError):
+            reason = "stream"
+        elif isinstance(e, RefusedError):
+            reason = ErrorCode(e.code).name.lower() if e.code in ErrorCode._value2member_map_ \
+                else "refused"
+        elif isinstance(e, LinkError):
+            reason = "handshake"
+        else:
+            reason = "other"
+        with self._lock:
+            self.refused[reason] = self.refused.get(reason, 0) + 1
 
     def _drop(self, link: PeerLink, reason: str) -> None:
         """Forget *link* and close it: its socket and its threads."""
@@ -737,6 +753,7 @@ class Secondary(IncrementReceiver):
                 # frames that follow.
                 self.sup.spawn("duplex-verify", lambda: self._answer_verify(link, ev))
         except StreamError as e:
+            self._count_refused(e)
             raise ProtocolError(str(e)) from None
         except OSError as e:
             if self.incr is None or self.incr.staged:
@@ -1169,6 +1186,9 @@ class Secondary(IncrementReceiver):
             if oldest is not None:
                 first_ts = oldest.ts_ns
             disk = self._disk()
+            tok = self.pending.applied_token
+            point_ns = tok.ts_ns if tok is not None else None  # the image's recovery point
+            refused = dict(self.refused)
         connection = "Established" if connected else "Connecting"
         if not connected and self.standalone_reason:
             connection = "StandAlone"
@@ -1193,7 +1213,8 @@ class Secondary(IncrementReceiver):
             faults=self.sup.faults() + (self.group.sup.faults() if self.group else []),
             promote_waiting=self.promote_waiting or None,
             volumes=volume_rows(self.node, self.layout.sizes, [0] * len(self.layout)),
-            group=self.group.status() if self.group is not None else None)
+            group=self.group.status() if self.group is not None else None,
+            consistent_point_ns=point_ns, refused=refused)
 
     def _apply_note(self) -> str:
         """The reason status gives while applying fails."""

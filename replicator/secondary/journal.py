@@ -348,6 +348,12 @@ class Journal:
                 raise JournalError(
                     f"journal {path}: belongs to resource {uuidlib.UUID(bytes=sb_uuid)}, "
                     f"not {uuidlib.UUID(bytes=ub)}")
+            if size % 4096 or size < AREA_START + MIN_AREA:
+                # create() makes no such journal; a log area this small
+                # (or none) would stall the receiver for good.
+                raise JournalError(
+                    f"journal {path}: its superblock gives a size of {size} bytes, not a "
+                    f"multiple of 4096 of at least {AREA_START + MIN_AREA}: damaged")
             if st.st_size < size:
                 raise JournalError(
                     f"journal {path}: truncated: the file is {st.st_size} bytes but its "

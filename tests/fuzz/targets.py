@@ -583,7 +583,7 @@ def target_journal(data: bytes) -> None:
             for p in pieces:
                 j.read_incr_data(p)
         j.backlog()
-        if not 0 <= j.used_bytes <= j.area_size:
+        if j.area_size < jn.MIN_AREA or not 0 <= j.used_bytes <= j.area_size:
             raise ContractViolation(f"journal uses {j.used_bytes} of {j.area_size} bytes")
         seq = max([j.applied_seq] + [t.seq for t, _ in replayed]) + 1
         if seq >= 1 << 63:

@@ -147,6 +147,25 @@ def test_journal_committed_record_survives_reopen_when_the_first_entry_wrapped(t
         assert [tok.seq for tok, _ in j.replay()] == [2, 3], "the committed seq 3 was lost"
 
 
+@pytest.mark.parametrize("size", [jn.AREA_START, jn.AREA_START + 100, 16384 + 8])
+def test_journal_superblock_size_create_never_makes_is_refused(tmp_path: Path, size: int):
+    """A superblock (checksum valid) giving a size create() refuses: a log
+    area of 0 or 100 bytes took no entry, and the receiver waited for room
+    for good."""
+    path = tmp_path / "journal"
+    jn.Journal.create(path, t.RESOURCE_UUID, 20480).close()
+    raw = bytearray(path.read_bytes())
+    for off in jn.SB_OFFSETS:
+        f = list(jn._SB.unpack_from(raw, off))
+        f[4], f[7] = size, jn.AREA_START
+        body = jn._SB.pack(*f)
+        raw[off:off + len(body)] = body
+        struct.pack_into("<I", raw, off + jn._SB.size, t.crc32c(body))
+    path.write_bytes(bytes(raw))
+    with pytest.raises(jn.JournalError, match=f"superblock gives a size of {size} bytes"):
+        jn.Journal.open(path, t.RESOURCE_UUID)
+
+
 # -- the bitmap files, opened together ---------------------------------------------
 
 def test_activity_log_extent_not_a_track_multiple_is_a_bitmap_files_error():

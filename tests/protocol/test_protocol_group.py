@@ -388,3 +388,48 @@ def test_the_peers_error_message_is_raised_with_its_words():
     master, member = _pair()
     with pytest.raises(ProtocolError, match="the group peer refused: r9 is not a member"):
         _drain(member, master.error("r9 is not a member"))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 64), min_size=1, max_size=40))
+def test_the_handshake_and_messages_survive_any_chunking(cuts):
+    """Bytes arrive in chunks of any size (TCP): the same messages come out."""
+    master, member = _pair()
+
+    def feed(conn: GroupConnection, data: bytes) -> list[GroupMessage]:
+        out, pos, i = [], 0, 0
+        while pos < len(data):
+            n = cuts[i % len(cuts)]
+            i += 1
+            conn.receive_data(data[pos:pos + n])
+            pos += n
+            while (ev := conn.next_event()) is not None:
+                out.append(ev)
+        return out
+
+    assert [m.type for m in feed(master, member.initiate())] == ["hello"]
+    assert [m.type for m in feed(member, master.initiate())] == ["hello"]
+    assert [m.type for m in feed(master, member.data_to_send())] == ["auth"]
+    assert [m.type for m in feed(member, master.data_to_send())] == ["auth"]
+    assert master.established and member.established
+    msgs = [make("held", member="r2", n=k, t=k * 10, skew_us=None, members=["r1", "r2"])
+            for k in range(5)]
+    assert feed(master, b"".join(member.send(m) for m in msgs)) == msgs
+
+
+def test_a_truncated_frame_at_eof_is_a_protocol_error():
+    master, member = _pair()
+    hello = member.initiate()
+    master.receive_data(hello[:-3])
+    assert master.next_event() is None  # more bytes may come
+    master.receive_data(b"")
+    with pytest.raises(ProtocolError):
+        master.next_event()
+
+
+def test_a_damaged_frame_is_a_protocol_error():
+    master, member = _pair()
+    hello = bytearray(member.initiate())
+    hello[-2] ^= 0x20  # a bit flipped in the JSON: the frame CRC catches it
+    with pytest.raises(ProtocolError, match="CRC"):
+        _drain(master, bytes(hello))
