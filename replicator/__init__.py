@@ -48,6 +48,7 @@ Consistency groups across primary hosts (``group/``, DESIGN §13):
     group.notes           the JSON note a group's MARK record carries
     group.clock           the clock offset of a primary to the primary master
     group.channel         the group channel's sockets: a listening master, a member's link
+    group.side            what both sides' agents share: joining, the channel, the checks
     group.primaries       a member's primary side: checkpoints, heartbeats, markers
     group.secondaries     a member's secondary side: reports, releases, completion
     group.view            ``duplex status GROUP`` from this host's members

@@ -36,11 +36,11 @@ import time
 from typing import Callable
 
 from replicator.config import Group
-from replicator.group.channel import GroupClient, GroupLink, GroupServer
+from replicator.group.channel import GroupLink
 from replicator.group.clock import SkewEstimator
 from replicator.group.notes import MarkNote
-from replicator.protocol.group import GroupConnection, GroupMessage
-from replicator.supervise import Supervisor
+from replicator.group.side import GroupSide
+from replicator.protocol.group import GroupMessage
 
 log = logging.getLogger("duplex.group")
 
@@ -48,17 +48,17 @@ PING_INTERVAL = 0.2
 RESIGN_GRACE = 3.0
 
 
-class PrimaryGroup:
+class PrimaryGroup(GroupSide):
     """See the module doc. *mark(t, n, note)* sequences a MARK (the core's
     ``mark``); *clock()* is the core's clock in ns; *master_nodes*: the
     master resource's node names, in config order."""
 
+    SIDE = "primary"
+    OTHER = "secondary"
+
     def __init__(self, group: Group, resource: str, node: str, master_nodes: list[str],
                  mark: Callable[[int, int, bytes], object], clock: Callable[[], int]) -> None:
-        self.group = group
-        self.resource = resource
-        self.node = node
-        self.is_master = resource == group.master
+        super().__init__(group, resource, node, master_nodes)
         self._mark = mark
         self._clock = clock
         self._lock = threading.Lock()
@@ -71,56 +71,23 @@ class PrimaryGroup:
         self.marks_dropped = 0  # not queued: the pair is Ahead
         self.skew = SkewEstimator()
         self._queue: queue.Queue = queue.Queue(maxsize=1024)
-        self._stop = threading.Event()
-        self.sup = Supervisor(f"{resource} group {group.name}")
-        self._server: GroupServer | None = None
-        self._client: GroupClient | None = None
-        self._master_nodes = master_nodes
 
     # -- lifecycle ----------------------------------------------------------
 
-    def start(self) -> None:
-        """Listen (master) or connect (member); start marking."""
+    def _started(self) -> None:
+        """The checkpoint master ticks; a member pings (and in limit-time
+        heartbeats); both mark."""
         if self.is_master:
-            self._server = GroupServer(self.sup, self._bind_address(), self._conn,
-                                       self._check_member, self._on_link, self._on_message,
-                                       self._on_close)
-            self._server.start()
             self.sup.spawn("duplex-group-tick", self._master_loop, restart=True)
         else:
-            eps = [self.group.endpoint(n) for n in self._master_nodes]
-            self._client = GroupClient(self.sup, "duplex-group-client", eps, self._conn,
-                                       self._on_link, self._on_message, self._on_close)
-            self._client.start()
             self.sup.spawn("duplex-group-ping", self._ping_loop, restart=True)
             if self.group.mode == "limit-time":
                 self.sup.spawn("duplex-group-heartbeat", self._heartbeat_loop, restart=True)
         self.sup.spawn("duplex-group-mark", self._mark_loop, restart=True)
 
     def stop(self) -> None:
-        self._stop.set()
-        self.sup.stop()
-        if self._server:
-            self._server.stop()
-        if self._client:
-            self._client.stop()
+        super().stop()
         self._queue.put(None)
-
-    def _bind_address(self) -> tuple[str, int]:
-        return self.group.endpoint(self.node)
-
-    def _conn(self) -> GroupConnection:
-        return GroupConnection(role="master" if self.is_master else "member",
-                               group=self.group.name, node=self.node, member=self.resource,
-                               side="primary", secret=self.group.secret())
-
-    def _check_member(self, hello: GroupMessage) -> str | None:
-        if hello["side"] != "primary":
-            return (f"node {self.node} is the primary of {self.resource}: secondaries of "
-                    f"group {self.group.name} meet at its secondary")
-        if hello["member"] not in self.group.resources or hello["member"] == self.resource:
-            return f"{hello['member']!r} is not another member of group {self.group.name}"
-        return None
 
     # -- the master ---------------------------------------------------------
 
@@ -244,7 +211,7 @@ class PrimaryGroup:
             last = self.last_checkpoint
             members = list(self.members)
         client = self._client
-        connected = (self._server is not None) or (client is not None and client.link is not None)
+        connected = self.connected()
         off = self.skew.offset_ns()
         return {
             "group": self.group.name, "mode": self.group.mode,

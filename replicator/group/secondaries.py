@@ -29,11 +29,11 @@ import time
 from typing import Callable
 
 from replicator.config import Group
-from replicator.group.channel import GroupClient, GroupLink, GroupServer
+from replicator.group.channel import GroupLink
 from replicator.group.member import MemberGate
-from replicator.group.rendezvous import Release, Rendezvous  # noqa: F401 (Release: joins)
-from replicator.protocol.group import GroupConnection, GroupMessage, make
-from replicator.supervise import Supervisor
+from replicator.group.rendezvous import Release, Rendezvous
+from replicator.group.side import GroupSide
+from replicator.protocol.group import GroupMessage, make
 
 log = logging.getLogger("duplex.group")
 
@@ -41,74 +41,40 @@ VIEW_INTERVAL = 0.1
 WATERMARK_EVERY = 0.003
 
 
-class SecondaryGroup:
+class SecondaryGroup(GroupSide):
     """See the module doc."""
+
+    SIDE = "secondary"
+    OTHER = "primary"
 
     def __init__(self, group: Group, resource: str, node: str, master_nodes: list[str],
                  gate: MemberGate, set_bound: Callable[[int], None],
                  bound_reached: Callable[[], int | None], sync: Callable[[], None]) -> None:
-        self.group = group
-        self.resource = resource
-        self.node = node
+        super().__init__(group, resource, node, master_nodes)
         self.gate = gate
-        self.is_master = resource == group.master
         self._set_bound = set_bound
         self._bound_reached = bound_reached
         self._sync = sync
-        self._master_nodes = master_nodes
         self._lock = threading.Lock()
         self.rdv = (Rendezvous(group.name, group.mode, tuple(group.resources),
                                int(group.max_skew_s * 1e6)) if self.is_master else None)
         self.view: dict | None = None
         self.view_at = 0.0
         self._complete_sent: int | None = None
-        self._stop = threading.Event()
-        self.sup = Supervisor(f"{resource} group {group.name}")
-        self._server: GroupServer | None = None
-        self._client: GroupClient | None = None
         self.frozen_by_us = False
         self._last_wm = 0.0  # the daemon's committer/reader threads: a throttle only
 
     # -- lifecycle ----------------------------------------------------------
 
-    def start(self) -> None:
-        """Listen (master) or connect (member)."""
+    def _started(self) -> None:
+        """The rendezvous master hears its own member's hello and sends
+        views; a member's hello goes on each (re)connect (_on_link)."""
         if self.is_master:
-            self._server = GroupServer(self.sup, self.group.endpoint(self.node), self._conn,
-                                       self._check_member, self._on_link, self._on_message,
-                                       self._on_close)
-            self._server.start()
             mtype, fields = self.gate.hello()
             self.send(mtype, fields)
             for mtype, fields in self.gate.report():
                 self.send(mtype, fields)
             self.sup.spawn("duplex-group-view", self._view_loop, restart=True)
-        else:
-            eps = [self.group.endpoint(n) for n in self._master_nodes]
-            self._client = GroupClient(self.sup, "duplex-group-client", eps, self._conn,
-                                       self._on_link, self._on_message, self._on_close)
-            self._client.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.sup.stop()
-        if self._server:
-            self._server.stop()
-        if self._client:
-            self._client.stop()
-
-    def _conn(self) -> GroupConnection:
-        return GroupConnection(role="master" if self.is_master else "member",
-                               group=self.group.name, node=self.node, member=self.resource,
-                               side="secondary", secret=self.group.secret())
-
-    def _check_member(self, hello: GroupMessage) -> str | None:
-        if hello["side"] != "secondary":
-            return (f"node {self.node} is the secondary of {self.resource}: primaries of "
-                    f"group {self.group.name} meet at its primary")
-        if hello["member"] not in self.group.resources or hello["member"] == self.resource:
-            return f"{hello['member']!r} is not another member of group {self.group.name}"
-        return None
 
     # -- the master: the rendezvous and routing -----------------------------
 
@@ -265,9 +231,6 @@ class SecondaryGroup:
             return True
         self.frozen_by_us = True
         return self._client is not None and self._client.send("freeze", member=self.resource)
-
-    def connected(self) -> bool:
-        return self.is_master or (self._client is not None and self._client.link is not None)
 
     def status(self) -> dict:
         """This member's group state and the master's latest view."""

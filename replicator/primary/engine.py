@@ -33,8 +33,9 @@ import os
 import threading
 import time
 
-from replicator.config import ConfigError, Group, Node, Resource, load_config, select_node
+from replicator.config import Group, Node, Resource, load_config, select_node
 from replicator.group.primaries import PrimaryGroup
+from replicator.group.side import GroupStartError
 from replicator.control import ControlServer
 from replicator.native.actlog import ActivityLog
 from replicator.native.bitmap import Bitmap
@@ -181,16 +182,10 @@ class Engine:
         self.shipper.start()
         self._threads.append(self.sup.spawn("duplex-mark", self._housekeeping, restart=True))
         if self.group is not None:
-            g = self.group.group
             try:
-                g.secret()
                 self.group.start()
-            except ConfigError as e:
-                raise EngineError(f"{self.resource.name}: cannot join group {g.name}: {e}") from None
-            except OSError as e:
-                host, port = g.endpoint(self.node.name)
-                raise EngineError(f"{self.resource.name}: cannot listen on group {g.name}'s "
-                                  f"endpoint {host}:{port}: {e.strerror}") from None
+            except GroupStartError as e:
+                raise EngineError(str(e)) from None
 
     def stop(self, drain_timeout: float | None = None) -> None:
         """Stop cleanly: let the shipper drain (for at most *drain_timeout*,

@@ -82,6 +82,7 @@ from replicator.config import (DEFAULT_VOLUME, ConfigError, Group, Node, Resourc
 from replicator.group.member import GroupStateError, Mark, MemberGate
 from replicator.group.notes import MarkNote, NoteError
 from replicator.group.secondaries import SecondaryGroup
+from replicator.group.side import GroupStartError
 from replicator.native.records import find_op
 from replicator.records import HEADER_SIZE, OP_MARK, unpack_token
 from replicator.control import ControlServer
@@ -431,16 +432,10 @@ class Secondary(IncrementReceiver):
         log.info("%s: secondary listening on %s", self.resource.name, self.node.address_str())
 
     def _start_group(self) -> None:
-        g = self.group.group
         try:
-            g.secret()
             self.group.start()
-        except ConfigError as e:
-            raise SecondaryError(f"{self.resource.name}: cannot join group {g.name}: {e}") from None
-        except OSError as e:
-            host, port = g.endpoint(self.node.name)
-            raise SecondaryError(f"{self.resource.name}: cannot listen on group {g.name}'s "
-                                 f"endpoint {host}:{port}: {e.strerror}") from None
+        except GroupStartError as e:
+            raise SecondaryError(str(e)) from None
 
     def stop(self) -> None:
         """Stop accepting, drop links, apply what is journaled, checkpoint."""
