@@ -15,6 +15,7 @@ skew, and a master restart. Mode limit-time (seed 002 §6 C, D): AT-15..20
 and heartbeat advance (AT-37)."""
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -28,8 +29,7 @@ from replicator.group.member import Mark, MemberGate
 from replicator.group.notes import MarkNote
 from replicator.group.rendezvous import Release, Rendezvous
 from replicator.protocol.group import decode, encode, make
-from replicator.records import (HEADER_SIZE, OP_MARK, OP_WRITE, encode_record, iter_records,
-                                unpack_token)
+from replicator.records import HEADER_SIZE, OP_MARK, OP_WRITE, encode_record, iter_records
 from replicator.secondary.pending import PendingQueue
 
 T0 = 1_800_000_000_000_000_000  # ns, like CLOCK_REALTIME
@@ -433,7 +433,7 @@ def test_checkpoints_are_numbered_and_each_member_sees_every_one(make_group):
         g.settle()
         assert g.rdv.in_progress is None
     assert [n for n, _ in releases] == list(range(1, 8))
-    assert all(a[1] < b[1] for a, b in zip(releases, releases[1:]))
+    assert all(a[1] < b[1] for a, b in itertools.pairwise(releases))
     assert g.kinds().count(("reset", "r3", 7)) == 1
     assert all(g.s["r1"].block(n) == bytes([n]) * BLOCK for n in range(1, 8))
 
