@@ -1247,3 +1247,18 @@ def test_limit_time_blocks_on_an_unmeasured_or_excessive_skew():
     assert "r2's primary is 5.0 ms off" in rdv.blocked
     out = rdv.watermark("r2", T_1003, 10, ("r1", "r2"))
     assert releases(out) == [("r1", T_1002), ("r2", T_1002)]
+
+
+def test_the_skew_estimate_follows_a_changed_offset_within_its_window():
+    """An offset injected later (a clock stepped): once WINDOW newer pings
+    are in, the old best sample is forgotten and the new offset is seen."""
+    from replicator.group.clock import WINDOW
+    est = SkewEstimator()
+    est.sample(T0, T0 + 50, T0 + 100)  # offset 0, the best round trip ever
+    for k in range(1, WINDOW):
+        t0 = T0 + k * MS
+        est.sample(t0, t0 + 1_000 + 9 * MS, t0 + 2_000)  # 9 ms off, rtt 2 us
+    assert est.offset_ns() == 0  # the 100 ns round trip still wins
+    t0 = T0 + WINDOW * MS
+    est.sample(t0, t0 + 1_000 + 9 * MS, t0 + 2_000)
+    assert est.offset_ns() == 9 * MS and est.skew_us() == 9000
