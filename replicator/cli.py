@@ -269,7 +269,7 @@ def cmd_promote(args: argparse.Namespace, ctx: Context) -> int:
     if args.resource in ctx.config.groups and args.resource not in ctx.config.resources:
         group = ctx.config.group(args.resource)
         results = promote_group(ctx.config, group, ctx.node_name, force=args.force,
-                                timeout=args.timeout, progress=say)
+                                timeout=args.timeout, progress=say, wait=args.wait)
         if args.json:
             print(json.dumps({"group": group.name, "members": [r.to_dict() for r in results]},
                              indent=2))
@@ -278,7 +278,8 @@ def cmd_promote(args: argparse.Namespace, ctx: Context) -> int:
         return 0
     resource, node = ctx.resolve(args.resource)
     result = promote(ctx.config, resource, node, force=args.force, timeout=args.timeout,
-                     progress=say)
+                     progress=say,
+                     wait=resource.ping_timeout_s if args.wait is None else args.wait)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -387,6 +388,16 @@ def cmd_connect(args: argparse.Namespace, ctx: Context) -> int:
 # parser
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return v
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -455,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", metavar="SECONDS", type=_positive_float, default=60.0,
                     help="give up (and say why) when applying the journal takes longer "
                          "than this (default 60)")
+    sp.add_argument("--wait", metavar="SECONDS", type=_non_negative_float, default=None,
+                    help="while the primary still looks connected, wait this long for its "
+                         "connection to go before refusing (default: the resource's "
+                         "ping-timeout; a primary that died behind a cut link is declared "
+                         "gone then); 0 refuses at once")
 
     sp = command("demote", cmd_demote,
                  "make this node's stopped Primary a Secondary (it resyncs from its peer)")

@@ -199,6 +199,8 @@ class Resource:
     resync_rate: int  # bytes/s, 0 = unlimited
     fence_command: str | None
     drain_timeout_s: float = 10.0  # a clean stop waits this long for the peer
+    ping_interval_s: float = 1.0   # a PING when nothing else went to the peer for this long
+    ping_timeout_s: float = 6.0    # no frame from the peer for this long: it is gone
     nodes: dict[str, Node] = field(default_factory=dict)
     config_path: str = DEFAULT_CONFIG_PATH
 
@@ -461,7 +463,7 @@ def _power_of_two(n: int) -> bool:
 _RESOURCE_KEYS = {
     "secret-file", "track-size", "ring-size", "journal-size", "al-extent-size",
     "al-extents", "batch-bytes", "batch-interval", "connections", "resync-rate",
-    "fence-command", "drain-timeout", "on",
+    "fence-command", "drain-timeout", "ping-interval", "ping-timeout", "on",
 }
 _NODE_KEYS = {
     "address", "device", "meta-dir", "export", "service-address",
@@ -592,6 +594,15 @@ def _parse_resource(c: _Checker, name: str, table: Any) -> Resource:
     if drain_timeout > 3600:
         raise c.fail(f"{key}.drain-timeout",
                      f"{t.get('drain-timeout')!r} is too long (at most 1h)")
+    ping_interval = c.parsed(t, key, "ping-interval", "1s", parse_duration)
+    if not 0.05 <= ping_interval <= 60:
+        raise c.fail(f"{key}.ping-interval",
+                     f"{t.get('ping-interval')!r} must be between 50ms and 60s")
+    ping_timeout = c.parsed(t, key, "ping-timeout", "6s", parse_duration)
+    if not 1 <= ping_timeout <= 600 or ping_timeout < 2 * ping_interval:
+        raise c.fail(f"{key}.ping-timeout",
+                     f"{t.get('ping-timeout')!r} must be between 1s and 10min and at least "
+                     f"twice ping-interval")
     connections = c.integer(t, key, "connections", 1, 1, 64)
     resync_rate = c.parsed(t, key, "resync-rate", 0, parse_rate)
     fence_command = c.string(t, key, "fence-command")
@@ -608,6 +619,7 @@ def _parse_resource(c: _Checker, name: str, table: Any) -> Resource:
         ring_size=ring_size, journal_size=journal_size,
         al_extent_size=al_extent_size, al_extents=al_extents,
         batch_bytes=batch_bytes, batch_interval_s=batch_interval, drain_timeout_s=drain_timeout,
+        ping_interval_s=ping_interval, ping_timeout_s=ping_timeout,
         connections=connections, resync_rate=resync_rate,
         fence_command=fence_command, nodes=nodes, config_path=c.path,
     )

@@ -463,8 +463,8 @@ def run_secondary(config: Config, resource: Resource, node: Node) -> int:
     wake = threading.Event()  # promoted, or the node cannot go on without a restart
 
     def promote(force: bool = False, timeout_s: float = DEFAULT_TIMEOUT,
-                group: bool = False) -> dict:
-        reply = promote_running(sec, force, float(timeout_s), bool(group))
+                group: bool = False, wait_s: float = 0.0) -> dict:
+        reply = promote_running(sec, force, float(timeout_s), bool(group), float(wait_s))
         promoted.set()
         wake.set()
         return reply

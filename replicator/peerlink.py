@@ -88,6 +88,8 @@ class PeerLink:
         self._closed = threading.Event()
         self._last_rx = time.monotonic()
         self._last_tx = time.monotonic()
+        self.keepalive = KEEPALIVE      # ping-interval of the resource
+        self.dead_after = DEAD_AFTER    # ping-timeout of the resource
         self._ping_nonce = 0
         self._reader: threading.Thread | None = None
         self._keeper: threading.Thread | None = None
@@ -272,8 +274,8 @@ class PeerLink:
         """Tell the peer we are alive while our side has nothing to say
         (a secondary staging a long increment sends no ack for a while).
         Skipped while another thread is sending: bytes are moving then."""
-        while not self._closed.wait(KEEPALIVE / 2):
-            if time.monotonic() - self._last_tx < KEEPALIVE:
+        while not self._closed.wait(self.keepalive / 2):
+            if time.monotonic() - self._last_tx < self.keepalive:
                 continue
             if not self._send_lock.acquire(blocking=False):
                 continue
@@ -304,8 +306,9 @@ class PeerLink:
                         else:
                             data = sock.recv(RECV_BYTES)
                     except socket.timeout:
-                        if time.monotonic() - self._last_rx > DEAD_AFTER:
-                            self._fail(f"no frame from {self.peer_name} for {DEAD_AFTER:.0f} s")
+                        if time.monotonic() - self._last_rx > self.dead_after:
+                            self._fail(f"no frame from {self.peer_name} for "
+                                       f"{self.dead_after:g} s (ping-timeout)")
                         continue
                     self._last_rx = time.monotonic()
                     with self._conn_lock:
@@ -370,6 +373,17 @@ class PeerLink:
                 self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def set_timeouts(self, ping_interval: float, ping_timeout: float) -> None:
+        """The resource's ping-interval (a PING when nothing else went out
+        for that long) and ping-timeout (no frame that long: the peer is
+        gone)."""
+        self.keepalive = ping_interval
+        self.dead_after = ping_timeout
+
+    def heard_ago(self) -> float:
+        """Seconds since the last frame from the peer."""
+        return max(0.0, time.monotonic() - self._last_rx)
 
     def alive(self) -> bool:
         return not self._closed.is_set()

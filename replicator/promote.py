@@ -161,7 +161,7 @@ def _state_word(md: Metadata) -> str:
 
 
 def check_promotable(md: Metadata, resource: Resource, node: Node, *, connected: bool,
-                     force: bool) -> list[str]:
+                     force: bool, heard_ago: float | None = None) -> list[str]:
     """Refuse an unsafe promotion unless *force*; returns, in words, what
     *force* overrode (empty when nothing was unsafe)."""
     name = f"{resource.name}: cannot promote node {node.name}"
@@ -180,8 +180,14 @@ def check_promotable(md: Metadata, resource: Resource, node: Node, *, connected:
     if connected:
         peer = resource.peer_of(node.name)
         if not force:
+            when = ""
+            if heard_ago is not None:
+                left = max(0.0, resource.ping_timeout_s - heard_ago)
+                when = (f" (last heard from {heard_ago:.1f} s ago; if it is gone, it is "
+                        f"declared so {left:.1f} s from now, at ping-timeout "
+                        f"{resource.ping_timeout_s:g} s: `promote --wait` waits for that)")
             raise PromoteError(
-                f"{name}: its primary {peer.name} is connected and replicating to it; "
+                f"{name}: its primary {peer.name} is connected and replicating to it{when}; "
                 f"promoting now would make two primaries (split brain). Stop or fence "
                 f"{peer.name} first (scripts/failover runs the fence command); --force "
                 f"promotes anyway and disconnects it")
@@ -308,8 +314,22 @@ def _freeze_group(sec: "Secondary", timeout: float) -> dict:
             "resigned": st.get("resigned")}
 
 
+def _wait_disconnected(sec: "Secondary", wait: float) -> None:
+    """Up to *wait* seconds for the primary's connection to go (a dead
+    primary behind a cut link is declared gone at ping-timeout)."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and any(link.alive() for link in tuple(sec.links)):
+        heard = min((link.heard_ago() for link in tuple(sec.links)), default=0.0)
+        sec.promote_waiting = (f"{sec.resource.name}: promote: waiting for the primary's "
+                               f"connection to go (last heard from {heard:.1f} s ago, "
+                               f"ping-timeout {sec.resource.ping_timeout_s:g} s)")
+        time.sleep(0.1)
+    sec.promote_waiting = ""
+
+
 def promote_running(sec: "Secondary", force: bool = False,
-                    timeout: float = DEFAULT_TIMEOUT, group: bool = False) -> dict:
+                    timeout: float = DEFAULT_TIMEOUT, group: bool = False,
+                    wait: float = 0.0) -> dict:
     """Promote the secondary daemon *sec* in place; returns
     :meth:`Promotion.to_dict`. The caller (``replicator.node``) stops the
     daemon after a successful return. On failure (also when applying does
@@ -319,14 +339,18 @@ def promote_running(sec: "Secondary", force: bool = False,
     if not _promoting.acquire(blocking=False):
         raise PromoteError(f"{sec.resource.name}: a promotion is already in progress")
     try:
+        if not force and wait > 0:
+            _wait_disconnected(sec, wait)
         # Refuse new connections before looking at the current ones, so
         # that no primary slips in between the check and the stop.
         was_receiving = sec.receiving
         sec.receiving = False
         try:
-            connected = any(link.alive() for link in tuple(sec.links))
+            links = [link for link in tuple(sec.links) if link.alive()]
+            heard = min((link.heard_ago() for link in links), default=None)
             forced = check_promotable(sec.md, sec.resource, sec.node,
-                                      connected=connected, force=bool(force))
+                                      connected=bool(links), force=bool(force),
+                                      heard_ago=heard)
         except BaseException:
             sec.receiving = was_receiving
             raise
@@ -481,7 +505,8 @@ def promote_offline(config_path: str, resource: Resource, node: Node,
 
 def promote(config: Config, resource: Resource, node: Node, force: bool = False,
             timeout: float = DEFAULT_TIMEOUT,
-            progress: Callable[[str], None] | None = None, group: bool = False) -> Promotion:
+            progress: Callable[[str], None] | None = None, group: bool = False,
+            wait: float = 0.0) -> Promotion:
     """Promote *node*: through its daemon when it runs, offline otherwise.
     Applying may take at most *timeout* seconds; *progress* gets a line
     every few seconds saying what the promotion waits for."""
@@ -500,8 +525,8 @@ def promote(config: Config, resource: Resource, node: Node, force: bool = False,
                          name="duplex-promote-progress", daemon=True).start()
     try:
         reply = request(node.meta_dir, "promote", resource=resource.name,
-                        timeout=2 * timeout + 30, force=bool(force), timeout_s=timeout,
-                        group=bool(group))
+                        timeout=2 * timeout + wait + 30, force=bool(force), timeout_s=timeout,
+                        group=bool(group), wait_s=float(wait))
     finally:
         done.set()
     return Promotion.from_dict(reply)
@@ -509,7 +534,8 @@ def promote(config: Config, resource: Resource, node: Node, force: bool = False,
 
 def promote_group(config: Config, group: Group, node_name: str | None, force: bool = False,
                   timeout: float = DEFAULT_TIMEOUT,
-                  progress: Callable[[str], None] | None = None) -> list[Promotion]:
+                  progress: Callable[[str], None] | None = None,
+                  wait: float | None = None) -> list[Promotion]:
     """``duplex promote GROUP``: promote every member of *group* whose
     secondary is on this host, each to the group's point (the rendezvous
     master is frozen first, so every secondary host ends at the same point)."""
@@ -518,7 +544,8 @@ def promote_group(config: Config, group: Group, node_name: str | None, force: bo
     if not members:
         raise PromoteError(f"{config.path}: node {me} holds no member of group {group.name} "
                            f"(members: {', '.join(group.resources)}); use --node NAME")
-    return [promote(config, r, r.nodes[me], force, timeout, progress, group=True)
+    return [promote(config, r, r.nodes[me], force, timeout, progress, group=True,
+                    wait=r.ping_timeout_s if wait is None else wait)
             for r in members]
 
 

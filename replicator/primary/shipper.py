@@ -349,11 +349,14 @@ class Shipper:
         self._log_once(logging.ERROR, f"handshake with {self.peer.name} refused: {e}")
 
     def _connect(self, secret: bytes) -> PeerLink:
-        return self._connect_link(self.peer.address, role="primary", resource=self.res.name,
+        link = self._connect_link(self.peer.address, role="primary", resource=self.res.name,
                                   node=self.node_name, secret=secret,
                                   local_state=local_primary_state(self.md, self.core,
                                                                   self.needs_resync),
                                   on_ack=self._on_ack, timeout=5.0)
+        if hasattr(link, "set_timeouts"):  # a test's fake link may not have it
+            link.set_timeouts(self.res.ping_interval_s, self.res.ping_timeout_s)
+        return link
 
     def _agree_on_generations(self, link: PeerLink) -> None:
         """DESIGN §7: decide who is ahead (generations.verdict, the rule

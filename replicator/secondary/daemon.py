@@ -654,6 +654,7 @@ class Secondary(IncrementReceiver):
                                        node=self.node.name, secret=secret,
                                        state_for=self._state_for, on_event=self._on_event,
                                        on_idle=self._on_idle)
+                link.set_timeouts(self.resource.ping_interval_s, self.resource.ping_timeout_s)
             except (LinkError, DuplexError, OSError) as e:
                 self.last_error = f"connection from {addr[0]} refused: {e}"
                 log.error("%s: %s", self.resource.name, self.last_error)

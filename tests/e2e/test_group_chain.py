@@ -57,6 +57,8 @@ def _make_lab(tmp_path_factory: pytest.TempPathFactory, stack: ExitStack,
     stack.callback(lab.close)
     lab.start_all()
     lab.wait_established()
+    if mode is not None:
+        lab.wait_group_active()
     return lab
 
 
