@@ -17,16 +17,16 @@ noisy neighbour's burst does not land on one of them only:
 
 Measured per round:
 
-- **exposure**: what a disaster now would lose, in time. A sampler thread
-  reads the control socket ``status`` of beta (the rendezvous master) every
-  5-15 ms (random, so as not to beat with the checkpoint interval) and takes
-  now minus the released point's time: ``group.released.t``, beta's own copy
-  of the last release, updated the moment the master releases; a note
-  says how often ``group.view.released`` (the master's view, what ``duplex
-  status g0`` prints) named the same point. Samples of every round of a
-  configuration are pooled:
-  p50 / p99 / max. The ungrouped rounds are sampled the same way (they
-  have no point), so every configuration pays for the same status calls.
+- **exposure**: what a disaster now would lose, in time: now minus the
+  time of the group's released point, as beta (the rendezvous master)
+  persisted it in ``META-DIR/group.json`` before applying it, the point a
+  promotion would land on. A thread of this process reads that file every
+  2-8 ms (random, so as not to beat with the checkpoint interval): the
+  daemons pay nothing for it. Samples of every round of a configuration
+  are pooled: p50 / p99 / max. Another thread asks beta's control socket
+  for ``status`` every 50-150 ms, in every configuration alike: the notes
+  say what the master waited for, also while exposure was over 100 ms, and
+  how often its view (what ``duplex status g0`` prints) named the same point.
 - **write cost**: fio's completion latency (clat) p50 / p99 over both
   jobs (``--group_reporting`` merges their histograms), and the IOPS the
   two jobs reached; each the median of the rounds, and the ratio to the
@@ -65,7 +65,8 @@ from bench_table import Table, fmt_count, fmt_ns, ratio
 CONFIGS = {"u": None, "k": "checkpoint", "t": "limit-time"}
 LABELS = {"u": "(u) ungrouped (baseline)", "k": "(k) group, mode checkpoint",
           "t": "(t) group, mode limit-time"}
-SAMPLE_GAP_S = (0.005, 0.015)   # between status samples, uniform at random
+FILE_GAP_S = (0.002, 0.008)     # between reads of beta's group.json, uniform at random
+STATUS_GAP_S = (0.05, 0.15)     # between control-socket status calls
 FIRST_RELEASE_TIMEOUT = 30.0    # a grouped lab must release before fio starts
 TARGET_NS = 100e6               # issue 13: exposure p99 under 100 ms
 
@@ -83,6 +84,7 @@ class Round:
     exposure_ns: list[float] = field(default_factory=list)       # beta's released point
     view_lag_ns: list[float] = field(default_factory=list)       # the view's point older by
     samples_failed: int = 0
+    status_samples: int = 0
     blocked: dict[str, int] = field(default_factory=dict)        # reason -> samples
     slow: dict[str, int] = field(default_factory=dict)           # the same, exposure > target
     window_s: float | None = None     # first to last counted sample
@@ -97,26 +99,38 @@ class Round:
 
 
 class ExposureSampler:
-    """Reads beta's control socket status in a thread; keeps exposure
-    samples taken between :meth:`count_from` and :meth:`stop`.
+    """Samples beta's group point between :meth:`count_from` and :meth:`stop`.
 
-    Threads and locks: one sampler thread appends to the Round's lists;
-    the bench thread reads them only after :meth:`stop` joined it, so no
-    lock is needed. ``_counting`` is a threading.Event."""
+    Two threads. The file sampler reads beta's ``group.json`` (the release
+    its gate persisted before applying it: the point a promotion now would
+    land on) every 2-8 ms: a small file on tmpfs, read from this process,
+    so the daemons pay nothing for it. The status sampler asks beta's
+    control socket for ``status`` every 50-150 ms, for what the master says
+    it waits for and how its view (what ``duplex status g0`` prints)
+    compares; seldom, because every status call takes the daemon's time.
+
+    Threads and locks: each thread appends to its own lists of the Round
+    (and sets ``_latest``, one float read by the other thread: atomic in
+    CPython); the bench thread reads them only after :meth:`stop` joined
+    both. ``_counting`` and ``_stop`` are threading.Events."""
 
     def __init__(self, meta_dir: Path, into: Round) -> None:
         self.meta_dir, self.r = meta_dir, into
         self._stop = threading.Event()
         self._counting = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="exposure-sampler",
-                                        daemon=True)
+        self._threads = [threading.Thread(target=self._file_loop, name="exposure-file",
+                                          daemon=True),
+                         threading.Thread(target=self._status_loop, name="exposure-status",
+                                          daemon=True)]
+        self._latest: float | None = None  # the newest exposure sample
         self.first_n: int | None = None
         self.last_n: int | None = None
         self.first_at: float | None = None
         self.last_at: float | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
 
     def count_from(self) -> None:
         """Samples from now on count (fio's ramp is over)."""
@@ -124,32 +138,46 @@ class ExposureSampler:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=15)
+        for t in self._threads:
+            t.join(timeout=15)
 
-    def _loop(self) -> None:
+    def _file_loop(self) -> None:
+        path = self.meta_dir / "group.json"
+        rng = random.Random()
+        while not self._stop.wait(rng.uniform(*FILE_GAP_S)):
+            try:
+                body = json.loads(path.read_bytes())  # replaced atomically (rename)
+            except (OSError, ValueError):
+                if self._counting.is_set():
+                    self.r.samples_failed += 1
+                continue
+            # After the read: the point was persisted before this instant,
+            # so the exposure is overstated by at most the read's time.
+            now_ns = time.time_ns()
+            if not self._counting.is_set() or not body.get("released_t"):
+                continue
+            exposure = now_ns - body["released_t"]
+            self.r.exposure_ns.append(exposure)
+            self._latest = exposure
+            self.last_n, self.last_at = body.get("released_n"), time.monotonic()
+            if self.first_n is None:
+                self.first_n, self.first_at = self.last_n, self.last_at
+
+    def _status_loop(self) -> None:
         from replicator.control import request
         rng = random.Random()
-        while not self._stop.wait(rng.uniform(*SAMPLE_GAP_S)):
+        while not self._stop.wait(rng.uniform(*STATUS_GAP_S)):
             try:
                 st = request(self.meta_dir, "status", timeout=2)
             except Exception:  # noqa: BLE001 - a busy control socket must not end the run
                 if self._counting.is_set():
                     self.r.samples_failed += 1
                 continue
-            # After the reply: the point was read before this instant, so
-            # the exposure is overstated by at most the request's time.
-            now_ns = time.time_ns()
             if not self._counting.is_set():
                 continue
+            self.r.status_samples += 1
             g = st.get("group") or {}
             rel = g.get("released") or {}
-            exposure = None
-            if rel.get("t"):
-                exposure = now_ns - rel["t"]
-                self.r.exposure_ns.append(exposure)
-                self.last_n, self.last_at = rel.get("n"), time.monotonic()
-                if self.first_n is None:
-                    self.first_n, self.first_at = self.last_n, self.last_at
             view = g.get("view") or {}
             vrel = view.get("released") or {}
             if vrel.get("t") and rel.get("t"):
@@ -159,7 +187,8 @@ class ExposureSampler:
                 # differs every time; the reason is what counts.
                 why = re.sub(r"\d{4,}", "N", str(view["blocked"]))
                 self.r.blocked[why] = self.r.blocked.get(why, 0) + 1
-                if exposure is not None and exposure > TARGET_NS:
+                latest = self._latest
+                if latest is not None and latest > TARGET_NS:
                     self.r.slow[why] = self.r.slow.get(why, 0) + 1
 
 
@@ -329,9 +358,9 @@ def build_table(rounds: dict[str, list[Round]], options: argparse.Namespace) -> 
                f"delaying primary-to-secondary bytes by {options.delay_ms} ms; fio --ioengine=nbd "
                f"on both primaries' exports at once, {options.runtime:g} s after "
                f"{options.ramp:g} s ramp, images {options.size >> 20} MiB on /dev/shm")
-    t.add_note("exp: exposure = now - the group's released point (beta's group.released.t, "
-               "read from its control socket every 5-15 ms during the run), samples of every "
-               "round pooled; target: exp p99 < 100 ms")
+    t.add_note("exp: exposure = now - the group's released point, as beta (the rendezvous "
+               "master) persisted it in META-DIR/group.json (read every 2-8 ms), samples of "
+               "every round pooled; target: exp p99 < 100 ms")
     t.add_note("write p50/p99: fio completion latency of both jobs merged; IOPS: both jobs; "
                "each the median of the rounds; vs (u): over the ungrouped median of this run "
                "(target: within 5%)")
@@ -363,7 +392,7 @@ def build_table(rounds: dict[str, list[Round]], options: argparse.Namespace) -> 
             for why, c in r.blocked.items():
                 blocked[why] = blocked.get(why, 0) + c
         if blocked:
-            total = sum(len(r.exposure_ns) for r in rs) or 1
+            total = sum(r.status_samples for r in rs) or 1
             t.add_note(f"({key}) what the master's view said it waited for (share of the "
                        "samples): " + "; ".join(
                            f"{why} {c / total:.0%}" for why, c in
@@ -374,12 +403,16 @@ def build_table(rounds: dict[str, list[Round]], options: argparse.Namespace) -> 
                 slow[why] = slow.get(why, 0) + c
         over = sum(1 for r in rs for x in r.exposure_ns if x > TARGET_NS)
         if over:
-            t.add_note(f"({key}) {over} samples over {TARGET_NS / 1e6:.0f} ms; the master then "
-                       "waited for: " + ("; ".join(f"{why} ({c})" for why, c in sorted(
-                           slow.items(), key=lambda kv: -kv[1])) or "nothing (not blocked)"))
+            n_exp = sum(len(r.exposure_ns) for r in rs) or 1
+            t.add_note(f"({key}) {over / n_exp:.1%} of the exposure samples over "
+                       f"{TARGET_NS / 1e6:.0f} ms; status samples taken then: "
+                       + ("; ".join(f"{why} ({c})" for why, c in sorted(
+                           slow.items(), key=lambda kv: -kv[1]))
+                          or "none blocked (a release was being applied)"))
         failed = sum(r.samples_failed for r in rs)
         if failed:
-            t.add_note(f"({key}) {failed} status samples failed (control socket busy)")
+            t.add_note(f"({key}) {failed} samples failed (group.json unreadable, or the "
+                       "control socket busy)")
     loads = [r.load for rs in rounds.values() for r in rs if r.load is not None]
     if loads:
         t.add_note(f"1-minute load average at the end of each run: {min(loads):.1f} to "
