@@ -22,9 +22,9 @@ reader (marks, journaled), its applier (apply_done) and the group agent
 """
 from __future__ import annotations
 
+import heapq
 import json
 import threading
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +62,7 @@ class MemberGate:
         # its own point, not the group's); persisted, so a restart says so.
         self.resigned: str | None = None
         self._rejoin_after = 0  # catching up: rejoin at a marker past this seq
-        self._marks: deque[Mark] = deque()
+        self._marks: list[tuple[int, Mark]] = []  # a heap by seq
         self.held: Mark | None = None
         self.watermark_t = 0
         self.sent_t = 0
@@ -114,9 +114,11 @@ class MemberGate:
     # -- markers ------------------------------------------------------------
 
     def on_marks(self, marks: list[Mark]) -> None:
-        """Markers seen in a DATA frame (not yet journaled)."""
+        """Markers seen in a DATA frame (not yet journaled). Frames of one
+        stream may arrive on several connections out of order: kept by seq."""
         with self._lock:
-            self._marks.extend(marks)
+            for m in marks:
+                heapq.heappush(self._marks, (m.seq, m))
 
     def on_journaled(self, journaled: int, journaled_ts: int) -> list:
         """The stream is journaled and complete through seq *journaled*
@@ -124,8 +126,10 @@ class MemberGate:
         watermark), maybe none."""
         with self._lock:
             newly = None
-            while self._marks and self._marks[0].seq <= journaled:
-                newly = self._marks.popleft()
+            while self._marks and self._marks[0][0] <= journaled:
+                m = heapq.heappop(self._marks)[1]
+                if self.held is None or m.seq > self.held.seq:
+                    newly = m
             out: list = []
             if newly is not None:
                 self.held = newly

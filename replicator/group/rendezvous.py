@@ -74,6 +74,7 @@ class Rendezvous:
 
     def __post_init__(self) -> None:
         self.members: dict[str, MemberView] = {m: MemberView(m) for m in self.configured}
+        self._sent: set[str] = set()  # members sent the release in progress
 
     # -- events -----------------------------------------------------------
 
@@ -98,22 +99,28 @@ class Rendezvous:
             self.in_progress = Release(in_progress, released.t)
             self.waiting = {x for x in self._required(self.configured)
                             if not self._past(x, in_progress)}
+            self._sent = set()
         target = self.in_progress or self.released
         out: list = []
         if target.n and not self._past(member, target.n):
             if self.in_progress is None:  # the others finished it: it alone applies it now
                 self.in_progress = Release(target.n, target.t)
                 self.waiting = set()
+                self._sent = set()
             self.waiting.add(member)
+            self._sent.add(member)
             out.append(("release", member, self.in_progress))
         elif self.in_progress is not None:
             self.waiting.discard(member)
-        # Members that reported a lower point than the one just adopted.
+        # Connected members that reported a lower point than the one in
+        # progress and have not been sent it (it may have been adopted from
+        # this join, after theirs).
         for other in self.members.values():
             if (other.name != member and other.connected and other.reported is not None
-                    and self.in_progress is not None and other.name not in self.waiting
+                    and self.in_progress is not None and other.name not in self._sent
                     and not self._past(other.name, self.in_progress.n)):
                 self.waiting.add(other.name)
+                self._sent.add(other.name)
                 out.append(("release", other.name, self.in_progress))
         return out + self._maybe_reset() + self._maybe_release()
 
@@ -158,8 +165,9 @@ class Rendezvous:
     def complete(self, member: str, n: int, applied_seq: int) -> list:
         """*member* finished applying release n (its image is durable)."""
         m = self._member(member)
+        if n >= m.completed_n and applied_seq:  # an old release's answer carries no seq
+            m.applied_seq = applied_seq
         m.completed_n = max(m.completed_n, n)
-        m.applied_seq = applied_seq
         if self.in_progress is None or n != self.in_progress.n:
             return [("reset", member, Release(n, 0))]  # an old release: it alone
         self.waiting.discard(member)
@@ -255,6 +263,7 @@ class Rendezvous:
         self.released = rel
         self.in_progress = rel
         self.waiting = set(names)
+        self._sent = set(names)
         for n in [k for k in self.checkpoints if k <= rel.n]:
             del self.checkpoints[n]
         return [("release", name, rel) for name in names]

@@ -219,10 +219,6 @@ def test_of_several_markers_journaled_at_once_the_newest_is_reported(path):
     assert [f["n"] for _, f in out] == [3]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: MemberGate keeps markers in arrival order and "
-                   "pops while the head is journaled: a marker that arrives after a later one "
-                   "(frames of one stream on several connections) is held only once the later "
-                   "one is journaled, and then held *instead* of it (held goes back)")
 def test_markers_arriving_out_of_seq_order_are_held_in_seq_order(path):
     g = gate_at(path)
     g.on_marks([mark(9, T0 + 90, 3)])  # a frame from connection B

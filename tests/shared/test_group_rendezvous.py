@@ -615,16 +615,10 @@ def test_a_restarted_master_adopts_the_released_point_and_resends_the_release_in
     assert ("release", "r4", 3) in g.kinds()
 
 
-_STALL_BUG = ("BUG: Rendezvous.joined (3de3b7a): the member behind joins first, reports the "
-              "lower point; a later join adopts the release in progress and puts it in "
-              "`waiting`, and the catch-up loop skips members already in `waiting`, so it is "
-              "never sent the release: the group stalls until its link flaps")
-
 
 @pytest.mark.parametrize("order", [
     ("r1", "r2", "r3", "r4"),
-    pytest.param(("r4", "r1", "r2", "r3"),
-                 marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_STALL_BUG)),
+    ("r4", "r1", "r2", "r3"),
 ], ids=["behind-joins-last", "behind-joins-first"])
 def test_a_restarted_master_catches_up_a_member_that_missed_a_release(make_group, order):
     """r4's link is down when release 2 goes out; the master dies waiting
@@ -674,10 +668,6 @@ def test_a_restarted_master_resets_only_after_every_member_completed(make_group)
     assert visible(g) == {"W2"}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Rendezvous.complete stores applied_seq "
-                   "unconditionally; the complete(n, seq=0) a member sends for an old release "
-                   "(SecondaryGroup._on_release) sets its seq in the view, and status's "
-                   "point.seq, back to 0")
 def test_a_late_complete_for_an_old_release_keeps_the_members_applied_seq():
     rdv = Rendezvous("g0", "checkpoint", ("r1", "r2"), MAX_SKEW_US)
     for m in ("r1", "r2"):
@@ -1198,13 +1188,12 @@ def _flaky_run(root: Path, ops, mode: str = "checkpoint") -> None:
             s.close()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_STALL_BUG)
 @pytest.mark.parametrize("mode", ["checkpoint", "limit-time"])
 @settings(max_examples=150, deadline=None)
 @given(ops=_FLAKY_OPS)
-# The smallest case hypothesis found for the stall (kept so the xfail is
-# strict): r1's link is down when release 1 goes out, then the master
-# restarts and r1 joins first.
+# The smallest case hypothesis found for a stall (fixed: a member behind
+# that joined first was never sent the adopted release): r1's link is down
+# when release 1 goes out, then the master restarts and r1 joins first.
 @example(ops=[("checkpoint", ""), ("drop", "r1"), ("deliver-all", ""),
               ("master", ["r1", "r2", "r3"])])
 def test_master_restarts_and_link_drops_never_split_the_group_point(tmp_path_factory, mode,
