@@ -287,6 +287,16 @@ def cmd_promote(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+def cmd_down(args: argparse.Namespace, ctx: Context) -> int:
+    """Stop this node's running `duplex up RES` cleanly, from another shell."""
+    from replicator.node import stop_running
+
+    resource, node = ctx.resolve(args.resource)
+    print(stop_running(resource, node, timeout=args.timeout,
+                       progress=lambda line: print(line, file=sys.stderr, flush=True)))
+    return 0
+
+
 def cmd_demote(args: argparse.Namespace, ctx: Context) -> int:
     """Make this node's stopped Primary a Secondary that resyncs from its peer."""
     from replicator.promote import demote
@@ -471,6 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "connection to go before refusing (default: the resource's "
                          "ping-timeout; a primary that died behind a cut link is declared "
                          "gone then); 0 refuses at once")
+
+    sp = command("down", cmd_down,
+                 "stop this node's running `duplex up RES` cleanly (as systemctl stop does)")
+    sp.add_argument("resource", metavar="RES")
+    sp.add_argument("--timeout", metavar="SECONDS", type=_positive_float, default=None,
+                    help="give up after this long (default: the resource's drain-timeout "
+                         "plus 20 s)")
 
     sp = command("demote", cmd_demote,
                  "make this node's stopped Primary a Secondary (it resyncs from its peer)")

@@ -441,6 +441,44 @@ def _serve_metrics(node: Node, status):
         return None
 
 
+def stop_running(resource: Resource, node: Node, timeout: float | None = None,
+                 progress=None) -> str:
+    """``duplex down``: SIGTERM to the process that runs the node (the one
+    that holds its daemon lock: ``duplex up``), the same clean, bounded stop
+    as ``systemctl stop``; wait until the lock is free. Returns what
+    happened, in words; DuplexError when it does not stop in time."""
+    from replicator.control import lock_holder
+
+    pid = lock_holder(node.meta_dir)
+    if pid is None:
+        return f"{resource.name} is not running on node {node.name}: nothing to stop"
+    if pid == 0:
+        raise DuplexError(f"{resource.name}: a process holds {node.meta_dir}/daemon.lock but "
+                          f"did not write its pid: stop it by hand")
+    if timeout is None:
+        timeout = resource.drain_timeout_s + 20.0
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return f"{resource.name}: pid {pid} was already gone"
+    except PermissionError:
+        raise DuplexError(f"{resource.name}: not allowed to signal pid {pid} "
+                          f"(run as root)") from None
+    start = time.monotonic()
+    next_note = start + 2.0
+    while lock_holder(node.meta_dir) is not None:
+        now = time.monotonic()
+        if now - start > timeout:
+            raise DuplexError(f"{resource.name}: pid {pid} is still running {timeout:g} s "
+                              f"after SIGTERM; its log says what it waits for "
+                              f"(kill -9 {pid} is the last resort: a crash stop)")
+        if progress is not None and now >= next_note:
+            next_note = now + 5.0
+            progress(f"{resource.name}: waiting for pid {pid} to stop ({now - start:.0f} s)")
+        time.sleep(0.1)
+    return f"{resource.name}: node {node.name} stopped (pid {pid}, {time.monotonic() - start:.1f} s)"
+
+
 def _join_control_clients(sec, timeout: float) -> None:
     """Let control clients still being answered (the promote reply) finish:
     their threads end when the client has read its reply and hung up."""
