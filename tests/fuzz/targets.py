@@ -623,6 +623,17 @@ def _seed_journal() -> list[bytes]:
         j.checkpoint(1, next(t for t, _ in iter_records(recs) if t.seq == 1))
     out.append(snap(p))
 
+    # The same entries as format version 1 wrote them: no entry flags, every
+    # crc over its payload (open rewrites the superblocks as version 2).
+    v1 = bytearray(p.read_bytes())
+    for off in jn.SB_OFFSETS:
+        struct.pack_into("<I", v1, off + jn._SB_VERSION_AT, 1)
+    pos = jn.AREA_START
+    while struct.unpack_from("<I", v1, pos)[0] == jn.ENTRY_MAGIC:
+        struct.pack_into("<H", v1, pos + 6, 0)
+        pos += jn.entry_size(struct.unpack_from("<I", v1, pos + 16)[0])
+    out.append(bytes([FIXUP]) + fix_journal(bytes(v1)))
+
     p = d / "wrapped"
     with jn.Journal.create(p, RESOURCE_UUID, 16384) as j:
         seq = 1
