@@ -567,8 +567,8 @@ def fix_journal(buf: bytes) -> bytes:
 def target_journal(data: bytes) -> None:
     """A journal file as a restarted secondary meets it: open (superblocks,
     the scan of the live log), replay, read back every record and staged
-    increment piece, then append and commit one record; reopened, the
-    journal must hold that record (it was acked)."""
+    increment piece, then append and commit one record and checkpoint;
+    reopened, the journal must hold that record (it was acked)."""
     mode, buf = _split(data)
     if mode & FIXUP:
         buf = fix_journal(buf)
@@ -593,6 +593,9 @@ def target_journal(data: bytes) -> None:
             return
         j.append(rec)
         j.commit()
+        # a checkpoint at the same seq frees what open found applied and
+        # writes a superblock for the live log as the scan left it
+        j.checkpoint(j.applied_seq)
     with jn.Journal.open(path, RESOURCE_UUID) as j:
         if seq not in {t.seq for t, p in j.replay() if p is not None}:
             raise ContractViolation(f"record seq {seq}, appended and committed, is not in "
