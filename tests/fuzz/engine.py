@@ -108,8 +108,10 @@ def _parse_log(text: str, res: Result) -> tuple[int, str | None, str | None]:
             cases = max(cases, int(mo.group(1)))
         elif mo := _ARTIFACT.search(line):
             artifact = mo.group(1)
-        elif death is None and (mo := _DEATH.search(line)):
-            death = mo.group(1) or mo.group(0)
+        elif mo := _DEATH.search(line):
+            # libFuzzer's ERROR line names the death best; the others stand in
+            if mo.group(1) or death is None:
+                death = mo.group(1) or mo.group(0)
     return cases, artifact, death
 
 

@@ -76,3 +76,24 @@ def test_check_counts_a_forbidden_subclass_and_a_leaked_fd_as_crashes():
         while _leaked:
             os.close(_leaked.pop())
     assert crash is not None and crash.kind == "FdLeak"
+
+
+_LOG = """\
+INFO: Seed: 1234
+#438	INITED cov: 694 ft: 1533 corp: 346/83Kb exec/s: 0 rss: 53Mb
+#2020	NEW    cov: 699 ft: 1540 corp: 347/83Kb lim: 673 exec/s: 0 rss: 53Mb L: 340/664 MS: 2
+#9000	pulse  cov: 701 ft: 1544 corp: 348/84Kb lim: 673 exec/s: 3000 rss: 60Mb
+ALARM: working on the last Unit for 11 seconds
+==4242== ERROR: libFuzzer: timeout after 11 seconds
+MS: 1 ChangeBit-; base unit: 0123
+artifact_prefix='/w/crashes/'; Test unit written to /w/crashes/timeout-abcdef
+stat::number_of_executed_units: 9123
+"""
+
+
+def test_a_libfuzzer_log_gives_cases_coverage_and_the_death():
+    r = engine.Result("t")
+    cases, artifact, death = engine._parse_log(_LOG, r)
+    assert (cases, r.cov_start, r.cov_end, r.new_coverage, r.corpus) == (9123, 694, 701, 7, 348)
+    assert artifact == "/w/crashes/timeout-abcdef"
+    assert death == "timeout"
