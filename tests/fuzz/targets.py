@@ -262,7 +262,7 @@ def _transcripts() -> dict[str, bytes]:
             fed[role] = len(sent[other])
             if new:
                 c.receive_data(new)
-            while (ev := c.next_event()) not in (NEED_DATA, CLOSED):
+            while c.next_event() not in (NEED_DATA, CLOSED):
                 pass
             sent[role] += c.data_to_send()
             if c.state is NEGOTIATING and role not in states_sent:
