@@ -118,7 +118,8 @@ def test_chain_across_two_primaries_stays_in_dependency_order(glab: GroupLab) ->
         if not r.allowed:
             bad.append(f"round {i} (after {r.written[-1]}): {state}")
         restart_primaries(glab)
-    print(f"\n{glab.mode}: {ROUNDS} rounds (seed {SEED}), states seen {dict(seen)}")
+    print(f"\n{glab.mode}: {ROUNDS} rounds (seed {SEED}), states seen {dict(seen)}; "
+          f"secondaries restarted for the known stuck-release bug: {glab.recoveries or 'none'}")
     assert not bad, f"forbidden states (seed {SEED}): {bad}"
 
 
@@ -175,7 +176,7 @@ def test_rendezvous_gate_holds_w3_until_delta_holds_w2(glab: GroupLab) -> None:
 
 
 def test_link_loss_stops_the_group_and_nobody_gets_ahead(glab: GroupLab) -> None:
-    """Behaviour 14: cut r1's link (kill the relay) for 2 s. Nothing
+    """Behaviour 14: cut r1's link (kill the relay) for 1.5 s. Nothing
     written after the cut is released: beta does not get r0's write X
     and the released point stays before the cut; once the link is back,
     releases go on and X and r1's Y arrive."""
@@ -186,7 +187,7 @@ def test_link_loss_stops_the_group_and_nobody_gets_ahead(glab: GroupLab) -> None
     glab.write("r0", 300, x)
     glab.write("r1", 301, y)
     released = []
-    end = time.monotonic() + 2.0
+    end = time.monotonic() + 1.5
     while time.monotonic() < end:
         released.append(glab.released())
         assert glab.read_block("beta", 300) != x, "beta applied X while r1's link was cut"
@@ -194,7 +195,7 @@ def test_link_loss_stops_the_group_and_nobody_gets_ahead(glab: GroupLab) -> None
     assert max(t for _, t in released) < cut_ns, (
         f"a point after the cut was released while r1's link was down: "
         f"{max(t for _, t in released) - cut_ns} ns after it")
-    # It stopped (the last 1.5 s saw no new release), not merely lagged.
+    # It stopped (the last 1.1 s saw no new release), not merely lagged.
     late = released[len(released) // 4:]
     assert len(set(late)) == 1, f"the released point moved during the cut: {late[0]} .. {late[-1]}"
     stuck = released[-1]
