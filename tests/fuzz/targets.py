@@ -430,6 +430,110 @@ def _seed_connection() -> list[bytes]:
             bytes([FIXUP | 2]) + t[m.SECONDARY], bytes([FIXUP | 8 | 6]) + t[m.PRIMARY]]
 
 
+# -- the group channel (protocol/group.py) ---------------------------------------
+
+GROUP_NAME = "g0"
+GROUP_SECRET = b"fuzz-group-secret"
+GROUP_NONCES = {"member": bytes(range(40, 72)), "master": bytes(range(140, 172))}
+
+
+def _group_conn(role: str):
+    from replicator.protocol import group as g
+    c = g.GroupConnection(role=role, group=GROUP_NAME, node=f"{role}-node", member="r0",
+                          side="secondary", secret=GROUP_SECRET)
+    c.nonce = GROUP_NONCES[role]  # fixed, so that the fixup can answer it
+    return c
+
+
+def fix_group_frames(stream: bytes, reader: str) -> bytes:
+    """*stream* (GROUP frames for a *reader*-role GroupConnection) with
+    each AUTH carrying the right MAC for the first HELLO's nonce, and every
+    frame's CRC (and length, when the MAC changed it) recomputed."""
+    from replicator.protocol import group as g
+    out = bytearray()
+    pos = 0
+    peer_nonce = None
+    while pos + fr.HEADER_SIZE <= len(stream):
+        length = struct.unpack_from("<I", stream, pos + 8)[0]
+        end = pos + fr.HEADER_SIZE + length
+        if end > len(stream):
+            break
+        head, payload = bytearray(stream[pos:pos + fr.HEADER_SIZE]), stream[pos + fr.HEADER_SIZE:end]
+        try:
+            obj = json.loads(payload)
+        except (ValueError, RecursionError):
+            obj = None
+        if isinstance(obj, dict) and obj.get("type") == "hello" and peer_nonce is None:
+            try:
+                peer_nonce = bytes.fromhex(str(obj.get("nonce")))
+            except ValueError:
+                pass
+        elif isinstance(obj, dict) and obj.get("type") == "auth" and peer_nonce is not None:
+            peer_role = "master" if reader == "member" else "member"
+            obj["mac"] = g.group_mac(GROUP_SECRET, peer_role, GROUP_NONCES[reader], peer_nonce,
+                                     GROUP_NAME).hex()
+            payload = json.dumps(obj, separators=(",", ":")).encode()
+            struct.pack_into("<I", head, 8, len(payload))
+        struct.pack_into("<I", head, fr.CRC_OFFSET, 0)
+        struct.pack_into("<I", head, fr.CRC_OFFSET, crc32c(payload, crc32c(bytes(head))))
+        out += head + payload
+        pos = end
+    return bytes(out + stream[pos:])
+
+
+def target_group(data: bytes) -> None:
+    """A group channel end (member, or master with bit 3 of byte 0)
+    receiving its peer's bytes: handshake, authentication, control
+    messages; every message decoded must encode to the same message."""
+    from replicator.protocol import group as g
+    mode, stream = _split(data)
+    role = "master" if mode & 8 else "member"
+    if mode & FIXUP:
+        stream = fix_group_frames(stream, role)
+    conn = _group_conn(role)
+    conn.initiate()
+    for chunk in _chunks(stream, mode) + [b""]:
+        conn.receive_data(chunk)
+        while (msg := conn.next_event()) is not None:
+            conn.data_to_send()
+            again = g.decode(g.encode(msg)[fr.HEADER_SIZE:])
+            if again != msg:
+                raise ContractViolation(f"group {msg.type} does not survive encode/decode: "
+                                        f"{msg!r} came back as {again!r}")
+
+
+def _seed_group() -> list[bytes]:
+    from replicator.protocol import group as g
+    out = []
+    for reader, sender in (("member", "master"), ("master", "member")):
+        a, b = _group_conn(reader), _group_conn(sender)
+
+        def pump(c, data: bytes) -> bytes:
+            c.receive_data(data)
+            while c.next_event() is not None:
+                pass
+            return c.data_to_send()
+
+        a_hello = a.initiate()
+        stream = b.initiate() + pump(b, a_hello)       # b's HELLO and AUTH
+        pump(b, pump(a, stream))                         # a's AUTH back: b established
+        msgs = ([g.make("release", n=3, t=1_700_000_000_000_000), g.make("reset", n=2),
+                 g.make("view", view={"members": {"r0": {"held": 3}}, "point": [3, 7]}),
+                 g.make("checkpoint", n=4, t=5, members=["r0", "r1"]),
+                 g.make("ping", nonce=1, t0=2), g.make("pong", nonce=1, t0=2, t1=3)]
+                if sender == "master" else
+                [g.make("join", member="r0", released_n=2, released_t=9, in_progress=None),
+                 g.make("held", member="r0", n=3, t=10, skew_us=5, members=["r0"]),
+                 g.make("watermark", member="r0", t=11, skew_us=None, members=["r0", "r1"]),
+                 g.make("complete", member="r0", n=3, seq=77),
+                 g.make("resign", member="r0", reason="catching up"),
+                 g.make("freeze", member="r0")])
+        assert a.established and b.established, "the seed group handshake did not complete"
+        stream += b"".join(b.send(msg) for msg in msgs) + b.error("stopping")
+        out.append(bytes([FIXUP | (8 if reader == "master" else 0)]) + stream)
+    return out
+
+
 # -- records ------------------------------------------------------------------
 
 def fix_records(buf: bytes) -> bytes:
@@ -939,6 +1043,9 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            "one message payload per case", forbidden=(LocalProtocolError,)),
     Target("connection", target_connection, (ProtocolError,), _seed_connection, 8192,
            "Connection: handshake, auth, STATE check, stream", forbidden=(LocalProtocolError,)),
+    Target("group", target_group, (ProtocolError,), _seed_group, 8192,
+           "group channel end: handshake, auth, control messages (JSON)",
+           forbidden=(LocalProtocolError,), dictionary=_JSON_TOKENS),
     Target("records", target_records, (RecordError,), _seed_records, 8192,
            "record buffers: C scan against the Python reference"),
     Target("journal", target_journal, (jn.JournalError,), _seed_journal, 1 << 16,

@@ -15,7 +15,7 @@ from fuzz.targets import TARGETS, Crash, Target, check
 # Cases per target: about half a second at each target's rate on one core
 # (each run also pays a second of start-up: imports, instrumentation).
 RUNS = {"connection": 300, "journal": 800, "config": 1000, "oosfiles": 1000,
-        "frames": 1500, "bitmap": 1500, "actlog": 1500}
+        "frames": 1500, "bitmap": 1500, "actlog": 1500, "group": 1500}
 DEFAULT_RUNS = 3000
 
 
