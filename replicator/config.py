@@ -201,6 +201,7 @@ class Resource:
     drain_timeout_s: float = 10.0  # a clean stop waits this long for the peer
     ping_interval_s: float = 1.0   # a PING when nothing else went to the peer for this long
     ping_timeout_s: float = 6.0    # no frame from the peer for this long: it is gone
+    auth_timeout_s: float = 5.0    # a connection that has not authenticated by then is dropped
     nodes: dict[str, Node] = field(default_factory=dict)
     config_path: str = DEFAULT_CONFIG_PATH
 
@@ -463,7 +464,8 @@ def _power_of_two(n: int) -> bool:
 _RESOURCE_KEYS = {
     "secret-file", "track-size", "ring-size", "journal-size", "al-extent-size",
     "al-extents", "batch-bytes", "batch-interval", "connections", "resync-rate",
-    "fence-command", "drain-timeout", "ping-interval", "ping-timeout", "on",
+    "fence-command", "drain-timeout", "ping-interval", "ping-timeout", "auth-timeout",
+    "on",
 }
 _NODE_KEYS = {
     "address", "device", "meta-dir", "export", "service-address",
@@ -603,6 +605,10 @@ def _parse_resource(c: _Checker, name: str, table: Any) -> Resource:
         raise c.fail(f"{key}.ping-timeout",
                      f"{t.get('ping-timeout')!r} must be between 1s and 10min and at least "
                      f"twice ping-interval")
+    auth_timeout = c.parsed(t, key, "auth-timeout", "5s", parse_duration)
+    if not 0.1 <= auth_timeout <= 120:
+        raise c.fail(f"{key}.auth-timeout",
+                     f"{t.get('auth-timeout')!r} must be between 100ms and 2min")
     connections = c.integer(t, key, "connections", 1, 1, 64)
     resync_rate = c.parsed(t, key, "resync-rate", 0, parse_rate)
     fence_command = c.string(t, key, "fence-command")
@@ -620,6 +626,7 @@ def _parse_resource(c: _Checker, name: str, table: Any) -> Resource:
         al_extent_size=al_extent_size, al_extents=al_extents,
         batch_bytes=batch_bytes, batch_interval_s=batch_interval, drain_timeout_s=drain_timeout,
         ping_interval_s=ping_interval, ping_timeout_s=ping_timeout,
+        auth_timeout_s=auth_timeout,
         connections=connections, resync_rate=resync_rate,
         fence_command=fence_command, nodes=nodes, config_path=c.path,
     )

@@ -169,6 +169,9 @@ class PeerLink:
             sock.close()
             if isinstance(e, LinkError):
                 raise
+            if isinstance(e, socket.timeout):
+                raise LinkError(f"the peer did not finish authenticating within {timeout:g} s "
+                                f"(auth-timeout)") from None
             raise LinkError(f"handshake failed: {e}") from None
         sock.settimeout(None)
         link = cls(sock, conn, on_event, on_ack, on_idle)

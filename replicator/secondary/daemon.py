@@ -124,6 +124,11 @@ APPLY_RETRY = (0.5, 10.0)    # a failed apply is retried after this, doubling to
 DISK_FAILED = "Failed"       # this node cannot write its image (runtime only, never saved)
 
 
+#: Handshakes one source host may have under way at once (a primary opens
+#: at most `connections` links, and a reconnect replaces them).
+MAX_HANDSHAKES_PER_SOURCE = 8
+
+
 class SecondaryError(DuplexError):
     """The secondary cannot start (metadata, journal, image)."""
 
@@ -187,6 +192,8 @@ class Secondary(IncrementReceiver):
         self.promote_waiting = ""   # what a promotion under way waits for (status)
         self.group: SecondaryGroup | None = None  # a consistency group's member side
         self.refused: dict[str, int] = {}  # _lock: refused connections/frames by reason
+        self._handshaking: dict[str, int] = {}  # _lock: handshakes under way, by source host
+        self._flood_logged = 0.0
         self._group_bound = 0       # _lock: the group's released point (0: no group)
         # Counted so that an observer can tell whether the image changed
         # while it read it: a sample is whole when no run was in flight.
@@ -485,6 +492,22 @@ class Secondary(IncrementReceiver):
             if not self.receiving:
                 sock.close()
                 continue
+            with self._lock:
+                busy = self._handshaking.get(addr[0], 0)
+                if busy < MAX_HANDSHAKES_PER_SOURCE:
+                    self._handshaking[addr[0]] = busy + 1
+            if busy >= MAX_HANDSHAKES_PER_SOURCE:
+                # A flood of half-open connections from one host must not
+                # take every thread: the extra ones are closed at once.
+                sock.close()
+                self._count_refused_reason("too-many-handshakes")
+                now = time.monotonic()
+                if now - self._flood_logged > 10:
+                    self._flood_logged = now
+                    log.warning("%s: %s has %d connections in the handshake already: further "
+                                "ones closed (logged once per 10 s)", self.resource.name,
+                                addr[0], busy)
+                continue
             try:
                 self.sup.spawn("duplex-handshake", lambda s=sock, a=addr: self._handshake(s, a))
             except BaseException:
@@ -653,13 +676,16 @@ class Secondary(IncrementReceiver):
                 link = PeerLink.accept(sock, role="secondary", resource=self.resource.name,
                                        node=self.node.name, secret=secret,
                                        state_for=self._state_for, on_event=self._on_event,
-                                       on_idle=self._on_idle)
+                                       on_idle=self._on_idle,
+                                       timeout=self.resource.auth_timeout_s)
                 link.set_timeouts(self.resource.ping_interval_s, self.resource.ping_timeout_s)
             except (LinkError, DuplexError, OSError) as e:
                 self.last_error = f"connection from {addr[0]} refused: {e}"
                 log.error("%s: %s", self.resource.name, self.last_error)
                 self._count_refused(e)
                 return
+            finally:
+                self._handshake_done(addr[0])
             with self._lock:
                 if not self.receiving:  # promoted while this handshake ran
                     return
@@ -686,6 +712,18 @@ class Secondary(IncrementReceiver):
                 else:
                     sock.close()  # closing twice is harmless: accept may have
 
+    def _handshake_done(self, host: str) -> None:
+        with self._lock:
+            n = self._handshaking.get(host, 0) - 1
+            if n > 0:
+                self._handshaking[host] = n
+            else:
+                self._handshaking.pop(host, None)
+
+    def _count_refused_reason(self, reason: str) -> None:
+        with self._lock:
+            self.refused[reason] = self.refused.get(reason, 0) + 1
+
     def _count_refused(self, e: BaseException) -> None:
         """Count a refused connection or frame by reason (metrics)."""
         if isinstance(e, StreamError):
@@ -697,8 +735,7 @@ class Secondary(IncrementReceiver):
             reason = "handshake"
         else:
             reason = "other"
-        with self._lock:
-            self.refused[reason] = self.refused.get(reason, 0) + 1
+        self._count_refused_reason(reason)
 
     def _drop(self, link: PeerLink, reason: str) -> None:
         """Forget *link* and close it: its socket and its threads."""

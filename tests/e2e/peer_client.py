@@ -46,11 +46,37 @@ def read_until_closed(sock: socket.socket, conn: Connection | None = None) -> di
     return {"outcome": "closed", "message": msg, "bytes": len(chunks)}
 
 
+class Recording(socket.socket):
+    """A socket that keeps a copy of everything sent (for the replay)."""
+
+    sent = b""
+
+    def sendall(self, data, *a):  # type: ignore[override]
+        Recording.sent += bytes(data)
+        return super().sendall(data, *a)
+
+
 def main() -> None:
     mode, host, port, secret_file, size = sys.argv[1:6]
     secret = Path(secret_file).read_text().strip().encode()
     size = int(size)
+    if mode == "replay":
+        # A whole authenticated handshake, recorded, then sent again
+        # verbatim on a new connection: the fresh nonce of the secondary
+        # makes the old AUTH worthless.
+        # HELLO and an AUTH that passed, recorded; no STATE.
+        handshake(Recording(socket.AF_INET, socket.SOCK_STREAM), host, port, secret,
+                  size, "r0", mode="auth-only")
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        sock.sendall(Recording.sent)
+        print(json.dumps(read_until_closed(sock, Connection("primary", "r0", "intruder",
+                                                            secret))))
+        return
     sock = socket.create_connection((host, int(port)), timeout=10)
+    if mode == "silent":
+        # Connect and say nothing: the secondary must drop it (auth-timeout).
+        print(json.dumps(read_until_closed(sock)))
+        return
     if mode == "garbage":
         sock.sendall(os.urandom(4096))
         print(json.dumps(read_until_closed(sock)))
@@ -63,6 +89,15 @@ def main() -> None:
     resource = "r9" if mode == "other-resource" else "r0"
     if mode == "wrong-secret":
         secret = b"not-the-secret"
+    print(json.dumps(handshake(sock, host, port, secret, size, resource, mode=mode)))
+
+
+def handshake(sock: socket.socket, host: str, port: str, secret: bytes, size: int,
+              resource: str, mode: str = "") -> dict:
+    """HELLO, AUTH and STATE as a primary would; what came of it."""
+    if sock.fileno() >= 0 and not _connected(sock):
+        sock.settimeout(10)
+        sock.connect((host, int(port)))
     conn = Connection("primary", resource, "intruder", secret)
     sock.sendall(conn.initiate())
     sock.settimeout(10)
@@ -79,9 +114,21 @@ def main() -> None:
             if out:
                 sock.sendall(out)
             if ev is CLOSED or isinstance(ev, Error):
-                print(json.dumps({"outcome": "closed",
-                                  "message": ev.message if isinstance(ev, Error) else None}))
-                return
+                return {"outcome": "closed",
+                        "message": ev.message if isinstance(ev, Error) else None}
+            if conn.state.name == "NEGOTIATING" and mode == "auth-only":
+                # Authenticated: stop before STATE (a STATE from this
+                # client would be adopted as a primary's: it knows the secret).
+                sock.close()
+                return {"outcome": "authenticated"}
+            if conn.state.name == "NEGOTIATING" and mode == "second-hello":
+                # Authenticated both ways, then a HELLO that claims another
+                # resource instead of STATE: refused.
+                from replicator.protocol.frames import encode_frame
+                from replicator.protocol.messages import Hello
+                hello = Hello(1, "r9", "intruder", "primary", os.urandom(32))
+                sock.sendall(encode_frame(FrameType.HELLO, hello.encode()))
+                return read_until_closed(sock)
             if conn.state.name == "NEGOTIATING":
                 st = State(b"\x11" * 16, b"\x22" * 16, size if mode != "other-size" else size * 2,
                            65536, "primary", "UpToDate")
@@ -90,12 +137,18 @@ def main() -> None:
             if conn.established:
                 break
     except ProtocolError as e:
-        print(json.dumps({"outcome": "refused", "message": str(e)}))
-        return
+        return {"outcome": "refused", "message": str(e)}
     except OSError as e:
-        print(json.dumps({"outcome": "reset", "message": str(e)}))
-        return
-    print(json.dumps({"outcome": "established"}))
+        return {"outcome": "reset", "message": str(e)}
+    return {"outcome": "established"}
+
+
+def _connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+        return True
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":
