@@ -42,7 +42,7 @@ from fixtures.processes import ProcessGroup
 pytestmark = pytest.mark.system  # root, namespaces, nbdkit (the module labs are no conftest fixtures)
 
 DELAY_MS = 250
-ROUNDS = 4          # per mode; each a kill -9 of the primary site and a restart
+ROUNDS = 3          # per mode (after W3, W2, W1); each a kill -9 of the primary site and a restart
 CONTROL_ROUNDS = 2
 SEED = int(os.environ.get("DUPLEX_GROUP_SEED", time.time_ns() % 100000))
 
