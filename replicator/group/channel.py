@@ -23,7 +23,7 @@ from replicator.supervise import Supervisor
 log = logging.getLogger("duplex.group")
 
 HANDSHAKE_TIMEOUT = 5.0
-RECONNECT = (0.1, 2.0)
+RECONNECT = (0.1, 1.0)  # a restarted master must see its members back well within RESIGN_GRACE
 RECV = 65536
 
 

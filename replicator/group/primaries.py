@@ -96,6 +96,13 @@ class PrimaryGroup(GroupSide):
         with self._lock:
             if self.n == 0:
                 self.n = self._clock() // 1000
+            # A master that (re)starts counts every member active until
+            # RESIGN_GRACE passes without its primary: a restart must not
+            # drop (and so resign) the members that have not reconnected yet.
+            now = time.monotonic()
+            for m in self.group.resources:
+                if m != self.resource:
+                    self._active.setdefault(m, now)
         next_at = time.monotonic()
         while not self._stop.is_set():
             next_at += interval

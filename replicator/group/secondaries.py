@@ -18,7 +18,9 @@ None`` (None: records stamped at or before the bound remain, or a run is
 in flight) and ``sync()`` (fdatasync the images).
 
 Threads and locks: ``SecondaryGroup._lock`` guards the rendezvous (master
-only), ``view``, ``_complete_sent``. Messages are sent outside it.
+only), ``view``, ``_complete_sent``. ``_route_lock`` (master, re-entrant,
+taken before ``_lock``) makes a rendezvous event and the sending of its
+messages one step: sends are in decision order.
 Threads: channel.py's; ``poll()`` runs on the daemon's applier thread.
 """
 from __future__ import annotations
@@ -61,6 +63,10 @@ class SecondaryGroup(GroupSide):
         self.view: dict | None = None
         self.view_at = 0.0
         self._complete_sent: int | None = None
+        # Master: a rendezvous event and the sending of what it decided are
+        # one step, so two readers cannot send a release and an older reset
+        # in the other order (re-entrant: our own member answers inline).
+        self._route_lock = threading.RLock()
         self.frozen_by_us = False
         self._last_wm = 0.0  # the daemon's committer/reader threads: a throttle only
 
@@ -127,7 +133,8 @@ class SecondaryGroup(GroupSide):
 
     def _on_close(self, link: GroupLink, why: str) -> None:
         if self.is_master:
-            self._rdv("left", link.peer_member)
+            with self._route_lock:
+                self._rdv("left", link.peer_member)
             log.warning("group %s: secondary of %s left: %s", self.group.name,
                         link.peer_member, why)
         else:
@@ -140,7 +147,8 @@ class SecondaryGroup(GroupSide):
                 log.warning("group %s: %s sent a message for %s: ignored", self.group.name,
                             member, msg["member"])
                 return
-            self._route(self._master_event(msg))
+            with self._route_lock:
+                self._route(self._master_event(msg))
             return
         if msg.type == "release":
             self._on_release(msg["n"], msg["t"])
@@ -176,7 +184,8 @@ class SecondaryGroup(GroupSide):
     def send(self, mtype: str, fields: dict) -> None:
         """Send a member message to the master (ours: a direct call)."""
         if self.is_master:
-            self._route(self._master_event(make(mtype, **fields)))
+            with self._route_lock:
+                self._route(self._master_event(make(mtype, **fields)))
         elif self._client is not None:
             self._client.send(mtype, **fields)
 
@@ -227,7 +236,8 @@ class SecondaryGroup(GroupSide):
         """Ask the master to release nothing new (a promotion starts); False
         when the master cannot be reached."""
         if self.is_master:
-            self._route(self._rdv("freeze"))
+            with self._route_lock:
+                self._route(self._rdv("freeze"))
             return True
         self.frozen_by_us = True
         return self._client is not None and self._client.send("freeze", member=self.resource)
