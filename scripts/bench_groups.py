@@ -7,7 +7,10 @@ delta, each host a network namespace, real nbdkit and TCP), r1's
 replication link slowed by the delaying relay (``--delay-ms``, one way:
 primary to secondary). fio's nbd engine writes both primaries' exports at
 once, 4 KiB random writes at a fixed rate per export (``--rate``, iodepth
-1): a steady moderate load that saturates neither link nor CPU. Three
+1; 200 and 500 per export by default, one section each): steady loads that
+saturate neither link (at 500 per export the lab's own processes keep about
+one of a 2-CPU machine's CPUs busy: the second rate shows what CPU
+contention does to the tail). Three
 configurations, each on a fresh lab, interleaved round by round so that a
 noisy neighbour's burst does not land on one of them only:
 
@@ -203,11 +206,12 @@ def _tree_cpu(pids: Sequence[int]) -> float:
     return total
 
 
-def fio_argv(uris: Sequence[str], options: argparse.Namespace, out: Path) -> list[str]:
-    """One fio job per export, each at ``--rate`` IOPS, iodepth 1, the two
+def fio_argv(uris: Sequence[str], rate: int, options: argparse.Namespace,
+             out: Path) -> list[str]:
+    """One fio job per export, each at *rate* IOPS, iodepth 1, the two
     reported as one (their latency histograms merged)."""
     argv = ["fio", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--norandommap",
-            "--randrepeat=0", "--iodepth=1", f"--rate_iops={options.rate}", "--time_based",
+            "--randrepeat=0", "--iodepth=1", f"--rate_iops={rate}", "--time_based",
             f"--runtime={options.runtime:g}", f"--ramp_time={options.ramp:g}",
             "--group_reporting", "--output-format=json", f"--output={out}"]
     for i, uri in enumerate(uris):
@@ -215,9 +219,9 @@ def fio_argv(uris: Sequence[str], options: argparse.Namespace, out: Path) -> lis
     return argv
 
 
-def run_fio(uris: Sequence[str], options: argparse.Namespace, out: Path) -> dict:
+def run_fio(uris: Sequence[str], rate: int, options: argparse.Namespace, out: Path) -> dict:
     """fio's merged job (``write`` holds the numbers)."""
-    argv = fio_argv(uris, options, out)
+    argv = fio_argv(uris, rate, options, out)
     try:
         res = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL,
                              timeout=options.runtime + options.ramp + 120, check=False)
@@ -234,8 +238,9 @@ def run_fio(uris: Sequence[str], options: argparse.Namespace, out: Path) -> dict
     return job
 
 
-def measure(key: str, options: argparse.Namespace, scratch: Path) -> Round:
-    """One round of configuration *key* on a fresh four-host lab."""
+def measure(key: str, rate: int, options: argparse.Namespace, scratch: Path) -> Round:
+    """One round of configuration *key* at *rate* writes per second per
+    primary, on a fresh four-host lab."""
     from fixtures.group_lab import GroupLab
     from fixtures.processes import ProcessGroup
 
@@ -258,14 +263,14 @@ def measure(key: str, options: argparse.Namespace, scratch: Path) -> Round:
                 secondaries = [lab.up[n].pid for n in ("beta", "delta")]
                 primaries = [lab.up[n].pid for n in ("alpha", "gamma")]
                 uris = [f"nbd+unix:///?socket={lab.sock[n]}" for n in ("alpha", "gamma")]
-                progress(f"{LABELS[key]}: fio {options.runtime:g} s at {options.rate} IOPS "
+                progress(f"{LABELS[key]}: fio {options.runtime:g} s at {rate} IOPS "
                          f"per primary ...")
                 timer = threading.Timer(options.ramp, sampler.count_from)
                 timer.start()
                 t0 = time.monotonic()
                 cs0, cp0 = _tree_cpu(secondaries), _tree_cpu(primaries)
                 try:
-                    job = run_fio(uris, options, work / "fio.json")
+                    job = run_fio(uris, rate, options, work / "fio.json")
                 finally:
                     timer.cancel()
                     sampler.stop()
@@ -317,45 +322,48 @@ def _median(xs: Sequence[float | None]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def build_table(rounds: dict[str, list[Round]], options: argparse.Namespace) -> Table:
-    """One row per configuration; ratios against the ungrouped median."""
+def build_table(rounds: dict[int, dict[str, list[Round]]],
+                options: argparse.Namespace) -> Table:
+    """One section per write rate, one row per configuration; ratios
+    against the ungrouped median at the same rate."""
     t = Table(f"Consistency groups: two members on two primary hosts, r1's link "
               f"+{options.delay_ms} ms",
               ["configuration", ("exp p50", ">"), ("exp p99", ">"), ("p99 mid rnd", ">"),
-               ("exp max", ">"),
- ("write p50", ">"), ("write p99", ">"), ("IOPS", ">"),
+               ("exp max", ">"), ("write p50", ">"), ("write p99", ">"), ("IOPS", ">"),
                ("IOPS vs (u)", ">"), ("p50 vs (u)", ">"), ("p99 vs (u)", ">"),
                ("CPU sec", ">"), ("CPU pri", ">")])
-    t.add_section(f"4 KiB random writes, {options.rate} IOPS on each primary, iodepth 1; "
-                  f"checkpoint interval {options.interval}")
-    med: dict[str, dict[str, float | None]] = {}
-    for key, rs in rounds.items():
-        ok = [r for r in rs if r.failed is None]
-        med[key] = {"iops": _median([r.iops for r in ok]),
-                    "p50": _median([r.clat_p50_ns for r in ok]),
-                    "p99": _median([r.clat_p99_ns for r in ok]),
-                    "cs": _median([r.cpu_secondaries for r in ok]),
-                    "cp": _median([r.cpu_primaries for r in ok])}
-    base = med.get("u", {})
-    for key, rs in rounds.items():
-        ok = [r for r in rs if r.failed is None]
-        if not ok:
-            t.add_row(f"{LABELS[key]}: FAILED", *([None] * (len(t.columns) - 1)))
-            continue
-        exp = [x for r in ok for x in r.exposure_ns]
-        m = med[key]
-        grouped = key != "u"
-        t.add_row(LABELS[key],
-                  fmt_ns(_pct(exp, 0.50)) if grouped else None,
-                  fmt_ns(_pct(exp, 0.99)) if grouped else None,
-                  fmt_ns(_median([_pct(r.exposure_ns, 0.99) for r in ok])) if grouped else None,
-                  fmt_ns(max(exp)) if grouped and exp else None,
-                  fmt_ns(m["p50"]), fmt_ns(m["p99"]), fmt_count(m["iops"]),
-                  ratio(m["iops"], base.get("iops")) if grouped else None,
-                  ratio(m["p50"], base.get("p50")) if grouped else None,
-                  ratio(m["p99"], base.get("p99")) if grouped else None,
-                  f"{m['cs']:.2f}" if m["cs"] is not None else None,
-                  f"{m['cp']:.2f}" if m["cp"] is not None else None)
+    for rate, by_key in rounds.items():
+        t.add_section(f"4 KiB random writes, {rate} IOPS on each primary, iodepth 1; "
+                      f"checkpoint interval {options.interval}")
+        med: dict[str, dict[str, float | None]] = {}
+        for key, rs in by_key.items():
+            ok = [r for r in rs if r.failed is None]
+            med[key] = {"iops": _median([r.iops for r in ok]),
+                        "p50": _median([r.clat_p50_ns for r in ok]),
+                        "p99": _median([r.clat_p99_ns for r in ok]),
+                        "cs": _median([r.cpu_secondaries for r in ok]),
+                        "cp": _median([r.cpu_primaries for r in ok])}
+        base = med.get("u", {})
+        for key, rs in by_key.items():
+            ok = [r for r in rs if r.failed is None]
+            if not ok:
+                t.add_row(f"{LABELS[key]}: FAILED", *([None] * (len(t.columns) - 1)))
+                continue
+            exp = [x for r in ok for x in r.exposure_ns]
+            m = med[key]
+            grouped = key != "u"
+            t.add_row(LABELS[key],
+                      fmt_ns(_pct(exp, 0.50)) if grouped else None,
+                      fmt_ns(_pct(exp, 0.99)) if grouped else None,
+                      fmt_ns(_median([_pct(r.exposure_ns, 0.99) for r in ok]))
+                      if grouped else None,
+                      fmt_ns(max(exp)) if grouped and exp else None,
+                      fmt_ns(m["p50"]), fmt_ns(m["p99"]), fmt_count(m["iops"]),
+                      ratio(m["iops"], base.get("iops")) if grouped else None,
+                      ratio(m["p50"], base.get("p50")) if grouped else None,
+                      ratio(m["p99"], base.get("p99")) if grouped else None,
+                      f"{m['cs']:.2f}" if m["cs"] is not None else None,
+                      f"{m['cp']:.2f}" if m["cp"] is not None else None)
     t.add_note(f"four network namespaces, r0 alpha -> beta, r1 gamma -> delta through a relay "
                f"delaying primary-to-secondary bytes by {options.delay_ms} ms; fio --ioengine=nbd "
                f"on both primaries' exports at once, {options.runtime:g} s after "
@@ -365,73 +373,78 @@ def build_table(rounds: dict[str, list[Round]], options: argparse.Namespace) -> 
                "every round pooled; p99 mid rnd: the median of the rounds' own p99s (one "
                "round hit by a neighbour's burst moves it less); target: exp p99 < 100 ms")
     t.add_note("write p50/p99: fio completion latency of both jobs merged; IOPS: both jobs; "
-               "each the median of the rounds; vs (u): over the ungrouped median of this run "
-               "(target: within 5%)")
+               "each the median of the rounds; vs (u): over the ungrouped median at the same "
+               "rate in this run (target: within 5%)")
     t.add_note(f"CPU sec / CPU pri: CPU seconds of the two secondaries' `duplex up` / the two "
                f"primaries' `duplex up` and nbdkit over the {options.runtime:g} s run, median "
                f"({os.cpu_count()} CPUs, shared with fio and the relay)")
-    n_samples = {k: sum(len(r.exposure_ns) for r in rs) for k, rs in rounds.items()}
-    t.add_note(f"{options.repeat} round(s), configurations interleaved, a fresh lab each; "
-               "exposure samples: " + ", ".join(f"({k}) {n}" for k, n in n_samples.items()
-                                                if k != "u"))
-    for key, rs in rounds.items():
-        if key == "u":
-            continue
-        rel = [(r.releases, r.window_s) for r in rs if r.releases and r.window_s]
-        if rel:
-            t.add_note(f"({key}) " + ("checkpoints released through" if key == "k"
-                                      else "releases of L") + " per second: "
-                       + ", ".join(f"{n / w:.0f}" for n, w in rel)
-                       + (f" (a checkpoint every {options.interval})" if key == "k" else ""))
-        lag = [x for r in rs for x in r.view_lag_ns]
-        if lag:
-            same = sum(1 for x in lag if x == 0) / len(lag)
-            t.add_note(f"({key}) the master's view (what `duplex status g0` prints) named "
-                       f"beta's point in {same:.0%} of the samples"
-                       + ("" if same == 1 else f"; else older by up to {fmt_ns(max(0, max(lag)))}"
-                          f", newer by up to {fmt_ns(max(0, -min(lag)))}"))
-        blocked: dict[str, int] = {}
-        for r in rs:
-            for why, c in r.blocked.items():
-                blocked[why] = blocked.get(why, 0) + c
-        if blocked:
-            total = sum(r.status_samples for r in rs) or 1
-            t.add_note(f"({key}) what the master's view said it waited for (share of the "
-                       "samples): " + "; ".join(
-                           f"{why} {c / total:.0%}" for why, c in
-                           sorted(blocked.items(), key=lambda kv: -kv[1])))
-        slow: dict[str, int] = {}
-        for r in rs:
-            for why, c in r.slow.items():
-                slow[why] = slow.get(why, 0) + c
-        over = sum(1 for r in rs for x in r.exposure_ns if x > TARGET_NS)
-        if over:
-            n_exp = sum(len(r.exposure_ns) for r in rs) or 1
-            t.add_note(f"({key}) {over / n_exp:.1%} of the exposure samples over "
-                       f"{TARGET_NS / 1e6:.0f} ms; status samples taken then: "
-                       + ("; ".join(f"{why} ({c})" for why, c in sorted(
-                           slow.items(), key=lambda kv: -kv[1]))
-                          or "none blocked (a release was being applied)"))
-        failed = sum(r.samples_failed for r in rs)
-        if failed:
-            t.add_note(f"({key}) {failed} samples failed (group.json unreadable, or the "
-                       "control socket busy)")
-    loads = [r.load for rs in rounds.values() for r in rs if r.load is not None]
+    t.add_note(f"{options.repeat} round(s), configurations (and rates) interleaved, a fresh lab "
+               "each")
+    for rate, by_key in rounds.items():
+        for key, rs in by_key.items():
+            if key != "u":
+                _mode_notes(t, f"({key}" + (f" @{rate})" if len(rounds) > 1 else ")"), key,
+                            rs, options)
+    loads = [r.load for by_key in rounds.values() for rs in by_key.values() for r in rs
+             if r.load is not None]
     if loads:
         t.add_note(f"1-minute load average at the end of each run: {min(loads):.1f} to "
                    f"{max(loads):.1f} (this run's own processes count in it too)")
-    if options.repeat > 1:
-        for key, rs in rounds.items():
-            t.add_note(f"  ({key}) per round: IOPS "
-                       + ", ".join(fmt_count(r.iops) or "-" for r in rs)
-                       + "; write p99 " + ", ".join(fmt_ns(r.clat_p99_ns) or "-" for r in rs)
-                       + ("; exposure p99 " + ", ".join(fmt_ns(_pct(r.exposure_ns, 0.99)) or "-"
-                                                        for r in rs) if key != "u" else ""))
-    for key, rs in rounds.items():
-        for r in rs:
-            if r.failed is not None:
-                t.add_note(f"({key}) a round FAILED: {r.failed.splitlines()[0][:300]}")
+    for rate, by_key in rounds.items():
+        for key, rs in by_key.items():
+            tag = f"({key}" + (f" @{rate})" if len(rounds) > 1 else ")")
+            if options.repeat > 1:
+                t.add_note(f"  {tag} per round: IOPS "
+                           + ", ".join(fmt_count(r.iops) or "-" for r in rs)
+                           + "; write p99 " + ", ".join(fmt_ns(r.clat_p99_ns) or "-" for r in rs)
+                           + ("; exposure p99 " + ", ".join(
+                               fmt_ns(_pct(r.exposure_ns, 0.99)) or "-" for r in rs)
+                              if key != "u" else ""))
+            for r in rs:
+                if r.failed is not None:
+                    t.add_note(f"{tag} a round FAILED: {r.failed.splitlines()[0][:300]}")
     return t
+
+
+def _mode_notes(t: Table, tag: str, key: str, rs: Sequence[Round],
+                options: argparse.Namespace) -> None:
+    """What the samples of one grouped configuration say beyond the row."""
+    rel = [(r.releases, r.window_s) for r in rs if r.releases and r.window_s]
+    n_exp = sum(len(r.exposure_ns) for r in rs)
+    t.add_note(f"{tag} {n_exp} exposure samples; "
+               + ("checkpoints released through" if key == "k" else "releases of L")
+               + " per second: " + (", ".join(f"{n / w:.0f}" for n, w in rel) or "-")
+               + (f" (a checkpoint every {options.interval})" if key == "k" else ""))
+    lag = [x for r in rs for x in r.view_lag_ns]
+    if lag:
+        same = sum(1 for x in lag if x == 0) / len(lag)
+        t.add_note(f"{tag} the master's view (what `duplex status g0` prints) named "
+                   f"beta's point in {same:.0%} of the samples"
+                   + ("" if same == 1 else f"; else older by up to {fmt_ns(max(0, max(lag)))}"
+                      f", newer by up to {fmt_ns(max(0, -min(lag)))}"))
+    blocked: dict[str, int] = {}
+    slow: dict[str, int] = {}
+    for r in rs:
+        for why, c in r.blocked.items():
+            blocked[why] = blocked.get(why, 0) + c
+        for why, c in r.slow.items():
+            slow[why] = slow.get(why, 0) + c
+    if blocked:
+        total = sum(r.status_samples for r in rs) or 1
+        t.add_note(f"{tag} what the master's view said it waited for (share of the samples): "
+                   + "; ".join(f"{why} {c / total:.0%}" for why, c in
+                               sorted(blocked.items(), key=lambda kv: -kv[1])))
+    over = sum(1 for r in rs for x in r.exposure_ns if x > TARGET_NS)
+    if over:
+        t.add_note(f"{tag} {over / max(1, n_exp):.1%} of the exposure samples over "
+                   f"{TARGET_NS / 1e6:.0f} ms; status samples taken then: "
+                   + ("; ".join(f"{why} ({c})" for why, c in sorted(
+                       slow.items(), key=lambda kv: -kv[1]))
+                      or "none blocked (a release was being applied)"))
+    failed = sum(r.samples_failed for r in rs)
+    if failed:
+        t.add_note(f"{tag} {failed} samples failed (group.json unreadable, or the control "
+                   "socket busy)")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -444,8 +457,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="rounds, the configurations interleaved (default 3)")
     p.add_argument("--delay-ms", type=int, default=20,
                    help="delay of r1's link, primary to secondary, in ms (default 20)")
-    p.add_argument("--rate", type=int, default=500,
-                   help="4 KiB writes per second on each primary (default 500)")
+    p.add_argument("--rate", default="200,500",
+                   help="4 KiB writes per second on each primary; several, comma-separated, "
+                        "make one section each (default 200,500)")
     p.add_argument("--interval", default="20ms",
                    help="the group's checkpoint-interval (default 20ms)")
     p.add_argument("--ramp", type=float, default=1.0,
@@ -462,8 +476,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--repeat must be between 1 and 20")
     if opts.delay_ms < 1:
         p.error("--delay-ms must be at least 1 (the bench is about a slowed link)")
-    if opts.rate < 1:
-        p.error("--rate must be at least 1")
+    try:
+        opts.rates = [int(x) for x in opts.rate.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--rate: expected numbers of writes per second, e.g. 200,500 (got {opts.rate!r})")
+    if not opts.rates or min(opts.rates) < 1:
+        p.error("--rate: each rate must be at least 1")
     opts.size = opts.size_mib << 20
     opts.keys = [k.strip() for k in opts.configs.split(",") if k.strip()]
     for k in opts.keys:
@@ -478,16 +496,17 @@ def run(argv: Sequence[str]) -> Table:
     if os.geteuid() != 0:
         raise SystemExit("bench groups: needs root (network namespaces): run it as root")
     started = time.monotonic()
-    rounds: dict[str, list[Round]] = {k: [] for k in options.keys}
+    rounds: dict[int, dict[str, list[Round]]] = {
+        rate: {k: [] for k in options.keys} for rate in options.rates}
     from fixtures.images import shm_directory
     # Images and journals on tmpfs, as the other benchmarks: the numbers
     # are the replicator's, not this machine's disk.
     with shm_directory("dpx-bench-groups-") as scratch:
         for i in range(options.repeat):
             progress(f"round {i + 1} of {options.repeat}")
-            order = options.keys if i % 2 == 0 else list(reversed(options.keys))
-            for key in order:
-                rounds[key].append(measure(key, options, scratch))
+            runs = [(rate, key) for rate in options.rates for key in options.keys]
+            for rate, key in runs if i % 2 == 0 else reversed(runs):
+                rounds[rate][key].append(measure(key, rate, options, scratch))
     progress(f"done in {time.monotonic() - started:.0f} s")
     return build_table(rounds, options)
 
