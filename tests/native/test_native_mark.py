@@ -50,7 +50,7 @@ def test_a_mark_follows_every_record_stamped_at_or_before_its_time(make_rig):
         t.start()
     marks = []
     for n in range(1, 41):
-        t_n = rig.core.now_ns()
+        t_n = rig.core.now_ns() - 2_000_000  # a checkpoint arrives after its T
         res = rig.core.mark(t_n, n, b'{"n":%d}' % n)
         assert res.queued
         marks.append((n, t_n, res.seq))

@@ -115,6 +115,12 @@ class FakeLink:
     def alive(self) -> bool:
         return not self.closed
 
+    def set_timeouts(self, ping_interval: float, ping_timeout: float) -> None:
+        pass
+
+    def heard_ago(self) -> float:
+        return 0.0
+
     def send_ack(self, journaled, applied, disk=None, reason=""):
         self.acks.append((journaled, applied, disk, reason))
 
