@@ -51,6 +51,7 @@ struct rxq {
 	struct slot *slots;
 	uint32_t batch;
 	uint64_t ts_bound; /* 0: none; else a run stops before a non-MARK record stamped later */
+	uint64_t covered;  /* seqs <= it without an entry are in a committed, unapplied increment */
 	bool has_applied_tok;
 	unsigned char applied_tok[RXQ_TOKEN];
 	struct item *run; /* the run handed out */
@@ -326,6 +327,10 @@ static void advance_received(struct rxq *q)
 {
 	for (;;) {
 		const struct slot *s = find(q, q->received + 1);
+		if (s == NULL && q->received < q->covered) {
+			q->received++; /* durable in a committed increment */
+			continue;
+		}
 		if (s == NULL || s->state != RXQ_COMPLETE)
 			return;
 		q->received++;
@@ -448,7 +453,11 @@ int64_t rxq_take_run(struct rxq *q, uint64_t max_records, uint64_t max_bytes)
 	q->run_end = 0;
 	for (uint64_t seq = q->applied + 1; seq <= q->received; seq++) {
 		const struct slot *s = find(q, seq);
-		uint64_t size = rec_size(s->tok);
+		uint64_t size;
+
+		if (s == NULL)
+			break; /* covered by an increment not applied yet: it goes first */
+		size = rec_size(s->tok);
 
 		if (max_records && n >= max_records)
 			break;
@@ -511,6 +520,15 @@ int rxq_mark_applied(struct rxq *q, uint64_t seq)
 	q->has_applied_tok = true;
 	q->run_n = q->run_end = q->run_bytes = 0;
 	return 0;
+}
+
+void rxq_cover(struct rxq *q, uint64_t seq)
+{
+	if (seq > q->covered)
+		q->covered = seq;
+	if (seq > q->base_hint)
+		q->base_hint = seq;
+	advance_received(q);
 }
 
 void rxq_expect_base(struct rxq *q, uint64_t seq)

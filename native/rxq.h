@@ -152,6 +152,11 @@ int rxq_mark_applied(struct rxq *q, uint64_t seq);
 /* Accept tokens for the stream that follows an increment's base seq. */
 void rxq_expect_base(struct rxq *q, uint64_t seq);
 
+/* A committed increment up to seq is durable but held (a consistency
+ * group's, DESIGN §13): `received` may pass the seqs it covers, so records
+ * after it count as journaled; runs still stop there until rxq_rebase. */
+void rxq_cover(struct rxq *q, uint64_t seq);
+
 /* A committed increment brought the image to seq: drop every entry at or
  * below it. token may be NULL. 0, or -1 if seq < applied. */
 int rxq_rebase(struct rxq *q, uint64_t seq, const unsigned char *token);

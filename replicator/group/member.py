@@ -25,6 +25,7 @@ from __future__ import annotations
 import heapq
 import json
 import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,7 @@ class MemberGate:
         self.resigned: str | None = None
         self._rejoin_after = 0  # catching up: rejoin at a marker past this seq
         self._marks: list[tuple[int, Mark]] = []  # a heap by seq
+        self._held_marks: deque[tuple[int, int]] = deque(maxlen=4096)  # (seq, t) held, by seq
         self.held: Mark | None = None
         self.watermark_t = 0
         self.sent_t = 0
@@ -130,6 +132,7 @@ class MemberGate:
                 m = heapq.heappop(self._marks)[1]
                 if self.held is None or m.seq > self.held.seq:
                     newly = m
+                    self._held_marks.append((m.seq, m.t))
             out: list = []
             if newly is not None:
                 self.held = newly
@@ -185,6 +188,19 @@ class MemberGate:
             return [("watermark", {"member": self.member,
                                    "t": max(self.watermark_t, self.held.t),
                                    "skew_us": note.skew_us, "members": list(note.members)})]
+
+    def increment_point(self, base_seq: int) -> int | None:
+        """When a staged catch-up increment ending at *base_seq* may be
+        applied: the T of the first held marker after it (its primary
+        inserted it after the increment's instant, so every write in the
+        increment is stamped before it); None while none is held. The
+        increment waits until the group's bound reaches that T, and is then
+        applied with the records up to the group's point, never ahead."""
+        with self._lock:
+            for seq, t in self._held_marks:
+                if seq > base_seq:
+                    return t
+            return None
 
     def holds(self, t: int) -> bool:
         """Does this member hold everything stamped at or before *t*?"""

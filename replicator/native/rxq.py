@@ -203,6 +203,10 @@ class RxQueue:
     def expect_base(self, seq: int) -> None:
         _lib.rxq_expect_base(self._q, seq)
 
+    def cover(self, seq: int) -> None:
+        """Seqs up to *seq* are in a committed increment not applied yet."""
+        _lib.rxq_cover(self._q, seq)
+
     def rebase(self, seq: int, token: bytes | None) -> bool:
         if _lib.rxq_rebase(self._q, seq, token if token else _ffi.NULL) != 0:
             return False

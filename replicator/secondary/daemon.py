@@ -272,6 +272,17 @@ class Secondary(IncrementReceiver):
         opened.al.close(opened.oos)
         sec.own_oos = opened.oos
         for incr_id, base, positions in journal.committed_increments():
+            inc = Increment(incr_id, base, True, positions)
+            if sec._increment_waits(inc):
+                # A group member's increment beyond the group's point: it
+                # waits in the apply loop, as before the stop.
+                log.info("%s: journal replay: committed increment %d waits for the group's "
+                         "point", res.name, incr_id)
+                sec._committed.append(inc)
+                sec.pending.cover(base)
+                sec.journaled = max(sec.journaled, sec.pending.received_through)
+                sec.group.gate.on_journaled(sec.journaled, sec.pending.stamp_of(sec.journaled))
+                continue
             # Redo: committed before the stop, maybe not (fully) applied.
             log.info("%s: journal replay: re-applying committed increment %d", res.name, incr_id)
             try:
@@ -319,11 +330,35 @@ class Secondary(IncrementReceiver):
             self.pending.set_ts_bound(t)
         self._apply_wake.set()
 
+    def _increment_waits(self, inc: Increment) -> bool:
+        """A group member's staged increment waits until the group's bound
+        reaches the first marker after it (MemberGate.increment_point)."""
+        if self.group is None or not inc.staged:
+            return False
+        point = self.group.gate.increment_point(inc.base)
+        return point is None or point > self._group_bound
+
+    def _hold_for_group(self) -> None:
+        """A committed staged increment of a group member is durable but
+        may have to wait for the group's point: the records after it count
+        as journaled meanwhile (so its primary's catch-up goes on and the
+        markers after it can be held)."""
+        if self.group is None:
+            return
+        with self._lock:
+            held = [inc for inc in self._committed if inc.staged]
+            for inc in held:
+                self.pending.cover(inc.base)
+        if held:
+            self._commit_received(always=True)
+
     def _group_bound_reached(self) -> int | None:
         """The applied seq once nothing journaled at or before the bound is
-        left to apply (None: not yet)."""
+        left to apply (None: not yet). An increment held for a later point
+        is nothing to apply now."""
         with self._lock:
-            if self.runs_started != self.runs_done or self._committed:
+            if self.runs_started != self.runs_done or (
+                    self._committed and not self._increment_waits(self._committed[0])):
                 return None
             if not self.pending.bound_reached(self._group_bound, self.journaled):
                 return None
@@ -772,13 +807,16 @@ class Secondary(IncrementReceiver):
             elif isinstance(ev, Data):
                 self._on_data(ev)
             elif isinstance(ev, IncrBegin):
-                if self.group is not None:  # its image leaves the group's point
-                    self.group.catching_up(ev.base_seq)
                 self._on_incr_begin(ev)
+                if self.group is not None and self.incr is not None and not self.incr.staged:
+                    # Written in place, it cannot wait for the group's point:
+                    # the member leaves the group until it streams again.
+                    self.group.catching_up(ev.base_seq)
             elif isinstance(ev, IncrData):
                 self._on_incr_data(ev)
             elif isinstance(ev, IncrCommit):
                 self._on_incr_commit(ev)
+                self._hold_for_group()
             elif isinstance(ev, IncrZero):
                 self._on_incr_zero(ev)
             elif isinstance(ev, VerifyReq):
@@ -879,6 +917,8 @@ class Secondary(IncrementReceiver):
             with self._lock:
                 # Peeked, not popped: one that fails stays first, to retry.
                 inc = self._committed[0] if self._committed else None
+                if inc is not None and self._increment_waits(inc):
+                    inc = None  # a group member's: held until the group's point passes it
             if inc is not None:
                 try:
                     self._apply_increment(inc)
@@ -1130,7 +1170,8 @@ class Secondary(IncrementReceiver):
                 # In a group, "everything" is everything up to its point.
                 reached = (self.pending.bound_reached(self._group_bound, self.journaled)
                            if self._group_bound else applied >= target)
-                done = (reached and not self._committed
+                held = bool(self._committed) and self._increment_waits(self._committed[0])
+                done = (reached and (not self._committed or held)
                         and self.runs_started == self.runs_done)
             if done:
                 break

@@ -345,6 +345,12 @@ class PendingQueue:
         after *ts_ns*; 0: no bound."""
         self._rx.set_ts_bound(ts_ns)
 
+    def cover(self, seq: int) -> None:
+        """A committed increment ending at *seq* waits (a consistency
+        group's, DESIGN §13): the records after it count as received (so
+        journaled and acknowledged), runs wait for its rebase."""
+        self._rx.cover(seq)
+
     def stamp_of(self, seq: int) -> int:
         """The stamp of *seq* if the queue knows its token (or it is the
         applied one), else 0."""

@@ -94,6 +94,52 @@ def test_a_killed_secondary_finishes_its_release_on_restart(flab: GroupLab) -> N
              "the secondaries' images to equal the primaries'", timeout=30, interval=0.2)
 
 
+def test_a_member_catching_up_stays_in_the_group_at_its_point(flab: GroupLab) -> None:
+    """r1's link is cut while gamma writes past its send ring (Ahead); then
+    the chain W1 on r1, W2 on r0 after W1's reply, W3 on r1 after W2's.
+    W1 and W3 reach delta in r1's catch-up increment once the link is back;
+    the increment waits for the group's point, so delta never shows W3
+    while beta lacks W2 (sampled while neither is applying a release), and
+    r1 never resigns. Applied as soon as it committed (the increment not
+    held), delta would show {W1, W3} before beta has W2."""
+    lab = flab
+    w1, w2, w3 = (pattern(f"catchup-{w}") for w in ("W1", "W2", "W3"))
+    lab.stop_relay()  # r1's link is cut
+    big = os.urandom(1 << 20)
+    for i in range(10):  # 10 MiB > the 8 MiB ring: gamma goes Ahead
+        lab.handle("r1").pwrite(big, (4 << 20) + i * (1 << 20))
+    lab.wait(lambda: lab.status("gamma").get("replication") == "Ahead", "gamma Ahead")
+    lab.write("r1", 900, w1)
+    lab.write("r0", 900, w2)
+    lab.write("r1", 901, w3)
+    lab.start_relay()  # back: the catch-up runs
+    bad, samples = [], 0
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        view = lab.view()
+        if (view.get("members") or {}).get("r1", {}).get("state") == "resigned":
+            bad.append("r1 resigned during its catch-up")
+            break
+        gb, gd = lab.group("beta"), lab.group("delta")
+        w3_on_delta = lab.read_block("delta", 901) == w3
+        w2_on_beta = lab.read_block("beta", 900) == w2
+        if gb.get("update_in_progress") is None and gd.get("update_in_progress") is None:
+            samples += 1
+            if w3_on_delta and not w2_on_beta:
+                bad.append(f"delta has W3 while beta lacks W2 (released "
+                           f"{gb.get('released')}, {gd.get('released')})")
+                break
+        if w3_on_delta and w2_on_beta:
+            break
+        time.sleep(0.01)
+    assert not bad, bad
+    assert [lab.read_block("delta", 900) == w1, lab.read_block("beta", 900) == w2,
+            lab.read_block("delta", 901) == w3] == [True] * 3, \
+        "the catch-up did not bring the chain to the secondaries"
+    print(f"\ncatch-up inside the group: {samples} unfenced samples, none with W3 before W2")
+    lab.wait_established(timeout=60)
+
+
 def _advancing(lab: GroupLab, node: str, window: float = 0.6) -> bool:
     """Does *node*'s released point move within *window* seconds?"""
     first = (lab.group(node).get("released") or {}).get("n")
