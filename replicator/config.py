@@ -369,6 +369,8 @@ class _Checker:
             raise self.fail(f"{key}.{name}", f"must be a string, not {_kind(v)}")
         if not v.strip():
             raise self.fail(f"{key}.{name}", "must not be empty")
+        if "\0" in v:  # no path, command or address holds one; os calls refuse it
+            raise self.fail(f"{key}.{name}", "contains a NUL character (\\u0000)")
         return v
 
     def abspath(self, table: dict, key: str, name: str, default: str | None = None) -> str | None:

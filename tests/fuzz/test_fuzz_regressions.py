@@ -20,14 +20,7 @@ from replicator.secondary import journal as jn
 
 REGRESSIONS = Path(__file__).resolve().parent / "regressions"
 # Inputs of bugs not fixed yet: file name -> why
-_CONFIG_NUL = ("replicator/config.py accepts a TOML \\u0000 escape in a path value: in a "
-               "volume's device, os.path.realpath (config.py _parse_volumes) raises "
-               "ValueError 'embedded null byte'; elsewhere the path is accepted and fails "
-               "later in whichever command opens it")
-KNOWN_OPEN: dict[str, str] = {
-    "config-nul-in-volume-device": _CONFIG_NUL,
-    "config-nul-in-meta-dir": _CONFIG_NUL,
-}
+KNOWN_OPEN: dict[str, str] = {}  # fixed: config-nul-in-volume-device, config-nul-in-meta-dir
 
 
 def _inputs() -> list[Path]:
@@ -215,16 +208,14 @@ def test_metadata_json_python_will_not_parse_is_a_metadata_error(content: bytes,
         t.decode_metadata(content, Path("/var/lib/duplex/r0/metadata.json"))
 
 
-# -- the config loader (replicator/config.py: not fixed here yet) -------------
+# -- the config loader (fixed: a NUL in any string value is a ConfigError) -----
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=_CONFIG_NUL)
 def test_config_nul_byte_in_a_volume_device_is_a_config_error():
     text = t._seed_config()[2].decode().replace('device = "/dev/sdb"', 'device = "/dev/s\\u0000db"')
     with pytest.raises(ConfigError, match=r"resource\.r0\.on\.alpha\.volume\.data\.device"):
         parse_config(text)  # today: ValueError: embedded null byte, from os.path.realpath
 
 
-@pytest.mark.xfail(strict=True, reason=_CONFIG_NUL)
 @pytest.mark.parametrize("key,value", [
     ("meta-dir", "/var/lib/d\\u0000uplex/r0"),
     ("device", "/dev/s\\u0000db"),
