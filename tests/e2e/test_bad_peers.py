@@ -2,22 +2,8 @@
 the daemon stays up, and no image is touched."""
 from __future__ import annotations
 
-import json
-import subprocess
-from pathlib import Path
-
-from fixtures.duplex_lab import VENV_BIN
+from fixtures.peers import run_peer_client as _attack
 from fixtures.workload import Workload
-
-CLIENT = Path(__file__).with_name("peer_client.py")
-
-
-def _attack(netns_pair, lab, mode: str) -> dict:
-    r = subprocess.run(["ip", "netns", "exec", netns_pair.ns_a, str(VENV_BIN / "python"),
-                        str(CLIENT), mode, netns_pair.addr_b, str(lab.port), str(lab.secret),
-                        str(lab.size)], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, f"peer client {mode} crashed:\n{r.stderr}"
-    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def test_bad_peers_are_refused_and_the_secondary_stays_up(make_lab, netns_pair):

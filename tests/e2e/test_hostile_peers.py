@@ -7,22 +7,13 @@ names what it refused, counts it, and still serves the real primary."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
-from pathlib import Path
 
 from fixtures.duplex_lab import VENV_BIN
+from fixtures.peers import run_peer_client as _peer
 
-CLIENT = Path(__file__).with_name("peer_client.py")
 
-
-def _peer(netns_pair, lab, mode: str) -> dict:
-    r = subprocess.run(["ip", "netns", "exec", netns_pair.ns_a, str(VENV_BIN / "python"),
-                        str(CLIENT), mode, netns_pair.addr_b, str(lab.port), str(lab.secret),
-                        str(lab.size)], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, f"peer client {mode} crashed:\n{r.stderr}"
-    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def _flood(netns_pair, lab, n: int) -> list[float]:
