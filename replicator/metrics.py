@@ -51,6 +51,13 @@ def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, labels=labels)
 
 
+def _one(metric: str, doc: str, name: str, value: float) -> GaugeMetricFamily:
+    """A gauge of one resource with one value."""
+    g = _gauge(metric, doc, ["name"])
+    g.add_metric([name], value)
+    return g
+
+
 def status_metrics(st: dict) -> Iterator:
     """The metric families for one status document."""
     name = st.get("resource") or ""
@@ -105,30 +112,23 @@ def status_metrics(st: dict) -> Iterator:
 
     point = st.get("consistent_point_ns")
     if point:
-        g = _gauge("duplex_consistent_point_timestamp_seconds", "the secondary's recovery "
-                   "point: when the primary wrote the last write its image holds", ["name"])
-        g.add_metric([name], point / 1e9)
-        yield g
+        yield _one("duplex_consistent_point_timestamp_seconds", "the secondary's recovery "
+                   "point: when the primary wrote the last write its image holds", name,
+                   point / 1e9)
 
     journal = st.get("journal")
     if journal:
-        g = _gauge("duplex_journal_used_bytes", "bytes of the journal holding live entries",
-                   ["name"])
-        g.add_metric([name], journal.get("used_bytes") or 0)
-        yield g
-        g = _gauge("duplex_journal_size_bytes", "the journal's log area", ["name"])
-        g.add_metric([name], journal.get("size") or 0)
-        yield g
+        yield _one("duplex_journal_used_bytes", "bytes of the journal holding live entries",
+                   name, journal.get("used_bytes") or 0)
+        yield _one("duplex_journal_size_bytes", "the journal's log area", name,
+                   journal.get("size") or 0)
 
     ring = st.get("ring")
     if ring:
-        g = _gauge("duplex_ring_used_bytes", "bytes of the send ring held for the peer",
-                   ["name"])
-        g.add_metric([name], ring.get("bytes") or 0)
-        yield g
-        g = _gauge("duplex_ring_size_bytes", "the send ring's capacity", ["name"])
-        g.add_metric([name], ring.get("capacity") or 0)
-        yield g
+        yield _one("duplex_ring_used_bytes", "bytes of the send ring held for the peer", name,
+                   ring.get("bytes") or 0)
+        yield _one("duplex_ring_size_bytes", "the send ring's capacity", name,
+                   ring.get("capacity") or 0)
         c = CounterMetricFamily("duplex_ahead_transitions", "times the send ring overflowed "
                                 "and the primary went Ahead", labels=["name"])
         c.add_metric([name], ring.get("drops") or 0)

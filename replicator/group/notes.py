@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from replicator.protocol.group import load_json
 from replicator.records import MARK_MAX
 
 MAX_MEMBERS = 64
@@ -37,12 +38,7 @@ class MarkNote:
     @classmethod
     def decode(cls, data) -> MarkNote:
         """Parse and check a MARK's data; NoteError says what is wrong."""
-        try:
-            d = json.loads(bytes(data).decode("utf-8"))
-        except RecursionError:
-            raise NoteError("group note nests JSON too deeply") from None
-        except (UnicodeDecodeError, ValueError) as e:
-            raise NoteError(f"group note is not JSON: {e}") from None
+        d = load_json(data, "group note", NoteError)
         if not isinstance(d, dict) or set(d) != {"group", "n", "members", "skew_us"}:
             raise NoteError("group note must have exactly group, n, members, skew_us")
         g, n, members, skew = d["group"], d["n"], d["members"], d["skew_us"]

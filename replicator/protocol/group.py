@@ -147,14 +147,21 @@ def encode(msg: GroupMessage) -> bytes:
     return encode_frame(FrameType.GROUP, body)
 
 
+def load_json(raw, what: str, error: type[Exception], expect: str = "JSON"):
+    """*raw* (UTF-8 JSON from the network) parsed, or *error* naming *what*
+    and what was *expected* (deep nesting and bad UTF-8 included: never
+    another exception)."""
+    try:
+        return json.loads(bytes(raw).decode("utf-8"))
+    except RecursionError:
+        raise error(f"{what} nests JSON too deeply") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise error(f"{what} is not {expect}: {e}") from None
+
+
 def decode(payload) -> GroupMessage:
     """The message in a GROUP frame's payload, checked against its schema."""
-    try:
-        obj = json.loads(bytes(payload).decode("utf-8"))
-    except RecursionError:
-        raise ProtocolError("group frame nests JSON too deeply") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ProtocolError(f"group frame is not a JSON object: {e}") from None
+    obj = load_json(payload, "group frame", ProtocolError, "a JSON object")
     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
         raise ProtocolError("group frame is not a JSON object with a type")
     mtype = obj.pop("type")
