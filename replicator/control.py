@@ -387,7 +387,7 @@ class ControlServer:
         """The reply to one request line (also usable without a socket)."""
         try:
             req = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError too
             return {"error": f"request is not JSON: {e}"}
         if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
             return {"error": 'request must be an object with a "cmd" string'}
@@ -503,7 +503,7 @@ def request(meta_dir: str | os.PathLike, cmd: str, *, timeout: float = 5.0,
         raise ControlError(f"{what} closed the control connection without answering {cmd!r}")
     try:
         reply = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # JSONDecodeError too
         raise ControlError(f"{what} sent a reply that is not JSON") from None
     if not isinstance(reply, dict):
         raise ControlError(f"{what} sent a reply that is not an object")

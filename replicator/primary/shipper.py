@@ -377,14 +377,18 @@ class Shipper:
             log.warning("%s: %s", self.res.name, v.why)
         if ps.flags & STATE_SENDS_BITMAP:
             bm = link.wait_bitmap(10.0)
-            for t in bm.tracks():
-                if t < self.oos.nbits:
-                    self.oos.set_bit(t)
+            if bm.track_size != self.oos.track_size or bm.nbits > self.oos.nbits:
+                raise LinkError(f"peer {link.peer_name} sent a bitmap of {bm.nbits} tracks of "
+                                f"{bm.track_size} bytes; this node has {self.oos.nbits} of "
+                                f"{self.oos.track_size}")
+            tracks = bm.tracks()  # once: a big dirty bitmap is a long list
+            for t in tracks:
+                self.oos.set_bit(t)
             self.oos.sync()
             log.warning("%s: peer %s brought %d out-of-sync tracks of its own (writes that "
                         "never reached this node); they will be resent", self.res.name,
-                        link.peer_name, len(bm.tracks()))
-            if bm.tracks():
+                        link.peer_name, len(tracks))
+            if tracks:
                 self._resync("the peer's own unshipped writes are overwritten")
         if md.bitmap_uuid is not None or md.peer_node_uuid is None:
             with md.update():

@@ -123,7 +123,7 @@ class LossReport:
         """
         try:
             d = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, digit limit, nesting
             raise ValueError(f"loss report is not JSON: {e}") from None
         if not isinstance(d, dict):
             raise ValueError("loss report is not a JSON object")
