@@ -67,7 +67,6 @@ class MemberGate:
         self._held_marks: deque[tuple[int, int]] = deque(maxlen=4096)  # (seq, t) held, by seq
         self.held: Mark | None = None
         self.watermark_t = 0
-        self.sent_t = 0
         self._load()
 
     # -- persistence --------------------------------------------------------

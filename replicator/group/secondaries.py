@@ -67,7 +67,6 @@ class SecondaryGroup(GroupSide):
         # one step, so two readers cannot send a release and an older reset
         # in the other order (re-entrant: our own member answers inline).
         self._route_lock = threading.RLock()
-        self.frozen_by_us = False
         self._last_wm = 0.0  # the daemon's committer/reader threads: a throttle only
 
     # -- lifecycle ----------------------------------------------------------
@@ -239,7 +238,6 @@ class SecondaryGroup(GroupSide):
             with self._route_lock:
                 self._route(self._rdv("freeze"))
             return True
-        self.frozen_by_us = True
         return self._client is not None and self._client.send("freeze", member=self.resource)
 
     def status(self) -> dict:

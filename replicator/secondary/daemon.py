@@ -338,6 +338,11 @@ class Secondary(IncrementReceiver):
         point = self.group.gate.increment_point(inc.base)
         return point is None or point > self._group_bound
 
+    def _increment_due(self) -> bool:
+        """A committed increment is first in line and may be applied now
+        (the caller holds _lock)."""
+        return bool(self._committed) and not self._increment_waits(self._committed[0])
+
     def _hold_for_group(self) -> None:
         """A committed staged increment of a group member is durable but
         may have to wait for the group's point: the records after it count
@@ -357,8 +362,7 @@ class Secondary(IncrementReceiver):
         left to apply (None: not yet). An increment held for a later point
         is nothing to apply now."""
         with self._lock:
-            if self.runs_started != self.runs_done or (
-                    self._committed and not self._increment_waits(self._committed[0])):
+            if self.runs_started != self.runs_done or self._increment_due():
                 return None
             if not self.pending.bound_reached(self._group_bound, self.journaled):
                 return None
@@ -1170,8 +1174,7 @@ class Secondary(IncrementReceiver):
                 # In a group, "everything" is everything up to its point.
                 reached = (self.pending.bound_reached(self._group_bound, self.journaled)
                            if self._group_bound else applied >= target)
-                held = bool(self._committed) and self._increment_waits(self._committed[0])
-                done = (reached and (not self._committed or held)
+                done = (reached and not self._increment_due()
                         and self.runs_started == self.runs_done)
             if done:
                 break
