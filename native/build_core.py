@@ -19,7 +19,7 @@ from cffi import FFI
 
 NATIVE_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT_DIR = os.path.dirname(NATIVE_DIR)
-MODULES = ["crc32c", "bitmap", "actlog", "ring", "collide", "records", "rxq", "core", "ship"]
+MODULES = ["crc32c", "bitmap", "actlog", "ring", "flow", "collide", "records", "rxq", "core", "ship"]
 
 
 def _native_path(name: str, absolute: bool) -> str:

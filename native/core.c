@@ -31,6 +31,7 @@
 #include "bitmap.h"
 #include "collide.h"
 #include "crc32c.h"
+#include "flow.h"
 #include "records.h"
 #include "util.h"
 
@@ -59,6 +60,7 @@ struct core {
 	struct collide *collide; /* copies of frozen tracks hit by writes */
 	struct actlog *al;
 	struct ring *ring;
+	struct flow *flow; /* waits for the peer, for room, max-lag (flow.h) */
 	unsigned track_shift;
 	uint64_t ntracks;
 
@@ -364,6 +366,7 @@ static void core_free(struct core *c)
 		free((void *)c->pend);
 	}
 	ring_destroy(c->ring);
+	flow_destroy(c->flow);
 	collide_destroy(c->collide);
 	for (uint32_t i = 0; c->vols != NULL && i < c->nvols; i++) {
 		if (c->vols[i].fd >= 0)
@@ -527,6 +530,10 @@ int core_open(struct core **out, const struct core_volume *vols, uint32_t n, str
 		           name, ring_size, r == -EINVAL ? "too small (minimum 4096)" : strerror(-r));
 		goto fail;
 	}
+	if ((r = flow_create(&c->flow, ring_size)) < 0) {
+		dpx_seterr(err, errlen, "device %s: out of memory", name);
+		goto fail;
+	}
 	for (uint32_t i = 0; i < n; i++) {
 		struct core_vol *v = &c->vols[i];
 		struct stat si, sj;
@@ -647,10 +654,53 @@ enum seq_outcome {
 	SEQ_DISCARDED, /* dropped while being filled: the ring reset takes them back */
 };
 
+/* Reserve rsize bytes for the next seq and return with the sequencer held.
+ * Under on-congestion block a record that would take the ring past the
+ * fill waits for room without the sequencer (the releases that make room
+ * never need it), up to the policy's timeout; then it pulls ahead. A
+ * marker (may_block false) never waits and may use the whole ring: it is
+ * tiny, and the group's clock must not stall behind writers. */
+static int reserve_next(struct core *c, size_t rsize, bool may_block, struct ring_resv *rv)
+{
+	struct flow_policy fp;
+	int64_t deadline = 0, t0 = 0;
+	bool waited = false, timed_out = false, block;
+	uint64_t limit;
+	int rr;
+
+	flow_get_policy(c->flow, &fp);
+	block = may_block && fp.block;
+	limit = may_block ? fp.fill : UINT64_MAX;
+	for (;;) {
+		pthread_mutex_lock(&c->seq_lock);
+		rr = ring_reserve_within(c->ring, rsize, c->next_seq, limit, !block, rv);
+		if (rr != -EAGAIN)
+			break;
+		pthread_mutex_unlock(&c->seq_lock);
+		if (!waited) {
+			waited = true;
+			t0 = flow_now_ns();
+			deadline = fp.block_timeout_ns < 0 ? -1 : t0 + fp.block_timeout_ns;
+			flow_room_begin(c->flow);
+		}
+		if (!ring_wait_room(c->ring, rsize, limit, deadline)) {
+			timed_out = true;
+			block = false; /* waited long enough: pull ahead (counted, the shipper says so) */
+			continue;
+		}
+		flow_get_policy(c->flow, &fp); /* the link may have gone meanwhile */
+		block = block && fp.block;
+		limit = fp.fill;
+	}
+	if (waited)
+		flow_room_end(c->flow, (uint64_t)(flow_now_ns() - t0), timed_out);
+	return rr;
+}
+
 /* Step 4: sequence the request and queue its record. */
 static enum seq_outcome sequence(struct core *c, uint8_t op, uint8_t flags, uint64_t off, uint32_t length,
                      const void *data, uint32_t dlen, uint32_t volume, uint64_t ts,
-                     uint64_t *seq_out)
+                     bool may_block, uint64_t *seq_out)
 {
 	unsigned char hdr[RING_HEADER];
 	struct ring_resv rv;
@@ -659,16 +709,17 @@ static enum seq_outcome sequence(struct core *c, uint8_t op, uint8_t flags, uint
 	uint32_t crc = 0;
 	int rr;
 
-	pthread_mutex_lock(&c->seq_lock);
+	rr = reserve_next(c, rsize, may_block, &rv); /* returns with seq_lock held */
 	*seq_out = c->next_seq++;
 	{
 		uint64_t stamp = next_stamp(c);
 		fill_header(hdr, *seq_out, ts ? ts : stamp, off, length, dlen, volume, op, flags);
 	}
-	rr = ring_reserve(c->ring, rsize, *seq_out, &rv);
 	if (rr == -ENOSPC) {
-		/* This append overflowed: the ring is now dropped. */
+		/* This append overflowed: the ring is now dropped, and nothing
+		 * in it will be acknowledged: nobody waits for the peer. */
 		atomic_store(&c->clear_enabled, false);
+		flow_release_all(c->flow);
 	}
 	if (c->hist_fd >= 0) {
 		crc = record_crc(hdr, data, dlen);
@@ -721,6 +772,7 @@ static int do_range_op(struct core *c, uint8_t op, const void *buf, uint64_t len
 	const struct core_vol *v;
 	bool fua = (flags & CORE_FUA) != 0, al_held = false, large = false;
 	enum seq_outcome outcome;
+	uint64_t gen = 0;
 	int r;
 
 	res->queued = false;
@@ -763,8 +815,9 @@ static int do_range_op(struct core *c, uint8_t op, const void *buf, uint64_t len
 	if (r < 0)
 		goto undo; /* the bits stay set: the device may have changed */
 
+	gen = flow_gen(c->flow); /* a drop from here on lets the peer wait below go */
 	outcome = sequence(c, op, fua ? REC_FLAG_FUA : 0, off, (uint32_t)len, buf,
-	                   op == REC_OP_WRITE ? (uint32_t)len : 0, volume, 0, &res->seq);
+	                   op == REC_OP_WRITE ? (uint32_t)len : 0, volume, 0, true, &res->seq);
 	res->queued = outcome == SEQ_QUEUED;
 	if (outcome == SEQ_NO_RECORD)
 		pend_sub(c, t0, t1, false); /* nothing will ever release it */
@@ -788,6 +841,12 @@ out:
 		actlog_end(c->al, lo, len);
 	unlock_tracks(c, t0, t1);
 	pthread_rwlock_unlock(&c->fence);
+	if (r == 0 && res->queued) {
+		/* Protocol B/C and max-lag hold the reply, with no lock held:
+		 * other writers (and the freeze) go on meanwhile. */
+		flow_wait_durable(c->flow, res->seq, gen);
+		flow_delay(c->flow);
+	}
 	return r;
 }
 
@@ -820,9 +879,14 @@ int core_flush(struct core *c, struct core_result *res)
 	if (r == 0)
 		r = bitmap_sync(c->oos, NULL, 0);
 	if (r == 0) {
+		uint64_t gen = flow_gen(c->flow);
 		res->queued = sequence(c, REC_OP_FLUSH, 0, 0, 0, NULL, 0, REC_FLUSH_VOLUME, 0,
-		                       &res->seq) == SEQ_QUEUED;
+		                       true, &res->seq) == SEQ_QUEUED;
 		atomic_fetch_add(&c->n_flushes, 1);
+		pthread_rwlock_unlock(&c->fence);
+		if (res->queued)
+			flow_wait_durable(c->flow, res->seq, gen); /* B/C: a flush is durable there too */
+		return r;
 	}
 	pthread_rwlock_unlock(&c->fence);
 	return r;
@@ -856,7 +920,7 @@ int core_mark(struct core *c, uint64_t t, uint64_t number, const void *note, uin
 	}
 	pthread_rwlock_rdlock(&c->fence);
 	res->queued = sequence(c, REC_OP_MARK, 0, number, note_len, note, note_len, 0, t,
-	                       &res->seq) == SEQ_QUEUED;
+	                       false, &res->seq) == SEQ_QUEUED;
 	pthread_rwlock_unlock(&c->fence);
 	return 0;
 }
@@ -977,6 +1041,7 @@ void core_drop(struct core *c)
 	pthread_mutex_lock(&c->seq_lock);
 	atomic_store(&c->clear_enabled, false);
 	ring_drop(c->ring);
+	flow_release_all(c->flow);
 	pthread_mutex_unlock(&c->seq_lock);
 }
 
@@ -1006,6 +1071,21 @@ int core_resume(struct core *c, uint64_t first_seq)
 
 void core_set_clear_on_release(struct core *c, bool on) { atomic_store(&c->clear_enabled, on); }
 bool core_clear_on_release(struct core *c) { return atomic_load(&c->clear_enabled); }
+
+void core_set_flow(struct core *c, const struct flow_policy *p)
+{
+	struct flow_policy q = *p;
+	struct ring_stats rs;
+
+	ring_stats(c->ring, &rs);
+	if (q.fill == 0 || q.fill > rs.capacity)
+		q.fill = rs.capacity;
+	flow_set_policy(c->flow, &q);
+	ring_wake_room(c->ring); /* room waiters look at the new policy */
+}
+void core_get_flow(struct core *c, struct flow_policy *out) { flow_get_policy(c->flow, out); }
+void core_set_durable(struct core *c, uint64_t seq) { flow_set_durable(c->flow, seq); }
+void core_flow_stats(struct core *c, struct flow_stats *st) { flow_stats(c->flow, st); }
 
 void core_fence(struct core *c) { pthread_rwlock_wrlock(&c->fence); }
 void core_unfence(struct core *c) { pthread_rwlock_unlock(&c->fence); }

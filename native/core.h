@@ -50,6 +50,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "flow.h"
 #include "ring.h"
 
 struct bitmap;
@@ -157,6 +158,14 @@ bool core_dropped(struct core *c);
 int core_resume(struct core *c, uint64_t first_seq);
 void core_set_clear_on_release(struct core *c, bool on);
 bool core_clear_on_release(struct core *c);
+
+/* Flow control (flow.h): the shipper sets the policy as the link comes
+ * and goes (fill 0 or over the ring's size: the ring's size), and reports
+ * what the peer holds. */
+void core_set_flow(struct core *c, const struct flow_policy *p);
+void core_get_flow(struct core *c, struct flow_policy *out);
+void core_set_durable(struct core *c, uint64_t seq);
+void core_flow_stats(struct core *c, struct flow_stats *st);
 
 /* Write fence: waits for requests in flight and holds off new ones. */
 void core_fence(struct core *c);

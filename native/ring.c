@@ -24,6 +24,7 @@ struct ring {
 	pthread_mutex_t lock;
 	pthread_cond_t data_cond; /* consumer waits for records */
 	pthread_cond_t idle_cond; /* reset waits for reservations to finish */
+	pthread_cond_t room_cond; /* producers wait for room (on-congestion block) */
 
 	uint64_t head, published, send, tail;
 	struct ring_resv *rfirst, *rlast;
@@ -35,6 +36,7 @@ struct ring {
 	uint32_t consumer_waiting;
 	uint64_t want;             /* bytes the waiting consumer wants ready */
 	uint32_t reset_waiting;
+	uint32_t room_waiting;     /* producers in ring_wait_room */
 	uint64_t drops;
 };
 
@@ -94,6 +96,7 @@ int ring_create(struct ring **out, size_t size, uint64_t first_seq)
 		pthread_condattr_init(&ca);
 		pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
 		pthread_cond_init(&ring->data_cond, &ca);
+		pthread_cond_init(&ring->room_cond, &ca);
 		pthread_condattr_destroy(&ca);
 	}
 	pthread_cond_init(&ring->idle_cond, NULL);
@@ -110,6 +113,7 @@ void ring_destroy(struct ring *ring)
 	pthread_mutex_destroy(&ring->lock);
 	pthread_cond_destroy(&ring->data_cond);
 	pthread_cond_destroy(&ring->idle_cond);
+	pthread_cond_destroy(&ring->room_cond);
 	free(ring);
 }
 
@@ -124,14 +128,33 @@ static void drop_locked(struct ring *ring)
 		r->discarded = true;
 	ring->kick_gen++;
 	pthread_cond_broadcast(&ring->data_cond);
+	if (ring->room_waiting)
+		pthread_cond_broadcast(&ring->room_cond); /* no room will come: stop waiting */
+}
+
+/* Bytes the ring would hold with a record of len appended now (lock held). */
+static uint64_t used_with(const struct ring *ring, size_t len)
+{
+	size_t phys = ring->head % ring->size;
+	size_t pad = phys + len > ring->size ? ring->size - phys : 0;
+
+	return ring->head + pad + len - ring->tail;
 }
 
 int ring_reserve(struct ring *ring, size_t len, uint64_t seq, struct ring_resv *r)
+{
+	return ring_reserve_within(ring, len, seq, ring->size, true, r);
+}
+
+int ring_reserve_within(struct ring *ring, size_t len, uint64_t seq, uint64_t limit, bool drop,
+                        struct ring_resv *r)
 {
 	size_t phys, pad;
 
 	if (len < RING_HEADER || len % 8 != 0)
 		return -EINVAL;
+	if (limit > ring->size)
+		limit = ring->size;
 	pthread_mutex_lock(&ring->lock);
 	if (ring->dropped) {
 		pthread_mutex_unlock(&ring->lock);
@@ -139,7 +162,12 @@ int ring_reserve(struct ring *ring, size_t len, uint64_t seq, struct ring_resv *
 	}
 	phys = ring->head % ring->size;
 	pad = phys + len > ring->size ? ring->size - phys : 0;
-	if (len > ring->size || ring->head + pad + len - ring->tail > ring->size) {
+	if (len > ring->size || used_with(ring, len) > limit) {
+		/* Only releases make room: with nothing held, waiting is in vain. */
+		if (!drop && len <= limit && ring->tail != ring->head) {
+			pthread_mutex_unlock(&ring->lock);
+			return -EAGAIN;
+		}
 		drop_locked(ring);
 		pthread_mutex_unlock(&ring->lock);
 		return -ENOSPC;
@@ -240,6 +268,42 @@ bool ring_wait_bytes(struct ring *ring, uint64_t want, int64_t timeout_ns)
 	ready = !ring->dropped && ring->published - ring->send >= want;
 	pthread_mutex_unlock(&ring->lock);
 	return ready;
+}
+
+bool ring_wait_room(struct ring *ring, size_t len, uint64_t limit, int64_t deadline_ns)
+{
+	struct timespec dl = {(time_t)(deadline_ns / 1000000000), (long)(deadline_ns % 1000000000)};
+	const struct timespec *deadline = deadline_ns < 0 ? NULL : &dl;
+	bool room;
+	bool woken = false;
+
+	if (limit > ring->size)
+		limit = ring->size;
+	pthread_mutex_lock(&ring->lock);
+	while (!ring->dropped && ring->tail != ring->head && used_with(ring, len) > limit) {
+		int r;
+		ring->room_waiting++;
+		if (deadline != NULL)
+			r = pthread_cond_timedwait(&ring->room_cond, &ring->lock, deadline);
+		else
+			r = pthread_cond_wait(&ring->room_cond, &ring->lock);
+		ring->room_waiting--;
+		if (r == ETIMEDOUT)
+			break;
+		woken = true; /* a release, a drop, or the policy changed: let the caller look */
+		break;
+	}
+	room = woken || ring->dropped || ring->tail == ring->head || used_with(ring, len) <= limit;
+	pthread_mutex_unlock(&ring->lock);
+	return room;
+}
+
+void ring_wake_room(struct ring *ring)
+{
+	pthread_mutex_lock(&ring->lock);
+	if (ring->room_waiting)
+		pthread_cond_broadcast(&ring->room_cond);
+	pthread_mutex_unlock(&ring->lock);
 }
 
 bool ring_wait(struct ring *ring, int64_t timeout_ns)
@@ -380,6 +444,8 @@ uint64_t ring_release(struct ring *ring, uint64_t seq, ring_record_fn fn, void *
 			ring->send = q;
 		ring->nrec -= count;
 		ring->first_unreleased = last + 1;
+		if (ring->room_waiting)
+			pthread_cond_broadcast(&ring->room_cond);
 	}
 	pthread_mutex_unlock(&ring->lock);
 	return count;
@@ -445,6 +511,8 @@ void ring_reset(struct ring *ring, uint64_t first_seq, ring_record_fn fn, void *
 	ring->nrec = 0;
 	ring->dropped = false;
 	ring->first_unreleased = first_seq;
+	if (ring->room_waiting)
+		pthread_cond_broadcast(&ring->room_cond);
 	pthread_mutex_unlock(&ring->lock);
 }
 

@@ -91,6 +91,19 @@ void ring_destroy(struct ring *ring);
  * with this seq. 0; -ENOSPC: did not fit, the ring is now DROPPED;
  * -EPIPE: the ring was already DROPPED; -EINVAL: bad length. */
 int ring_reserve(struct ring *ring, size_t len, uint64_t seq, struct ring_resv *r);
+/* The same, but the ring may hold at most limit bytes (<= its size) with
+ * this record: over it, drop (as above) or, when !drop, -EAGAIN (nothing
+ * changed: wait for room with ring_wait_room and try again). A record that
+ * can never fit under limit drops the ring even when !drop. */
+int ring_reserve_within(struct ring *ring, size_t len, uint64_t seq, uint64_t limit, bool drop,
+                        struct ring_resv *r);
+/* Wait until a record of len bytes fits under limit (releases make room),
+ * the ring is dropped, reset or empty, ring_wake_room() is called, or the
+ * CLOCK_MONOTONIC deadline_ns passes (< 0: no deadline). False only on
+ * the deadline with no room; the caller's retry sees what changed. */
+bool ring_wait_room(struct ring *ring, size_t len, uint64_t limit, int64_t deadline_ns);
+/* Wake every ring_wait_room() (its policy changed: the caller re-checks). */
+void ring_wake_room(struct ring *ring);
 
 /* Publish a filled reservation. True: queued. False: a drop discarded it
  * while it was being filled. */

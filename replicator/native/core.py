@@ -61,6 +61,18 @@ def _result():
 
 
 
+class FlowPolicy(NamedTuple):
+    """The write path's flow control (native/flow.h; which one is in force
+    when is replicator/modes.py's table). ``fill`` 0 means the ring's size;
+    ``block_timeout_s`` None: wait for room for ever."""
+
+    wait_peer: bool = False
+    block: bool = False
+    fill: int = 0
+    block_timeout_s: float | None = None
+    delay_s: float = 0.0
+
+
 class Core:
     """The primary's write path (native/core.h) and its send ring.
 
@@ -212,6 +224,44 @@ class Core:
         if rc < 0:
             raise _oserror(rc, f"group marker {number} at {t_ns}")
         return WriteResult(out.seq, out.queued)
+
+    def set_flow(self, policy: FlowPolicy) -> None:
+        """Set the write path's flow control (native/flow.h): wait for the
+        peer (protocol B/C), block for room under ``fill`` bytes
+        (on-congestion block), the max-lag delay per write. Waiters see
+        the change at once; turning wait_peer off lets them all go."""
+        p = _ffi.new("struct flow_policy *")
+        p.wait_peer, p.block, p.fill = policy.wait_peer, policy.block, policy.fill
+        p.block_timeout_ns = (-1 if policy.block_timeout_s is None
+                              else int(policy.block_timeout_s * 1e9))
+        p.delay_ns = int(policy.delay_s * 1e9)
+        _lib.core_set_flow(self._ptr(), p)
+
+    def flow(self) -> FlowPolicy:
+        """The flow policy in force."""
+        p = _ffi.new("struct flow_policy *")
+        _lib.core_get_flow(self._ptr(), p)
+        return FlowPolicy(bool(p.wait_peer), bool(p.block), p.fill,
+                          None if p.block_timeout_ns < 0 else p.block_timeout_ns / 1e9,
+                          p.delay_ns / 1e9)
+
+    def set_durable(self, seq: int) -> None:
+        """The peer holds every record through *seq* (B: received, C:
+        journaled): writers waiting for it return."""
+        _lib.core_set_durable(self._ptr(), seq)
+
+    def flow_stats(self) -> dict:
+        """Counters of the flow control: durable_seq, peer_waits,
+        peer_wait_s, peer_waiting (now), room_waits, room_wait_s,
+        room_waiting (now), room_timeouts, delays, delay_s, releases."""
+        st = _ffi.new("struct flow_stats *")
+        _lib.core_flow_stats(self._ptr(), st)
+        out = {k: getattr(st, k) for k in ("durable_seq", "peer_waits", "peer_waiting",
+                                           "room_waits", "room_waiting", "room_timeouts",
+                                           "delays", "releases")}
+        out.update(peer_wait_s=st.peer_wait_ns / 1e9, room_wait_s=st.room_wait_ns / 1e9,
+                   delay_s=st.delay_ns / 1e9)
+        return out
 
     def set_clock_offset(self, offset_ns: int) -> None:
         """Shift this core's clock by *offset_ns* (tests inject skew)."""
