@@ -235,6 +235,77 @@ def _check(args: argparse.Namespace, targets: list) -> int:
     return 1 if sick else 0
 
 
+def cmd_events(args: argparse.Namespace, ctx: Context) -> int:
+    """``duplex events``: the running nodes' state, then their changes, one
+    line each, as ``drbdsetup events2`` (replicator/events.py)."""
+    import threading
+    from replicator.control import NotRunningError
+    from replicator.events import EventStream, EventStreamError, format_event
+
+    if args.resource:
+        targets = [ctx.resolve(args.resource)]
+    else:
+        me = local_node_name(ctx.config, ctx.node_name)
+        targets = [(r, r.nodes[me]) for r in ctx.config.resources_of_node(me)]
+    out_lock = threading.Lock()
+
+    def show(d: dict) -> None:
+        line = (json.dumps(d, separators=(",", ":")) if args.json
+                else format_event(d, args.timestamps))
+        with out_lock:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+    streams = []
+    for resource, node in targets:
+        try:
+            streams.append(EventStream(node.meta_dir, resource.name, now=args.now))
+        except NotRunningError as e:
+            if args.resource:
+                raise
+            print(f"duplex: {resource.name}: not running on this node: no events",
+                  file=sys.stderr)
+    if not streams:
+        raise DuplexError(f"no resource runs on node {local_node_name(ctx.config, ctx.node_name)}"
+                          f" (start one with `duplex up RES`): no events to show")
+    marker = None
+    for s in streams:  # every node's exists part, then one marker, as events2
+        for d in s:
+            if d.get("type") == "exists" and d.get("object") == "-":
+                marker = d
+                break
+            show(d)
+    if marker is not None:
+        show(marker)
+    if args.now:
+        for s in streams:
+            s.close()
+        return 0
+    failed: list[str] = []
+
+    def follow(s) -> None:
+        try:
+            for d in s:
+                show(d)
+            with out_lock:
+                print(f"duplex: {s.resource}: the node stopped: its event stream ended",
+                      file=sys.stderr, flush=True)
+        except EventStreamError as e:
+            failed.append(str(e))
+            with out_lock:
+                print(f"duplex: error: {e}", file=sys.stderr, flush=True)
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=follow, args=(s,), daemon=True) for s in streams]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.5)  # in slices: Ctrl-C stops the command
+    return 1 if failed else 0
+
+
 def cmd_attach(args: argparse.Namespace, ctx: Context) -> int:
     """Give a block device for this node's export; print its path (with
     volume tables: one ``NAME DEVICE`` line per volume attached)."""
@@ -521,6 +592,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="exit 1 unless every resource shown is healthy (for monitoring)")
     sp.add_argument("--timeout", metavar="SECONDS", type=_positive_float, default=5.0,
                     help=argparse.SUPPRESS)
+
+    sp = command("events", cmd_events,
+                 "the state of a running node, then one line per change (as drbdsetup events2)")
+    sp.add_argument("resource", metavar="RES", nargs="?",
+                    help="one resource (default: every resource running on this node)")
+    sp.add_argument("--now", action="store_true",
+                    help="stop after the current state (the exists lines and `exists -`)")
+    sp.add_argument("--timestamps", action="store_true",
+                    help="start each text line with the event's time (ISO 8601)")
+    sp.add_argument("--json", action="store_true",
+                    help="one JSON object per line (always with its time)")
 
     sp = command("attach", cmd_attach, "give a block device for this node's export; print it")
     sp.add_argument("resource", metavar="RES")

@@ -182,6 +182,26 @@ def read_secret(path: str, where: str = "secret-file") -> bytes:
     return secret
 
 
+#: The handlers a resource may name in ``[resource.R.handlers]``
+#: (replicator/handlers.py runs them; DESIGN §14).
+HANDLER_NAMES = ("split-brain", "fence-peer", "before-resync-target", "after-resync-target",
+                 "out-of-sync", "lag-exceeded")
+
+
+@dataclass(frozen=True)
+class Handlers:
+    """``[resource.R.handlers]``: a shell command per handler name, the
+    lag above which ``lag-exceeded`` runs, and how long a handler may run."""
+
+    commands: tuple[tuple[str, str], ...] = ()   # (handler name, command), config order
+    lag_threshold_s: float | None = None         # lag-exceeded-threshold (with lag-exceeded)
+    timeout_s: float = 30.0                      # handler-timeout: then it is killed
+
+    def command(self, name: str) -> str | None:
+        """The command for handler *name*, or None when none is set."""
+        return dict(self.commands).get(name)
+
+
 @dataclass(frozen=True)
 class Resource:
     """A replicated device: its tuning and its two nodes."""
@@ -202,6 +222,7 @@ class Resource:
     ping_interval_s: float = 1.0   # a PING when nothing else went to the peer for this long
     ping_timeout_s: float = 6.0    # no frame from the peer for this long: it is gone
     auth_timeout_s: float = 5.0    # a connection that has not authenticated by then is dropped
+    handlers: Handlers = field(default_factory=Handlers)  # [resource.R.handlers]
     nodes: dict[str, Node] = field(default_factory=dict)
     config_path: str = DEFAULT_CONFIG_PATH
 
@@ -467,8 +488,9 @@ _RESOURCE_KEYS = {
     "secret-file", "track-size", "ring-size", "journal-size", "al-extent-size",
     "al-extents", "batch-bytes", "batch-interval", "connections", "resync-rate",
     "fence-command", "drain-timeout", "ping-interval", "ping-timeout", "auth-timeout",
-    "on",
+    "on", "handlers",
 }
+_HANDLER_KEYS = {*HANDLER_NAMES, "lag-exceeded-threshold", "handler-timeout"}
 _NODE_KEYS = {
     "address", "device", "meta-dir", "export", "service-address",
     "service-interface", "mount-point", "volume", "metrics-address",
@@ -561,6 +583,29 @@ def _check_same_volumes(c: _Checker, key: str, nodes: dict[str, Node]) -> None:
                  f"({a}: {', '.join(names_a)}; {b}: {', '.join(names_b)}): use one order")
 
 
+def _parse_handlers(c: _Checker, key: str, table: Any) -> Handlers:
+    """``[resource.R.handlers]``: every error names its key."""
+    key = f"{key}.handlers"
+    t = c.table(table, key)
+    c.keys(t, key, _HANDLER_KEYS, set())
+    commands = tuple((n, c.string(t, key, n)) for n in HANDLER_NAMES if n in t)
+    threshold = None
+    if "lag-exceeded-threshold" in t:
+        threshold = c.parsed(t, key, "lag-exceeded-threshold", None, parse_duration)
+        if not 0 < threshold <= 86400:
+            raise c.fail(f"{key}.lag-exceeded-threshold",
+                         f"{t['lag-exceeded-threshold']!r} must be more than 0 and at most 24h")
+    if ("lag-exceeded" in t) != (threshold is not None):
+        missing = "lag-exceeded-threshold" if "lag-exceeded" in t else "lag-exceeded"
+        raise c.fail(f"{key}.{missing}", "required key is missing (lag-exceeded and "
+                     "lag-exceeded-threshold go together)")
+    timeout = c.parsed(t, key, "handler-timeout", "30s", parse_duration)
+    if not 0.1 <= timeout <= 3600:
+        raise c.fail(f"{key}.handler-timeout",
+                     f"{t.get('handler-timeout')!r} must be between 100ms and 1h")
+    return Handlers(commands=commands, lag_threshold_s=threshold, timeout_s=timeout)
+
+
 def _parse_resource(c: _Checker, name: str, table: Any) -> Resource:
     key = f"resource.{name}"
     if not _NAME.match(name):
@@ -614,6 +659,7 @@ def _parse_resource(c: _Checker, name: str, table: Any) -> Resource:
     connections = c.integer(t, key, "connections", 1, 1, 64)
     resync_rate = c.parsed(t, key, "resync-rate", 0, parse_rate)
     fence_command = c.string(t, key, "fence-command")
+    handlers = _parse_handlers(c, key, t["handlers"]) if "handlers" in t else Handlers()
 
     on = c.table(t["on"], f"{key}.on")
     if len(on) != 2:
@@ -630,7 +676,7 @@ def _parse_resource(c: _Checker, name: str, table: Any) -> Resource:
         ping_interval_s=ping_interval, ping_timeout_s=ping_timeout,
         auth_timeout_s=auth_timeout,
         connections=connections, resync_rate=resync_rate,
-        fence_command=fence_command, nodes=nodes, config_path=c.path,
+        fence_command=fence_command, nodes=nodes, config_path=c.path, handlers=handlers,
     )
 
 

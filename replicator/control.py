@@ -232,6 +232,7 @@ class ControlServer:
         (:meth:`faults`)."""
         self.paths = MetaPaths(meta_dir)
         self.handlers: dict[str, Handler] = dict(handlers or {})
+        self._streams: dict[str, Callable[..., None]] = {}  # add_stream
         self.name = name
         self._given_sup = supervisor
         self._sup: Supervisor | None = supervisor
@@ -245,6 +246,12 @@ class ControlServer:
     def add_handler(self, cmd: str, handler: Handler) -> None:
         """Answer requests ``{"cmd": cmd, ...}`` with ``handler(**args)``."""
         self.handlers[cmd] = handler
+
+    def add_stream(self, cmd: str, handler: Callable[..., None]) -> None:
+        """Answer a request ``{"cmd": cmd, ...}`` with ``handler(sock,
+        **args)``, which owns the client's socket until it returns (the
+        ``events`` stream, replicator/events.py); the connection then closes."""
+        self._streams[cmd] = handler
 
     @property
     def socket_path(self) -> Path:
@@ -377,11 +384,34 @@ class ControlServer:
                     return
                 if line is None:
                     return
+                stream = self._stream_of(line)
+                if stream is not None:
+                    handler, args = stream
+                    try:
+                        handler(conn, **args)
+                    except TypeError as e:  # wrong arguments: tell the client
+                        try:
+                            _send_json(conn, {"error": f"{e}"})
+                        except OSError:
+                            pass
+                    return
                 reply = self.dispatch(line)
                 try:
                     _send_json(conn, reply)
                 except OSError:
                     return
+
+    def _stream_of(self, line: bytes) -> tuple[Callable[..., None], dict] | None:
+        """The stream handler and its arguments when *line* asks for one."""
+        if not self._streams:
+            return None
+        try:
+            req = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return None  # dispatch gives the error
+        if not isinstance(req, dict) or req.get("cmd") not in self._streams:
+            return None
+        return self._streams[req.pop("cmd")], req
 
     def dispatch(self, line: bytes) -> dict:
         """The reply to one request line (also usable without a socket)."""

@@ -503,12 +503,18 @@ def run_secondary(config: Config, resource: Resource, node: Node) -> int:
     def promote(force: bool = False, timeout_s: float = DEFAULT_TIMEOUT,
                 group: bool = False, wait_s: float = 0.0) -> dict:
         reply = promote_running(sec, force, float(timeout_s), bool(group), float(wait_s))
+        report = reply.get("loss_report") or {}
+        events.emit("promote", node=node.name, forced=",".join(reply.get("forced") or ()) or "no",
+                    consistent_through_seq=reply.get("consistent_through_seq"),
+                    lost_writes=sum(int(w.get("count", 1)) for w in report.get("lost") or ()))
         promoted.set()
         wake.set()
         return reply
 
     sec.control.add_handler("promote", promote)
+    events, handlers = _secondary_events(sec, resource, node)
     sec.start()
+    events.start(spawn=lambda name, fn: sec.sup.spawn(name, fn, restart=True))
     metrics = _serve_metrics(node, sec.status)
     notify.ready(f"Secondary: listening on {node.address_str()}")
     last_status = [0.0]
@@ -540,11 +546,25 @@ def run_secondary(config: Config, resource: Resource, node: Node) -> int:
     finally:
         if metrics is not None:
             metrics.shutdown()
+        handlers.stop()
+        events.stop()
         sec.stop()
     if promoted.is_set():
         _join_control_clients(sec, 10.0)
         return EXIT_PROMOTED
     return 1 if sec.restart_needed else 0
+
+
+def _secondary_events(sec, resource: Resource, node: Node):
+    """The secondary's event source (``duplex events``, DESIGN §14) on its
+    control socket, and the handlers run from it."""
+    from replicator.events import EventSource
+    from replicator.handlers import HandlerRunner
+
+    events = EventSource(sec.status, lag_threshold=resource.handlers.lag_threshold_s)
+    sec.control.add_stream("events", events.serve)
+    return events, HandlerRunner(resource.handlers, node.name,
+                                 resource.peer_of(node.name).name, events)
 
 
 def run_up(config: Config, resource: Resource, node: Node, role: str | None) -> int:

@@ -41,7 +41,9 @@ from replicator.native.actlog import ActivityLog
 from replicator.native.bitmap import Bitmap
 from replicator.native.core import Core, CoreError, WriteResult
 from replicator.errors import DuplexError
+from replicator.events import EventSource
 from replicator import generations
+from replicator.handlers import HandlerRunner
 from replicator.metadata import DISK_UPTODATE, Metadata, load_metadata, new_uuid
 from replicator.oosfiles import open_bitmaps
 from replicator.primary import states
@@ -102,6 +104,12 @@ class Engine:
                                                      "verify": self._verify_cmd,
                                                      "verify-status": self._verify_status_cmd},
                                      name="primary")
+        # `duplex events` (DESIGN §14): the status, and the verify result,
+        # diffed every 50 ms; the handlers run from the same stream.
+        self.events = EventSource(self._event_snapshot,
+                                  lag_threshold=resource.handlers.lag_threshold_s)
+        self.control.add_stream("events", self.events.serve)
+        self.handlers = HandlerRunner(resource.handlers, node.name, peer.name, self.events)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         # One read descriptor per volume (reads bypass the core: no lock).
@@ -181,6 +189,7 @@ class Engine:
         self.control.start()
         self.shipper.start()
         self._threads.append(self.sup.spawn("duplex-mark", self._housekeeping, restart=True))
+        self.events.start(spawn=lambda name, fn: self.sup.spawn(name, fn, restart=True))
         if self.group is not None:
             try:
                 self.group.start()
@@ -198,6 +207,8 @@ class Engine:
             self.group.stop()
         self.sup.stop()  # what raises from now on is part of stopping, not a fault
         shipper_done = self.shipper.stop(drain_timeout)
+        self.handlers.stop()
+        self.events.stop()
         self.control.stop()
         try:
             self.core.flush()
@@ -224,6 +235,13 @@ class Engine:
     def _housekeeping(self) -> None:
         while not self._stop.wait(0.5):
             self.mark.advance(self.core.next_seq)
+
+    def _event_snapshot(self) -> dict:
+        """What the event stream diffs: the status and the verify pass
+        (its start time tells one finished pass from the next)."""
+        run = self.verifier.run
+        return dict(self.status(), verify=dict(self.verifier.status(),
+                                               started=run.started if run else None))
 
     # -- verify ------------------------------------------------------------------
 
