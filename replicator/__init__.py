@@ -61,6 +61,7 @@ Shared by both roles:
     layout                the volumes of a resource laid end to end in one logical space
     generations           generation identifiers: who is ahead, split brain (DESIGN §7)
     peerlink              the socket shell around a protocol Connection
+    tls                   TLS for the link and the group channel: contexts, names, TlsSocket
     metadata              a node's metadata, and every file name in its meta-dir
     oosfiles              the OOS bitmap and activity log, opened and recovered together
     fileio                whole-file writes and durable atomic replacement

@@ -7,18 +7,29 @@ Threads and locks: a ``GroupServer`` has an accept thread and one reader
 per link; a ``GroupClient`` one connect-and-read thread. ``GroupLink._send_lock``
 serialises writes to its socket. ``GroupServer._lock`` guards ``links``.
 Callbacks run on the reader threads and must not block for long.
+
+TLS (``tls = true`` in the group table, DESIGN §9): each connection is
+wrapped before the HELLO/AUTH exchange, with mutual certificates signed by
+the group's ``tls-ca``; the member checks that the master's certificate
+names the master node it dialled, the master that the member's names a
+node of the group and the node its HELLO then claims. The socket is a
+``replicator.tls.TlsSocket`` from then on (its own lock serialises the
+SSL object between the reader and the senders).
 """
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from typing import Callable
 
+from replicator.errors import DuplexError
 from replicator.protocol.errors import ProtocolError
 from replicator.protocol.group import GroupConnection, GroupMessage, make
 from replicator.supervise import Supervisor
+from replicator import tls as _tls
 
 log = logging.getLogger("duplex.group")
 
@@ -96,13 +107,75 @@ class GroupLink:
             pass
 
 
+def _secure(sock: socket.socket, conn: GroupConnection, tls: ssl.SSLContext | None,
+            names: set[str], server: bool, timeout: float):
+    """*sock*, or a TlsSocket once TLS is up and the peer's certificate
+    names one of *names*; ProtocolError saying why not. The master tells
+    a plaintext member from a TLS one by its first byte, and refuses the
+    mismatch with a reason both sides log."""
+    if server:
+        first = _tls.first_byte(sock, timeout)
+        if first is None:
+            raise ProtocolError("the group peer closed the connection before its HELLO")
+        if tls is not None and first != _tls.TLS_HANDSHAKE:
+            try:
+                sock.sendall(conn.error(f"node {conn.node} requires TLS on group "
+                                        f"{conn.group} (tls = true), and this connection is "
+                                        f"plaintext"))
+            except OSError:
+                pass
+            raise ProtocolError(_tls.PLAINTEXT_PEER)
+        if tls is None and first == _tls.TLS_HANDSHAKE:
+            try:
+                sock.sendall(conn.error(_tls.TLS_PEER))
+            except OSError:
+                pass
+            raise ProtocolError(_tls.TLS_PEER)
+    if tls is None:
+        return sock
+    try:
+        ssock = _tls.handshake(sock, tls, server, timeout)
+    except _tls.TlsError as e:
+        raise ProtocolError(str(e)) from None
+    wrapped = _tls.TlsSocket(ssock)
+    wrapped.settimeout(timeout)
+    try:
+        wrapped.cert_name = _tls.check_peer_name(ssock, names)
+    except _tls.TlsError as e:
+        try:
+            wrapped.sendall(conn.error(f"node {conn.node} refused your certificate: {e}"))
+        except OSError:
+            pass
+        wrapped.close()
+        raise ProtocolError(str(e)) from None
+    return wrapped
+
+
 def handshake(sock: socket.socket, conn: GroupConnection, timeout: float = HANDSHAKE_TIMEOUT,
-              check: Callable[[GroupMessage], str | None] | None = None) -> GroupLink:
+              check: Callable[[GroupMessage], str | None] | None = None, *,
+              tls: ssl.SSLContext | None = None, tls_names: set[str] | None = None,
+              server: bool = False) -> GroupLink:
     """Run the HELLO/AUTH exchange on *sock*; *check(peer_hello)* may
-    refuse the peer with a reason. ProtocolError or OSError on failure."""
+    refuse the peer with a reason. With *tls*, inside TLS, the peer's
+    certificate naming one of *tls_names* and, once its HELLO is in, the
+    node the HELLO claims. *server*: the accepting side. ProtocolError or
+    OSError on failure."""
     sock.settimeout(timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     deadline = time.monotonic() + timeout
+    try:
+        sock = _secure(sock, conn, tls, set(tls_names or ()), server, timeout)
+    except ssl.SSLError as e:
+        raise ProtocolError(_tls.describe_ssl_error(e)) from None
+    cert_name = getattr(sock, "cert_name", None)
+    if cert_name is not None:
+        inner = check
+
+        def check(hello: GroupMessage) -> str | None:
+            if str(hello["node"]).lower() != cert_name.lower():
+                return (f"the peer's HELLO says node {hello['node']!r}, its certificate "
+                        f"{cert_name!r}")
+            return inner(hello) if inner is not None else None
     sock.sendall(conn.initiate())
     checked = False
     try:
@@ -110,20 +183,24 @@ def handshake(sock: socket.socket, conn: GroupConnection, timeout: float = HANDS
             if time.monotonic() > deadline:
                 raise ProtocolError("group handshake timed out")
             msg = conn.next_event()
-            out = conn.data_to_send()
-            if out:
-                sock.sendall(out)
+            # The peer is checked before our AUTH answers its HELLO: a
+            # refused peer is never told it got in.
             if conn.peer is not None and not checked:
                 why = check(conn.peer) if check else None
                 if why:
                     raise ProtocolError(why)
                 checked = True
+            out = conn.data_to_send()
+            if out:
+                sock.sendall(out)
             if msg is None and not (conn.established and checked):
                 data = sock.recv(RECV)
                 if not data:
                     raise ProtocolError("the group peer closed the connection during the "
                                         "handshake")
                 conn.receive_data(data)
+    except ssl.SSLError as e:  # the peer's verdict on our certificate (TLS 1.3: after ours)
+        raise ProtocolError(_tls.describe_ssl_error(e)) from None
     except ProtocolError as e:
         try:
             sock.sendall(conn.error(str(e)))
@@ -141,9 +218,16 @@ class GroupServer:
                  check: Callable[[GroupMessage], str | None],
                  on_link: Callable[[GroupLink], None],
                  on_message: Callable[[GroupLink, GroupMessage], None],
-                 on_close: Callable[[GroupLink, str], None]) -> None:
+                 on_close: Callable[[GroupLink, str], None],
+                 tls: Callable[[], ssl.SSLContext | None] | None = None,
+                 tls_names: set[str] | None = None) -> None:
+        """*tls()* gives the server context per connection (files read
+        again: fixing them fixes the node), None for plaintext;
+        *tls_names* the nodes a member's certificate may name."""
         self._sup = sup
         self._make_conn = make_conn
+        self._tls = tls
+        self._tls_names = set(tls_names or ())
         self._check = check
         self._on_link = on_link
         self._on_message = on_message
@@ -172,8 +256,10 @@ class GroupServer:
 
     def _serve(self, s: socket.socket) -> None:
         try:
-            link = handshake(s, self._make_conn(), check=self._check)
-        except (ProtocolError, OSError) as e:
+            link = handshake(s, self._make_conn(), check=self._check,
+                             tls=self._tls() if self._tls else None, tls_names=self._tls_names,
+                             server=True)
+        except (ProtocolError, OSError, DuplexError) as e:
             log.warning("group: refused a connection: %s", e)
             s.close()
             return
@@ -220,9 +306,16 @@ class GroupClient:
                  make_conn: Callable[[], GroupConnection],
                  on_link: Callable[[GroupLink], None],
                  on_message: Callable[[GroupLink, GroupMessage], None],
-                 on_close: Callable[[GroupLink, str], None]) -> None:
+                 on_close: Callable[[GroupLink, str], None],
+                 tls: Callable[[], ssl.SSLContext | None] | None = None,
+                 tls_names: list[str] | None = None) -> None:
+        """*tls()* gives the client context per connection, None for
+        plaintext; *tls_names[i]* is the node endpoint *i* belongs to (its
+        certificate must name it)."""
         self._sup = sup
         self._name = name
+        self._tls = tls
+        self._tls_names = list(tls_names or ())
         self._endpoints = endpoints
         self._make_conn = make_conn
         self._on_link = on_link
@@ -238,7 +331,7 @@ class GroupClient:
     def _loop(self) -> None:
         delay = RECONNECT[0]
         while not self._stop.is_set():
-            for ep in self._endpoints:
+            for i, ep in enumerate(self._endpoints):
                 if self._stop.is_set():
                     return
                 try:
@@ -247,8 +340,12 @@ class GroupClient:
                     self.last_error = f"{ep[0]}:{ep[1]}: {e.strerror or e}"
                     continue
                 try:
-                    link = handshake(s, self._make_conn())
-                except (ProtocolError, OSError) as e:
+                    names = {self._tls_names[i]} if i < len(self._tls_names) else set()
+                    link = handshake(s, self._make_conn(),
+                                     tls=self._tls() if self._tls else None, tls_names=names)
+                except (ProtocolError, OSError, DuplexError) as e:
+                    if self.last_error != f"{ep[0]}:{ep[1]}: {e}":
+                        log.warning("group: %s:%d: %s", ep[0], ep[1], e)
                     self.last_error = f"{ep[0]}:{ep[1]}: {e}"
                     s.close()
                     continue
