@@ -150,6 +150,18 @@ class Metadata:
     # `duplex connect --discard-my-data`: at the next handshake this node
     # gives up its own changes and syncs from the peer (split brain).
     discard_my_data: bool = False
+    # `duplex invalidate` (DESIGN §7): this secondary's data is discarded; at
+    # every handshake it hands the primary every track as out of sync,
+    # until an increment of that session commits (the full sync is done).
+    invalidated: bool = False
+    # `duplex outdate`: this secondary's data is declared out of date
+    # (fencing); promote refuses it without --force. Cleared once, connected
+    # again, it has applied everything its primary had written.
+    outdated: bool = False
+    # A planned switchover (`duplex secondary` on the primary): the primary
+    # stopped cleanly after this seq and wrote nothing since; None when no
+    # clean stop is known. Cleared when a primary connects again.
+    clean_stop_seq: int | None = None
     created: float = 0.0
     updated: float = 0.0
     # The resource's volumes in config order, {"name", "size"} each; their
@@ -208,6 +220,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "history": (list,), "bitmap_uuid": (str, type(None)),
     "peer_node_uuid": (str, type(None)), "role": (str,), "disk": (str,),
     "needs_initial_sync": (bool,), "seq_hwm": (int,), "seq_reserved": (bool,), "discard_my_data": (bool,),
+    "invalidated": (bool,), "outdated": (bool,), "clean_stop_seq": (int, type(None)),
     "created": (float, int),
     "updated": (float, int),
     "volumes": (list,),
@@ -227,6 +240,10 @@ def _validate_body(body: dict[str, Any], where: Path) -> None:
     if "volumes" not in body and isinstance(body.get("device_size"), int):
         body["volumes"] = [{"name": DEFAULT_VOLUME, "size": body["device_size"]}]
     body.setdefault("seq_reserved", False)  # absent before it was added: exact as before
+    # Absent before the admin commands (DESIGN §7): none of them had run.
+    body.setdefault("invalidated", False)
+    body.setdefault("outdated", False)
+    body.setdefault("clean_stop_seq", None)
     missing = [k for k in _FIELD_TYPES if k not in body]
     if missing:
         raise MetadataError(f"{where}: field {missing[0]!r} is missing")

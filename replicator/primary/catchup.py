@@ -99,6 +99,11 @@ class Hooks:
     next_increment: Callable[[], int]        # a new increment id
     next_verify_id: Callable[[], int]        # a new VERIFY_REQ id (shared with verify)
     peer_initial_sync: bool                  # the peer was never synced: match digests
+    # The admin's word (DESIGN §7): hold(pausable) raises LinkError once the
+    # node was disconnected, and with pausable=True waits while the sync is
+    # paused; paused() says whether it is (an increment under way then stops).
+    hold: Callable[[bool], None] = lambda pausable: None
+    paused: Callable[[], bool] = lambda: False
 
 
 class CatchUp:
@@ -140,6 +145,8 @@ class CatchUp:
         self.hooks.progress(prog)
         try:
             while True:
+                # `duplex pause-sync`: no increment starts while paused.
+                self.hooks.hold(True)
                 final = self._final(self._dirty(oos))
                 prog.increment = self.hooks.next_increment()
                 try:
@@ -234,6 +241,12 @@ class CatchUp:
             for tr in batch:
                 if not self.link.alive():
                     raise LinkError(self.link.error or "connection closed")
+                if self.hooks.paused():
+                    # Abandoned, not held open: a frozen map kept while
+                    # paused would fill the collision queue. OOS still
+                    # covers all of it; the next increment starts on resume.
+                    raise IncrementAborted("the sync was paused by the admin")
+                self.hooks.hold(False)
                 data = self.core.drain_track(tr)
                 if data is None:
                     continue  # a write took it into the collision queue
@@ -317,6 +330,7 @@ class CatchUp:
         while self.hooks.journaled() < base:
             if not self.link.alive():
                 raise LinkError(self.link.error or "connection closed")
+            self.hooks.hold(False)  # a disconnect by the admin ends the wait
             if time.monotonic() > deadline:
                 raise LinkError(f"the peer did not commit the increment (base seq {base}) "
                                 f"within {COMMIT_TIMEOUT:.0f} s")

@@ -26,6 +26,17 @@ and server do. They are DRBD's two layers:
 Neither machine masks the other: a dead peer with a resync pending is
 ``Connecting`` and ``Ahead``, each with its own reason.
 
+Two admin commands act on the machines through events too. ``duplex
+disconnect`` (:class:`AdminDisconnect`) makes the connection StandAlone on
+purpose from any state and the replication Ahead (the ring is dropped, the
+out-of-sync bitmap keeps every write the peer lacks, so nothing is lost);
+only :class:`AdminConnect` (``duplex connect``) leaves it. ``duplex
+pause-sync`` / ``resume-sync`` (:class:`SyncPaused`, :class:`SyncResumed`)
+move neither machine: they set or clear :attr:`PrimaryStates.sync_paused`,
+which the catch-up obeys (no increment is sent while it is set; the pair
+stays Ahead or SyncSource). Neither is persisted: ``duplex up`` starts
+connecting, with the sync running (as DRBD's are not kept across down/up).
+
 Where the replication table says :data:`IDLE`, the new state is ``Ahead``
 if a resync is owed and ``Off`` if not: the one rule outside the tables,
 used only when leaving ``SplitBrain`` (which hides whether one is owed).
@@ -135,8 +146,42 @@ class Stopped(Event):
     name: ClassVar[str] = "stopped"
 
 
+@dataclass(frozen=True)
+class AdminDisconnect(Event):
+    """``duplex disconnect``: StandAlone on purpose until AdminConnect."""
+
+    name: ClassVar[str] = "disconnected by the admin"
+
+
+@dataclass(frozen=True)
+class AdminConnect(Event):
+    """``duplex connect`` after a disconnect: connecting again."""
+
+    name: ClassVar[str] = "connect by the admin"
+
+
+@dataclass(frozen=True)
+class SyncPaused(Event):
+    """``duplex pause-sync``: no increment goes out until SyncResumed."""
+
+    name: ClassVar[str] = "sync paused by the admin"
+
+
+@dataclass(frozen=True)
+class SyncResumed(Event):
+    """``duplex resume-sync``."""
+
+    name: ClassVar[str] = "sync resumed by the admin"
+
+
 EVENTS: tuple[type[Event], ...] = (LinkFailed, Refused, SplitBrainFound, Attached, StreamStart,
-                                   ResyncNeeded, SyncStart, CaughtUp, Stopped)
+                                   ResyncNeeded, SyncStart, CaughtUp, Stopped, AdminDisconnect,
+                                   AdminConnect, SyncPaused, SyncResumed)
+
+#: The words status shows for the admin's own states (DESIGN §7).
+DISCONNECTED_BY_ADMIN = "disconnected by the admin"
+SYNC_PAUSED_BY_ADMIN = "sync paused (by the admin)"
+_ADMIN_RESYNC = "the node was disconnected by the admin (writes only mark the out-of-sync bitmap)"
 
 
 # -- the tables: machine -> state -> event -> new state ----------------------
@@ -146,42 +191,53 @@ TRANSITIONS: dict[str, dict[str, dict[type[Event], str]]] = {
         CONNECTING: {
             LinkFailed: CONNECTING, Refused: STANDALONE, SplitBrainFound: STANDALONE,
             Attached: CONNECTED, ResyncNeeded: CONNECTING, Stopped: STANDALONE,
+            AdminDisconnect: STANDALONE, SyncPaused: CONNECTING, SyncResumed: CONNECTING,
         },
         STANDALONE: {
             # A retry that fails at the network level is Connecting again:
             # the refusal is no longer the latest news.
             LinkFailed: CONNECTING, Refused: STANDALONE, SplitBrainFound: STANDALONE,
             Attached: CONNECTED, ResyncNeeded: STANDALONE, Stopped: STANDALONE,
+            AdminDisconnect: STANDALONE, AdminConnect: CONNECTING, SyncPaused: STANDALONE,
+            SyncResumed: STANDALONE,
         },
         CONNECTED: {
             # A refusal after the handshake: the peer journaled beyond our seq.
             LinkFailed: CONNECTING, Refused: STANDALONE, StreamStart: CONNECTED,
             ResyncNeeded: CONNECTED, SyncStart: CONNECTED, CaughtUp: CONNECTED,
-            Stopped: STANDALONE,
+            Stopped: STANDALONE, AdminDisconnect: STANDALONE, SyncPaused: CONNECTED,
+            SyncResumed: CONNECTED,
         },
     },
     REPLICATION: {
         OFF: {
             LinkFailed: OFF, Refused: OFF, SplitBrainFound: SPLIT_BRAIN, Attached: OFF,
             StreamStart: ESTABLISHED, ResyncNeeded: AHEAD, Stopped: OFF,
+            AdminDisconnect: AHEAD, AdminConnect: OFF, SyncPaused: OFF, SyncResumed: OFF,
         },
         AHEAD: {
             LinkFailed: AHEAD, Refused: AHEAD, SplitBrainFound: SPLIT_BRAIN, Attached: AHEAD,
             ResyncNeeded: AHEAD, SyncStart: SYNC_SOURCE, Stopped: AHEAD,
+            AdminDisconnect: AHEAD, AdminConnect: AHEAD, SyncPaused: AHEAD, SyncResumed: AHEAD,
         },
         ESTABLISHED: {
             LinkFailed: OFF, Refused: OFF, ResyncNeeded: AHEAD, Stopped: OFF,
+            # Disconnected on purpose: the ring is dropped, the bitmap kept.
+            AdminDisconnect: AHEAD, SyncPaused: ESTABLISHED, SyncResumed: ESTABLISHED,
         },
         SYNC_SOURCE: {
             # An interrupted catch-up leaves the resync owed.
             LinkFailed: AHEAD, Refused: AHEAD, ResyncNeeded: SYNC_SOURCE,
-            CaughtUp: ESTABLISHED, Stopped: AHEAD,
+            CaughtUp: ESTABLISHED, Stopped: AHEAD, AdminDisconnect: AHEAD,
+            SyncPaused: SYNC_SOURCE, SyncResumed: SYNC_SOURCE,
         },
         SPLIT_BRAIN: {
             # Only a handshake that succeeds (the loser discarded its data)
             # or refuses for another reason ends it; a lost link does not.
             LinkFailed: SPLIT_BRAIN, Refused: IDLE, SplitBrainFound: SPLIT_BRAIN,
             Attached: IDLE, ResyncNeeded: SPLIT_BRAIN, Stopped: SPLIT_BRAIN,
+            AdminDisconnect: SPLIT_BRAIN, AdminConnect: SPLIT_BRAIN, SyncPaused: SPLIT_BRAIN,
+            SyncResumed: SPLIT_BRAIN,
         },
     },
 }
@@ -201,6 +257,8 @@ class PrimaryStates:
     replication: str = OFF
     error: str | None = None        # the last connection error (kept until attached)
     resync_reason: str | None = None  # why a resync is owed (None: none is)
+    disconnected: bool = False        # `duplex disconnect`: StandAlone until `connect`
+    sync_paused: bool = False         # `duplex pause-sync`: no increment goes out
 
     @classmethod
     def initial(cls, resync_reason: str | None) -> "PrimaryStates":
@@ -217,7 +275,18 @@ class PrimaryStates:
         conn = _move(CONNECTION, self.connection, event)
         repl = _move(REPLICATION, self.replication, event)
         error, reason = self.error, self.resync_reason
-        if isinstance(event, (LinkFailed, Refused, SplitBrainFound)):
+        disconnected, paused = self.disconnected, self.sync_paused
+        if isinstance(event, AdminDisconnect):
+            disconnected, error = True, DISCONNECTED_BY_ADMIN
+            if reason is None and repl != SPLIT_BRAIN:
+                reason = _ADMIN_RESYNC
+        elif isinstance(event, AdminConnect):
+            disconnected, error = False, None
+        elif isinstance(event, SyncPaused):
+            paused = True
+        elif isinstance(event, SyncResumed):
+            paused = False
+        elif isinstance(event, (LinkFailed, Refused, SplitBrainFound)):
             error = event.error
         elif isinstance(event, Attached):
             error = None
@@ -228,7 +297,7 @@ class PrimaryStates:
         if repl == IDLE:
             repl = AHEAD if reason is not None else OFF
         return replace(self, connection=conn, replication=repl, error=error,
-                       resync_reason=reason)
+                       resync_reason=reason, disconnected=disconnected, sync_paused=paused)
 
     def allows(self, event_type: type[Event]) -> bool:
         """Whether both machines accept an event of *event_type* now."""
@@ -244,6 +313,8 @@ class PrimaryStates:
             parts.append(self.error)
         if self.resync_reason is not None and self.replication != SPLIT_BRAIN:
             parts.append(f"resync needed: {self.resync_reason}")
+        if self.sync_paused:
+            parts.append(SYNC_PAUSED_BY_ADMIN)
         return "; ".join(parts)
 
 

@@ -78,12 +78,14 @@ class FrameType(IntEnum):
     PING = 0x31
     PONG = 0x32
     BITMAP = 0x33  # secondary -> primary: its own out-of-sync tracks
+    RECEIVED = 0x34  # secondary -> primary: received through seq N (protocol B)
     # 0x4_: online verify
     VERIFY_REQ = 0x40   # primary -> secondary: checksums of these tracks, please
     VERIFY_SUMS = 0x41  # secondary -> primary: the checksums
     # 0x5_: a consistency group's control channel (protocol/group.py)
     GROUP = 0x50
     # 0x7_: connection control
+    STOP = 0x70   # a clean stop: "nothing follows seq N"; the secondary echoes it
     ERROR = 0x7F
 
 

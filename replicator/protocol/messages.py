@@ -27,8 +27,12 @@ ACK         u64 journaled_seq, u64 applied_seq [, u8 disk, u8 x, u16 len(reason)
             reason UTF-8]   (the bracketed part: the secondary's disk state,
             sent by a secondary whose disk is not as its STATE said, e.g.
             Failed while applying; absent = no news)
+RECEIVED    u64 received_seq   (protocol B: received, not yet journaled)
 PING        u64 nonce, u64 send_ts_ns
 PONG        u64 nonce, u64 ping_ts_ns, u64 peer_ts_ns
+STOP        u64 last_seq, u64 ts_ns (a planned switchover: the primary
+            stopped cleanly after seq *last_seq*; the secondary echoes it
+            once it has applied and recorded that, then closes)
 ERROR       u16 code, message UTF-8
 GROUP       a group channel's JSON message (protocol/group.py)
 =========== ==============================================================
@@ -667,6 +671,26 @@ _ACK_DISK = struct.Struct("<BBH")
 
 
 @dataclass(frozen=True, slots=True)
+class Received(Message):
+    """Protocol B: the secondary has received every record through
+    ``received_seq`` (not yet durable there; the ACK says journaled)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.RECEIVED
+    received_seq: int
+
+    def __post_init__(self) -> None:
+        _uint("RECEIVED", "received_seq", self.received_seq, _U64)
+
+    def encode(self) -> bytes:
+        return _U64_1.pack(self.received_seq)
+
+    @classmethod
+    def decode(cls, payload) -> Received:
+        _exact("RECEIVED", payload, _U64_1.size)
+        return cls(*_U64_1.unpack(payload))
+
+
+@dataclass(frozen=True, slots=True)
 class Ping(Message):
     """Liveness probe; ``send_ts_ns`` is the sender's clock when it sent it."""
 
@@ -748,6 +772,30 @@ class Error(Message):
         _at_least("ERROR", payload, _ERROR.size)
         (code,) = _ERROR.unpack_from(payload)
         return cls(code, _utf8("ERROR", "message", payload[_ERROR.size:]))
+
+
+@dataclass(frozen=True, slots=True)
+class Stop(Message):
+    """A clean-stop notice (planned switchover, DESIGN §7): the primary
+    wrote nothing after ``last_seq`` and stops; ``ts_ns`` is its clock then.
+    The secondary sends the same message back once it has applied through
+    ``last_seq`` and recorded the stop."""
+
+    TYPE: ClassVar[FrameType] = FrameType.STOP
+    last_seq: int
+    ts_ns: int
+
+    def __post_init__(self) -> None:
+        _uint("STOP", "last_seq", self.last_seq, _U64)
+        _uint("STOP", "ts_ns", self.ts_ns, _U64)
+
+    def encode(self) -> bytes:
+        return _U64_2.pack(self.last_seq, self.ts_ns)
+
+    @classmethod
+    def decode(cls, payload) -> Stop:
+        _exact("STOP", payload, _U64_2.size)
+        return cls(*_U64_2.unpack(payload))
 
 
 _BITMAP = struct.Struct("<IIQ")
@@ -912,7 +960,7 @@ class GroupFrame(Message):
 MESSAGE_CLASSES: dict[FrameType, type[Message]] = {
     cls.TYPE: cls for cls in (Hello, Auth, State, Tokens, Data, Flush, IncrBegin,
                               IncrData, IncrCommit, Ack, Ping, Pong, Error, OosBitmap,
-                              VerifyReq, VerifySums, IncrZero, GroupFrame)
+                              VerifyReq, VerifySums, IncrZero, GroupFrame, Stop, Received)
 }
 assert set(MESSAGE_CLASSES) == set(FrameType), "every frame type needs a message class"
 

@@ -22,8 +22,8 @@ Its state says which frame types it may send next::
                    STATE_SENT <--STATE-- NEGOTIATING
                        |  (both parties STATE_SENT)
                        v
-                  ESTABLISHED  (primary: TOKENS DATA FLUSH INCR_* PING PONG;
-                                secondary: ACK PING PONG)
+                  ESTABLISHED  (primary: TOKENS DATA FLUSH INCR_* PING PONG STOP;
+                                secondary: ACK RECEIVED PING PONG STOP)
 
     any state except CLOSED --ERROR--> CLOSED
 
@@ -94,6 +94,7 @@ TRANSITIONS: dict[str, dict[PartyState, dict[F, PartyState]]] = {
             F.VERIFY_REQ: ESTABLISHED,
             F.PING: ESTABLISHED,
             F.PONG: ESTABLISHED,
+            F.STOP: ESTABLISHED,
             F.ERROR: CLOSED,
         },
     },
@@ -101,10 +102,12 @@ TRANSITIONS: dict[str, dict[PartyState, dict[F, PartyState]]] = {
         **_HANDSHAKE,
         ESTABLISHED: {
             F.ACK: ESTABLISHED,
+            F.RECEIVED: ESTABLISHED,
             F.BITMAP: ESTABLISHED,
             F.VERIFY_SUMS: ESTABLISHED,
             F.PING: ESTABLISHED,
             F.PONG: ESTABLISHED,
+            F.STOP: ESTABLISHED,
             F.ERROR: CLOSED,
         },
     },

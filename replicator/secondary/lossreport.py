@@ -74,6 +74,17 @@ class LossReport:
     # A consistency group member (DESIGN §13): {"name", "mode", "point_ns",
     # "checkpoint"}: the image is at the group's point, the same on every member.
     group: dict | None = None
+    # A planned switchover (DESIGN §7): {"seq", "primary"}: the primary
+    # stopped cleanly after this seq, so nothing was written after it.
+    clean_stop: dict | None = None
+
+    def with_clean_stop(self, seq: int, primary: str) -> "LossReport":
+        """This report, known complete: the primary stopped cleanly at *seq*."""
+        from dataclasses import replace
+        return replace(self, clean_stop={"seq": seq, "primary": primary},
+                       note=(f"The primary {primary} stopped cleanly after seq {seq} (a "
+                             f"planned switchover): it wrote nothing after it, so no write "
+                             f"is lost."))
 
     @property
     def lost_count(self) -> int:
@@ -103,6 +114,9 @@ class LossReport:
             d["volumes"] = list(self.volumes)
         if self.group is not None:
             d["group"] = dict(self.group, point_time=iso_utc(self.group.get("point_ns")))
+        if self.clean_stop is not None:
+            d["clean_stop"] = dict(self.clean_stop)
+        d["lost_writes"] = self.lost_count
         for w in self.lost:
             e = asdict(w)
             if self.volumes is None:
@@ -138,10 +152,13 @@ class LossReport:
             group = d.get("group")
             if group is not None and not isinstance(group, dict):
                 raise TypeError("group")
+            clean = d.get("clean_stop")
+            if clean is not None and not isinstance(clean, dict):
+                raise TypeError("clean_stop")
             return cls(d["consistent_through_seq"], d["consistent_through_ts_ns"], lost,
                        d["last_known_seq"], d["note"], d.get("resource"), d.get("created_ns"),
                        volumes=tuple(str(v) for v in vols) if vols is not None else None,
-                       group=group)
+                       group=group, clean_stop=clean)
         except (KeyError, TypeError) as e:
             raise ValueError(f"loss report lacks or mangles field {e}") from None
 
@@ -180,7 +197,11 @@ class LossReport:
                      + (f" (written on the primary at {when})" if when else " (time unknown)")
                      + f": the image holds every write up to and including seq {a}"
                      " and none after it.")
-        if not self.lost:
+        if self.clean_stop is not None:
+            lines.append(f"Lost writes: 0. The primary {self.clean_stop.get('primary')} "
+                         f"stopped cleanly at seq {self.clean_stop.get('seq')} (planned "
+                         f"switchover): this image holds every write it made.")
+        elif not self.lost:
             lines.append("No write after that point is known to be lost.")
         else:
             n_data = len(self.lost_with_data)

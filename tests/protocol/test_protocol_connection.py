@@ -35,9 +35,9 @@ def test_before_both_are_authenticated_only_hello_auth_and_error_can_pass():
 def test_established_lets_the_primary_stream_and_the_secondary_only_ack():
     assert {t.name for t in TRANSITIONS["primary"][ESTABLISHED]} == {
         "TOKENS", "DATA", "FLUSH", "INCR_BEGIN", "INCR_DATA", "INCR_COMMIT", "INCR_ZERO", "VERIFY_REQ", "PING", "PONG",
-        "ERROR"}
-    assert {t.name for t in TRANSITIONS["secondary"][ESTABLISHED]} == {"ACK", "BITMAP", "VERIFY_SUMS", "PING", "PONG",
-                                                                        "ERROR"}
+        "STOP", "ERROR"}
+    assert {t.name for t in TRANSITIONS["secondary"][ESTABLISHED]} == {"ACK", "RECEIVED", "BITMAP", "VERIFY_SUMS",
+                                                                        "PING", "PONG", "STOP", "ERROR"}
 
 
 def test_every_live_state_allows_error():

@@ -53,8 +53,8 @@ def test_frame_type_numbers_are_stable():
     assert {t.name: int(t) for t in FrameType} == {
         "HELLO": 0x01, "AUTH": 0x02, "STATE": 0x03, "TOKENS": 0x10, "DATA": 0x11,
         "FLUSH": 0x12, "INCR_BEGIN": 0x20, "INCR_DATA": 0x21, "INCR_COMMIT": 0x22, "INCR_ZERO": 0x23,
-        "ACK": 0x30, "PING": 0x31, "PONG": 0x32, "BITMAP": 0x33,
-        "VERIFY_REQ": 0x40, "VERIFY_SUMS": 0x41, "GROUP": 0x50, "ERROR": 0x7F}
+        "ACK": 0x30, "PING": 0x31, "PONG": 0x32, "BITMAP": 0x33, "RECEIVED": 0x34,
+        "VERIFY_REQ": 0x40, "VERIFY_SUMS": 0x41, "GROUP": 0x50, "STOP": 0x70, "ERROR": 0x7F}
 
 
 def test_encode_header_crc_over_parts_equals_crc_of_their_concatenation():

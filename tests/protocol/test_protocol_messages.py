@@ -11,7 +11,7 @@ from replicator.protocol.errors import ProtocolError
 from replicator.protocol.frames import FrameType
 from replicator.protocol.messages import (MESSAGE_CLASSES, OosBitmap, VerifyReq, VerifySums, IncrZero, STATE_NEEDS_RESYNC, Ack, Auth, Data,
                                           Error, Flush, Hello, IncrBegin, IncrCommit, IncrData,
-                                          GroupFrame, Ping, Pong, State, Tokens, decode_message,
+                                          GroupFrame, Ping, Pong, Received, State, Stop, Tokens, decode_message,
                                           truncate_utf8)
 
 U64 = (1 << 64) - 1
@@ -48,6 +48,8 @@ EXAMPLES = [
     IncrZero(3, 131072, 65536),
     VerifySums(1, 256, 100, (0, 0xFFFFFFFF, 12345)),
     GroupFrame(b'{"type":"reset","n":7}'),
+    Stop(1234, 1_700_000_000_000_000_000),
+    Received(4321),
 ]
 
 
