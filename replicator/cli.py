@@ -137,7 +137,7 @@ def _status_of(resource: Resource, node: Node, timeout: float) -> dict:
 
 def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
     """Show the status of one resource, or of every resource of this node."""
-    from replicator.status import format_status, format_statuses, watch_frame
+    from replicator.status import format_line, format_lines, format_status, format_statuses, watch_frame
 
     if args.resource in ctx.config.groups and args.resource not in ctx.config.resources:
         return _group_status(args, ctx)
@@ -157,7 +157,9 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
         if args.json:
             out = ds[0] if args.resource else ds
             return json.dumps(out, indent=None if args.watch else 2)
-        return format_status(ds[0]) if args.resource else format_statuses(ds)
+        if args.verbose:  # the table; by default one line per resource (drbdadm status)
+            return format_status(ds[0]) if args.resource else format_statuses(ds)
+        return format_line(ds[0]) if args.resource else format_lines(ds)
 
     if not args.watch:
         if not args.check:
@@ -217,13 +219,13 @@ def _group_status(args: argparse.Namespace, ctx: Context) -> int:
 def _check(args: argparse.Namespace, targets: list) -> int:
     """``status --check``: the status as usual, then one line on stderr per
     resource that is not healthy (status.health_problems); exit 1 if any."""
-    from replicator.status import format_status, health_problems
+    from replicator.status import format_lines, format_statuses, health_problems
 
     ds = [_status_of(r, n, args.timeout) for r, n in targets]
     if args.json:
         print(json.dumps(ds[0] if args.resource else ds, indent=2))
     else:
-        print("\n\n".join(format_status(d) for d in ds))
+        print(format_statuses(ds) if args.verbose else format_lines(ds))
     sys.stdout.flush()
     sick = 0
     for d in ds:
@@ -579,7 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--discard-my-data", action="store_true",
                     help="give up this node's changes and resync from the peer")
 
-    sp = command("status", cmd_status, "show role, connection, disk, lag and sync progress")
+    sp = command("status", cmd_status,
+                 "show role, connection, disk, lag and sync progress: one line per resource "
+                 "(-v/--verbose: the full table)")
     sp.add_argument("resource", metavar="RES", nargs="?",
                     help="one resource (default: every resource of this node)")
     sp.add_argument("--json", action="store_true",

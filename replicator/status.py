@@ -323,6 +323,66 @@ def format_statuses(ds: list[dict]) -> str:
     return "\n\n".join(format_status(d) for d in ds)
 
 
+def format_line(d: dict) -> str:
+    """One status dict in one line, as ``drbdadm status`` gives it (the
+    table is :func:`format_status`, ``duplex status --verbose``)::
+
+        r0 role:Primary disk:UpToDate peer beta: Connected Established lag 3ms
+        r0 role:Primary disk:UpToDate peer beta: Connecting Ahead out-of-sync 12.0 MiB (connecting to beta: Connection refused)
+        r0 role:Secondary disk:Consistent peer alpha: Connected SyncTarget 47.2% eta 16s
+        r0 role:Secondary disk:Consistent not running (not running)
+
+    Words appear only when they say something: the replication state when
+    not Off, the peer's disk when not UpToDate, out-of-sync bytes when
+    any, the lag while connected, the reason or error, faulted threads.
+    """
+    g = d.get
+    words = [str(g("resource")), f"role:{g('role') or 'Unknown'}", f"disk:{g('disk') or 'Unknown'}"]
+    if g("running") is False:
+        words.append("not running")
+        if g("reason"):
+            words.append(f"({g('reason')})")
+        return " ".join(words)
+    peer = g("peer") or {}
+    conn, repl = g("connection") or "StandAlone", g("replication")
+    if conn in REPLICATIONS:  # a provider that names only the replication state
+        conn, repl = CONNECTED, conn
+    words += [f"peer {peer.get('name')}:", conn]
+    if repl and repl != "Off":
+        words.append(repl)
+    if peer.get("disk") not in (None, "UpToDate"):
+        words.append(f"peer-disk:{peer.get('disk')}")
+    sync = g("sync")
+    if isinstance(sync, dict) and sync.get("total_bytes"):
+        words.append(f"{100 * (sync.get('done_bytes') or 0) / sync['total_bytes']:.1f}%")
+        if sync.get("eta_seconds") is not None:
+            words.append(f"eta {format_eta(float(sync['eta_seconds']))}")
+    if g("out_of_sync_bytes"):
+        words.append(f"out-of-sync {format_size(g('out_of_sync_bytes'))}")
+    if g("protocol") and g("protocol") != "A":
+        words.append(f"protocol:{g('protocol')}" + (
+            f"(in force:{g('protocol_effective')})" if g("protocol_note") else ""))
+    if g("congestion") not in (None, "none"):
+        words.append(f"congestion:{g('congestion')}")
+    lag = g("lag") or {}
+    if conn == CONNECTED:
+        secs = lag.get("seconds")
+        words.append("lag " + ("unknown" if secs is None else "0ms" if not secs
+                               else format_duration(float(secs))))
+    faults = g("faults") or ()
+    if faults:
+        words.append(f"faults:{len(faults)} ({', '.join(str(f.get('thread')) for f in faults)})")
+    why = g("reason") or (g("last_error") if conn != CONNECTED else None)
+    if why:
+        words.append(f"({why})")
+    return " ".join(words)
+
+
+def format_lines(ds: list[dict]) -> str:
+    """Several resources, one line each."""
+    return "\n".join(format_line(d) for d in ds)
+
+
 def watch_frame(text: str, header: str = "") -> str:
     """What ``duplex status --watch`` writes to a terminal for one refresh:
     cursor home, every line of *header* and *text* followed by erase-to-end

@@ -24,7 +24,7 @@ from fixtures.nbdkit import nbd_connect
 from replicator import cli
 from replicator.attach import AttachError, attach, detach, fuse_base_dir, is_mounted
 from replicator.config import parse_config
-from replicator.status import format_status, offline_status, watch_frame
+from replicator.status import format_line, offline_status, watch_frame
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -483,7 +483,7 @@ def test_status_watch_on_a_terminal_fetches_first_then_redraws_in_one_write(
     for i in (1, 2, 3):
         d = offline_status(r, r.node("alpha"), None, f"test frame {i}")
         expected += [("fetch", f"test frame {i}"),
-                     ("write", watch_frame(format_status(d), header=header))]
+                     ("write", watch_frame(format_line(d), header=header))]
     # Nothing is cleared while the status is fetched: one write per frame,
     # after the fetch, overwriting the previous frame in place.
     assert events == expected
@@ -497,7 +497,7 @@ def test_status_watch_to_a_pipe_prints_plain_frames_separated_by_a_blank_line(
     events = _watch(monkeypatch, config_file, tty=False)
     out = "".join(s for kind, s in events if kind == "write")
     assert "\x1b" not in out
-    frames = [format_status(offline_status(r, r.node("alpha"), None, f"test frame {i}"))
+    frames = [format_line(offline_status(r, r.node("alpha"), None, f"test frame {i}"))
               for i in (1, 2, 3)]
     assert out == "".join(f"{f}\n\n" for f in frames)
     assert [e[0] for e in events if e[0] == "fetch"] == ["fetch"] * 3

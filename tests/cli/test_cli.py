@@ -159,6 +159,9 @@ def test_status_of_a_stopped_resource_comes_from_metadata(capsys, config_file, s
     run(capsys, *base, "create-md", "r0", "--assume-clean")
     code, out, _ = run(capsys, *base, "status", "r0")
     assert code == 0
+    assert out == "r0 role:Secondary disk:UpToDate not running (not running)\n"
+    code, out, _ = run(capsys, *base, "status", "r0", "--verbose")
+    assert code == 0
     assert out.splitlines()[0] == "r0 on alpha: Secondary, StandAlone (not running), disk UpToDate"
     assert "  reason        not running" in out.splitlines()
 
@@ -179,6 +182,9 @@ def test_status_of_a_running_resource_comes_over_the_control_socket(capsys, conf
         code, out, _ = run(capsys, *base, "status", "--json")  # all: a list
         assert code == 0 and json.loads(out) == [live]
         code, out, _ = run(capsys, *base, "status")
+        assert out == ("r0 role:Primary disk:UpToDate peer beta: Connected Ahead "
+                       "peer-disk:Consistent out-of-sync 64.0 KiB lag 1.5s (ring overflowed)\n")
+        code, out, _ = run(capsys, *base, "status", "--verbose")
         assert out.splitlines()[0] == "r0 on alpha: Primary, Ahead, disk UpToDate"
         assert "  reason        ring overflowed" in out.splitlines()
 

@@ -167,7 +167,11 @@ def test_cli_json_passes_sync_through_and_human_form_shows_the_bar(capsys, confi
         assert cli.main([*base, "--json"]) == 0
         out = capsys.readouterr().out
         assert json.loads(out) == live
-        assert cli.main(base) == 0
+        assert cli.main(base) == 0  # one line
+        assert capsys.readouterr().out == (
+            "r0 role:Primary disk:UpToDate peer beta: Connected SyncSource peer-disk:Consistent "
+            "75.0% eta 1s out-of-sync 1.0 MiB lag 1.5s\n")
+        assert cli.main([*base, "--verbose"]) == 0  # the table
         out = capsys.readouterr().out
     assert ("  sync          [###############.....]  75.0%  768.0 KiB of 1.0 MiB, "
             "256.0 KiB/s, eta 1s (increment 2)") in out.splitlines()

@@ -384,7 +384,9 @@ def test_status_of_a_node_whose_lock_is_held_says_who_holds_it(lab):
 def test_human_status_says_what_json_says(lab):
     lab.create_md()
     d = json.loads(duplex(lab, "beta", "status", RESOURCE, "--json").stdout)
-    text = duplex(lab, "beta", "status", RESOURCE).stdout
+    line = duplex(lab, "beta", "status", RESOURCE).stdout
+    assert line.startswith(f"r0 role:{d['role']} disk:{d['disk']} not running"), line
+    text = duplex(lab, "beta", "status", RESOURCE, "--verbose").stdout
     first = text.splitlines()[0]
     for value in (d["role"], d["connection"], d["disk"]):
         assert value in first, f"{value!r} (JSON) is not in the human status: {first!r}"
@@ -405,6 +407,6 @@ def test_offline_status_after_a_crash_does_not_show_the_reserved_seq(lab):
     assert d["running"] is False
     assert d["seq"]["written"] in (written, None), \
         f"offline status says written {d['seq']['written']}, the node wrote {written}"
-    text = duplex(lab, "alpha", "status", RESOURCE).stdout
+    text = duplex(lab, "alpha", "status", RESOURCE, "--verbose").stdout
     md = load_metadata(lab.meta["alpha"], RESOURCE, "alpha")
     assert md.seq_hwm == written or f"written {md.seq_hwm}" not in text, text

@@ -44,7 +44,9 @@ def test_a_killed_secondary_is_not_connected_within_seconds_while_a_resync_is_ow
     assert st["sync"] is None, f"progress of a sync that is not running: {st['sync']}"
     assert st["peer"]["disk"] == "Unknown", st["peer"]
     assert st["last_error"] in st["reason"] and "resync needed" in st["reason"], st["reason"]
-    human = lab.duplex("alpha", "status", RESOURCE).stdout
+    line = lab.duplex("alpha", "status", RESOURCE).stdout
+    assert line.startswith("r0 role:Primary disk:UpToDate peer beta: Connecting Ahead "), line
+    human = lab.duplex("alpha", "status", RESOURCE, "--verbose").stdout
     assert human.splitlines()[0].startswith("r0 on alpha: Primary, Connecting, Ahead"), human
     assert "0us" not in human
     check = lab.duplex("alpha", "status", RESOURCE, "--check", check=False)

@@ -158,7 +158,7 @@ def test_both_volumes_replicate_through_create_md_and_up(make_lab):
     assert [(v["name"], v["size"]) for v in st["volumes"]] == [("data", 8 * MiB), ("wal", WAL_SIZE)]
     prim = lab.control("alpha")
     assert [(v["name"], v["out_of_sync_bytes"]) for v in prim["volumes"]] == [("data", 0), ("wal", 0)]
-    text = lab.duplex("alpha", "status", "r0").stdout
+    text = lab.duplex("alpha", "status", "r0", "--verbose").stdout
     assert "  volume        wal   " in text and "out of sync 0 B" in text, text
 
 

@@ -97,6 +97,9 @@ def test_status_check_exits_1_naming_why_and_0_when_healthy(capsys, r0_config, r
     with ControlServer(r0_config.parent / "alpha-meta", {"status": lambda: live}):
         code, out, err = _run(capsys, *base)
         assert (code, err) == (0, "")
+        assert out.splitlines()[0].startswith(
+            "r0 role:Primary disk:UpToDate peer beta: Connected Established lag "), out
+        code, out, err = _run(capsys, *base, "--verbose")  # the table
         assert out.splitlines()[0] == "r0 on alpha: Primary, Established, disk UpToDate"
         live.update(connection="Connecting", replication="Ahead", last_error="no route to host")
         code, out, err = _run(capsys, *base, "--json")
