@@ -73,3 +73,25 @@ def status(text: str) -> bool:
 def stopping(status: str | None = None) -> bool:
     """STOPPING=1, with an optional STATUS line."""
     return sd_notify("STOPPING=1", *([f"STATUS={_one_line(status)}"] if status else []))
+
+
+def systemd_unit() -> str | None:
+    """The systemd service unit this process runs in (``duplex@r0.service``),
+    or None outside systemd. systemd sets ``$INVOCATION_ID`` for every
+    service it starts; the unit is the last part of our cgroup path."""
+    if not os.environ.get("INVOCATION_ID"):
+        return None
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    # cgroup v2 ("0::/system.slice/...") or v1's name=systemd hierarchy.
+    for line in lines:
+        _, _, path = line.partition(":")
+        hierarchy, _, path = path.partition(":")
+        if hierarchy in ("", "name=systemd"):
+            unit = path.rstrip("/").rsplit("/", 1)[-1]
+            if unit.endswith(".service"):
+                return unit
+    return None

@@ -23,7 +23,7 @@ def test_dry_run_prints_every_step_and_changes_nothing(tmp_path, procs):
     marker = tmp_path / "fenced"
     lab = _offline_lab(tmp_path, procs)
     lab.write_config(**{"fence-command": f"touch {marker}"})
-    lab.set_node_keys("beta", service_address="10.250.0.10/24", service_interface="eth9",
+    lab.set_node_keys("beta", service_address="10.250.0.10/24", service_interface="lo",
                       mount_point=str(tmp_path / "srv"))
     r = run_failover(lab, "--dry-run")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -31,7 +31,7 @@ def test_dry_run_prints_every_step_and_changes_nothing(tmp_path, procs):
     assert out.splitlines()[0] == "failover of r0 to node beta (dry run: nothing is changed)"
     for want in ("[1/6] fence", f"would run: touch {marker}",
                  "[2/6] promote", "would promote node beta once alpha's connection is gone",
-                 "[3/6] address", "would add 10.250.0.10/24 to eth9",
+                 "[3/6] address", "would add 10.250.0.10/24 to lo",
                  "[4/6] serve", "would start `duplex up r0` detached",
                  "[5/6] attach", f"would attach nbd+unix:///?socket={lab.sock}.beta",
                  "[6/6] mount", f"would e2fsck -p the device (ext2/3/4) and mount it on "

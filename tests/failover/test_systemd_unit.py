@@ -64,3 +64,38 @@ def test_unit_hardening_still_lets_it_open_devices_fuse_and_loop():
     assert {"block-* rw", "/dev/fuse rw", "/dev/loop-control rw"} <= set(s["DeviceAllow"])
     assert s["PrivateDevices"] == ["no"]
     assert s["NoNewPrivileges"] == ["yes"] and s["CapabilityBoundingSet"]
+
+
+ATTACH_UNIT = REPO / "systemd" / "duplex-attach@.service"
+
+
+def test_attach_unit_passes_verify_and_is_ordered_between_the_server_and_a_mount(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.fail("systemd-analyze is not installed (apt-get install systemd)", pytrace=False)
+    duplex = REPO / ".venv" / "bin" / "duplex"
+    for unit in (UNIT, ATTACH_UNIT):
+        (tmp_path / unit.name).write_text(unit.read_text().replace(INSTALLED_DUPLEX, str(duplex)))
+    r = subprocess.run([analyze, "verify", "--man=no", str(tmp_path / "duplex-attach@r0.service")],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                       env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                            "SYSTEMD_UNIT_PATH": f"{tmp_path}:"})
+    assert r.returncode == 0 and r.stdout + r.stderr == "", \
+        f"systemd-analyze verify of the attach unit:\n{r.stdout}{r.stderr}"
+    s = _settings(ATTACH_UNIT.read_text())
+    # Started after the server, stopped before it (and stopped with it); a
+    # mount Requires=/After= it is unmounted before the detach.
+    assert s["BindsTo"] == ["duplex@%i.service"] and s["After"] == ["duplex@%i.service"]
+    assert s["WantedBy"] == ["duplex@%i.service"]  # pulled in again by the restart as Primary
+    assert s["ExecStart"] == [f"{INSTALLED_DUPLEX} attach %i"]
+    assert s["ExecStop"] == [f"{INSTALLED_DUPLEX} detach %i"]
+    assert s["Type"] == ["oneshot"] and s["RemainAfterExit"] == ["yes"]
+
+
+def test_install_puts_the_entry_point_outside_the_checkout():
+    """The unit runs /usr/local/bin/duplex with ProtectHome=yes: what the
+    install links there must not live in a checkout (under /root or /home)."""
+    script = (REPO / "scripts" / "install").read_text()
+    assert 'VENV="$PREFIX/lib/duplex/venv"' in script
+    assert 'ln -sfn "$VENV/bin/duplex" "$PREFIX/bin/duplex"' in script
+    assert _settings(UNIT.read_text())["ProtectHome"] == ["yes"]
