@@ -80,6 +80,8 @@ Operations:
     attach                ``duplex attach`` / ``detach``: a block device for the export
     control               the local control socket of a running node
     status                the status schema, its derivation from metadata, rendering
+    events                ``duplex events``: status snapshots diffed into event lines (DESIGN §14)
+    handlers              the commands of ``[resource.R.handlers]``, run from the events
     metrics               Prometheus metrics of a running node, from its status
     notify                systemd readiness notification (sd_notify)
 """
