@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from fixtures.duplex_lab import RESOURCE
+from fixtures.duplex_lab import DUPLEX, RESOURCE
 from fixtures.workload import Workload
 
 
@@ -30,6 +30,7 @@ def test_handlers_run_with_the_state_and_a_failing_or_hanging_one_stops_nothing(
         "lag-exceeded-threshold": "500ms",
         "before-resync-target": f"{dump}; exec sleep 60",     # hangs: killed at the timeout
         "after-resync-target": f"{dump}; echo boom; exit 3",  # fails
+        "out-of-sync": dump,
         "handler-timeout": "1s",
     }
     lab.config.write_text(lab.config.read_text() + "\n[resource.r0.handlers]\n" + "".join(
@@ -70,3 +71,24 @@ def test_handlers_run_with_the_state_and_a_failing_or_hanging_one_stops_nothing(
     assert st["replication"] == "Established", st
     assert lab.digest("beta") == lab.digest("alpha")
     assert prim.is_running() and sec.is_running()
+
+    # A corruption behind the secondary's back: verify finds it, out-of-sync runs.
+    events = lab.procs.start([*DUPLEX, "--config", str(lab.config), "--node", "alpha", "events",
+                              RESOURCE], name="events-alpha")
+    lab.wait(lambda: "exists -" in events.log_text(), "alpha's event stream", proc=events)
+    with open(lab.image["beta"], "r+b") as f:
+        f.seek(5 * 65536 + 100)
+        f.write(b"X" * 10)
+    r = lab.duplex("alpha", "verify", RESOURCE, check=False, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    lab.wait(lambda: (out / "out-of-sync-alpha.env").exists(), "the out-of-sync handler",
+             timeout=30, proc=prim)
+    oos = _env(out / "out-of-sync-alpha.env")
+    assert oos["DUPLEX_DIFFERING_BYTES"] == "65536" and oos["DUPLEX_RESULT"] == "differ", oos
+    lines = events.log_text().splitlines()
+    assert ("event verify name:r0 peer-node-id:beta result:differ differing-bytes:65536 "
+            "skipped-ranges:0 fixed:no seconds:") in "\n".join(lines), lines
+    lab.wait(lambda: any(l.startswith("response helper name:r0 helper:out-of-sync status:0 ")
+                         for l in events.log_text().splitlines()),
+             "the handler's response line", timeout=30, proc=events)
+    assert "call helper name:r0 helper:out-of-sync" in events.log_text()
