@@ -28,7 +28,8 @@ Threads and locks: each handler has its own worker thread
 ("duplex-handler-NAME"), started at its first run, which runs that
 handler's calls one at a time from a queue of at most :data:`MAX_WAITING`;
 a call beyond that is skipped and logged. A run that outlives
-``handler-timeout`` is killed (its whole process group). The exit status
+``handler-timeout`` is killed (its whole process group); when the node
+stops, calls already made get a few seconds to run. The exit status
 and time of every run are logged and published as ``response helper``
 events. ``HandlerRunner._lock`` guards ``_workers``; it is taken by the event
 source's publishing thread, which only queues.
@@ -165,7 +166,7 @@ class HandlerRunner:
         self.source = source
         self._run = run
         self._lock = threading.Lock()
-        self._workers: dict[str, queue.Queue] = {}
+        self._workers: dict[str, tuple[queue.Queue, threading.Thread]] = {}
         self._stopping = threading.Event()
         if handlers.commands:
             source.add_listener(self.on_events)
@@ -179,21 +180,23 @@ class HandlerRunner:
                 if command is None or self._stopping.is_set():
                     continue
                 env = handler_env(name, ev, snap, self.node, self.peer)
-                q = self._workers.get(name)
-                if q is None:
-                    q = self._workers[name] = queue.Queue(MAX_WAITING)
-                    threading.Thread(target=self._worker, args=(name, command, q),
-                                     name=f"duplex-handler-{name}", daemon=True).start()
-                try:
+                if name not in self._workers:
+                    q: queue.Queue = queue.Queue()  # bounded below; stop's sentinel always fits
+                    t = threading.Thread(target=self._worker, args=(name, command, q),
+                                         name=f"duplex-handler-{name}", daemon=True)
+                    self._workers[name] = (q, t)
+                    t.start()
+                q = self._workers[name][0]
+                if q.qsize() < MAX_WAITING:  # only this thread puts: the count cannot grow
                     q.put_nowait(env)
-                except queue.Full:
+                else:
                     log.warning("handler %s: %d calls already wait for it to finish; "
                                 "this one (%s) is skipped", name, MAX_WAITING, ev.text())
 
     def _worker(self, name: str, command: str, q: queue.Queue) -> None:
         while True:
             env = q.get()
-            if env is None or self._stopping.is_set():
+            if env is None:
                 return
             self.source.emit("helper", verb="call", helper=name)
             log.info("handler %s: running %r (%s)", name, command, env["DUPLEX_EVENT_LINE"])
@@ -215,13 +218,19 @@ class HandlerRunner:
                              status="timeout" if r.timed_out else r.returncode,
                              seconds=round(r.seconds, 3))
 
-    def stop(self) -> None:
-        """Take no more calls; the workers end after their current run (a
-        run in progress is not waited for: it has its own timeout)."""
+    def stop(self, timeout: float = 10.0) -> None:
+        """Take no more calls and give the calls already made up to
+        *timeout* seconds (at most handler-timeout) to run: a fence-peer
+        called by a promotion runs before the node restarts. A run still
+        going then is left to finish on its own (its own session), logged."""
         self._stopping.set()
         with self._lock:
-            for q in self._workers.values():
-                try:
-                    q.put_nowait(None)
-                except queue.Full:
-                    pass  # it ends when the source's daemon thread does
+            workers = list(self._workers.items())
+            for q, _ in self._workers.values():
+                q.put_nowait(None)
+        deadline = time.monotonic() + min(timeout, self.handlers.timeout_s)
+        for name, (_, t) in workers:
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                log.warning("handler %s: still running as the node stops: left to finish "
+                            "on its own (its exit status will not be logged)", name)
