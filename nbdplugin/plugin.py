@@ -81,7 +81,7 @@ def config_complete() -> None:
     for key in ("config", "resource", "node"):
         if key not in _params:
             _startup_failed(DuplexError(f"duplex plugin: missing parameter {key}="))
-    setup_logging()
+    setup_logging(_params["resource"], _params["node"])
 
 
 def thread_model() -> int:

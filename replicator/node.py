@@ -232,10 +232,14 @@ def create_node_files(config: Config, resource: Resource, node: Node, md: Metada
     Journal.create(str(paths.journal), uuid, resource.journal_size).close()
 
 
-def setup_logging() -> None:
-    """Log lines on stderr, as the systemd journal and tests read them."""
+def setup_logging(resource: str | None = None, node: str | None = None) -> None:
+    """Log lines on stderr, as tests and terminals read them; under systemd
+    (stderr is the journal) records with DUPLEX_RESOURCE/DUPLEX_NODE fields."""
+    from replicator.journallog import use_journal
+
     logging.basicConfig(level=os.environ.get("DUPLEX_LOG", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    use_journal(resource, node)
 
 
 def metadata_is_fresh(md: Metadata) -> bool:
@@ -503,6 +507,8 @@ def run_secondary(config: Config, resource: Resource, node: Node) -> int:
     def promote(force: bool = False, timeout_s: float = DEFAULT_TIMEOUT,
                 group: bool = False, wait_s: float = 0.0) -> dict:
         reply = promote_running(sec, force, float(timeout_s), bool(group), float(wait_s))
+        # The unit (RestartForceExitStatus=75) starts it again: promote says so.
+        reply["restarted_by"] = notify.systemd_unit()
         report = reply.get("loss_report") or {}
         events.emit("promote", node=node.name, forced=",".join(reply.get("forced") or ()) or "no",
                     consistent_through_seq=reply.get("consistent_through_seq"),
@@ -572,7 +578,7 @@ def run_up(config: Config, resource: Resource, node: Node, role: str | None) -> 
     in the role its metadata holds (see :func:`resolve_role`)."""
     from replicator.control import NodeLock
 
-    setup_logging()
+    setup_logging(resource.name, node.name)
     # The lock first: a second `up` must not touch the running one's files.
     lock = NodeLock(node.meta_dir, resource.name)
     try:

@@ -99,6 +99,10 @@ class Promotion:
     report: LossReport
     report_path: str
     forced: list[str] = field(default_factory=list)  # what --force overrode
+    # The systemd unit that starts the promoted node again by itself (the
+    # running secondary exits 75 under RestartForceExitStatus), or None:
+    # a promotion offline or of a `duplex up` not run by systemd.
+    restarted_by: str | None = None
 
     def to_dict(self) -> dict:
         """Plain data: the loss report under ``loss_report``."""
@@ -111,6 +115,7 @@ class Promotion:
             "consistent_through_seq": self.report.consistent_through_seq,
             "loss_report_path": self.report_path,
             "forced": list(self.forced),
+            "restarted_by": self.restarted_by,
             "loss_report": self.report.to_dict(),
         }
 
@@ -120,7 +125,8 @@ class Promotion:
         try:
             report = LossReport.from_json(json.dumps(d["loss_report"]))
             return cls(d["resource"], d["node"], d["generation"], d["previous_generation"],
-                       report, d["loss_report_path"], list(d.get("forced", [])))
+                       report, d["loss_report_path"], list(d.get("forced", [])),
+                       d.get("restarted_by"))
         except (KeyError, TypeError, ValueError) as e:
             raise PromoteError(f"the promote reply is malformed: {e}") from None
 
@@ -132,8 +138,12 @@ class Promotion:
         for what in self.forced:
             lines.append(f"  forced: {what}")
         lines.append(f"  loss report: {self.report_path}")
-        lines.append(f"  next: `duplex up {self.resource}` serves the image "
-                     f"(under systemd: systemctl start duplex@{self.resource})")
+        if self.restarted_by:
+            lines.append(f"  next: nothing: {self.restarted_by} restarts by itself as Primary "
+                         f"and serves the image (systemctl status {self.restarted_by})")
+        else:
+            lines.append(f"  next: `duplex up {self.resource}` serves the image "
+                         f"(under systemd: systemctl start duplex@{self.resource})")
         return "\n".join(lines) + "\n"
 
 
