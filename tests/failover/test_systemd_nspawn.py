@@ -81,7 +81,7 @@ def make_tree(root: Path, hostname: str) -> None:
 class Container:
     """One booted container: systemd as its PID 1, in network namespace *ns*."""
 
-    name: str
+    name: str  # the host name, also the Duplex node name
     root: Path
     ns: str | None
     log_path: Path
@@ -92,7 +92,10 @@ class Container:
     def boot(self) -> None:
         """Start systemd-nspawn --boot; returns once PID 1 runs systemd."""
         argv = ["systemd-nspawn", "--quiet", "--boot", "--register=no", "--keep-unit",
-                f"--machine={self.name}", f"--directory={self.root}",
+                # The machine name is unique per run (nspawn keeps a
+                # directory per name); the host name is the node's.
+                f"--machine=dpx{os.getpid()}-{self.name}", f"--hostname={self.name}",
+                f"--directory={self.root}",
                 "--bind-ro=/usr", "--bind-ro=/var/lib/dpkg", *self.extra_binds]
         if self.ns:
             argv.append(f"--network-namespace-path=/run/netns/{self.ns}")
@@ -176,7 +179,8 @@ class Container:
                     pass
             self.proc.wait(timeout=30)
         # nspawn leaves an empty directory per machine for its mount propagation.
-        shutil.rmtree(f"/run/systemd/nspawn/propagate/{self.name}", ignore_errors=True)
+        shutil.rmtree(f"/run/systemd/nspawn/propagate/dpx{os.getpid()}-{self.name}",
+                      ignore_errors=True)
 
 
 class BootFailed(Exception):
@@ -193,7 +197,7 @@ def _probe_boot(tmp: Path) -> str | None:
         return _probe_result[0]
     root = tmp / "probe-root"
     make_tree(root, "dpxprobe")
-    c = Container(f"dpxprobe{os.getpid()}", root, None, tmp / "probe-nspawn.log")
+    c = Container("dpxprobe", root, None, tmp / "probe-nspawn.log")
     why = None
     try:
         c.boot()
