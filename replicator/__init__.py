@@ -12,6 +12,8 @@ The primary, inside nbdkit (``primary/``, DESIGN §3, §4):
     primary.verify        online verify: compare track digests of both sides
     primary.seqmark       the persisted seq high-water mark (a seq is never reused)
     primary.states        the primary's replication states and their allowed moves
+    primary.admin         the admin's commands on a primary: disconnect, pause-sync, switchover
+    primary.flowctl       what a write waits for in which state: protocol B/C, block, max-lag
 
 The secondary (``secondary/``, DESIGN §6):
     secondary.daemon      receives, journals, applies in-order runs, acknowledges
@@ -21,6 +23,7 @@ The secondary (``secondary/``, DESIGN §6):
     secondary.increments  catch-up increments: staged, or in place, applied at COMMIT
     secondary.snapshot    reflink snapshots for increments too large to stage
     secondary.lossreport  the loss report a promotion writes (DESIGN §7)
+    secondary.admin       the admin's commands on a secondary: invalidate, outdate, clean stop
 
 The wire protocol, sans-IO (``protocol/``, DESIGN §9):
     protocol.frames       the frame codec: header, CRC32C, streaming decoder
@@ -68,6 +71,7 @@ Shared by both roles:
     supervise             supervised threads: faults logged, recorded, restarted (DESIGN §11)
     errors                DuplexError, the base of every error a user can cause
     sizes                 parsing and printing sizes, rates and durations
+    modes                 protocol A/B/C, on-disconnect, on-congestion, max-lag (DESIGN §3)
     config                the TOML configuration: resources and their two nodes
     devices               the device: its size, an exclusive claim, who else holds it
     volumes               a node's volumes against its metadata: claimed, sized, laid out

@@ -22,7 +22,16 @@ Schema (defaults shown; only ``secret-file`` and the node's ``address``,
     drain-timeout = "10s"       # a clean stop waits this long for the peer
     connections = 1             # TCP connections carrying the stream (1..64)
     resync-rate = "0"           # resync limit in bytes/s, 0 = unlimited
+    protocol = "A"              # A: reply when local; B: when the peer received it; C: journaled
+    on-disconnect = "degrade"   # B/C with the peer away: "degrade" (to A) or "suspend" writers
+    on-congestion = "pull-ahead"  # ring past congestion-fill: go Ahead, or "block" writers
+                                # (default "block" for B and C)
+    congestion-fill = "64MiB"   # bytes queued for the peer (default ring-size)
+    congestion-timeout = "10s"  # a blocked write waits this long, then pulls ahead
+    max-lag = "100ms"           # optional: slow writers to keep the lag under this
     fence-command = "..."       # optional, run by scripts/failover
+    tls = false                 # true: the link runs in TLS, mutual certificates (DESIGN §9)
+    tls-ca = "/etc/duplex/ca.pem"       # with tls: the CA that signs both nodes' certificates
 
     [resource.r0.on.alpha]      # exactly two node tables
     address = "10.0.0.1:7789"   # replication endpoint: IPv4:port, [IPv6]:port, name:port
@@ -32,6 +41,8 @@ Schema (defaults shown; only ``secret-file`` and the node's ``address``,
     service-address = "10.0.0.10/24"    # optional: address failover moves
     service-interface = "eth0"          # optional
     mount-point = "/srv/data"           # optional
+    tls-cert = "/etc/duplex/alpha.pem"  # with tls: this node's certificate, named for the
+    tls-key = "/etc/duplex/alpha.key"   #   node (SAN DNS or CN), and its key
 
 A resource of several volumes (one write order across them, DESIGN §8)
 names them in volume tables instead of ``device``; both nodes list the same
@@ -56,6 +67,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from replicator.errors import DuplexError
+from replicator.modes import ON_CONGESTION, ON_DISCONNECT, PROTOCOLS, Modes, default_on_congestion
 from replicator.sizes import parse_duration, parse_rate, parse_size
 
 DEFAULT_CONFIG_PATH = "/etc/duplex/duplex.toml"
@@ -127,6 +139,8 @@ class Node:
     mount_point: str | None = None
     volumes: tuple[Volume, ...] = ()
     metrics_address: tuple[str, int] | None = None  # Prometheus metrics (off: None)
+    tls_cert: str | None = None  # this node's certificate (PEM), with tls = true
+    tls_key: str | None = None   # its private key (PEM)
 
     def __post_init__(self) -> None:
         if not self.volumes:
@@ -222,6 +236,9 @@ class Resource:
     ping_interval_s: float = 1.0   # a PING when nothing else went to the peer for this long
     ping_timeout_s: float = 6.0    # no frame from the peer for this long: it is gone
     auth_timeout_s: float = 5.0    # a connection that has not authenticated by then is dropped
+    modes: Modes = Modes()         # protocol, on-disconnect, on-congestion, max-lag
+    tls: bool = False              # the replication link runs inside TLS (DESIGN §9)
+    tls_ca: str | None = None      # the CA that signs both nodes' certificates
     handlers: Handlers = field(default_factory=Handlers)  # [resource.R.handlers]
     nodes: dict[str, Node] = field(default_factory=dict)
     config_path: str = DEFAULT_CONFIG_PATH
@@ -235,6 +252,20 @@ class Resource:
         """
         return read_secret(self.secret_file,
                            f"{self.config_path}: resource.{self.name}.secret-file")
+
+    def tls_context(self, node_name: str, server: bool) -> "ssl.SSLContext | None":
+        """The SSLContext node *node_name* uses on the replication link
+        (None when tls is off). Its files are read now, and again at every
+        connection as the secret is: ConfigError names the key of a
+        missing, unreadable or malformed file."""
+        if not self.tls:
+            return None
+        from replicator.tls import TlsFiles, make_context
+        node = self.node(node_name)
+        return make_context(TlsFiles(str(self.tls_ca), str(node.tls_cert), str(node.tls_key),
+                                     f"{self.config_path}: resource.{self.name}",
+                                     f"{self.config_path}: resource.{self.name}.on.{node_name}"),
+                            server)
 
     def node(self, name: str) -> Node:
         """The node called *name*; a clear error if the resource has none."""
@@ -270,6 +301,20 @@ class Group:
     master: str               # the resource whose two nodes are the masters
     endpoints: dict[str, tuple[str, int]]  # node name -> its group endpoint
     config_path: str = DEFAULT_CONFIG_PATH
+    tls: bool = False                      # the group channel runs inside TLS
+    tls_ca: str | None = None
+    tls_files: dict[str, tuple[str, str]] = field(default_factory=dict)  # node -> (cert, key)
+
+    def tls_context(self, node: str, server: bool) -> "ssl.SSLContext | None":
+        """The SSLContext of *node* on the group channel (None when tls is
+        off); ConfigError names the key of a bad file."""
+        if not self.tls:
+            return None
+        from replicator.tls import TlsFiles, make_context
+        cert, key = self.tls_files[node]
+        return make_context(TlsFiles(str(self.tls_ca), cert, key,
+                                     f"{self.config_path}: group.{self.name}",
+                                     f"{self.config_path}: group.{self.name}.on.{node}"), server)
 
     def secret(self) -> bytes:
         """The group's shared secret (read again at every handshake)."""
@@ -488,12 +533,14 @@ _RESOURCE_KEYS = {
     "secret-file", "track-size", "ring-size", "journal-size", "al-extent-size",
     "al-extents", "batch-bytes", "batch-interval", "connections", "resync-rate",
     "fence-command", "drain-timeout", "ping-interval", "ping-timeout", "auth-timeout",
-    "on", "handlers",
+    "protocol", "on-disconnect", "on-congestion", "congestion-fill", "congestion-timeout",
+    "max-lag",
+    "on", "handlers", "tls", "tls-ca",
 }
 _HANDLER_KEYS = {*HANDLER_NAMES, "lag-exceeded-threshold", "handler-timeout"}
 _NODE_KEYS = {
     "address", "device", "meta-dir", "export", "service-address",
-    "service-interface", "mount-point", "volume", "metrics-address",
+    "service-interface", "mount-point", "volume", "metrics-address", "tls-cert", "tls-key",
 }
 _VOLUME_KEYS = {"device", "mount-point"}
 
@@ -534,7 +581,8 @@ def _parse_node(c: _Checker, res_name: str, name: str, table: Any) -> Node:
     return Node(name=name, address=address, device=device, meta_dir=meta_dir,
                 export=export, service_address=service_address,
                 service_interface=service_interface, mount_point=mount_point,
-                volumes=volumes, metrics_address=metrics)
+                volumes=volumes, metrics_address=metrics,
+                tls_cert=c.abspath(t, key, "tls-cert"), tls_key=c.abspath(t, key, "tls-key"))
 
 
 def _parse_volumes(c: _Checker, key: str, t: dict) -> tuple[Volume, ...]:
@@ -606,6 +654,38 @@ def _parse_handlers(c: _Checker, key: str, table: Any) -> Handlers:
     return Handlers(commands=commands, lag_threshold_s=threshold, timeout_s=timeout)
 
 
+def _parse_tls(c: _Checker, key: str, t: dict,
+               node_files: dict[str, tuple[str | None, str | None]]) -> tuple[bool, str | None]:
+    """``tls`` and ``tls-ca`` of a resource or group table *t* at *key*,
+    checked against each node's (tls-cert, tls-key) in *node_files*: with
+    tls = true all are required, without it none may be set (a key that
+    would silently do nothing). The files are read when used
+    (Resource.tls_context): a node has only its own."""
+    tls = t.get("tls", False)
+    if not isinstance(tls, bool):
+        raise c.fail(f"{key}.tls", f"must be true or false, not {_kind(tls)}")
+    ca = c.abspath(t, key, "tls-ca")
+    if not tls:
+        if ca is not None:
+            raise c.fail(f"{key}.tls-ca", "is set but tls is not true (set tls = true, or "
+                         "remove it)")
+        for n, files in node_files.items():
+            for k, v in zip(("tls-cert", "tls-key"), files):
+                if v is not None:
+                    raise c.fail(f"{key}.on.{n}.{k}", "is set but tls is not true (set "
+                                 f"{key}.tls = true, or remove it)")
+        return False, None
+    if ca is None:
+        raise c.fail(f"{key}.tls-ca", "required when tls = true (the CA certificate that "
+                     "signs every node's certificate)")
+    for n, files in node_files.items():
+        for k, v in zip(("tls-cert", "tls-key"), files):
+            if v is None:
+                raise c.fail(f"{key}.on.{n}.{k}", "required when tls = true (this node's "
+                             + ("certificate" if k == "tls-cert" else "private key") + ", PEM)")
+    return True, ca
+
+
 def _parse_resource(c: _Checker, name: str, table: Any) -> Resource:
     key = f"resource.{name}"
     if not _NAME.match(name):
@@ -659,6 +739,7 @@ def _parse_resource(c: _Checker, name: str, table: Any) -> Resource:
     connections = c.integer(t, key, "connections", 1, 1, 64)
     resync_rate = c.parsed(t, key, "resync-rate", 0, parse_rate)
     fence_command = c.string(t, key, "fence-command")
+    modes = _parse_modes(c, t, key, ring_size)
     handlers = _parse_handlers(c, key, t["handlers"]) if "handlers" in t else Handlers()
 
     on = c.table(t["on"], f"{key}.on")
@@ -668,6 +749,8 @@ def _parse_resource(c: _Checker, name: str, table: Any) -> Resource:
                      + (f" ({', '.join(on)})" if on else ""))
     nodes = {n: _parse_node(c, name, n, nt) for n, nt in on.items()}
     _check_same_volumes(c, key, nodes)
+    tls, tls_ca = _parse_tls(c, key, t, {n: (nd.tls_cert, nd.tls_key)
+                                         for n, nd in nodes.items()})
     return Resource(
         name=name, secret_file=secret_file, track_size=track_size,
         ring_size=ring_size, journal_size=journal_size,
@@ -677,11 +760,47 @@ def _parse_resource(c: _Checker, name: str, table: Any) -> Resource:
         auth_timeout_s=auth_timeout,
         connections=connections, resync_rate=resync_rate,
         fence_command=fence_command, nodes=nodes, config_path=c.path, handlers=handlers,
+        modes=modes,
+        tls=tls, tls_ca=tls_ca,
     )
 
 
+def _choice(c: _Checker, t: dict, key: str, name: str, default: str,
+            allowed: tuple[str, ...]) -> str:
+    value = c.string(t, key, name, default)
+    if value not in allowed:
+        raise c.fail(f"{key}.{name}", f"{value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _parse_modes(c: _Checker, t: dict, key: str, ring_size: int) -> Modes:
+    protocol = _choice(c, t, key, "protocol", "A", PROTOCOLS)
+    on_disconnect = _choice(c, t, key, "on-disconnect", "degrade", ON_DISCONNECT)
+    on_congestion = _choice(c, t, key, "on-congestion", default_on_congestion(protocol),
+                            ON_CONGESTION)
+    if protocol != "A" and on_congestion == "pull-ahead":
+        # As DRBD: a write that waits for the peer cannot also run ahead of it.
+        raise c.fail(f"{key}.on-congestion",
+                     f"'pull-ahead' needs protocol A (protocol is {protocol!r}): a write "
+                     f"that waits for the peer cannot run ahead of it; use 'block'")
+    fill = c.parsed(t, key, "congestion-fill", ring_size, parse_size)
+    if not 1 << 20 <= fill <= ring_size:
+        raise c.fail(f"{key}.congestion-fill",
+                     f"{t.get('congestion-fill')!r} must be between 1MiB and ring-size "
+                     f"({ring_size} bytes)")
+    timeout = c.parsed(t, key, "congestion-timeout", "10s", parse_duration)
+    if not 0.01 <= timeout <= 3600:
+        raise c.fail(f"{key}.congestion-timeout",
+                     f"{t.get('congestion-timeout')!r} must be between 10ms and 1h")
+    max_lag = c.parsed(t, key, "max-lag", None, parse_duration) if "max-lag" in t else None
+    if max_lag is not None and not 0.005 <= max_lag <= 600:
+        raise c.fail(f"{key}.max-lag", f"{t.get('max-lag')!r} must be between 5ms and 10min")
+    return Modes(protocol=protocol, on_disconnect=on_disconnect, on_congestion=on_congestion,
+                 congestion_fill=fill, congestion_timeout_s=timeout, max_lag_s=max_lag)
+
+
 _GROUP_KEYS = {"resources", "secret-file", "mode", "checkpoint-interval", "max-clock-skew",
-               "master", "on"}
+               "master", "on", "tls", "tls-ca"}
 
 
 def _parse_group(c: _Checker, name: str, table: Any, resources: dict[str, Resource],
@@ -731,14 +850,19 @@ def _parse_group(c: _Checker, name: str, table: Any, resources: dict[str, Resour
         raise c.fail(f"{key}.on", f"node {n} has no group endpoint: add [{key}.on.{n}] "
                      f"with address = \"IP:PORT\"")
     endpoints = {}
+    node_files: dict[str, tuple[str | None, str | None]] = {}
     for n, nt in on.items():
         nk = f"{key}.on.{n}"
         nt = c.table(nt, nk)
-        c.keys(nt, nk, {"address"}, {"address"})
+        c.keys(nt, nk, {"address", "tls-cert", "tls-key"}, {"address"})
         endpoints[n] = c.parsed(nt, nk, "address", None, parse_address)
+        node_files[n] = (c.abspath(nt, nk, "tls-cert"), c.abspath(nt, nk, "tls-key"))
+    tls, tls_ca = _parse_tls(c, key, t, node_files)
     return Group(name=name, resources=tuple(members), secret_file=secret_file, mode=mode,
                  interval_s=interval, max_skew_s=max_skew, master=master,
-                 endpoints=endpoints, config_path=c.path)
+                 endpoints=endpoints, config_path=c.path, tls=tls, tls_ca=tls_ca,
+                 tls_files={n: (str(a), str(b)) for n, (a, b) in node_files.items()}
+                 if tls else {})
 
 
 def parse_config(text: str, path: str = DEFAULT_CONFIG_PATH) -> Config:

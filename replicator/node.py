@@ -300,6 +300,11 @@ def nbdkit_command(config: Config, resource: Resource, node: Node,
             f"config={config.path}", f"resource={resource.name}", f"node={node.name}"]
     if history:
         argv.append(f"history={history}")
+    if not threads and (resource.modes.waits_for or resource.modes.on_congestion == "block"):
+        # Writes that wait (for the peer, for room) must wait side by side:
+        # serialised, each would wait alone (no group commit) and hold up
+        # every read and every new connection meanwhile.
+        threads = "parallel"
     if threads:
         argv.append(f"threads={threads}")
     return argv
@@ -587,7 +592,15 @@ def run_up(config: Config, resource: Resource, node: Node, role: str | None) -> 
         primary = resolve_role(md, role, record=False) == ROLE_PRIMARY
         check_before_ready(config, resource, node, md, primary=primary)
         if resolve_role(md, role) == ROLE_PRIMARY:
-            return run_primary(config, resource, node, lock.fd)
+            rc = run_primary(config, resource, node, lock.fd)
+            if rc != 0 or load_metadata(node.meta_dir, resource.name,
+                                        node.name).role != ROLE_SECONDARY:
+                return rc
+            # `duplex secondary` handed over and demoted the engine, then
+            # stopped nbdkit (DESIGN §7): the node carries on as secondary,
+            # still under this lock, as DRBD's does.
+            log.info("%s: handed over: continuing as secondary", resource.name)
+            notify.status("Primary handed over: starting as Secondary")
         return run_secondary(config, resource, node)
     finally:
         lock.release()

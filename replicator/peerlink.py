@@ -11,11 +11,21 @@ keepalive thread ("duplex-ka-PEER"); they end when the link closes.
 holds it through :meth:`PeerLink.stream_socket`); ``_conn_lock`` guards the
 sans-IO ``Connection``. Lock order: ``_send_lock``, then ``_conn_lock``.
 ``_sums_cv`` guards ``_sums`` and is taken alone.
+
+TLS (DESIGN §9): with an SSLContext the connection is wrapped before the
+HMAC handshake, the peer's certificate name checked against the node
+expected, and the socket is a :class:`replicator.tls.TlsSocket` from then
+on (its own leaf lock serialises the SSL object between the reader and
+the senders). The C streaming loop cannot write into TLS: such a link has
+no :meth:`PeerLink.stream_socket`; the shipper sends with :meth:`send_span`.
+A TLS side and a plaintext side recognise each other from the first
+bytes and refuse with a reason on both sides.
 """
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,12 +34,13 @@ from contextlib import contextmanager
 from replicator.generations import pairing_uuid  # noqa: F401 (the secondary's import)
 from replicator.native.ffi import uninit_buffer
 from replicator.errors import DuplexError
+from replicator import tls as _tls
 from replicator.protocol.connection import CLOSED, NEED_DATA, Connection
 from replicator.protocol.errors import ErrorCode, ProtocolError
 from replicator.protocol.frames import FrameType
 from replicator.protocol.state import NEGOTIATING
-from replicator.protocol.messages import (Ack, Error, Message, OosBitmap, Ping, Pong, State,
-                                          VerifyReq, VerifySums)
+from replicator.protocol.messages import (Ack, Error, Message, OosBitmap, Ping, Pong, Received,
+                                          State, Stop, VerifyReq, VerifySums)
 
 log = logging.getLogger("duplex.link")
 
@@ -70,9 +81,13 @@ class PeerLink:
                  on_idle: Callable[["PeerLink"], None] | None = None):
         self.sock = sock
         self.conn = conn
+        #: True when the link runs inside TLS (no C streaming: send_span)
+        self.tls = isinstance(sock, _tls.TlsSocket)
         self.on_event = on_event
         self.on_ack = on_ack
         self.on_idle = on_idle
+        # Protocol B's RECEIVED, on the primary (set by the shipper).
+        self.on_received: Callable[[int], None] | None = None
         self.peer_state: State = conn.peer_state_msg  # type: ignore[assignment]
         self.peer_name = conn.peer.node if conn.peer else "?"
         # The peer's disk as it last said: its STATE, then any ACK that
@@ -95,6 +110,8 @@ class PeerLink:
         self._keeper: threading.Thread | None = None
         self._bitmap: OosBitmap | None = None
         self._bitmap_ready = threading.Event()
+        self._stop_notice: Stop | None = None  # the peer's STOP (a clean stop), once it came
+        self._stop_ready = threading.Event()
         self._sums: dict[tuple[int, int], VerifySums] = {}
         self._sums_cv = threading.Condition()
 
@@ -105,33 +122,43 @@ class PeerLink:
                 secret: bytes, local_state: State,
                 on_ack: Callable[[int, int], None] | None = None,
                 on_event: Callable[["PeerLink", Message], None] | None = None,
-                timeout: float = HANDSHAKE_TIMEOUT) -> "PeerLink":
-        """Connect to *address*, authenticate, exchange STATE."""
+                timeout: float = HANDSHAKE_TIMEOUT, tls: ssl.SSLContext | None = None,
+                tls_peer: str | None = None) -> "PeerLink":
+        """Connect to *address*, authenticate, exchange STATE. With *tls*
+        (a client context), inside TLS, the peer's certificate naming
+        node *tls_peer*."""
         sock = socket.create_connection(address, timeout=timeout)
         conn = Connection(role, resource, node, secret, allocate=uninit_buffer)
-        return cls._establish(sock, conn, lambda peer: local_state, on_event, on_ack, timeout)
+        return cls._establish(sock, conn, lambda peer: local_state, on_event, on_ack, timeout,
+                              tls=tls, tls_peer=tls_peer, server=False)
 
     @classmethod
     def accept(cls, sock: socket.socket, *, role: str, resource: str, node: str,
                secret: bytes, state_for: Callable[[State], State],
                on_event: Callable[["PeerLink", Message], None] | None = None,
                on_idle: Callable[["PeerLink"], None] | None = None,
-               timeout: float = HANDSHAKE_TIMEOUT) -> "PeerLink":
+               timeout: float = HANDSHAKE_TIMEOUT, tls: ssl.SSLContext | None = None,
+               tls_peer: str | None = None) -> "PeerLink":
         """Authenticate an accepted socket; *state_for(peer_state)* gives our
         STATE once the peer's is known (the secondary answers the primary).
         *on_idle(link)* runs on the reader thread whenever it has handled
         every frame received so far, before it waits for more bytes (the
-        secondary's group commit)."""
+        secondary's group commit). With *tls* (a server context), inside
+        TLS, the peer's certificate naming node *tls_peer*; without it a
+        TLS client is refused with a reason."""
         conn = Connection(role, resource, node, secret, allocate=uninit_buffer)
-        return cls._establish(sock, conn, state_for, on_event, None, timeout, on_idle)
+        return cls._establish(sock, conn, state_for, on_event, None, timeout, on_idle,
+                              tls=tls, tls_peer=tls_peer, server=True)
 
     @classmethod
     def _establish(cls, sock, conn: Connection, state_for, on_event, on_ack,
-                   timeout: float, on_idle=None) -> "PeerLink":
+                   timeout: float, on_idle=None, *, tls: ssl.SSLContext | None = None,
+                   tls_peer: str | None = None, server: bool = False) -> "PeerLink":
         sock.settimeout(timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         deadline = time.monotonic() + timeout
         try:
+            sock = _secure(sock, conn, tls, tls_peer, server, timeout)
             sock.sendall(conn.initiate())
             while not conn.established:
                 if time.monotonic() > deadline:
@@ -146,6 +173,10 @@ class PeerLink:
                     sock.sendall(out)
                 if ev is CLOSED:
                     raise LinkError("peer closed the connection during the handshake")
+                if (tls is not None and conn.peer is not None and tls_peer is not None
+                        and conn.peer.node.lower() != tls_peer.lower()):
+                    raise ProtocolError(f"the peer's HELLO says node {conn.peer.node!r}, its "
+                                        f"certificate {tls_peer!r}", ErrorCode.AUTH_FAILED)
                 if isinstance(ev, Error):
                     raise RefusedError(f"peer refused: {ev.message}", ev.code)
                 # The primary speaks first; the secondary answers its STATE.
@@ -165,6 +196,9 @@ class PeerLink:
                           ErrorCode.ROLE_CONFLICT, ErrorCode.STATE_MISMATCH, ErrorCode.VERSION):
                 raise RefusedError(str(e), e.code) from None
             raise LinkError(str(e)) from None
+        except ssl.SSLError as e:  # the peer's verdict on our certificate (TLS 1.3: after ours)
+            sock.close()
+            raise RefusedError(_tls.describe_ssl_error(e), ErrorCode.AUTH_FAILED) from None
         except (OSError, LinkError) as e:
             sock.close()
             if isinstance(e, LinkError):
@@ -212,7 +246,10 @@ class PeerLink:
     def stream_socket(self) -> Iterator[int]:
         """Hold this link's send lock and give its socket's fd, for the C
         shipping loop to write TOKENS and DATA frames straight to it (the
-        connection must be established: checked here, as for send_data)."""
+        connection must be established: checked here, as for send_data).
+        Not for a TLS link: the C loop would write plaintext into it."""
+        if self.tls:
+            raise LinkError("a TLS link has no raw socket for the C streaming loop")
         if self._closed.is_set():
             raise LinkError(self.error or "connection closed")
         with self._send_lock:
@@ -236,6 +273,13 @@ class PeerLink:
         """A DATA frame straight from a ring span (zero copy)."""
         self._send(lambda: self.conn.send_payload(FrameType.DATA, [span]))
 
+    def send_span(self, tokens, span) -> None:
+        """A ring span's TOKENS frame, then its DATA frame, back to back
+        under one hold of the send lock: what the C loop writes per span,
+        for a link it cannot write to (TLS)."""
+        self._send(lambda: [*self.conn.send_payload(FrameType.TOKENS, [tokens]),
+                            *self.conn.send_payload(FrameType.DATA, [span])])
+
     def send(self, msg: Message) -> None:
         self._send(lambda: self.conn.send(msg))
 
@@ -243,6 +287,10 @@ class PeerLink:
                  disk_reason: str = "") -> None:
         """ACK progress; with *disk*, also this side's disk state (see Ack)."""
         self.send(Ack(journaled, applied, disk, disk_reason))
+
+    def send_received(self, seq: int) -> None:
+        """Protocol B: received through *seq* (before the journal commit)."""
+        self.send(Received(seq))
 
     def ping(self) -> None:
         self._ping_nonce += 1
@@ -273,6 +321,15 @@ class PeerLink:
                             f"within {timeout:.0f} s")
         return self._bitmap
 
+    def wait_stop(self, timeout: float) -> Stop | None:
+        """The peer's STOP (a clean-stop notice or its echo), or None when
+        none came within *timeout* s or the link failed first."""
+        deadline = time.monotonic() + timeout
+        while not self._stop_ready.wait(0.05):
+            if self._closed.is_set() or time.monotonic() > deadline:
+                return None
+        return self._stop_notice
+
     def _keepalive_loop(self) -> None:
         """Tell the peer we are alive while our side has nothing to say
         (a secondary staging a long increment sends no ack for a while).
@@ -292,7 +349,11 @@ class PeerLink:
 
     def _read_loop(self) -> None:
         sock = self.sock
-        sock.settimeout(1.0)
+        # One timeout serves the socket's sends and receives alike: a receive
+        # that waits this long means the peer is gone, and so does a send
+        # that cannot go out for as long (a full buffer for a second is
+        # only a slow peer: protocol B/C writers and block wait on it).
+        sock.settimeout(self.dead_after)
         try:
             while not self._closed.is_set():
                 with self._conn_lock:
@@ -339,7 +400,10 @@ class PeerLink:
             self._fail(f"internal error: {e}")
 
     def _dispatch(self, ev: Message) -> None:
-        if isinstance(ev, Ack):
+        if isinstance(ev, Received):
+            if self.on_received:
+                self.on_received(ev.received_seq)
+        elif isinstance(ev, Ack):
             if ev.disk is not None:
                 if (ev.disk, ev.disk_reason) != (self.peer_disk, self.peer_disk_reason):
                     log.log(logging.WARNING if ev.disk_reason else logging.INFO,
@@ -361,6 +425,11 @@ class PeerLink:
         elif isinstance(ev, OosBitmap):
             self._bitmap = ev
             self._bitmap_ready.set()
+        elif isinstance(ev, Stop):
+            self._stop_notice = ev
+            self._stop_ready.set()
+            if self.on_event:
+                self.on_event(self, ev)
         elif isinstance(ev, Error):
             self._fail(f"peer closed: {ev.message}")
         elif self.on_event:
@@ -383,6 +452,10 @@ class PeerLink:
         gone)."""
         self.keepalive = ping_interval
         self.dead_after = ping_timeout
+        try:
+            self.sock.settimeout(ping_timeout)
+        except OSError:
+            pass  # already closed
 
     def heard_ago(self) -> float:
         """Seconds since the last frame from the peer."""
@@ -403,7 +476,59 @@ def _join(out: bytes | list) -> bytes:
     return out if isinstance(out, bytes) else b"".join(bytes(p) for p in out)
 
 
-def _sendmsg_all(sock: socket.socket, parts: list) -> None:
+def _secure(sock: socket.socket, conn: Connection, tls: ssl.SSLContext | None,
+            tls_peer: str | None, server: bool, timeout: float):
+    """The socket the handshake goes on: *sock* itself without TLS, else a
+    TlsSocket once the TLS handshake and the name check passed. The
+    accepting side looks at the first byte to tell a plaintext peer from
+    a TLS one and refuses the mismatch with a reason on both sides."""
+    if False:  # DEMO
+        first = _tls.first_byte(sock, timeout)
+        if first is None:
+            raise LinkError("peer closed the connection during the handshake")
+        is_tls = first == _tls.TLS_HANDSHAKE
+        if tls is not None and not is_tls:
+            # Plaintext frames the peer can read: it learns why at once.
+            try:
+                sock.sendall(conn.error_frame(ProtocolError(
+                    f"node {conn.node} requires TLS for resource {conn.resource} (tls = true), "
+                    f"and this connection is plaintext: set tls = true on both nodes",
+                    ErrorCode.AUTH_FAILED)))
+            except OSError:
+                pass
+            raise RefusedError(_tls.PLAINTEXT_PEER, ErrorCode.AUTH_FAILED)
+        if tls is None and is_tls:
+            try:  # the TLS client sees plaintext where a TLS record should be
+                sock.sendall(conn.error_frame(ProtocolError(_tls.TLS_PEER, ErrorCode.AUTH_FAILED)))
+            except OSError:
+                pass
+            raise RefusedError(_tls.TLS_PEER, ErrorCode.AUTH_FAILED)
+    if tls is None:
+        return sock
+    try:
+        ssock = _tls.handshake(sock, tls, server, timeout)
+    except _tls.TlsError as e:
+        raise RefusedError(str(e), ErrorCode.AUTH_FAILED) from None
+    wrapped = _tls.TlsSocket(ssock)
+    wrapped.settimeout(timeout)
+    if tls_peer is not None:
+        try:
+            _tls.check_peer_name(ssock, tls_peer)
+        except _tls.TlsError as e:
+            try:  # inside TLS: the peer learns why, not just an EOF
+                wrapped.sendall(conn.error_frame(ProtocolError(
+                    f"node {conn.node} refused your certificate: {e}", ErrorCode.AUTH_FAILED)))
+            except OSError:
+                pass
+            wrapped.close()
+            raise RefusedError(str(e), ErrorCode.AUTH_FAILED) from None
+    return wrapped
+
+
+def _sendmsg_all(sock, parts: list) -> None:
+    if isinstance(sock, _tls.TlsSocket):  # no sendmsg through TLS
+        sock.send_parts(parts)
+        return
     views = [memoryview(p).cast("B") for p in parts if memoryview(p).nbytes]
     while views:
         n = sock.sendmsg(views)

@@ -21,8 +21,15 @@ these)::
       "sync": null,       # or {"done_bytes", "total_bytes", "rate", "eta_seconds",
                           #     "increment"} (increment: optional)
       "incr_bytes_sent": 0,   # optional (primary): catch-up bytes sent since up
+      "protocol": "C",        # optional (primary): configured (replicator/modes.py)
+      "protocol_effective": "A",   # what writes wait for now: A while degraded
+      "protocol_note": "degraded: the peer is away",   # why not the configured one
+      "congestion": "none",   # optional (primary): none | blocked | pulled-ahead
+      "congestion_blocked_seconds": 0.0,   # time writers spent blocked for room
+      "flow": {...},          # optional (primary): the flow control's counters
       "reason": null,     # why StandAlone / Inconsistent / down, in words
       "faults": [],       # optional: supervised threads that raised
+      "disconnected_by_admin": false,  # optional: `duplex disconnect` (DESIGN §7)
       "volumes": [        # config order; one "default" for a plain `device`
         {"name": "data", "device": "/dev/sdb", "size": 1073741824,
          "out_of_sync_bytes": 0,                  # size, out_of_sync_bytes: null = unknown
@@ -276,7 +283,8 @@ def format_status(d: dict) -> str:
     elif conn == CONNECTED and repl:
         state = f"{g('role', 'Unknown')}, {repl}"  # the replication state says it is connected
     else:
-        state = f"{g('role', 'Unknown')}, {conn}" + (f", {repl}" if repl and repl != "Off" else "")
+        state = f"{g('role', 'Unknown')}, {_admin_conn(d, conn)}" + (
+            f", {repl}" if repl and repl != "Off" else "")
     lines = [f"{g('resource')} on {g('node')}: {state}, disk {g('disk', 'Unknown')}"]
     peer = g("peer") or {}
     if peer.get("name"):
@@ -311,6 +319,14 @@ def format_status(d: dict) -> str:
     if g("incr_bytes_sent") is not None:
         lines.append(f"  catch-up      {format_size(g('incr_bytes_sent') or 0)} "
                      f"sent in increments")
+    if g("protocol") and (g("protocol") != "A" or g("protocol_note")):
+        lines.append(f"  protocol      {g('protocol')}" + (
+            f" (in force: {g('protocol_effective')}; {g('protocol_note')})"
+            if g("protocol_note") else ""))
+    if g("congestion"):
+        blocked = g("congestion_blocked_seconds") or 0
+        lines.append(f"  congestion    {g('congestion')} (on-congestion {g('on_congestion')}; "
+                     f"writers blocked {format_duration(float(blocked))} in all)")
     if g("reason"):
         lines.append(f"  reason        {g('reason')}")
     for f in g("faults") or ():  # supervised threads that raised (replicator.supervise)
@@ -321,6 +337,12 @@ def format_status(d: dict) -> str:
 def format_statuses(ds: list[dict]) -> str:
     """Several resources' tables, separated by blank lines."""
     return "\n\n".join(format_status(d) for d in ds)
+
+
+def _admin_conn(d: dict, conn: str) -> str:
+    """The connection word, saying when the admin disconnected the node
+    (``duplex disconnect``, DESIGN §7: key ``disconnected_by_admin``)."""
+    return f"{conn} (disconnected by the admin)" if d.get("disconnected_by_admin") else conn
 
 
 def format_line(d: dict) -> str:
@@ -347,7 +369,7 @@ def format_line(d: dict) -> str:
     conn, repl = g("connection") or "StandAlone", g("replication")
     if conn in REPLICATIONS:  # a provider that names only the replication state
         conn, repl = CONNECTED, conn
-    words += [f"peer {peer.get('name')}:", conn]
+    words += [f"peer {peer.get('name')}:", _admin_conn(d, conn)]
     if repl and repl != "Off":
         words.append(repl)
     if peer.get("disk") not in (None, "UpToDate"):

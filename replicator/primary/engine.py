@@ -47,6 +47,7 @@ from replicator.handlers import HandlerRunner
 from replicator.metadata import DISK_UPTODATE, Metadata, load_metadata, new_uuid
 from replicator.oosfiles import open_bitmaps
 from replicator.primary import states
+from replicator.primary.admin import PrimaryAdmin
 from replicator.primary.seqmark import SeqMark
 from replicator.primary.shipper import THREAD_NAME as SHIPPER_THREAD, Shipper
 from replicator.primary.verify import Verifier, VerifyIds
@@ -104,6 +105,10 @@ class Engine:
                                                      "verify": self._verify_cmd,
                                                      "verify-status": self._verify_status_cmd},
                                      name="primary")
+        # disconnect, connect, invalidate-remote, pause/resume-sync, the
+        # switchover `secondary` (DESIGN §7): replicator/primary/admin.py.
+        self.admin = PrimaryAdmin(self)
+        self.admin.register(self.control)
         # `duplex events` (DESIGN §14): the status, and the verify result,
         # diffed every 50 ms; the handlers run from the same stream.
         self.events = EventSource(self._event_snapshot,
@@ -148,6 +153,7 @@ class Engine:
         node = select_node(res, node_name)
         peer = res.peer_of(node.name)
         res.secret()  # before anything serves: a missing or open secret file is named now
+        res.tls_context(node.name, server=False)  # and a bad TLS file (DESIGN §9)
         md = load_metadata(node.meta_dir, res.name)
         # Exclusive before anything writes: a mounted or held device, or an
         # image another Duplex serves, is refused with its holder named.
@@ -293,6 +299,8 @@ class Engine:
         volumes): the whole primary write path in one C call."""
         if not self._attached and not self._bumped:
             self._new_generation()
+        if self.admin.fenced:  # a switchover (duplex secondary): read-only
+            self.admin.check_write()
         res = self.core.write(buf, offset, fua, volume)  # positional: the hot path
         if not res.queued:
             self.shipper.ring_dropped()
@@ -302,6 +310,8 @@ class Engine:
         """Discard a range of *volume* (reads as zeros on both sides)."""
         if not self._attached and not self._bumped:
             self._new_generation()
+        if self.admin.fenced:
+            self.admin.check_write()
         res = self.core.trim(offset, length, volume=volume)
         if fua:
             self.core.flush()
@@ -313,6 +323,8 @@ class Engine:
         """Write zeros over a range of *volume*."""
         if not self._attached and not self._bumped:
             self._new_generation()
+        if self.admin.fenced:
+            self.admin.check_write()
         res = self.core.zero(offset, length, volume=volume)
         if fua:
             self.core.flush()
@@ -322,6 +334,8 @@ class Engine:
 
     def flush(self) -> WriteResult:
         """Make every volume durable (one FLUSH record covers them all)."""
+        if self.admin.fenced:
+            self.admin.check_write()
         res = self.core.flush()
         if not res.queued:
             self.shipper.ring_dropped()
@@ -375,7 +389,11 @@ class Engine:
                      zip(volume_rows(self.node, self.layout.sizes, vol_oos), self.node.volumes)],
             nbd_uri=self.node.export_uri(), reason=sh["reason"], sync=sh["sync"],
             incr_bytes_sent=sh["incr_bytes_sent"], matched_bytes=sh["matched_bytes"],
+            **{k: sh[k] for k in ("protocol", "protocol_effective", "protocol_note",
+                                  "on_congestion", "congestion", "congestion_blocked_seconds",
+                                  "flow")},
             ring=self.core.ring_stats, uptime_seconds=round(time.time() - self.started, 1),
             faults=self.sup.faults() + (self.group.sup.faults() if self.group else []),
             group=self.group.status() if self.group is not None else None,
-            written_bytes=self.core.stats["bytes_written"])
+            written_bytes=self.core.stats["bytes_written"],
+            disconnected_by_admin=self.shipper.states.disconnected)

@@ -8,7 +8,8 @@ Streaming runs in C (``Core.ship``, native/ship.c) with the GIL released:
 the nbdkit request threads then have the GIL to themselves, which is what
 the write path's speed depends on. The sender's Python loop only looks in
 every RETURN_AFTER seconds (release what was journaled, ping, stop, catch
-up after an overflow).
+up after an overflow). A TLS link cannot be written from C: for it the
+same loop runs in Python (:meth:`Shipper._ship_python`, DESIGN §9).
 
 Batching (DESIGN §3): a span is whatever the ring holds, up to
 ``batch-bytes``; it goes out when that much is queued or ``batch-interval``
@@ -40,6 +41,12 @@ calls :meth:`snapshot` and :meth:`request_resync`. ``Shipper._lock`` guards
 else is locked while it is held, except the core's own internal lock in
 the status reads of :meth:`snapshot`. ``_queued``, ``_links``, ``_rr``,
 ``_released`` and ``_last_send_ns`` belong to the sender thread alone.
+The admin's commands (disconnect, connect, pause-sync, resume-sync) only
+step ``_states`` under the lock and wake the sender, which acts on them at
+its next look (it owns the links and the ring). A switchover's
+``_handover_at`` is written by the control thread and read by the sender
+(one int, no lock); ``_handover_done`` hands the outcome, ``handed_over``,
+back (written by the sender before it sets the event).
 """
 from __future__ import annotations
 
@@ -55,15 +62,16 @@ from typing import Callable
 
 from replicator import generations
 from replicator.config import ConfigError, Node, Resource
-from replicator.native.core import CoreError
+from replicator.native.core import CoreError, ShipResult
 from replicator.peerlink import LinkError, PeerLink, RefusedError
 from replicator.primary import states as st
 from replicator.primary.catchup import CatchUp, Hooks, SyncProgress
+from replicator.primary.flowctl import FlowControl
 from replicator.protocol.compat import wire_volumes
 from replicator.protocol.errors import ErrorCode
 from replicator.protocol.messages import (STATE_DISCARD_MY_DATA, STATE_HAS_BITMAP_UUID,
                                           STATE_NEEDS_RESYNC, STATE_SENDS_BITMAP, ZERO_UUID,
-                                          State)
+                                          State, Stop)
 from replicator.supervise import Supervisor
 
 log = logging.getLogger("duplex.shipper")
@@ -120,6 +128,10 @@ class Shipper:
         self._drain_deadline = 0.0
         self._thread: threading.Thread | None = None
         self._states = st.PrimaryStates.initial(resync_reason)
+        # What a write waits for (protocol B/C, on-congestion, max-lag): set
+        # on the core from the replication state at every change.
+        self.flow = FlowControl(core, resource.modes, resource.name)
+        self.flow.apply(self._states.replication)
         self._logged_error: str | None = None
         self._again: str | None = None  # a resync asked for during a catch-up
         # What the peer has told us; read by status.
@@ -137,6 +149,11 @@ class Shipper:
         self.incr_bytes_sent = 0
         self.matched_bytes = 0      # initial sync: tracks the peer already held
         self.peer_initial_sync = False
+        # A planned switchover (DESIGN §7): the seq the sender is to hand
+        # over at, and its outcome (True: the peer echoed the STOP).
+        self._handover_at: int | None = None
+        self._handover_done = threading.Event()
+        self.handed_over = False
 
     # -- states -----------------------------------------------------------
 
@@ -146,6 +163,7 @@ class Shipper:
         with self._lock:
             before = self._states
             self._states = after = before.step(event)
+        self.flow.apply(after.replication)
         if (before.connection, before.replication) != (after.connection, after.replication):
             log.info("%s: %s: connection %s -> %s, replication %s -> %s", self.res.name,
                      event.name, before.connection, after.connection, before.replication,
@@ -167,6 +185,7 @@ class Shipper:
             if self._states.resync_pending and not replace:
                 return
             self._states = self._states.step(st.ResyncNeeded(reason))
+        self.flow.apply(self._states.replication)
 
     def fault(self, error: str) -> None:
         """The sender thread raised (the supervisor restarts it): the
@@ -194,11 +213,92 @@ class Shipper:
                 # Stuck mid-frame on a peer that does not read: give up.
                 log.warning("%s: the peer does not read; giving up the drain", self.res.name)
                 self.core.abort_ship()
+                for one in list(self._links):  # a TLS link's Python sender: shut its socket
+                    if getattr(one, "tls", False):
+                        one.failed("streaming aborted: stopping")
                 self._thread.join(5)
             if self._thread.is_alive():
                 log.error("%s: the shipper did not stop", self.res.name)
+                self.flow.release()
                 return False
+        self.flow.release()  # drained or given up: no write waits for the peer any more
         return True
+
+    # -- the admin's commands (DESIGN §7; replicator/primary/admin.py) ------
+
+    def admin_disconnect(self) -> None:
+        """``duplex disconnect``: StandAlone on purpose. The sender ends the
+        session at its next look (it owns the links), drops the ring and
+        waits; the OOS bitmap keeps every write the peer lacks."""
+        self._event(st.AdminDisconnect())
+        self._wake.set()
+        self.core.wake()
+
+    def admin_connect(self) -> bool:
+        """``duplex connect`` after a disconnect; False when not disconnected."""
+        with self._lock:
+            if not self._states.disconnected:
+                return False
+        self._event(st.AdminConnect())
+        self._wake.set()
+        return True
+
+    def pause_sync(self, paused: bool) -> None:
+        """``duplex pause-sync`` / ``resume-sync``: the catch-up sends no
+        increment while paused (one under way is abandoned, nothing lost)."""
+        self._event(st.SyncPaused() if paused else st.SyncResumed())
+        self._wake.set()
+
+    def hand_over(self, last_seq: int, timeout: float) -> bool:
+        """Planned switchover: once the peer journaled *last_seq* and the
+        ring is empty, send STOP(last_seq) and wait for its echo (the peer
+        applied and recorded it). True: handed over, the sender has ended
+        and connects no more. False: no echo in *timeout* s (the shipper
+        goes on as before)."""
+        self._handover_done.clear()
+        self.handed_over = False
+        self._handover_at = last_seq
+        self._wake.set()
+        self.core.wake()
+        self._handover_done.wait(timeout)
+        self._handover_at = None
+        return self.handed_over
+
+    def _hand_over(self, link: PeerLink) -> bool:
+        """Sender thread: STOP, then the echo. True when handed over."""
+        at = self._handover_at
+        with self._lock:
+            journaled = self.journaled
+        if at is None or journaled < at or self.core.ring_stats.get("records", 0):
+            return False
+        link.send(Stop(at, time.time_ns()))
+        echo = link.wait_stop(10.0)
+        ok = echo is not None and echo.last_seq == at
+        if ok:
+            log.info("%s: handed over to %s at seq %d (clean stop)", self.res.name,
+                     self.peer.name, at)
+            self.handed_over = True
+            self._stopping.set()  # no reconnect: this node is no longer the primary
+        else:
+            log.warning("%s: %s did not confirm the clean stop at seq %d", self.res.name,
+                        self.peer.name, at)
+            self._handover_at = None
+        self._handover_done.set()
+        return ok
+
+    def _admin_hold(self, link: PeerLink, pausable: bool) -> None:
+        """Catch-up hook: LinkError once the admin disconnected (or the node
+        stops); with *pausable*, wait here while the sync is paused."""
+        while True:
+            s = self._states
+            if s.disconnected:
+                raise LinkError(st.DISCONNECTED_BY_ADMIN)
+            if self._stopping.is_set() or not link.alive():
+                raise LinkError(link.error or "stopping")
+            if not (pausable and s.sync_paused):
+                return
+            self._wake.wait(0.2)
+            self._wake.clear()
 
     def ring_dropped(self) -> None:
         """Called from the write path when the ring overflowed: from now on
@@ -207,8 +307,11 @@ class Shipper:
             with self._lock:
                 first = not self._states.resync_pending
                 if first:
+                    was = self._states.replication
                     self._states = self._states.step(st.ResyncNeeded("send ring overflowed"))
             if first:
+                self.flow.pulled_ahead(was)
+                self.flow.apply(self._states.replication)
                 log.warning("%s: send ring overflowed: going Ahead (writes only mark "
                             "the out-of-sync bitmap)", self.res.name)
         if not self._wake.is_set():
@@ -262,14 +365,17 @@ class Shipper:
                 "applied": self.applied,
                 "lag_bytes": self.core.ring_stats.get("bytes", 0),
                 "lag_seconds": lag_s,
-                "sync": self.sync.as_dict() if self.sync else None,
+                "sync": (dict(self.sync.as_dict(), paused=states.sync_paused) if self.sync
+                         else None),
                 "incr_bytes_sent": self.incr_bytes_sent,
                 "matched_bytes": self.matched_bytes,
+                **self.flow.snapshot(),
             }
 
     # -- acks (reader thread) ---------------------------------------------
 
     def _on_ack(self, journaled: int, applied: int) -> None:
+        self.flow.on_journaled(journaled)  # protocol B/C writers waiting for it return
         with self._lock:
             self.journaled = max(self.journaled, journaled)
             self.applied = max(self.applied, applied)
@@ -288,9 +394,19 @@ class Shipper:
     def _run(self) -> None:
         backoff = BACKOFF_MIN
         while not self._stopping.is_set():
+            if self._states.disconnected:
+                # `duplex disconnect`: writes only mark the OOS bitmap (the
+                # ring is dropped here, by its one consumer) until `connect`.
+                if not self.core.dropped:
+                    self.core.drop()
+                self._wake.wait(0.2)
+                self._wake.clear()
+                continue
             try:
                 # Read at every attempt: fixing the file fixes the node.
                 secret = self.res.secret()
+                tls = (self.res.tls_context(self.node_name, server=False)
+                       if getattr(self.res, "tls", False) else None)  # (a test's resource)
             except ConfigError as e:
                 self._event(st.Refused(f"{e}"))
                 self._log_once(logging.ERROR, f"cannot connect to {self.peer.name}: {e}")
@@ -301,7 +417,7 @@ class Shipper:
                 # Several connections may carry the stream (config
                 # "connections"); the first one also carries the increments.
                 for _ in range(max(1, self.res.connections)):
-                    links.append(self._connect(secret))
+                    links.append(self._connect(secret, tls))
             except RefusedError as e:
                 for extra in links:
                     extra.close()
@@ -326,9 +442,14 @@ class Shipper:
                 self._refused(e)
                 refused = True
             except (LinkError, OSError) as e:
-                if not self._stopping.is_set():
-                    log.warning("%s: connection to %s lost: %s", self.res.name, self.peer.name, e)
-                self._event(st.LinkFailed(f"connection to {self.peer.name} lost: {e}"))
+                if self._states.disconnected:  # ended on purpose: StandAlone stays
+                    log.info("%s: disconnected from %s by the admin", self.res.name,
+                             self.peer.name)
+                elif not self.handed_over:
+                    if not self._stopping.is_set():
+                        log.warning("%s: connection to %s lost: %s", self.res.name,
+                                    self.peer.name, e)
+                    self._event(st.LinkFailed(f"connection to {self.peer.name} lost: {e}"))
             finally:
                 self._on_detached()
                 for one in links:
@@ -348,14 +469,17 @@ class Shipper:
             self._event(st.Refused(str(e)))
         self._log_once(logging.ERROR, f"handshake with {self.peer.name} refused: {e}")
 
-    def _connect(self, secret: bytes) -> PeerLink:
+    def _connect(self, secret: bytes, tls=None) -> PeerLink:
+        # TLS (DESIGN §9): the peer's certificate must name the peer node.
+        extra = {"tls": tls, "tls_peer": self.peer.name} if tls is not None else {}
         link = self._connect_link(self.peer.address, role="primary", resource=self.res.name,
                                   node=self.node_name, secret=secret,
                                   local_state=local_primary_state(self.md, self.core,
                                                                   self.needs_resync),
-                                  on_ack=self._on_ack, timeout=5.0)
+                                  on_ack=self._on_ack, timeout=5.0, **extra)
         if hasattr(link, "set_timeouts"):  # a test's fake link may not have it
             link.set_timeouts(self.res.ping_interval_s, self.res.ping_timeout_s)
+        link.on_received = self.flow.on_received  # protocol B's acknowledgement
         return link
 
     def _agree_on_generations(self, link: PeerLink) -> None:
@@ -437,7 +561,9 @@ class Shipper:
                       wait_ack=self.wait_ack, progress=self._set_progress,
                       add_bytes=self._add_bytes, committed=self._committed,
                       next_increment=self.next_increment, next_verify_id=self._next_verify_id,
-                      peer_initial_sync=self.peer_initial_sync)
+                      peer_initial_sync=self.peer_initial_sync,
+                      hold=lambda pausable: self._admin_hold(link, pausable),
+                      paused=lambda: self._states.sync_paused)
         CatchUp(self.core, self.oos, self.md, self.res, link, hooks).run()
 
     def current_link(self) -> PeerLink | None:
@@ -483,6 +609,8 @@ class Shipper:
             if self._again is not None:  # marked during the catch-up: one more round
                 self._states = self._states.step(st.ResyncNeeded(self._again))
                 self._again = None
+        self.flow.caught_up()
+        self.flow.apply(self._states.replication)
 
     # -- helpers for the catch-up ------------------------------------------
 
@@ -567,11 +695,26 @@ class Shipper:
         last_ping = time.monotonic()
         interval = self.res.batch_interval_s
         while True:
+            if self._states.disconnected:  # `duplex disconnect`: end the session
+                raise LinkError(st.DISCONNECTED_BY_ADMIN)
             if self.needs_resync:
-                # The ring overflowed while connected: catch up, then stream.
+                # The ring overflowed while connected: catch up, then stream
+                # (after the hysteresis hold, when it flaps).
+                hold = self.flow.catch_up_hold()
+                if hold > 0 and not self._stopping.is_set():
+                    self._release()
+                    if time.monotonic() - last_ping >= PING_INTERVAL:
+                        link.ping()
+                        last_ping = time.monotonic()
+                    self._stopping.wait(min(hold, RETURN_AFTER * 5))
+                    continue
                 self._queued.clear()
                 self._catch_up(link)
                 continue
+            if self.res.modes.max_lag_s is not None or self.res.modes.on_congestion == "block":
+                self.flow.tick(lambda: self.snapshot()["lag_seconds"])
+            if self._handover_at is not None and self._hand_over(link):
+                return
             stopping = self._stopping.is_set()
             if stopping and (self.core.ring_stats.get("records", 0) == 0
                              or time.monotonic() > self._drain_deadline):
@@ -581,13 +724,17 @@ class Shipper:
             while self._queued:  # announced by a catch-up's pump(), not yet sent
                 out, span = self._queued.popleft()
                 out.send_data(span)
-            with ExitStack() as held:
-                fds = [held.enter_context(one.stream_socket()) for one in links]
-                # A frame never exceeds what the peer accepts (the largest
-                # record, 32 MiB, is below the smallest limit).
-                batch = min(self.res.batch_bytes, *(one.conn.max_frame for one in links))
-                res = self.core.ship(fds, self._rr, 0.0 if stopping else interval, batch,
-                                     RETURN_AFTER, self._last_send_ns)
+            # A frame never exceeds what the peer accepts (the largest
+            # record, 32 MiB, is below the smallest limit).
+            batch = min(self.res.batch_bytes, *(one.conn.max_frame for one in links))
+            if any(getattr(one, "tls", False) for one in links):
+                # The C loop cannot write into TLS: the same loop in Python.
+                res = self._ship_python(links, 0.0 if stopping else interval, batch)
+            else:
+                with ExitStack() as held:
+                    fds = [held.enter_context(one.stream_socket()) for one in links]
+                    res = self.core.ship(fds, self._rr, 0.0 if stopping else interval, batch,
+                                         RETURN_AFTER, self._last_send_ns)
             self._rr = res.next_fd
             self._last_send_ns = res.last_send_ns
             if res.samples:
@@ -612,6 +759,58 @@ class Shipper:
             if stopping and not res.spans:
                 self._wake.wait(0.01)  # everything sent: wait for the acks
                 self._wake.clear()
+
+
+    def _ship_python(self, links: list[PeerLink], interval_s: float,
+                     batch: int) -> ShipResult:
+        """What Core.ship() does (native/ship.c), in Python, for links the C
+        loop cannot write to (TLS): for up to RETURN_AFTER, peek a span,
+        send its TOKENS and DATA frames on the next link in turn, advance,
+        with the same batching rule. A failed send raises LinkError (the
+        session ends as after the C loop's "io"). The GIL is held between
+        sends; the encryption and the socket writes release it."""
+        core = self.core
+        start = time.monotonic()
+        rr = self._rr
+        last_send = self._last_send_ns
+        samples: list[tuple[int, int]] = []
+        spans = records = nbytes = 0
+        stop = "timeout"
+        while True:
+            if core.dropped:
+                stop = "dropped"
+                break
+            left = start + RETURN_AFTER - time.monotonic()
+            if left <= 0:
+                break
+            unsent = core.ring_stats["unsent_bytes"]
+            if unsent == 0:
+                core.wait(left)  # returns at once when records arrive
+                continue
+            wait = (last_send + interval_s * 1e9 - time.monotonic_ns()) / 1e9
+            if unsent < batch and wait > 0:
+                time.sleep(min(wait, left))  # the batching rule (DESIGN §3)
+                continue
+            span = core.peek(batch)
+            if not span:
+                continue
+            tokens = core.tokens(span)
+            links[rr % len(links)].send_span(tokens, span)
+            try:
+                core.advance(len(span))
+            except CoreError:
+                if not core.dropped:
+                    raise
+                stop = "dropped"  # the ring overflowed while the span was on its way
+                break
+            samples.append((_SEQ_TS.unpack_from(tokens, len(tokens) - 48)[0],
+                            _SEQ_TS.unpack_from(tokens, 0)[1]))
+            spans += 1
+            records += len(tokens) // 48
+            nbytes += len(span)
+            rr += 1
+            last_send = time.monotonic_ns()
+        return ShipResult(stop, 0, 0, rr % len(links), spans, records, nbytes, samples, last_send)
 
 
 def _describe(e: BaseException, peer: Node) -> str:

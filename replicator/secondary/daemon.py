@@ -51,8 +51,15 @@ a prefix. Receiving and journaling go on while the journal has room (then
 the readers pause, as always when the journal is full). The applier retries
 with backoff (APPLY_RETRY) and at once on ``duplex connect RES``. A failed
 fdatasync of the image is different: the kernel may have dropped the
-unwritten pages, so nothing is checkpointed any more and the node stays
-Failed until a restart re-applies the journal.
+unwritten pages, and a later fdatasync would not say so. Nothing is
+checkpointed any more, so the journal still holds every record since the
+last checkpoint; a retry writes all of them again from the journal
+(``_reapply_since_checkpoint``) and fdatasyncs, and only that success
+clears the failure. While the disk is Failed no catch-up increment is
+taken (it would be written in place with nothing to redo it from): the
+link closes with the reason and the primary, Ahead, keeps its bitmap.
+Only when the records are not all in the journal (an increment written in
+place) does the node ask for a restart.
 
 Threads and locks
 -----------------
@@ -69,10 +76,13 @@ Lock order: ``_lock`` -> ``_commit_lock``.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -84,30 +94,32 @@ from replicator.group.notes import MarkNote, NoteError
 from replicator.group.secondaries import SecondaryGroup
 from replicator.group.side import GroupStartError
 from replicator.native.records import find_op
-from replicator.records import HEADER_SIZE, OP_MARK, unpack_token
+from replicator.records import HEADER_SIZE, OP_MARK, OP_WRITE, unpack_token
 from replicator.control import ControlServer
 from replicator.devices import device_size
 from replicator.layout import Layout
 from replicator.errors import DuplexError
 from replicator.secondary.journal import Journal, JournalError
+from replicator.modes import WAITS_FOR
 from replicator.metadata import (DISK_CONSISTENT, DISK_INCONSISTENT, DISK_OUTDATED, DISK_UPTODATE,
                                  Metadata, load_metadata)
 from replicator.peerlink import LinkError, PeerLink, RefusedError, pairing_uuid
 from replicator.fileio import atomic_write
 from replicator.oosfiles import open_bitmaps
-from replicator.secondary.applier import ApplyError
+from replicator.secondary.applier import ApplyError, apply_run, record_data
 from replicator.secondary.pending import PendingQueue, StreamError, check_volumes
 from replicator.supervise import Fault, Supervisor
 from replicator.secondary import snapshot
 from replicator.protocol.errors import ProtocolError
 from replicator import generations
 from replicator.secondary.increments import Increment, IncrementReceiver
+from replicator.secondary.admin import SecondaryAdmin
 from replicator.protocol.compat import wire_volumes
 from replicator.protocol.errors import ErrorCode
 from replicator.protocol.messages import (STATE_DISCARD_MY_DATA, STATE_HAS_BITMAP_UUID,
                                           STATE_NEEDS_RESYNC, STATE_SENDS_BITMAP, ZERO_UUID, Data,
                                           IncrBegin, IncrCommit, IncrData, IncrZero, Message, OosBitmap,
-                                          State, Tokens, VerifyReq, VerifySums)
+                                          State, Stop, Tokens, VerifyReq, VerifySums)
 from replicator.status import new_status, volume_rows
 from replicator.tracks import track_digest
 from replicator.volumes import VolumeClaims, VolumeSizeError, claim_volumes, layout_of
@@ -122,6 +134,7 @@ IDLE_CHECKPOINT = 0.05       # ...or once idle, but not more often than this
 ACK_INTERVAL = 0.002         # "applied" acks are coalesced over this long
 APPLY_RETRY = (0.5, 10.0)    # a failed apply is retried after this, doubling to the max
 DISK_FAILED = "Failed"       # this node cannot write its image (runtime only, never saved)
+BLKROGET = 0x125E            # _IO(0x12, 94): is the block device read-only
 
 
 #: Handshakes one source host may have under way at once (a primary opens
@@ -173,6 +186,10 @@ class Secondary(IncrementReceiver):
         self._ack_lock = threading.Lock()
         self._last_ack = 0.0
         self._ack_due = False
+        # What the primary's writers wait for (protocol B/C, replicator/modes.py);
+        # _received_sent is the reader threads' (a race only resends a seq).
+        self._waits_for = WAITS_FOR[resource.modes.protocol]
+        self._received_sent = 0
         self._stop = threading.Event()
         self.journaled = pending.received_through  # replayed records are durable
         self.links: set[PeerLink] = set()
@@ -202,7 +219,8 @@ class Secondary(IncrementReceiver):
         # Applying the image failed (ENOSPC, EIO...): the reason, when the
         # applier retries (monotonic), how long it waits next.
         self.apply_error = ""
-        self._sync_error = ""       # a failed image fdatasync: no checkpoint until restart
+        self._sync_error = ""       # a failed image fdatasync: no checkpoint until re-applied
+        self._restart_error = ""    # why only a restart recovers (re-applying cannot)
         self._retry_at = 0.0
         self._retry_delay = APPLY_RETRY[0]
         self._apply_retry = threading.Event()  # `duplex connect`: retry now
@@ -213,6 +231,9 @@ class Secondary(IncrementReceiver):
                                                      "verify": self._verify_here,
                                                      "verify-status": self._verify_here},
                                      name="secondary")
+        # disconnect, connect, invalidate, outdate, the clean stop (DESIGN §7).
+        self.admin = SecondaryAdmin(self)
+        self.admin.register(self.control)
 
     @classmethod
     def open(cls, config_path: str | None, resource_name: str, node_name: str | None) -> "Secondary":
@@ -286,7 +307,18 @@ class Secondary(IncrementReceiver):
             # Redo: committed before the stop, maybe not (fully) applied.
             log.info("%s: journal replay: re-applying committed increment %d", res.name, incr_id)
             try:
-                sec._apply_increment(Increment(incr_id, base, True, positions))
+                inc = Increment(incr_id, base, True, positions)
+                while sec._runs_before(inc) and sec.apply_next_run(
+                        min(sec.journaled, base) - sec.pending.applied_through):
+                    pass
+                sec._apply_increment(inc)
+            except ApplyFailed as e:
+                sec.journal.close()
+                sec.close_images()
+                claim.close()
+                raise SecondaryError(f"{res.name}: journal replay: {e}; free space on (or "
+                                     f"repair) the image's device and start again (the "
+                                     f"journal keeps every record)") from None
             except OSError as e:
                 sec.journal.close()
                 sec.close_images()
@@ -337,6 +369,14 @@ class Secondary(IncrementReceiver):
             return False
         point = self.group.gate.increment_point(inc.base)
         return point is None or point > self._group_bound
+
+    def _runs_before(self, inc: Increment) -> bool:
+        """Whether journaled records below *inc*'s base are still to be
+        applied first. The primary cleared the bits of every record the
+        journal acknowledged, so the increment does not carry them, and its
+        rebase would drop them: they go to the image before it (the records
+        after the first one missing are in the increment)."""
+        return self.pending.applied_through < min(self.journaled, inc.base)
 
     def _increment_due(self) -> bool:
         """A committed increment is first in line and may be applied now
@@ -446,6 +486,7 @@ class Secondary(IncrementReceiver):
         what to do) before anything listens."""
         try:
             self.resource.secret()  # read again at every handshake
+            self.resource.tls_context(self.node.name, server=True)  # TLS files: the same
         except ConfigError as e:
             raise SecondaryError(f"{self.resource.name}: cannot start the secondary: {e}") from None
         host, port = self.node.address
@@ -528,7 +569,7 @@ class Secondary(IncrementReceiver):
                 if self._stop.is_set():
                     return
                 raise
-            if not self.receiving:
+            if not self.receiving or not self.admin.accepts():  # promoted, or disconnected
                 sock.close()
                 continue
             with self._lock:
@@ -562,7 +603,8 @@ class Secondary(IncrementReceiver):
             flags = ((STATE_NEEDS_RESYNC if self.md.needs_initial_sync else 0)
                      | (STATE_HAS_BITMAP_UUID if has_bitmap else 0)
                      | (STATE_DISCARD_MY_DATA if self.md.discard_my_data else 0)
-                     | (STATE_SENDS_BITMAP if self._own_oos_tracks() else 0))
+                     | (STATE_SENDS_BITMAP if self.admin.sends_bitmap() or self._own_oos_tracks()
+                        else 0))
             return State(pairing_uuid(self.md), bytes.fromhex(self.md.generation),
                          self.md.device_size, self.md.track_size, "secondary", self._disk(),
                          journaled_seq=self.journaled,
@@ -631,7 +673,8 @@ class Secondary(IncrementReceiver):
         writes that never reached the peer are overwritten by the resync)."""
         ps = link.peer_state
         peer = generations.from_state(ps, bool(ps.flags & STATE_HAS_BITMAP_UUID))
-        tracks = self._own_oos_tracks()
+        tracks = [] if self.admin.send_invalid_bitmap(link, ps.written_seq) else \
+            self._own_oos_tracks()
         if tracks:
             self._write_failback_report(peer, tracks)
             link.send(OosBitmap(self.md.track_size, self.own_oos.nbits,
@@ -645,6 +688,7 @@ class Secondary(IncrementReceiver):
                     if self.md.disk == DISK_OUTDATED:
                         self.md.disk = DISK_CONSISTENT
             self.standalone_reason = ""
+        self.admin.followed(ps.written_seq, self.pending.applied_through)
 
     def _close_own_oos(self) -> None:
         with self._lock:
@@ -707,6 +751,7 @@ class Secondary(IncrementReceiver):
             try:
                 # The secret is read per handshake: fixing the file fixes the node.
                 secret = self.resource.secret()
+                tls = self.resource.tls_context(self.node.name, server=True)
             except ConfigError as e:
                 self.last_error = f"connection from {addr[0]} refused: {e}"
                 log.error("%s: %s", self.resource.name, self.last_error)
@@ -716,7 +761,8 @@ class Secondary(IncrementReceiver):
                                        node=self.node.name, secret=secret,
                                        state_for=self._state_for, on_event=self._on_event,
                                        on_idle=self._on_idle,
-                                       timeout=self.resource.auth_timeout_s)
+                                       timeout=self.resource.auth_timeout_s, tls=tls,
+                                       tls_peer=self.resource.peer_of(self.node.name).name)
                 link.set_timeouts(self.resource.ping_interval_s, self.resource.ping_timeout_s)
             except (LinkError, DuplexError, OSError) as e:
                 self.last_error = f"connection from {addr[0]} refused: {e}"
@@ -811,6 +857,7 @@ class Secondary(IncrementReceiver):
             elif isinstance(ev, Data):
                 self._on_data(ev)
             elif isinstance(ev, IncrBegin):
+                self._hold_while_failed(link, ev)
                 self._on_incr_begin(ev)
                 if self.group is not None and self.incr is not None and not self.incr.staged:
                     # Written in place, it cannot wait for the group's point:
@@ -823,6 +870,8 @@ class Secondary(IncrementReceiver):
                 self._hold_for_group()
             elif isinstance(ev, IncrZero):
                 self._on_incr_zero(ev)
+            elif isinstance(ev, Stop):  # a planned switchover's clean stop
+                self.admin.on_stop(link, ev)
             elif isinstance(ev, VerifyReq):
                 # Off the reader thread: waiting for the applier needs the
                 # frames that follow.
@@ -836,8 +885,11 @@ class Secondary(IncrementReceiver):
             # An increment written in place hit a full or failing image: a
             # disk state, as for a run; the primary sends it again after the
             # reconnect this causes.
+            where = e.filename or self.node.device
+            what = ("metadata file" if os.path.dirname(os.path.abspath(where)) ==
+                    os.path.abspath(self.node.meta_dir) else "image")
             self._apply_failed(f"writing increment {self.incr.id} in place: "
-                               f"{e.strerror or e} (image {e.filename or self.node.device})")
+                               f"{e.strerror or e} ({what} {where})")
             raise ProtocolError(self.apply_error) from None
 
     def _on_tokens(self, ev: Tokens) -> None:
@@ -867,7 +919,17 @@ class Secondary(IncrementReceiver):
     def _on_idle(self, link: PeerLink) -> None:
         """Reader thread, every frame received so far handled: commit and
         ack. Commit and ack ride on the reader, so a frame costs no thread
-        hand-off."""
+        hand-off. Under protocol B the primary's writers wait for receipt:
+        RECEIVED goes out before the commit's fdatasync."""
+        if self._waits_for == "received":
+            with self._lock:
+                target = self.pending.received_through
+            if target > self._received_sent:
+                self._received_sent = target
+                try:
+                    link.send_received(target)
+                except LinkError:
+                    pass  # the reader sees the link go
         self._commit_received()
 
     def _commit_received(self, always: bool = False) -> None:
@@ -887,7 +949,9 @@ class Secondary(IncrementReceiver):
                 self.journaled = target
         if advanced:
             self._apply_wake.set()
-            self._send_ack()  # coalesced: the applier sends it if it is due
+            # Coalesced (the applier sends it if due), unless writers on the
+            # primary wait for it (protocol B/C): then at once, once per commit.
+            self._send_ack(force=self._waits_for is not None)
             if self.group is not None:
                 with self._lock:
                     ts = self.pending.stamp_of(target)
@@ -916,6 +980,21 @@ class Secondary(IncrementReceiver):
         while True:
             if self.apply_error and not self._wait_retry():
                 return  # stopping
+            if self._sync_error and not self._restart_error:
+                try:
+                    self._reapply_since_checkpoint()
+                except OSError as e:
+                    self._sync_failed(e)
+                    continue
+            elif self.apply_error and not self._sync_error:
+                with self._lock:
+                    idle = not self._committed and self.journaled <= self.pending.applied_through
+                if idle:
+                    # Nothing here to retry with: the failure was an
+                    # increment's (written in place, or its metadata), and
+                    # its retry is the primary's next offer, let through
+                    # now. Failing again doubles the wait.
+                    self._apply_succeeded(keep_backoff=True)
             if self.group is not None:
                 self.group.poll()  # a release applied: complete it
             with self._lock:
@@ -923,6 +1002,8 @@ class Secondary(IncrementReceiver):
                 inc = self._committed[0] if self._committed else None
                 if inc is not None and self._increment_waits(inc):
                     inc = None  # a group member's: held until the group's point passes it
+                elif inc is not None and self._runs_before(inc):
+                    inc = None  # journaled records below its base go first (see there)
             if inc is not None:
                 try:
                     self._apply_increment(inc)
@@ -1002,6 +1083,8 @@ class Secondary(IncrementReceiver):
                 vol = getattr(e, "duplex_volume", None)
                 image = self.device_of(vol) if self.multi and vol is not None else \
                     self.node.device
+                if e.errno in (errno.EPERM, errno.EROFS, errno.EACCES) and _read_only(image):
+                    err += ": the device is read-only"
                 raise ApplyFailed(f"applying {what}: {err} (image {image})") from None
             except ApplyError as e:
                 raise ApplyFailed(f"applying: {e} (image {self.images_label()})") from None
@@ -1021,7 +1104,7 @@ class Secondary(IncrementReceiver):
             delay = self._retry_delay
             self._retry_at = time.monotonic() + delay
             self._retry_delay = min(delay * 2, APPLY_RETRY[1])
-        if first and self._sync_error:
+        if first and self._restart_error:
             log.error("%s: disk Failed: %s", self.resource.name, why)
         elif first:
             log.error("%s: disk Failed: %s; the journal keeps every record (applied through "
@@ -1030,35 +1113,94 @@ class Secondary(IncrementReceiver):
                       self.pending.applied_through, delay, self.resource.name)
         self._send_ack(force=True)
 
-    def _apply_succeeded(self) -> None:
-        """A run or increment went to the image: a failure before it is over."""
+    def _apply_succeeded(self, keep_backoff: bool = False) -> None:
+        """A run or increment went to the image: a failure before it is over
+        (after a failed fdatasync: once the records were written again).
+        *keep_backoff*: a retry let through, not yet a success: the next
+        failure waits twice as long."""
         if not self.apply_error or self._sync_error:
             return
         with self._lock:
             why, self.apply_error = self.apply_error, ""
-            self._retry_delay = APPLY_RETRY[0]
+            if not keep_backoff:
+                self._retry_delay = APPLY_RETRY[0]
             self._disk_news = True
-        log.warning("%s: applying resumed (it had failed: %s); applied through seq %d",
-                    self.resource.name, why, self.pending.applied_through)
+        log.warning("%s: %s (it had failed: %s); applied through seq %d", self.resource.name,
+                    "retrying: the next increment may go on" if keep_backoff else
+                    "applying resumed", why, self.pending.applied_through)
 
     def _sync_failed(self, e: OSError) -> None:
         """fdatasync of the image failed: written pages may be lost, and a
         later fdatasync would not say so. Nothing is checkpointed any more;
-        a restart applies the journal again."""
-        why = (f"fdatasync of image {e.filename or self.node.device} failed: "
-               f"{e.strerror or e}; the "
-               f"journal keeps every record since seq {self.journal.applied_seq}: restart "
-               f"the secondary (systemctl restart duplex@{self.resource.name}) to apply them "
-               f"again")
+        a retry writes every record since the checkpoint again
+        (:meth:`_reapply_since_checkpoint`). An increment written in place
+        is in no journal: then only a restart (and the primary's catch-up)
+        recovers."""
+        with self._lock:
+            in_place = (self.incr is not None and not self.incr.staged) or any(
+                not inc.staged for inc in self._committed)
+        image = e.filename or self.node.device
+        if in_place:
+            why = (f"fdatasync of image {image} failed: {e.strerror or e}, and an increment "
+                   f"written in place is not in the journal: restart the secondary "
+                   f"(systemctl restart duplex@{self.resource.name})")
+        else:
+            why = (f"fdatasync of image {image} failed: {e.strerror or e}; the journal keeps "
+                   f"every record since seq {self.journal.applied_seq}, and each retry writes "
+                   f"them all again")
         with self._lock:
             self._sync_error = why
+            if in_place:
+                self._restart_error = why
         self._apply_failed(why)
+
+    def _reapply_since_checkpoint(self) -> None:
+        """After a failed fdatasync of the image: write every record applied
+        since the last checkpoint again, in seq order, from the journal
+        (nothing was checkpointed since, so each one is still there), then
+        fdatasync every image. Success clears the failure; an OSError (the
+        image still fails) leaves it. Applying the same prefix again gives
+        the same bytes (applier.py), so the image ends as it was meant to."""
+        with self._lock:
+            ckpt, upto = self.journal.applied_seq, self.pending.applied_through
+            found: dict[int, tuple] = {}
+            for tok, pos in self.journal.replay():
+                if ckpt < tok.seq <= upto and (pos is not None or tok.seq not in found):
+                    found[tok.seq] = (tok, pos)
+        missing = next((q for q in range(ckpt + 1, upto + 1)
+                        if q not in found or (found[q][0].op == OP_WRITE and found[q][1] is None)),
+                       None)
+        if missing is not None:
+            why = (f"{self._sync_error}; but seq {missing} is not in the journal: restart the "
+                   f"secondary (systemctl restart duplex@{self.resource.name})")
+            with self._lock:
+                self._restart_error = self._sync_error = why
+            self._apply_failed(why)
+            return
+
+        def items():
+            for q in range(ckpt + 1, upto + 1):
+                tok, pos = found[q]
+                yield tok, (record_data(self.journal.read_record(pos))[1] if pos is not None
+                            else b"")
+
+        self.runs_started += 1  # samplers: the image changes under them
+        try:
+            apply_run(self.images, items(), dict(enumerate(self.layout.sizes)))
+            self.sync_images()
+        finally:
+            self.runs_done += 1
+        with self._lock:
+            self._sync_error = ""
+        log.warning("%s: wrote seqs %d..%d again from the journal after the failed fdatasync "
+                    "and made the image durable", self.resource.name, ckpt + 1, upto)
+        self._apply_succeeded()
 
     def _wait_retry(self) -> bool:
         """While applying has failed: wait for the next retry (backoff, or
         `duplex connect`). False when stopping."""
         while not self._stop.is_set():
-            if self._sync_error:
+            if self._restart_error:
                 self._apply_retry.wait(1.0)  # only a restart recovers
                 self._apply_retry.clear()
                 continue
@@ -1072,8 +1214,9 @@ class Secondary(IncrementReceiver):
     @property
     def restart_needed(self) -> str:
         """Why only a restart can make this node go on (a failed fdatasync
-        of the image), or "". ``duplex up`` then exits non-zero."""
-        return self._sync_error
+        of the image after an increment written in place), or "". ``duplex
+        up`` then exits non-zero."""
+        return self._restart_error
 
     def retry_apply(self) -> None:
         """Retry a failed apply now (``duplex connect``, promote)."""
@@ -1103,6 +1246,7 @@ class Secondary(IncrementReceiver):
                 with self._commit_lock:
                     self.journal.checkpoint(applied, self.pending.applied_token)
             self._lock.notify_all()
+        self.admin.check_applied(applied)  # an outdated mark clears once caught up
 
     def _send_ack(self, force: bool = False) -> None:
         """Tell the primary where we are, at most once per ACK_INTERVAL
@@ -1248,6 +1392,8 @@ class Secondary(IncrementReceiver):
             return DISK_FAILED
         if self.md.needs_initial_sync or self.md.disk == DISK_INCONSISTENT:
             return DISK_INCONSISTENT
+        if self.md.outdated:  # `duplex outdate`
+            return DISK_OUTDATED
         if self.links and self.pending.applied_through >= self.journaled and not len(self.pending):
             return DISK_UPTODATE
         return DISK_CONSISTENT
@@ -1291,14 +1437,15 @@ class Secondary(IncrementReceiver):
             promote_waiting=self.promote_waiting or None,
             volumes=volume_rows(self.node, self.layout.sizes, [0] * len(self.layout)),
             group=self.group.status() if self.group is not None else None,
-            consistent_point_ns=point_ns, refused=refused)
+            consistent_point_ns=point_ns, refused=refused,
+            disconnected_by_admin=self.admin.disconnected)
 
     def _apply_note(self) -> str:
         """The reason status gives while applying fails."""
         why = self.apply_error
         if not why:
             return ""
-        if self._sync_error:
+        if self._restart_error:
             return why
         room = ("receiving continues while the journal has room" if
                 not self.journal.used_bytes >= self.journal.area_size * 0.95 else
@@ -1306,6 +1453,20 @@ class Secondary(IncrementReceiver):
         left = max(0.0, self._retry_at - time.monotonic())
         return (f"{why}; {room}; retrying in {left:.0f} s, or now with "
                 f"`duplex connect {self.resource.name}`")
+
+
+def _read_only(device: str) -> bool:
+    """Whether *device* is a block device set read-only (BLKROGET)."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, BLKROGET, b"\0" * 4))[0] != 0
+    except OSError:
+        return False  # not a block device
+    finally:
+        os.close(fd)
 
 
 def _open_images(node: Node, count: int | None = None) -> dict[int, int]:

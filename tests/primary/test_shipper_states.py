@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from replicator.config import read_secret
+from replicator.modes import Modes
 from replicator.peerlink import LinkError, RefusedError
 from replicator.primary import shipper as shipper_mod
 from replicator.primary import states as st
@@ -34,10 +35,20 @@ class _Core:
     def wake(self):
         pass
 
+    def set_flow(self, policy):
+        self.policy = policy
+
+    def set_durable(self, seq):
+        pass
+
+    def flow_stats(self):
+        return {"room_timeouts": 0, "room_waiting": 0, "room_wait_s": 0.0, "peer_waits": 0,
+                "peer_wait_s": 0.0, "peer_waiting": 0, "room_waits": 0, "delays": 0}
+
 
 def _shipper(tmp_path, connect, faults=None):
     secret = tmp_path / "r0.secret"
-    res = SimpleNamespace(name="r0", connections=1, ring_size=1 << 20, resync_rate=0,
+    res = SimpleNamespace(name="r0", connections=1, ring_size=1 << 20, resync_rate=0, modes=Modes(),
                           batch_bytes=1 << 20, batch_interval_s=0.001,
                           secret=lambda: read_secret(str(secret), "duplex.toml: resource.r0.secret-file"))
     peer = SimpleNamespace(name="beta", address=("127.0.0.1", 1),

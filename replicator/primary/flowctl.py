@@ -1,0 +1,242 @@
+"""The primary's flow control: which waits the write path makes, and when.
+
+The C core does the waiting (native/flow.c: a write waits for the peer's
+acknowledgement under protocol B/C, for room under ``on-congestion =
+block``, and sleeps the max-lag delay). This module decides the policy:
+:data:`POLICY` is the table of what is in force in each replication state,
+and :class:`FlowControl` sets it on the core at every state change, feeds
+it the peer's acknowledgements, runs the max-lag controller, and keeps the
+pull-ahead hysteresis.
+
+Hysteresis (a pair at the edge must not flap between Ahead and SyncSource,
+LINBIT/drbd#46): a pull-ahead within ``FLAP_WINDOW_S`` of the last catch-up
+ending holds the next catch-up back, for twice as long each time (from
+``HOLD_MIN_S`` up to ``HOLD_MAX_S``); a pair that streams for
+``FLAP_WINDOW_S`` without one starts again from nothing.
+
+Threads and locks: the sender thread calls :meth:`FlowControl.apply`,
+:meth:`tick` and :meth:`catch_up_hold`; link reader threads call
+:meth:`on_journaled` and :meth:`on_received`; nbdkit request threads (an
+overflow) and the control thread (status) call :meth:`pulled_ahead` and
+:meth:`snapshot`. ``FlowControl._lock`` guards every field; it is a leaf
+(the core calls made under it take only the core's own internal locks).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from replicator.modes import Modes
+from replicator.native.core import FlowPolicy
+from replicator.primary import states as st
+
+log = logging.getLogger("duplex.flow")
+
+FLAP_WINDOW_S = 10.0
+HOLD_MIN_S = 0.25
+HOLD_MAX_S = 8.0
+
+# max-lag: the controller's steps (a writer is never held longer than this)
+MAX_DELAY_S = 0.02
+DELAY_STEP_S = 0.0005
+
+#: the replication word -> the phase the flow policy depends on
+PHASE_OF: dict[str, str] = {
+    st.ESTABLISHED: "streaming",  # every write goes to the peer in order
+    st.OFF: "away",               # no session; the ring still holds what the peer lacks
+    st.AHEAD: "behind",           # the bitmap holds it: a catch-up will carry it
+    st.SYNC_SOURCE: "behind",
+    st.SPLIT_BRAIN: "behind",
+}
+
+
+def policy(modes: Modes, replication: str) -> tuple[FlowPolicy, str | None]:
+    """The core's policy while the pair's replication state is *replication*,
+    and why the protocol is not in force then (None: it is, or it is A).
+    Only a pair that streams can keep B's and C's promise: during a
+    catch-up new writes go into the next increment."""
+    phase = PHASE_OF[replication]
+    waits = modes.waits_for is not None
+    if phase == "streaming":
+        return FlowPolicy(wait_peer=waits, block=modes.on_congestion == "block",
+                          fill=modes.congestion_fill,
+                          block_timeout_s=modes.congestion_timeout_s), None
+    if phase == "away" and waits and modes.on_disconnect == "suspend":
+        # Writers wait for the peer's return, however long: nothing is
+        # dropped, so the ring keeps what the peer will need.
+        return FlowPolicy(wait_peer=True, block=True, fill=modes.congestion_fill,
+                          block_timeout_s=None), "suspended: the peer is away"
+    why = "degraded: the peer is away" if phase == "away" else "degraded: catching up"
+    return FlowPolicy(fill=modes.congestion_fill), why if waits else None
+
+
+def next_delay(delay_s: float, lag_s: float | None, max_lag_s: float) -> float:
+    """One step of the max-lag controller (every few ms): add a little delay
+    while the lag is over half the bound (twice as much over the bound),
+    halve it while the lag is under a quarter. None lag: nothing sampled."""
+    if lag_s is None or lag_s < max_lag_s / 4:
+        return 0.0 if delay_s < DELAY_STEP_S else delay_s / 2
+    if lag_s > max_lag_s / 2:
+        return min(MAX_DELAY_S, delay_s + DELAY_STEP_S * (2 if lag_s > max_lag_s else 1))
+    return delay_s
+
+
+class FlowControl:
+    """Sets the core's flow policy from the resource's modes and the
+    pair's replication state (see the module docstring)."""
+
+    def __init__(self, core, modes: Modes, name: str,
+                 clock: Callable[[], float] = time.monotonic):
+        self.core = core
+        self.modes = modes
+        self.name = name
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._replication: str | None = None
+        self._policy = FlowPolicy()
+        self._why: str | None = None
+        self._delay = 0.0
+        self._stopped = False
+        self._pulled = False          # Ahead because the ring passed the fill
+        self._pulls = 0               # pull-aheads since up
+        self._flaps = 0               # pull-aheads in a row, each soon after a catch-up
+        self._caught_up_at: float | None = None
+        self._hold_until = 0.0
+        self._timeouts_seen = 0
+
+    # -- policy -----------------------------------------------------------
+
+    def apply(self, replication: str) -> None:
+        """The replication state is now *replication*: set its policy."""
+        with self._lock:
+            if self._stopped or replication == self._replication:
+                return
+            self._replication = replication
+            pol, why = policy(self.modes, replication)
+            pol = pol._replace(delay_s=self._delay if replication == st.ESTABLISHED else 0.0)
+            if why != self._why:
+                if why:
+                    log.warning("%s: protocol %s %s: %s", self.name, self.modes.protocol, why,
+                                "writes reply without waiting for the peer"
+                                if pol.wait_peer is False else "writers wait for it")
+                elif self._why:
+                    log.info("%s: protocol %s in force again", self.name, self.modes.protocol)
+            self._policy, self._why = pol, why
+            self.core.set_flow(pol)
+
+    def release(self) -> None:
+        """Stopping: no write waits for anything any more."""
+        with self._lock:
+            self._stopped = True
+            self._policy = FlowPolicy()
+            self.core.set_flow(self._policy)
+
+    # -- acknowledgements (reader threads) --------------------------------
+
+    def on_journaled(self, seq: int) -> None:
+        """The peer journaled through *seq* (counts for B too: journaled
+        implies received)."""
+        if self.modes.waits_for is not None:
+            self.core.set_durable(seq)
+
+    def on_received(self, seq: int) -> None:
+        """The peer received through *seq* (RECEIVED, sent under B)."""
+        if self.modes.waits_for == "received":
+            self.core.set_durable(seq)
+
+    # -- congestion -------------------------------------------------------
+
+    def pulled_ahead(self, replication: str) -> None:
+        """The ring overflowed (or passed the fill) while *replication*:
+        a congestion pull-ahead only when the pair was streaming."""
+        if replication != st.ESTABLISHED:
+            return
+        with self._lock:
+            if self._pulled:
+                return
+            self._pulled = True
+            self._pulls += 1
+            now = self._clock()
+            recent = (self._caught_up_at is not None
+                      and now - self._caught_up_at < FLAP_WINDOW_S)
+            self._flaps = self._flaps + 1 if recent else 0
+            hold = 0.0 if not self._flaps else min(HOLD_MAX_S,
+                                                    HOLD_MIN_S * 2 ** (self._flaps - 1))
+            self._hold_until = now + hold
+        if hold:
+            log.warning("%s: pulled ahead again %.1f s after catching up: the next catch-up "
+                        "waits %.2f s (hysteresis)", self.name, now - self._caught_up_at, hold)
+
+    def caught_up(self) -> None:
+        """A catch-up ended: streaming again."""
+        with self._lock:
+            self._pulled = False
+            self._caught_up_at = self._clock()
+
+    def catch_up_hold(self) -> float:
+        """Seconds the next catch-up is still held back (0: go)."""
+        with self._lock:
+            return max(0.0, self._hold_until - self._clock())
+
+    # -- max-lag (sender thread) ------------------------------------------
+
+    def tick(self, lag_s: Callable[[], float | None]) -> None:
+        """Every look of the sender: run the max-lag controller (while
+        streaming), and say once when blocked writers gave up waiting."""
+        stats = self.core.flow_stats()
+        if stats["room_timeouts"] > self._timeouts_seen:
+            self._timeouts_seen = stats["room_timeouts"]
+            log.warning("%s: writes waited congestion-timeout (%g s) for room in the send "
+                        "ring: pulling ahead", self.name, self.modes.congestion_timeout_s)
+        with self._lock:
+            if self._caught_up_at is not None and not self._pulled \
+                    and self._clock() - self._caught_up_at > FLAP_WINDOW_S:
+                self._flaps = 0
+            if self.modes.max_lag_s is None or self._replication != st.ESTABLISHED \
+                    or self._stopped:
+                return
+        delay = next_delay(self._delay, lag_s(), self.modes.max_lag_s)
+        with self._lock:
+            if delay != self._delay and not self._stopped \
+                    and self._replication == st.ESTABLISHED:
+                self._delay = delay
+                self._policy = self._policy._replace(delay_s=delay)
+                self.core.set_flow(self._policy)
+
+    # -- status -----------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """protocol, protocol_effective, protocol_note, congestion (none,
+        blocked, pulled-ahead) and the counters behind them."""
+        stats = self.core.flow_stats()
+        with self._lock:
+            effective = self.modes.protocol if self._policy.wait_peer else "A"
+            if stats["room_waiting"]:
+                congestion = "blocked"
+            elif self._pulled:
+                congestion = "pulled-ahead"
+            else:
+                congestion = "none"
+            return {
+                "protocol": self.modes.protocol,
+                "protocol_effective": effective,
+                "protocol_note": self._why,
+                "on_congestion": self.modes.on_congestion,
+                "congestion": congestion,
+                "congestion_blocked_seconds": round(stats["room_wait_s"], 3),
+                "flow": {
+                    "peer_waits": stats["peer_waits"],
+                    "peer_wait_seconds": round(stats["peer_wait_s"], 3),
+                    "waiting_for_peer": stats["peer_waiting"],
+                    "blocked_writes": stats["room_waits"],
+                    "blocked_now": stats["room_waiting"],
+                    "block_timeouts": stats["room_timeouts"],
+                    "pull_aheads": self._pulls,
+                    "catch_up_hold_seconds": round(max(0.0, self._hold_until - self._clock()), 3),
+                    "max_lag_seconds": self.modes.max_lag_s,
+                    "max_lag_delay_ms": round(self._delay * 1000, 2),
+                    "delayed_writes": stats["delays"],
+                },
+            }
