@@ -482,7 +482,7 @@ def _secure(sock: socket.socket, conn: Connection, tls: ssl.SSLContext | None,
     TlsSocket once the TLS handshake and the name check passed. The
     accepting side looks at the first byte to tell a plaintext peer from
     a TLS one and refuses the mismatch with a reason on both sides."""
-    if False:  # DEMO
+    if server:
         first = _tls.first_byte(sock, timeout)
         if first is None:
             raise LinkError("peer closed the connection during the handshake")
