@@ -1,0 +1,163 @@
+"""The primary's flow policy (replicator/primary/flowctl.py): which waits
+are in force in which replication state, the max-lag controller, and the
+pull-ahead hysteresis. A recording fake stands in for the C core (its
+waits are tested in tests/native/test_native_flow.py)."""
+from __future__ import annotations
+
+import pytest
+
+from replicator.modes import Modes
+from replicator.native.core import FlowPolicy
+from replicator.primary import flowctl
+from replicator.primary import states as st
+from replicator.primary.flowctl import FlowControl, next_delay, policy
+
+
+class FakeCore:
+    def __init__(self):
+        self.policies: list[FlowPolicy] = []
+        self.durable = 0
+        self.stats = {"room_timeouts": 0, "room_waiting": 0, "room_wait_s": 0.0,
+                      "peer_waits": 0, "peer_wait_s": 0.0, "peer_waiting": 0,
+                      "room_waits": 0, "delays": 0}
+
+    def set_flow(self, p: FlowPolicy) -> None:
+        self.policies.append(p)
+
+    def set_durable(self, seq: int) -> None:
+        self.durable = max(self.durable, seq)
+
+    def flow_stats(self) -> dict:
+        return dict(self.stats)
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+C_DEGRADE = Modes("C", "degrade", "block", 4 << 20, 5.0)
+C_SUSPEND = Modes("C", "suspend", "block", 4 << 20, 5.0)
+A_PULL = Modes()
+
+
+def test_the_table_has_a_row_for_every_replication_state():
+    assert set(flowctl.PHASE_OF) == set(st.REPLICATION_STATES)
+
+
+@pytest.mark.parametrize("modes, repl, wait_peer, block, timeout, note", [
+    (C_DEGRADE, st.ESTABLISHED, True, True, 5.0, None),
+    (C_DEGRADE, st.OFF, False, False, None, "degraded: the peer is away"),
+    (C_DEGRADE, st.SYNC_SOURCE, False, False, None, "degraded: catching up"),
+    (C_DEGRADE, st.AHEAD, False, False, None, "degraded: catching up"),
+    (C_SUSPEND, st.OFF, True, True, None, "suspended: the peer is away"),
+    (C_SUSPEND, st.AHEAD, False, False, None, "degraded: catching up"),
+    (A_PULL, st.ESTABLISHED, False, False, 10.0, None),
+    (A_PULL, st.OFF, False, False, None, None),
+])
+def test_policy_per_state(modes, repl, wait_peer, block, timeout, note):
+    pol, why = policy(modes, repl)
+    assert (pol.wait_peer, pol.block, pol.block_timeout_s, why) == (wait_peer, block, timeout, note)
+    assert pol.fill == modes.congestion_fill
+
+
+def test_apply_sets_the_core_once_per_change_and_release_lets_everything_go():
+    core = FakeCore()
+    fc = FlowControl(core, C_DEGRADE, "r0")
+    fc.apply(st.ESTABLISHED)
+    fc.apply(st.ESTABLISHED)
+    assert len(core.policies) == 1 and core.policies[-1].wait_peer
+    assert fc.snapshot()["protocol_effective"] == "C"
+    fc.apply(st.OFF)
+    snap = fc.snapshot()
+    assert not core.policies[-1].wait_peer and snap["protocol_effective"] == "A"
+    assert snap["protocol_note"] == "degraded: the peer is away"
+    fc.release()
+    fc.apply(st.ESTABLISHED)  # stopped: stays released
+    assert core.policies[-1] == FlowPolicy()
+
+
+def test_acks_count_by_protocol():
+    core = FakeCore()
+    FlowControl(core, Modes("B", on_congestion="block"), "r0").on_received(7)
+    assert core.durable == 7
+    core = FakeCore()
+    fc = FlowControl(core, C_DEGRADE, "r0")
+    fc.on_received(7)  # C waits for the journal, not receipt
+    assert core.durable == 0
+    fc.on_journaled(5)
+    assert core.durable == 5
+    core = FakeCore()
+    FlowControl(core, A_PULL, "r0").on_journaled(5)  # A waits for nothing
+    assert core.durable == 0
+
+
+def test_hysteresis_holds_a_catch_up_after_a_quick_pull_ahead_and_doubles():
+    clock = Clock()
+    fc = FlowControl(FakeCore(), A_PULL, "r0", clock=clock)
+    fc.pulled_ahead(st.ESTABLISHED)  # the first: no hold
+    assert fc.catch_up_hold() == 0
+    holds = []
+    for _ in range(7):
+        fc.caught_up()
+        clock.t += 1.0  # pulled ahead again a second later: flapping
+        fc.pulled_ahead(st.ESTABLISHED)
+        holds.append(fc.catch_up_hold())
+        clock.t += holds[-1]
+    assert holds[:3] == [flowctl.HOLD_MIN_S, 2 * flowctl.HOLD_MIN_S, 4 * flowctl.HOLD_MIN_S]
+    assert max(holds) == flowctl.HOLD_MAX_S
+    fc.caught_up()
+    clock.t += flowctl.FLAP_WINDOW_S + 1  # streamed long enough: forgiven
+    fc.pulled_ahead(st.ESTABLISHED)
+    assert fc.catch_up_hold() == 0
+    assert fc.snapshot()["flow"]["pull_aheads"] == 9
+
+
+def test_an_overflow_while_away_is_not_congestion():
+    fc = FlowControl(FakeCore(), A_PULL, "r0")
+    fc.pulled_ahead(st.OFF)
+    assert fc.snapshot()["flow"]["pull_aheads"] == 0 and fc.snapshot()["congestion"] == "none"
+    fc.pulled_ahead(st.ESTABLISHED)
+    assert fc.snapshot()["congestion"] == "pulled-ahead"
+    fc.caught_up()
+    assert fc.snapshot()["congestion"] == "none"
+
+
+def test_blocked_writers_show_as_congestion_blocked():
+    core = FakeCore()
+    fc = FlowControl(core, C_DEGRADE, "r0")
+    core.stats.update(room_waiting=2, room_wait_s=1.5)
+    snap = fc.snapshot()
+    assert snap["congestion"] == "blocked" and snap["congestion_blocked_seconds"] == 1.5
+
+
+def test_max_lag_controller_adds_delay_over_half_the_bound_and_takes_it_back():
+    d = 0.0
+    for _ in range(10):
+        d = next_delay(d, 0.08, 0.1)  # over half of 100 ms
+    assert d == pytest.approx(10 * flowctl.DELAY_STEP_S)
+    d2 = next_delay(d, 0.2, 0.1)  # over the bound: twice the step
+    assert d2 == pytest.approx(d + 2 * flowctl.DELAY_STEP_S)
+    assert next_delay(d, 0.03, 0.1) == d  # between a quarter and a half: hold
+    assert next_delay(d, 0.01, 0.1) == d / 2  # under a quarter: halve
+    assert next_delay(flowctl.DELAY_STEP_S / 2, None, 0.1) == 0.0
+    for _ in range(1000):
+        d = next_delay(d, 10.0, 0.1)
+    assert d == flowctl.MAX_DELAY_S  # slowed, never stopped
+
+
+def test_tick_drives_the_core_delay_only_while_streaming():
+    core = FakeCore()
+    fc = FlowControl(core, Modes(max_lag_s=0.1), "r0")
+    fc.apply(st.ESTABLISHED)
+    for _ in range(4):
+        fc.tick(lambda: 0.5)
+    assert core.policies[-1].delay_s == pytest.approx(4 * 2 * flowctl.DELAY_STEP_S)
+    fc.apply(st.AHEAD)
+    assert core.policies[-1].delay_s == 0.0
+    n = len(core.policies)
+    fc.tick(lambda: 0.5)
+    assert len(core.policies) == n  # not streaming: no throttle
