@@ -23,7 +23,8 @@ def test_split_brain_runs_its_handler_on_both_nodes_and_promote_fences(make_lab,
     dump = f"env | grep ^DUPLEX_ | sort > {out}/$DUPLEX_EVENT-$DUPLEX_NODE.env"
     lab.config.write_text(lab.config.read_text() + "\n[resource.r0.handlers]\n"
                           + f"split-brain = {json.dumps(dump)}\n"
-                          + f"fence-peer = {json.dumps(dump)}\n")
+                          # A second's work: the promoted node waits for it as it stops.
+                          + f"fence-peer = {json.dumps('sleep 1; ' + dump)}\n")
     lab.create_md()
     lab.start_secondary()
     lab.start_primary(history=False)

@@ -58,7 +58,14 @@ def test_run_command_gives_the_exit_status_output_and_env(tmp_path):
 
 def test_a_hanging_command_is_killed_with_what_it_started(tmp_path):
     pidfile = tmp_path / "child"
-    r = run_command("x", f"sleep 60 & echo $! > {pidfile}; wait", {}, 0.3)
+    done: list = []
+    # The child would outlive the test: only killing the whole group ends the run.
+    t = threading.Thread(target=lambda: done.append(
+        run_command("x", f"sleep 100000 & echo $! > {pidfile}; wait", {}, 0.3)), daemon=True)
+    t.start()
+    t.join(30)  # a liveness bound, not a speed check: it returns in ~0.3 s
+    assert done, "run_command never returned: the handler's child still holds its output"
+    r = done[0]
     assert r.timed_out and r.returncode is None
     child = int(pidfile.read_text())
     deadline = time.monotonic() + 5
