@@ -223,16 +223,17 @@ class TlsSocket:
         return self._fd
 
     def settimeout(self, timeout: float | None) -> None:
-        """Receives wait at most *timeout* seconds (None: forever); sends
-        wait for room until the socket is shut down."""
+        """A receive, or one TLS write, waits at most *timeout* seconds
+        (None: until the socket is shut down), then raises socket.timeout,
+        as a plain socket's timeout does."""
         self._timeout = timeout
 
     def getpeercert(self) -> dict:
         return self.ssock.getpeercert() or {}
 
-    def _call(self, op, receiving: bool, eof=None):
+    def _call(self, op, eof=None):
         deadline = None
-        if receiving and self._timeout is not None:
+        if self._timeout is not None:
             deadline = time.monotonic() + self._timeout
         while True:
             with self._lock:
@@ -259,18 +260,18 @@ class TlsSocket:
 
     def recv(self, n: int) -> bytes:
         """Up to *n* decrypted bytes (b"" at EOF)."""
-        return self._call(lambda: self.ssock.recv(n), True, b"")
+        return self._call(lambda: self.ssock.recv(n), b"")
 
     def recv_into(self, buf) -> int:
         """Receive into *buf*; the count (0 at EOF)."""
-        return self._call(lambda: self.ssock.recv_into(buf), True, 0)
+        return self._call(lambda: self.ssock.recv_into(buf), 0)
 
     def sendall(self, data) -> None:
         """Send all of *data*. A write OpenSSL could not finish is retried
         with the same buffer (as OpenSSL requires)."""
         view = memoryview(data).cast("B")
         while view.nbytes:
-            n = self._call(lambda: self.ssock.send(view), False)
+            n = self._call(lambda: self.ssock.send(view))
             view = view[n:]
 
     def send_parts(self, parts) -> None:

@@ -24,6 +24,10 @@ image on tmpfs through three servers, one after the other, in this run:
       on the one export: two NBD connections, so two nbdkit connection
       threads reading requests, as (c2) has. "vs (cc)" of (c2) is then the
       cost of the second volume alone, the connections being equal.
+  (ct) (c) with ``tls = true`` (DESIGN §9): the link in TLS with mutual
+      certificates (made for the run by ``openssl``), the shipper's Python
+      sending path instead of the C streaming loop; "vs (c)" is the cost of
+      TLS per write.
 
 Workloads: 4 KiB random writes at iodepth 16, and 1 MiB sequential writes at
 iodepth 4. Reported per run: IOPS, MB/s, p99 latency (fio's total latency,
@@ -62,7 +66,7 @@ from fixtures.processes import (ManagedProcess, ProcessGroup, cpu_seconds,  # no
 from bench_floor import CopyCosts, floor_mb_per_s, measure_copy_costs  # noqa: E402
 
 PASSTHROUGH_PLUGIN = REPO / "scripts" / "passthrough_plugin.py"
-TARGET_KEYS = ("a", "b", "p", "c", "cc", "c2")
+TARGET_KEYS = ("a", "b", "p", "c", "ct", "cc", "c2")
 THREAD_MODELS = ("serialize_all_requests", "serialize_requests", "parallel")
 MIN_LAG_SAMPLES = 5  # streaming status samples needed to report the lag
 
@@ -217,10 +221,15 @@ class DuplexTarget(Target):
 
     LAG_SAMPLE_SECONDS = 0.2
 
-    def __init__(self, volumes: Sequence[str] = (), connections: int = 1) -> None:
+    def __init__(self, volumes: Sequence[str] = (), connections: int = 1,
+                 tls: bool = False) -> None:
         self.volumes = list(volumes)
         self.connections = connections
-        if self.volumes:
+        self.tls = tls
+        if tls:
+            self.key = "ct"
+            self.label = "(ct) Duplex primary -> secondary, TLS"
+        elif self.volumes:
             self.key = f"c{len(self.volumes)}"
             self.label = (f"({self.key}) Duplex, {len(self.volumes)} volumes "
                           f"({', '.join(self.volumes)}) -> secondary")
@@ -258,6 +267,8 @@ class DuplexTarget(Target):
                       volumes=self.volumes or None,
                       options={"ring-size": "64MiB", "journal-size": "1GiB",
                                "al-extent-size": "4MiB", "al-extents": 1024})
+            if self.tls:
+                self._tls_config(lab, workdir)
             lab.create_md(assume_clean=True)
             lab.start_secondary()
             lab.start_primary(history=False)
@@ -293,6 +304,21 @@ class DuplexTarget(Target):
 
         uris = [lab.volume_uri(v) for v in self.volumes] or [lab.uri] * self.connections
         return Running(uris, rss, stop, sampler.metrics, pids)
+
+    @staticmethod
+    def _tls_config(lab, workdir: Path) -> None:
+        """tls = true, a CA and one certificate per node (EC P-256)."""
+        if shutil.which("openssl") is None:
+            raise TargetUnavailable("the openssl command (to make the certificates) is missing")
+        from fixtures.tls_certs import make_ca, make_cert
+
+        pki = workdir / "pki"
+        ca = make_ca(pki)
+        lab.options.update({"tls": True, "tls-ca": str(ca.cert)})
+        lab.write_config()
+        for node in ("alpha", "beta"):
+            cert = make_cert(pki, ca, node)
+            lab.set_node_keys(node, tls_cert=str(cert.cert), tls_key=str(cert.key))
 
 
 class _LagSampler:
@@ -558,7 +584,7 @@ def build_table(results: Sequence[Result], options: argparse.Namespace,
                 ratio(r.iops, base.get("a")) if r.target_key != "a" else None,
                 ratio(r.iops, base.get("b")) if r.target_key.startswith("c") else None,
                 ratio(r.iops, base.get("p")) if r.target_key.startswith("c") else None,
-                ratio(r.iops, base.get("c")) if r.target_key in ("c2", "cc") else None,
+                ratio(r.iops, base.get("c")) if r.target_key in ("c2", "cc", "ct") else None,
                 ratio(r.iops, base.get("cc")) if r.target_key == "c2" else None,
                 fmt_ns(r.metrics.get("lag_p50_ns")), fmt_ns(r.metrics.get("lag_p99_ns")),
                 rss or None)
@@ -573,6 +599,11 @@ def build_table(results: Sequence[Result], options: argparse.Namespace,
                        "fio job per export at half the iodepth, both at once; IOPS and MB/s "
                        "the sum of the two jobs, p99 the worse job's; vs (c) is the cost per "
                        "write of one write order across two volumes (target: >= 0.90x)")
+    if any(r.target_key == "ct" for r in results):
+        table.add_note("(ct): (c) with tls = true (mutual certificates, TLS 1.3 here); the "
+                       "shipper sends from Python through the ssl module, the C streaming "
+                       "loop being unable to write into TLS; vs (c) is the cost of TLS per "
+                       "write")
     if any(r.target_key == "cc" for r in results):
         table.add_note("(cc): (c) with two fio jobs at half the iodepth on its one export, as "
                        "(c2) is written: the same two NBD connections; vs (cc) of (c2) is the "
@@ -690,6 +721,7 @@ def run(argv: Sequence[str]) -> Table:
         "b": PassthroughTarget(options.passthrough_threads),
         "p": PassthroughTarget(options.passthrough_threads, pin=True),
         "c": DuplexTarget(),
+        "ct": DuplexTarget(tls=True),
         "cc": DuplexTarget(connections=2),
         "c2": DuplexTarget(volumes=("data", "wal")),
     }

@@ -45,6 +45,7 @@ class GroupSide:
         what is wrong."""
         try:
             self.group.secret()
+            self.group.tls_context(self.node, server=self.is_master)  # bad TLS files: now
         except ConfigError as e:
             raise GroupStartError(f"{self.resource}: cannot join group {self.group.name}: "
                                   f"{e}") from None
@@ -53,7 +54,9 @@ class GroupSide:
             try:
                 self._server = GroupServer(self.sup, (host, port), self._conn,
                                            self._check_member, self._on_link,
-                                           self._on_message, self._on_close)
+                                           self._on_message, self._on_close,
+                                           tls=self._tls_context,
+                                           tls_names=set(self.group.endpoints))
             except OSError as e:
                 raise GroupStartError(f"{self.resource}: cannot listen on group "
                                       f"{self.group.name}'s endpoint {host}:{port}: "
@@ -62,7 +65,8 @@ class GroupSide:
         else:
             eps = [self.group.endpoint(n) for n in self._master_nodes]
             self._client = GroupClient(self.sup, "duplex-group-client", eps, self._conn,
-                                       self._on_link, self._on_message, self._on_close)
+                                       self._on_link, self._on_message, self._on_close,
+                                       tls=self._tls_context, tls_names=self._master_nodes)
             self._client.start()
         self._started()
 
@@ -86,6 +90,11 @@ class GroupSide:
         return GroupConnection(role="master" if self.is_master else "member",
                                group=self.group.name, node=self.node, member=self.resource,
                                side=self.SIDE, secret=self.group.secret())
+
+    def _tls_context(self):
+        """This node's SSLContext on the group channel (None: plaintext),
+        files read again per connection."""
+        return self.group.tls_context(self.node, server=self.is_master)
 
     def _check_member(self, hello: GroupMessage) -> str | None:
         if hello["side"] != self.SIDE:

@@ -213,3 +213,89 @@ def test_master_certificate_must_name_the_master_node(pki, channel):
     # The member dials m1; a master presenting b2's certificate is not m1.
     ch = channel(lambda: _ctx(pki, pki["b2"], True), lambda: _ctx(pki, pki["b1"], False))
     ch.wait_error("not node 'm1'")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _group_config(pki: dict[str, Cert], tmp: Path, b1_cert: str | None = None):
+    """Resources r0 (m1, m2: the masters) and r1 (b1, b2) in group g, with
+    tls; the endpoints on loopback."""
+    from replicator.config import parse_config
+
+    secret = tmp / "g.secret"
+    secret.write_text("group-secret\n")
+    secret.chmod(0o600)
+    text = ""
+    for res, nodes in (("r0", ("m1", "m2")), ("r1", ("b1", "b2"))):
+        text += f'[resource.{res}]\nsecret-file = "{secret}"\n'
+        for n in nodes:
+            text += (f'[resource.{res}.on.{n}]\naddress = "127.0.0.1:{_free_port()}"\n'
+                     f'device = "{tmp}/{n}.img"\nmeta-dir = "{tmp}/{n}"\n')
+    text += (f'[group.g]\nresources = ["r0", "r1"]\nsecret-file = "{secret}"\n'
+             f'tls = true\ntls-ca = "{pki["ca"].cert}"\n')
+    for n in ("m1", "m2", "b1", "b2"):
+        cert = pki[n].cert if n in pki else tmp / f"{n}-absent.pem"
+        key = pki[n].key if n in pki else tmp / f"{n}-absent.key"
+        if n == "b1" and b1_cert is not None:
+            cert = b1_cert
+        text += (f'[group.g.on.{n}]\naddress = "127.0.0.1:{_free_port()}"\n'
+                 f'tls-cert = "{cert}"\ntls-key = "{key}"\n')
+    return parse_config(text, str(tmp / "duplex.toml")).group("g")
+
+
+def _side(group, resource: str, node: str):
+    from replicator.group.side import GroupSide
+
+    class Side(GroupSide):
+        SIDE = "secondary"
+        OTHER = "primary"
+
+        def __init__(self) -> None:
+            super().__init__(group, resource, node, ["m1", "m2"])
+            self.up = threading.Event()
+
+        def _on_link(self, link) -> None:
+            self.up.set()
+
+        def _on_message(self, link, msg) -> None:
+            pass
+
+        def _on_close(self, link, why) -> None:
+            self.up.clear()
+
+    return Side()
+
+
+def test_group_sides_join_over_tls_from_the_group_table(pki, tmp_path):
+    # side.py hands the group's tls keys to the channel: the master listens
+    # in TLS, the member dials it in TLS.
+    group = _group_config(pki, tmp_path)
+    master, member = _side(group, "r0", "m1"), _side(group, "r1", "b1")
+    master.start()
+    try:
+        member.start()
+        try:
+            assert member.up.wait(20), f"the member never joined: {member._client.last_error}"
+            assert master.up.wait(20), "the master never saw the member"
+            from replicator.tls import TlsSocket
+            assert isinstance(member._client.link.sock, TlsSocket)
+            assert all(isinstance(link.sock, TlsSocket) for link in master._server.links)
+            assert master._server.links
+        finally:
+            member.stop()
+    finally:
+        master.stop()
+
+
+def test_a_group_member_with_a_missing_certificate_cannot_join_naming_the_key(pki, tmp_path):
+    from replicator.group.side import GroupStartError
+
+    group = _group_config(pki, tmp_path, b1_cert=str(tmp_path / "gone.pem"))
+    member = _side(group, "r1", "b1")
+    with pytest.raises(GroupStartError) as e:
+        member.start()
+    assert f"group.g.on.b1.tls-cert: {tmp_path}/gone.pem does not exist" in str(e.value)
