@@ -31,6 +31,7 @@ from replicator.secondary import snapshot
 from replicator.secondary.applier import pwrite_all, zero_range
 from replicator.metadata import DISK_INCONSISTENT, DISK_UPTODATE
 from replicator.secondary.pending import StreamError
+from replicator.protocol.errors import ProtocolError
 from replicator.protocol.messages import IncrBegin, IncrCommit, IncrData, IncrZero
 
 log = logging.getLogger("duplex.secondary")
@@ -54,6 +55,29 @@ class Increment:
 
 class IncrementReceiver:
     """Increments, for the Secondary daemon (see the module docstring)."""
+
+    def _hold_while_failed(self, link, ev: IncrBegin) -> None:
+        """Reader thread, before an increment begins: while the disk is
+        Failed, hold it. A failing image cannot take a catch-up: written in
+        place it would tear the image with nothing to write it again from.
+        Holding (not reading on) stops the primary through TCP, and it
+        keeps its bitmap; the ACKs still carry the reason. Closing the link
+        instead would only make the primary reconnect and offer it again
+        at once. Ends when applying works again (the applier's retries
+        clear the failure), or raises ProtocolError when the link or the node
+        goes away first."""
+        if not self.apply_error:
+            return
+        log.warning("%s: increment %d waits: the disk is Failed (%s)", self.resource.name,
+                    ev.incr_id, self.apply_error)
+        while self.apply_error:
+            if not link.alive() or not self.receiving or self._stop.is_set():
+                raise ProtocolError(f"increment {ev.incr_id} not taken: the disk is Failed: "
+                                    f"{self.apply_error}")
+            self._apply_wake.set()
+            self._stop.wait(0.2)
+        log.info("%s: increment %d goes on: applying works again", self.resource.name,
+                 ev.incr_id)
 
     def _on_incr_begin(self, ev: IncrBegin) -> None:
         with self._lock:

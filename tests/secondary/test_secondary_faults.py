@@ -551,13 +551,14 @@ def test_verify_on_the_secondary_says_where_verify_runs(running):
                              "sides from the primary: run `duplex verify r0` on alpha")
 
 
-# -- a failed fdatasync of the image: only a restart recovers ------------------
+# -- a failed fdatasync of the image: the journal writes it again -------------
 
-def test_a_failed_image_fdatasync_frees_no_journal_and_asks_for_a_restart(beta, monkeypatch):
+def test_a_failed_image_fdatasync_frees_no_journal_and_writes_the_records_again(beta, monkeypatch):
     """After fdatasync of the image failed, the kernel may have dropped the
     pages it could not write, and the next fdatasync would not say so:
     nothing is checkpointed any more (the journal keeps every record since
-    the last good one), and the node says that only a restart recovers."""
+    the last good one), and once the device answers, a retry writes every
+    one of them again from the journal before anything is checkpointed."""
     sec, link, _mnt = beta
     real = os.fdatasync
     failing = [True]
@@ -567,25 +568,34 @@ def test_a_failed_image_fdatasync_frees_no_journal_and_asks_for_a_restart(beta, 
             raise OSError(5, "Input/output error")
         return real(fd)
     monkeypatch.setattr(os, "fdatasync", fdatasync)
-    hist = _history()[:6]
-    _feed(sec, hist)
+    hist = _history()
+    _feed(sec, hist[:6])
     st = _wait(lambda: _failed(sec), "disk Failed after the fdatasync error")
     assert st["apply"]["error"] == (
         f"fdatasync of image {sec.node.device} failed: Input/output error; the journal keeps "
-        f"every record since seq 0: restart the secondary (systemctl restart duplex@r0) to "
-        f"apply them again"), st["apply"]
-    assert sec.restart_needed == st["apply"]["error"]
-    failing[0] = False  # the device answers again: that proves nothing about the lost pages
-    _feed(sec, _history()[6:8])
+        f"every record since seq 0, and each retry writes them all again"), st["apply"]
+    assert sec.restart_needed == ""  # the journal has every record: no restart
+    assert any(a[2] == "Failed" and "each retry" in a[3] for a in link.acks)
+    sec.retry_apply()  # still failing: a retry proves nothing, and frees nothing
     time.sleep(0.5)
-    assert sec.journal.applied_seq == 0  # no checkpoint: a restart re-applies 1..8
+    assert sec.journal.applied_seq == 0
     assert sec.status()["disk"] == "Failed"
-    assert any(a[2] == "Failed" and "restart" in a[3] for a in link.acks)
+    # The pages the kernel could not write are gone: the image lost them.
+    os.pwrite(sec.fd, bytes(6 * REC), 0)
+    _feed(sec, hist[6:8])
+    failing[0] = False  # the device answers again
+    sec.retry_apply()
+    _wait(lambda: sec.journal.applied_seq >= 8 and sec.status()["disk"] != "Failed",
+          "the records written again and checkpointed")
+    want = prefix_images(SIZE, [(r.token, r.raw) for r in hist])[8]
+    img = _image(sec)
+    assert img[:8 * REC] == want[:8 * REC], first_diff(img[:8 * REC], want[:8 * REC])
 
 
 def test_up_exits_non_zero_when_only_a_restart_recovers(running, monkeypatch):
     """`duplex up` on the secondary exits 1 (systemd: Restart=on-failure)
-    once the image's fdatasync failed."""
+    once the image's fdatasync failed while an increment was written in
+    place (its data is in no journal to write again from)."""
     import signal
     import threading as th
 
@@ -595,7 +605,12 @@ def test_up_exits_non_zero_when_only_a_restart_recovers(running, monkeypatch):
     monkeypatch.setattr(Secondary, "open", classmethod(lambda cls, *a, **k: sec))
     cfg = load_config(sec.resource.config_path)
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    timer = th.Timer(1.0, lambda: sec._sync_failed(OSError(5, "Input/output error")))
+    from replicator.secondary.increments import Increment
+
+    def fail_in_place():
+        sec.incr = Increment(1, 0, False)  # an increment being written in place
+        sec._sync_failed(OSError(5, "Input/output error"))
+    timer = th.Timer(1.0, fail_in_place)
     # Bounded: a node that does not stop by itself gets SIGTERM (and exits 0).
     guard = th.Timer(15.0, lambda: os.kill(os.getpid(), signal.SIGTERM))
     timer.start()
