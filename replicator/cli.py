@@ -438,6 +438,10 @@ def cmd_connect(args: argparse.Namespace, ctx: Context) -> int:
             reply = request(node.meta_dir, "connect", resource=resource.name)
         except DuplexError:  # not running, or a primary (no such request there)
             reply = {}
+        if reply.get("reconnecting"):  # after `duplex disconnect` (DESIGN §7)
+            print(f"{resource.name}: node {node.name} connects to its peer again (it was "
+                  f"disconnected by the admin)")
+            return 0
         if reply.get("apply_retried"):
             print(f"{resource.name}: retrying the failed apply now (it failed: "
                   f"{reply.get('apply_error')}); `duplex status {resource.name}` shows "
@@ -464,6 +468,107 @@ def cmd_connect(args: argparse.Namespace, ctx: Context) -> int:
         where = "the metadata (applies at the next `duplex up`)"
     print(f"{resource.name}: node {node.name} will discard its own changes and resync from "
           f"its peer at the next handshake (set in {where})")
+    return 0
+
+
+def _admin_request(args: argparse.Namespace, ctx: Context, cmd: str, timeout: float = 10.0,
+                   **kw) -> tuple[Resource, Node, dict]:
+    """Send an admin command (DESIGN §7) to this node's running daemon;
+    a stopped node is named as such."""
+    from replicator.control import NotRunningError, request
+
+    resource, node = ctx.resolve(args.resource)
+    try:
+        return resource, node, request(node.meta_dir, cmd, resource=resource.name,
+                                       timeout=timeout, **kw)
+    except NotRunningError:
+        raise DuplexError(f"{resource.name} is not running on node {node.name}: `duplex "
+                          f"{cmd}` acts on a running node (start it with `duplex up "
+                          f"{resource.name}`)") from None
+
+
+def cmd_disconnect(args: argparse.Namespace, ctx: Context) -> int:
+    """StandAlone on purpose until `duplex connect` (not kept across down/up)."""
+    _, _, reply = _admin_request(args, ctx, "disconnect")
+    print(reply["message"])
+    return 0
+
+
+def cmd_invalidate(args: argparse.Namespace, ctx: Context) -> int:
+    """Discard this secondary's data: a full sync from the primary follows."""
+    resource, node, _ = _admin_request(args, ctx, "invalidate")
+    print(f"{resource.name}: node {node.name}'s data is invalidated (disk Inconsistent): a "
+          f"full sync from its peer follows; `duplex status {resource.name}` shows it")
+    return 0
+
+
+def cmd_invalidate_remote(args: argparse.Namespace, ctx: Context) -> int:
+    """On the primary: discard the peer's data, a full sync to it."""
+    resource, node, reply = _admin_request(args, ctx, "invalidate-remote")
+    print(f"{resource.name}: the data of {reply['peer']} is invalidated: every track "
+          f"({format_size(reply['out_of_sync_bytes'])}) is sent to it again")
+    return 0
+
+
+def cmd_pause_sync(args: argparse.Namespace, ctx: Context) -> int:
+    """On the primary: no increment goes out until resume-sync."""
+    resource, node, reply = _admin_request(args, ctx, "pause-sync")
+    print(f"{resource.name}: sync paused (by the admin) on node {node.name} (replication "
+          f"{reply['replication']}); `duplex resume-sync {resource.name}` resumes it")
+    return 0
+
+
+def cmd_resume_sync(args: argparse.Namespace, ctx: Context) -> int:
+    """On the primary: the paused sync goes on."""
+    resource, node, reply = _admin_request(args, ctx, "resume-sync")
+    print(f"{resource.name}: sync resumed on node {node.name} (replication "
+          f"{reply['replication']})")
+    return 0
+
+
+def cmd_outdate(args: argparse.Namespace, ctx: Context) -> int:
+    """On a secondary: mark its data Outdated (promote then needs --force);
+    running through its daemon, stopped in its metadata."""
+    from replicator.control import NodeLock, NotRunningError, request
+    from replicator.metadata import ROLE_PRIMARY, load_metadata
+
+    resource, node = ctx.resolve(args.resource)
+    try:
+        request(node.meta_dir, "outdate", resource=resource.name)
+        where = "the running secondary"
+    except NotRunningError:
+        # Owning the node, so no `up` starts from the metadata half-changed.
+        with NodeLock(node.meta_dir, resource.name, hint="try again"):
+            md = load_metadata(node.meta_dir, resource.name, node.name)
+            if md.role == ROLE_PRIMARY:
+                raise DuplexError(f"{resource.name}: node {node.name} is Primary: its data is "
+                                  f"the newest there is; outdate marks a Secondary's") from None
+            with md.update():
+                md.outdated = True
+        where = "its metadata (the node is stopped)"
+    print(f"{resource.name}: node {node.name}'s data is Outdated (set in {where}): `duplex "
+          f"promote {resource.name}` refuses it without --force until it has caught up with "
+          f"its primary")
+    return 0
+
+
+def cmd_secondary(args: argparse.Namespace, ctx: Context) -> int:
+    """Planned switchover on the running primary: drain the peer, hand over
+    cleanly (it learns the last seq), become Secondary."""
+    from replicator.control import NotRunningError, request
+
+    resource, node = ctx.resolve(args.resource)
+    try:
+        reply = request(node.meta_dir, "secondary", resource=resource.name,
+                        timeout=args.timeout + 40, timeout_s=args.timeout)
+    except NotRunningError:
+        raise DuplexError(f"{resource.name} is not running on node {node.name}: a stopped "
+                          f"Primary is made Secondary with `duplex demote {resource.name}` "
+                          f"(it then resyncs from its peer)") from None
+    print(f"{resource.name}: node {node.name} handed over to {reply['peer']} at seq "
+          f"{reply['handed_over_at']} (a clean stop: {reply['peer']} has applied every write) "
+          f"and is now Secondary")
+    print(f"  next: `duplex promote {resource.name}` on {reply['peer']} (nothing is lost)")
     return 0
 
 
@@ -554,6 +659,42 @@ def build_parser() -> argparse.ArgumentParser:
                          "connection to go before refusing (default: the resource's "
                          "ping-timeout; a primary that died behind a cut link is declared "
                          "gone then); 0 refuses at once")
+
+    sp = command("primary", cmd_promote,
+                 "make this node Primary (DRBD's verb): the same as promote; `primary --force` "
+                 "makes the first Primary of a fresh pair (both started Secondary), whose "
+                 "data then counts: the peer gets a full sync")
+    sp.add_argument("resource", metavar="RES|GROUP")
+    sp.add_argument("--force", action="store_true",
+                    help="as promote --force (a fresh pair: this node's data counts)")
+    sp.add_argument("--json", action="store_true", help="print the result as JSON")
+    sp.add_argument("--timeout", metavar="SECONDS", type=_positive_float, default=60.0,
+                    help="as promote --timeout (default 60)")
+    sp.add_argument("--wait", metavar="SECONDS", type=_non_negative_float, default=None,
+                    help="as promote --wait")
+
+    sp = command("secondary", cmd_secondary,
+                 "planned switchover on the running primary: drain the peer, hand over "
+                 "cleanly, become Secondary (then `duplex promote RES` on the peer)")
+    sp.add_argument("resource", metavar="RES")
+    sp.add_argument("--timeout", metavar="SECONDS", type=_positive_float, default=60.0,
+                    help="give up (and stay Primary) when the peer has not applied every "
+                         "write within this long (default 60)")
+
+    for name, func, text in (
+            ("disconnect", cmd_disconnect,
+             "StandAlone on purpose (a primary keeps its writes in the bitmap) until "
+             "`duplex connect RES`"),
+            ("invalidate", cmd_invalidate,
+             "on a secondary: discard this node's data, a full sync from the primary"),
+            ("invalidate-remote", cmd_invalidate_remote,
+             "on the primary: discard the peer's data, a full sync to it"),
+            ("pause-sync", cmd_pause_sync, "on the primary: pause a catch-up or initial sync"),
+            ("resume-sync", cmd_resume_sync, "on the primary: resume a paused sync"),
+            ("outdate", cmd_outdate,
+             "on a secondary: mark its data Outdated (promote refuses it without --force)")):
+        sp = command(name, func, text)
+        sp.add_argument("resource", metavar="RES")
 
     sp = command("down", cmd_down,
                  "stop this node's running `duplex up RES` cleanly (as systemctl stop does)")

@@ -62,7 +62,7 @@ from replicator.native.core import CoreError
 from replicator.errors import DuplexError
 from replicator.fileio import atomic_write
 from replicator.secondary.lossreport import LossReport, build_loss_report
-from replicator.metadata import (DISK_INCONSISTENT, DISK_OUTDATED, DISK_UPTODATE, ROLE_PRIMARY,
+from replicator.metadata import (DISK_CONSISTENT, DISK_INCONSISTENT, DISK_OUTDATED, DISK_UPTODATE, ROLE_PRIMARY,
                                  ROLE_SECONDARY, Metadata, MetaPaths, load_metadata, new_uuid)
 from replicator.secondary.pending import LossView
 
@@ -153,6 +153,9 @@ class Promotion:
 
 def _inconsistency(md: Metadata) -> str | None:
     """Why this node's image is no valid copy, or None when it is one."""
+    if md.invalidated:
+        return ("its data was invalidated by the admin (`duplex invalidate`) and the full "
+                "sync from its peer has not completed")
     if md.needs_initial_sync:
         return ("its initial sync never finished (it was created without --assume-clean "
                 "and has not been fully synced since), so its image is not the primary's "
@@ -162,11 +165,15 @@ def _inconsistency(md: Metadata) -> str | None:
     if md.disk == DISK_OUTDATED:
         return ("its disk is Outdated: it was demoted and has not resynced from its peer "
                 "since, so the peer holds newer data")
+    if md.outdated:
+        return ("its data was marked Outdated by the admin (`duplex outdate`) and it has not "
+                "caught up with its primary since, so the peer may hold newer data")
     return None
 
 
 def _state_word(md: Metadata) -> str:
-    return DISK_OUTDATED if md.disk == DISK_OUTDATED and not md.needs_initial_sync \
+    return DISK_OUTDATED if ((md.disk == DISK_OUTDATED or md.outdated)
+                             and not md.needs_initial_sync and not md.invalidated) \
         else DISK_INCONSISTENT
 
 
@@ -245,6 +252,13 @@ def _become_primary(md: Metadata, resource: Resource, node: Node, view: LossView
     """Write the loss report, then commit the new generation and role."""
     report = build_loss_report(view, resource=resource.name, created_ns=time.time_ns(),
                                volume_names=_volume_names(md), group=group)
+    if (md.clean_stop_seq is not None and not report.lost
+            and report.consistent_through_seq == md.clean_stop_seq
+            and view.last_token_seq <= md.clean_stop_seq):
+        # A planned switchover: the primary said it wrote nothing after
+        # this seq (DESIGN §7), so the image holds every write there is.
+        report = report.with_clean_stop(md.clean_stop_seq,
+                                        resource.peer_of(node.name).name)
     path = MetaPaths(node.meta_dir).loss_report
     was_invalid = _inconsistency(md) is not None
     _reset_bitmap(md, all_dirty=was_invalid)
@@ -258,6 +272,9 @@ def _become_primary(md: Metadata, resource: Resource, node: Node, view: LossView
         md.seq_hwm = max(md.seq_hwm, view.last_token_seq, view.applied_through)
         md.role = ROLE_PRIMARY
         md.disk = DISK_UPTODATE
+        md.clean_stop_seq = None
+        md.outdated = False
+        md.invalidated = False
         if was_invalid:
             md.needs_initial_sync = True  # as primary: the peer needs a full sync
     log.info("%s: promoted to Primary: consistent through seq %d, %d writes known lost, "
@@ -575,6 +592,27 @@ def _relay_progress(node: Node, resource: Resource, done: threading.Event,
         if line and line != said and not done.is_set():
             said = line
             progress(line)
+
+
+def demote_handed_over(md: Metadata, resource: Resource) -> None:
+    """A running Primary that handed over cleanly (``duplex secondary``,
+    replicator/primary/admin.py): role Secondary, disk **Consistent** (it
+    holds exactly what its peer holds: every write was applied there), the
+    generations and the (empty) OOS bitmap kept. The journal starts over
+    first, as in :func:`demote`: what it holds belongs to a history before
+    this node was primary."""
+    from replicator.secondary.journal import Journal, JournalError
+
+    try:
+        Journal.create(str(md.paths.journal), bytes.fromhex(md.node_uuid),
+                       resource.journal_size, overwrite=True).close()
+    except JournalError as e:
+        raise PromoteError(f"{resource.name}: handed over, but cannot start the journal "
+                           f"over: {e}") from None
+    with md.update():
+        md.role = ROLE_SECONDARY
+        md.disk = DISK_CONSISTENT
+    log.info("%s: handed over: now Secondary (Consistent)", resource.name)
 
 
 def demote(config: Config, resource: Resource, node: Node) -> Metadata:

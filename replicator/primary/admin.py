@@ -33,6 +33,7 @@ import os
 import signal
 import threading
 import time
+from typing import Callable
 from replicator.errors import DuplexError
 from replicator.metadata import ROLE_SECONDARY
 from replicator.primary import states
@@ -51,13 +52,23 @@ class AdminRefused(DuplexError):
 class PrimaryAdmin:
     """The admin commands of one running primary engine."""
 
-    def __init__(self, engine):
-        """*engine*: the running primary.Engine (its shipper, core, OOS
-        bitmap, metadata, node and resource)."""
-        self.engine = engine
-        self.name = engine.resource.name
-        self.node = engine.node.name
-        self.peer = engine.peer.name
+    def __init__(self, resource, node, peer_name: str, md, core, oos, shipper, size: int,
+                 group_name: Callable[[], str | None] = lambda: None):
+        """The engine's narrow collaborators: *resource*, this *node*, the
+        peer's name, the metadata, the core, the OOS bitmap, the shipper,
+        the logical size; *group_name* says which consistency group the
+        resource is in now (None: none)."""
+        self.res = resource
+        self.node_cfg = node
+        self.md = md
+        self.core = core
+        self.oos = oos
+        self.shipper = shipper
+        self.size = size
+        self.group_name = group_name
+        self.name = resource.name
+        self.node = node.name
+        self.peer = peer_name
         self.fenced = False  # a switchover: writes fail with EROFS
         self._switch_lock = threading.Lock()
 
@@ -74,7 +85,7 @@ class PrimaryAdmin:
 
     def disconnect(self, resource: str | None = None) -> dict:
         """``duplex disconnect``: StandAlone until ``duplex connect``."""
-        sh = self.engine.shipper
+        sh = self.shipper
         if sh.states.disconnected:
             raise AdminRefused(f"{self.name}: node {self.node} is already disconnected by the "
                                f"admin; `duplex connect {self.name}` reconnects it")
@@ -94,7 +105,7 @@ class PrimaryAdmin:
                                f"source; make it Secondary first (`duplex secondary "
                                f"{self.name}`, or stop it and `duplex demote {self.name}`)")
         return {"resource": self.name, "node": self.node,
-                "reconnecting": self.engine.shipper.admin_connect()}
+                "reconnecting": self.shipper.admin_connect()}
 
     # -- syncs -------------------------------------------------------------------
 
@@ -108,8 +119,7 @@ class PrimaryAdmin:
     def invalidate_remote(self, resource: str | None = None) -> dict:
         """``duplex invalidate-remote``: the peer's data is discarded, every
         track is sent to it again (a full sync, in increments)."""
-        eng = self.engine
-        s = eng.shipper.states
+        s = self.shipper.states
         if s.connection != states.CONNECTED:
             raise AdminRefused(
                 f"{self.name}: cannot invalidate the peer's data: {self.peer} is not connected "
@@ -118,18 +128,18 @@ class PrimaryAdmin:
             raise AdminRefused(f"{self.name}: a switchover is under way")
         # No release may clear a bit between setting and the catch-up's
         # drop of the ring: every track must go, written to lately or not.
-        eng.core.clear_on_release = False
-        eng.oos.set_range(0, eng.size)
-        eng.oos.sync()
-        eng.shipper.request_resync("invalidate-remote: the admin discarded the peer's data "
+        self.core.clear_on_release = False
+        self.oos.set_range(0, self.size)
+        self.oos.sync()
+        self.shipper.request_resync("invalidate-remote: the admin discarded the peer's data "
                                    "(full sync)")
         log.warning("%s: invalidate-remote: every track of %s is resent", self.name, self.peer)
         return {"resource": self.name, "node": self.node, "peer": self.peer,
-                "out_of_sync_bytes": eng.oos.dirty_bytes(eng.size)}
+                "out_of_sync_bytes": self.oos.dirty_bytes(self.size)}
 
     def pause_sync(self, resource: str | None = None) -> dict:
         """``duplex pause-sync``: no increment goes out until resume-sync."""
-        sh = self.engine.shipper
+        sh = self.shipper
         if sh.states.sync_paused:
             raise AdminRefused(f"{self.name}: the sync is already paused (by the admin); "
                                f"`duplex resume-sync {self.name}` resumes it")
@@ -140,7 +150,7 @@ class PrimaryAdmin:
 
     def resume_sync(self, resource: str | None = None) -> dict:
         """``duplex resume-sync``."""
-        sh = self.engine.shipper
+        sh = self.shipper
         if not sh.states.sync_paused:
             raise AdminRefused(f"{self.name}: the sync is not paused; nothing to resume")
         sh.pause_sync(False)
@@ -165,15 +175,15 @@ class PrimaryAdmin:
 
     def _clients(self) -> list[int]:
         from replicator.exportuse import export_clients
-        return export_clients(os.getpid(), self.engine.node)
+        return export_clients(os.getpid(), self.node_cfg)
 
     def _refuse_unless_ready(self) -> None:
-        eng = self.engine
-        if eng.group is not None:
+        group = self.group_name()
+        if group is not None:
             raise AdminRefused(f"{self.name}: a member of consistency group "
-                               f"{eng.group.group.name}: a switchover of one member is not "
+                               f"{group}: a switchover of one member is not "
                                f"supported; stop it (`duplex down {self.name}`) instead")
-        s = eng.shipper.states
+        s = self.shipper.states
         if s.disconnected:
             raise AdminRefused(f"{self.name}: node {self.node} is disconnected by the admin: "
                                f"`duplex connect {self.name}` first; a switchover hands over "
@@ -185,7 +195,7 @@ class PrimaryAdmin:
                 f"streaming (connection {s.connection}, replication {s.replication}: {why}), "
                 f"so it lacks writes a promotion there would lose; wait until `duplex status "
                 f"{self.name}` shows Established")
-        peer_disk = eng.shipper.snapshot()["peer_disk"]
+        peer_disk = self.shipper.snapshot()["peer_disk"]
         if peer_disk not in ("UpToDate", "Consistent"):
             raise AdminRefused(f"{self.name}: cannot hand over to {self.peer}: its disk is "
                                f"{peer_disk}")
@@ -193,7 +203,7 @@ class PrimaryAdmin:
         if clients:
             raise AdminRefused(
                 f"{self.name}: {len(clients)} NBD client connection(s) to the export "
-                f"{eng.node.export_uri()} are open: a switchover would cut off a writer; "
+                f"{self.node_cfg.export_uri()} are open: a switchover would cut off a writer; "
                 f"unmount the filesystem and `duplex detach {self.name}` first")
 
     def secondary(self, timeout_s: float = 60.0, resource: str | None = None) -> dict:
@@ -214,7 +224,7 @@ class PrimaryAdmin:
                     raise AdminRefused(f"{self.name}: an NBD client connected meanwhile: "
                                        f"detach it and try again")
                 last = self._drain(float(timeout_s))
-                if not self.engine.shipper.hand_over(last, min(30.0, float(timeout_s))):
+                if not self.shipper.hand_over(last, min(30.0, float(timeout_s))):
                     raise AdminRefused(f"{self.name}: {self.peer} did not confirm the clean "
                                        f"stop at seq {last}; node {self.node} stays Primary")
             except BaseException:
@@ -235,20 +245,19 @@ class PrimaryAdmin:
     def _drain(self, timeout: float) -> int:
         """Flush, then wait until the peer journaled and applied every seq
         and no track is out of sync. Returns the last seq."""
-        eng = self.engine
-        eng.core.flush()  # every write durable here; the peer syncs its image at it
-        last = eng.core.next_seq - 1
+        self.core.flush()  # every write durable here; the peer syncs its image at it
+        last = self.core.next_seq - 1
         deadline = time.monotonic() + timeout
         while True:
-            snap = eng.shipper.snapshot()
-            s = eng.shipper.states
+            snap = self.shipper.snapshot()
+            s = self.shipper.states
             if s.connection != states.CONNECTED or s.replication != states.ESTABLISHED:
                 raise AdminRefused(f"{self.name}: the link to {self.peer} changed during the "
                                    f"switchover ({s.connection}, {s.replication}: {s.reason}); "
                                    f"node {self.node} stays Primary")
-            oos = eng.oos.count()
+            oos = self.oos.count()
             if (snap["journaled"] >= last and snap["applied"] >= last and oos == 0
-                    and eng.core.ring_stats.get("records", 0) == 0):
+                    and self.core.ring_stats.get("records", 0) == 0):
                 return last
             if time.monotonic() > deadline:
                 raise AdminRefused(
@@ -262,4 +271,4 @@ class PrimaryAdmin:
         """Role Secondary, disk Consistent (promote.demote_handed_over)."""
         from replicator.promote import demote_handed_over
 
-        demote_handed_over(self.engine.md, self.engine.resource)
+        demote_handed_over(self.md, self.res)

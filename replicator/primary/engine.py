@@ -107,7 +107,9 @@ class Engine:
                                      name="primary")
         # disconnect, connect, invalidate-remote, pause/resume-sync, the
         # switchover `secondary` (DESIGN §7): replicator/primary/admin.py.
-        self.admin = PrimaryAdmin(self)
+        self.admin = PrimaryAdmin(resource, node, peer.name, md, core, oos, self.shipper,
+                                  self.size, group_name=lambda: (
+                                      self.group.group.name if self.group is not None else None))
         self.admin.register(self.control)
         # `duplex events` (DESIGN §14): the status, and the verify result,
         # diffed every 50 ms; the handlers run from the same stream.

@@ -178,6 +178,10 @@ EVENTS: tuple[type[Event], ...] = (LinkFailed, Refused, SplitBrainFound, Attache
                                    ResyncNeeded, SyncStart, CaughtUp, Stopped, AdminDisconnect,
                                    AdminConnect, SyncPaused, SyncResumed)
 
+#: What a session reports; ignored once the admin disconnected (see step).
+SESSION_EVENTS: tuple[type[Event], ...] = (LinkFailed, Attached, StreamStart, SyncStart,
+                                           CaughtUp)
+
 #: The words status shows for the admin's own states (DESIGN §7).
 DISCONNECTED_BY_ADMIN = "disconnected by the admin"
 SYNC_PAUSED_BY_ADMIN = "sync paused (by the admin)"
@@ -272,6 +276,10 @@ class PrimaryStates:
 
     def step(self, event: Event) -> "PrimaryStates":
         """The states after *event*; StateError if a machine does not allow it."""
+        if self.disconnected and isinstance(event, SESSION_EVENTS):
+            # The session the admin disconnected is still ending (the
+            # sender looks between steps): what it reports changes nothing.
+            return self
         conn = _move(CONNECTION, self.connection, event)
         repl = _move(REPLICATION, self.replication, event)
         error, reason = self.error, self.resync_reason

@@ -29,14 +29,14 @@ Threads and locks: the handlers run on control-socket client threads, the
 hooks on the daemon's reader, applier and handshake threads. ``disconnected``
 is a bool read by the listener; ``_outdated_until`` and ``_invalid_until``
 (seqs, or None) are written at a handshake and read after applies; each is
-one reference, swapped whole. Metadata changes go through ``md.update()``
+one reference, swapped whole. A STOP is answered on a supervised thread of
+its own (``duplex-clean-stop``), which waits for the applier. Metadata changes go through ``md.update()``
 (its own lock). Nothing here takes the daemon's ``_lock`` except through
 its methods.
 """
 from __future__ import annotations
 
 import logging
-import threading
 
 from replicator.errors import DuplexError
 from replicator.metadata import DISK_INCONSISTENT
@@ -241,8 +241,7 @@ class SecondaryAdmin:
     def on_stop(self, link, ev: Stop) -> None:
         """The reader thread got the primary's STOP: apply, record and echo
         it on a thread of its own (applying needs the reader free)."""
-        threading.Thread(target=self._clean_stop, args=(link, ev), daemon=True,
-                         name="duplex-clean-stop").start()
+        self.sec.sup.spawn("duplex-clean-stop", lambda: self._clean_stop(link, ev))
 
     def _clean_stop(self, link, ev: Stop) -> None:
         sec = self.sec

@@ -215,7 +215,9 @@ class IncrementReceiver:
                 self._lock.notify_all()
         finally:
             self.runs_done += 1
-        if self.md.needs_initial_sync or self.md.disk != DISK_UPTODATE:
+        self.admin.increment_applied(inc.base)  # may end an invalidate's full sync
+        if (self.md.needs_initial_sync or self.md.disk != DISK_UPTODATE) \
+                and not self.md.invalidated:  # an invalidated image waits for its full sync
             with self.md.update():
                 self.md.needs_initial_sync = False
                 self.md.disk = DISK_UPTODATE

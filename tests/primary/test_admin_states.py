@@ -46,3 +46,12 @@ def test_pause_and_resume_only_set_the_flag_status_shows():
     assert lost.sync_paused and lost.replication == st.AHEAD
     r = lost.step(st.SyncResumed())
     assert not r.sync_paused and st.SYNC_PAUSED_BY_ADMIN not in r.reason
+
+
+def test_a_session_still_ending_after_a_disconnect_changes_nothing():
+    s = st.PrimaryStates.initial("x").step(st.Attached()).step(st.AdminDisconnect())
+    for ev in (st.SyncStart(), st.CaughtUp(), st.StreamStart(), st.Attached(),
+               st.LinkFailed("closed by us")):
+        assert s.step(ev) == s, ev
+    assert (s.connection, s.replication, s.error) == (st.STANDALONE, st.AHEAD,
+                                                      st.DISCONNECTED_BY_ADMIN)
