@@ -251,7 +251,9 @@ def hosts(netns_pair: NetnsPair, tmp_path: Path) -> Iterator[dict[str, Container
             c = Container(name, root, ns, tmp_path / f"{name}-nspawn.log", extra_binds=[
                 f"--bind-ro={REPO}:{CHECKOUT_IN_CONTAINER}",
                 f"--bind={root / 'usr-local'}:/usr/local",
-                f"--bind={venv}:/usr/local/lib/duplex"])
+                f"--bind={venv}:/usr/local/lib/duplex",
+                # attach: nbdfuse and losetup (the kernel here may have no nbd)
+                *(f"--bind={d}" for d in _attach_devices())])
             out[name] = c
             c.boot()
         for c in out.values():
@@ -259,7 +261,30 @@ def hosts(netns_pair: NetnsPair, tmp_path: Path) -> Iterator[dict[str, Container
         yield out
     finally:
         for c in out.values():
-            c.shutdown()
+            c.shutdown()  # systemd stops the units: unmount, detach, the server
+            _release_loop(c.root)
+
+
+def _attach_devices() -> list[str]:
+    """The device nodes `duplex attach` needs inside a container (its /dev
+    is a tmpfs without udev): FUSE, loop-control and the loop devices."""
+    return ["/dev/fuse", "/dev/loop-control",
+            *sorted(str(p) for p in Path("/dev").glob("loop[0-9]*"))]
+
+
+def _release_loop(root: Path) -> None:
+    """A loop device the attach of a failed run left (its backing file was
+    in the container's /run, gone with it): detached here."""
+    record = root / "var/lib/duplex/r0/attach.json"
+    try:
+        device = json.loads(record.read_text()).get("device", "")
+    except (OSError, ValueError):
+        return
+    if device.startswith("/dev/loop"):
+        r = subprocess.run(["losetup", "--noheadings", "-O", "BACK-FILE", device],
+                           capture_output=True, text=True)
+        if "/run/duplex/" in r.stdout:
+            subprocess.run(["losetup", "-d", device], capture_output=True)
 
 
 def _status(c: Container) -> dict:
@@ -313,6 +338,10 @@ def test_unit_replicates_and_restarts_as_primary_after_promote_under_real_system
     # The primary goes (a clean stop); the secondary is promoted while its
     # unit runs: it exits 75 and systemd starts it again, as Primary.
     alpha.run("systemctl", "stop", "duplex@r0")
+    # The attach unit, enabled on the Secondary: skipped there (no export).
+    beta.run("systemctl", "enable", "--now", "duplex-attach@r0", check=False)
+    u = beta.unit("duplex-attach@r0.service", "ActiveState", "Result")
+    assert (u["ActiveState"], u["Result"]) == ("inactive", "exec-condition"), u
     before = int(beta.unit("duplex@r0.service", "NRestarts")["NRestarts"])
     _wait(lambda: _status(beta)["connection"] != "Connected", "beta seeing alpha gone")
     r = beta.run("duplex", "promote", "r0", "--wait", "30")
@@ -331,6 +360,37 @@ def test_unit_replicates_and_restarts_as_primary_after_promote_under_real_system
     out = beta.run("nbdsh", "-u", "nbd+unix:///?socket=/run/duplex/r0.nbd", "-c",
                    f"import sys; sys.stdout.buffer.write(h.pread({len(data)}, 4 << 20).hex().encode())")
     assert bytes.fromhex(out.stdout) == data, "the promoted export does not serve the write"
+
+    # The restart pulled in the attach unit (WantedBy=duplex@%i): the
+    # Primary's export is a block device now.
+    _wait(lambda: beta.unit("duplex-attach@r0.service", "ActiveState")["ActiveState"]
+          == "active", "duplex-attach@r0 active after the restart as Primary")
+    device = json.loads((beta.root / "var/lib/duplex/r0/attach.json").read_text())["device"]
+    # A file system on it, mounted by a unit ordered after the attach, as
+    # the attach unit's header shows; then stopping the server stops the
+    # mount first, then the attach, then the server.
+    beta.run("mkfs.ext4", "-q", device)
+    (beta.root / "etc/systemd/system/mnt-dpx.mount").write_text(
+        "[Unit]\nRequires=duplex-attach@r0.service\nAfter=duplex-attach@r0.service\n"
+        f"[Mount]\nWhat={device}\nWhere=/mnt/dpx\nType=ext4\n")
+    beta.run("systemctl", "daemon-reload")
+    beta.run("systemctl", "start", "mnt-dpx.mount", timeout=60)
+    beta.run("sh", "-c", "echo on-the-replica > /mnt/dpx/f && sync")
+    cursor = beta.run("journalctl", "--show-cursor", "-n", "0", "--quiet").stdout
+    cursor = cursor.strip().rpartition("cursor: ")[2]
+    beta.run("systemctl", "stop", "duplex@r0", timeout=180)
+    for unit in ("mnt-dpx.mount", "duplex-attach@r0.service", "duplex@r0.service"):
+        assert beta.unit(unit, "ActiveState")["ActiveState"] == "inactive", unit
+    stops = [(rec.get("UNIT"), rec.get("MESSAGE", ""))
+             for rec in _journal(beta, f"--after-cursor={cursor}", "_PID=1")
+             if rec.get("UNIT") and rec.get("MESSAGE", "").startswith(("Stopped", "Unmounted"))]
+    order = [u for u, _ in stops]
+    assert order.index("mnt-dpx.mount") < order.index("duplex-attach@r0.service") \
+        < order.index("duplex@r0.service"), stops
+    waited = [rec.get("MESSAGE", "") for rec in _journal(beta, f"--after-cursor={cursor}",
+                                                          "DUPLEX_RESOURCE=r0")
+              if "/mnt/dpx" in rec.get("MESSAGE", "")]
+    assert not waited, f"the server waited for the mounted device: {waited}"
 
     # The journal: the node's lines carry the resource and node as fields,
     # from `duplex up` (both roles) and from the plugin inside nbdkit.
