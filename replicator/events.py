@@ -125,6 +125,7 @@ FIELDS: tuple[Field, ...] = (
     Field("resource", "congestion", _get(("congestion",))),       # primary: none|blocked|pulled-ahead
     Field("connection", "connection", _get(("connection",))),
     Field("connection", "protocol", _get(("protocol",))),
+    Field("connection", "protocol-in-force", _get(("protocol_effective",))),  # A while degraded
     Field("connection", "last-error", _get(("last_error",))),
     Field("device", "disk", _get(("disk",))),
     Field("peer-device", "replication", _get(("replication",))),

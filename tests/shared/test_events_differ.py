@@ -71,6 +71,9 @@ def test_fields_a_snapshot_lacks_are_left_out_and_appear_when_it_has_them():
     assert ex[1] == "exists connection name:r0 peer-node-id:beta connection:Connected protocol:A"
     assert _lines(diff_events(with_c, _snap(congestion="blocked", protocol="A"), 0.0)) == [
         "change resource name:r0 congestion:blocked"]
+    c = _snap(protocol="C", protocol_effective="C")
+    assert _lines(diff_events(c, _snap(protocol="C", protocol_effective="A"), 0.0)) == [
+        "change connection name:r0 peer-node-id:beta protocol-in-force:A"]
 
 
 def test_the_table_names_every_object_it_reports():
