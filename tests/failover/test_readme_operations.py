@@ -83,6 +83,9 @@ RUN_BY: dict[str, tuple[str, str, str]] = {
     "scripts/failover r0 --no-fence": (
         "tests/failover/test_failover_dryrun.py::test_dry_run_announces_what_the_run_does_and_then_that_it_would_skip_every_step",
         "tests/failover/test_failover_dryrun.py", 'run_failover(lab, "--no-fence")'),
+    "scripts/failover r0 --dry-run": (
+        "tests/failover/test_failover_dryrun.py::test_dry_run_announces_what_the_run_does_and_then_that_it_would_skip_every_step",
+        "tests/failover/test_failover_dryrun.py", 'run_failover(lab, "--dry-run")'),
     "duplex demote r0": (
         "tests/e2e/test_generations.py", "tests/e2e/test_generations.py", '"demote", RESOURCE'),
     "duplex down r0": (
