@@ -8,6 +8,7 @@
 #   make test     the whole test suite (PYTEST_ARGS="tests/infra -k netns" to narrow it)
 #   make unit     the tests that need no root, namespaces, devices or nbdkit, in seconds (no setup)
 #   make bench    benchmarks, one table measured in one run (BENCH=native|replication|all)
+#   make install  this host, for systemd: scripts/install (/usr/local/bin/duplex, the units)
 
 SHELL := /bin/bash
 PY := .venv/bin/python
@@ -18,7 +19,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 PYTEST_ARGS ?=
 BENCH ?= all
 
-.PHONY: setup demo demo-volumes demo-groups test unit bench
+.PHONY: setup demo demo-volumes demo-groups test unit bench install
 
 setup:
 	@scripts/setup
@@ -58,3 +59,8 @@ unit:
 
 bench: setup
 	$(PY) scripts/bench $(BENCH)
+
+# A venv with a copy of the project under /usr/local/lib/duplex, the
+# console script at /usr/local/bin/duplex, the units in /etc/systemd/system.
+install:
+	@scripts/install
