@@ -427,8 +427,9 @@ def cmd_verify(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_connect(args: argparse.Namespace, ctx: Context) -> int:
-    """Resolve a refused connection: with --discard-my-data this node (the
-    loser of a split brain) gives up its changes and resyncs from its peer."""
+    """Reconnect a node the admin disconnected (DESIGN §7); resolve a refused
+    connection: with --discard-my-data this node (the loser of a split
+    brain) gives up its changes and resyncs from its peer."""
     from replicator.control import NotRunningError, request
     from replicator.metadata import ROLE_PRIMARY, load_metadata
 
@@ -717,7 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="show the progress bar even when stderr is not a terminal")
 
     sp = command("connect", cmd_connect,
-                 "resolve a refused connection (split brain) on the losing node")
+                 "reconnect after `duplex disconnect`; with --discard-my-data, resolve a "
+                 "split brain on the losing node")
     sp.add_argument("resource", metavar="RES")
     sp.add_argument("--discard-my-data", action="store_true",
                     help="give up this node's changes and resync from the peer")
