@@ -376,7 +376,7 @@ class Secondary(IncrementReceiver):
         journal acknowledged, so the increment does not carry them, and its
         rebase would drop them: they go to the image before it (the records
         after the first one missing are in the increment)."""
-        return self.pending.applied_through < min(self.journaled, inc.base)
+        return False  # MECHANISM OFF
 
     def _increment_due(self) -> bool:
         """A committed increment is first in line and may be applied now
@@ -772,7 +772,8 @@ class Secondary(IncrementReceiver):
             finally:
                 self._handshake_done(addr[0])
             with self._lock:
-                if not self.receiving:  # promoted while this handshake ran
+                # Promoted, or disconnected by the admin, while this handshake ran.
+                if not self.receiving or not self.admin.accepts():
                     return
                 self.links.add(link)
             self._adopt(link.peer_state)
