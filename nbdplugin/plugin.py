@@ -89,6 +89,7 @@ def thread_model() -> int:
     # calls (GIL hand-offs); the shipper still runs while the C call has
     # the GIL released.  threads=parallel lets benchmarks compare.
     if _params.get("threads") == "parallel":
+        threadstate.enabled = False  # worker threads end unpinned: see threadstate
         return nbdkit.THREAD_MODEL_PARALLEL
     return nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS
 

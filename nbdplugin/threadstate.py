@@ -22,21 +22,36 @@ _release = ctypes.pythonapi.PyGILState_Release
 _release.argtypes = [ctypes.c_int]
 
 MAX_PINNED = 256  # a bound, in case some thread never sees its close()
+# Off under nbdkit's parallel thread model: there requests run on worker
+# threads that end with their connection (never calling close()), so their
+# pins would only leak; the plugin turns it off.
+enabled = True
 
-# thread ident -> what PyGILState_Ensure returned. Not threading.local:
-# that lives in the thread state, which is what is being kept alive.
+# thread ident -> what PyGILState_Ensure returned (for the tests and the
+# bound). Whether *this* thread holds a pin is in _local: a thread ident is
+# reused once its thread has ended, so a stale entry under it must never be
+# taken for the new thread's own (releasing another thread's state crashes
+# the interpreter). threading.local lives in the thread state, which lives
+# exactly as long as the pin does: a thread without one sees nothing there.
 _pinned: dict[int, int] = {}
+_local = threading.local()
 
 
 def pin() -> None:
     """Keep this thread's Python thread state until unpin()."""
-    tid = threading.get_ident()
-    if tid not in _pinned and len(_pinned) < MAX_PINNED:
-        _pinned[tid] = _ensure()
+    if not enabled or getattr(_local, "state", None) is not None:
+        return
+    if len(_pinned) < MAX_PINNED:
+        state = _ensure()
+        _local.state = state
+        _pinned[threading.get_ident()] = state
 
 
 def unpin() -> None:
     """Let this thread's state go when the current callback returns."""
-    state = _pinned.pop(threading.get_ident(), None)
-    if state is not None:
-        _release(state)
+    state = getattr(_local, "state", None)
+    if state is None:
+        return
+    _local.state = None
+    _pinned.pop(threading.get_ident(), None)
+    _release(state)

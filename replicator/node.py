@@ -300,8 +300,10 @@ def nbdkit_command(config: Config, resource: Resource, node: Node,
             f"config={config.path}", f"resource={resource.name}", f"node={node.name}"]
     if history:
         argv.append(f"history={history}")
-    if not threads and (resource.modes.waits_for or resource.modes.on_congestion == "block"):
-        # Writes that wait (for the peer, for room) must wait side by side:
+    modes = resource.modes
+    if not threads and (modes.waits_for or modes.on_congestion == "block"
+                        or modes.max_lag_s is not None):
+        # Writes that wait (for the peer, for room, max-lag) must wait side by side:
         # serialised, each would wait alone (no group commit) and hold up
         # every read and every new connection meanwhile.
         threads = "parallel"

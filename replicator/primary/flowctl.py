@@ -14,8 +14,11 @@ ending holds the next catch-up back, for twice as long each time (from
 ``HOLD_MIN_S`` up to ``HOLD_MAX_S``); a pair that streams for
 ``FLAP_WINDOW_S`` without one starts again from nothing.
 
-Threads and locks: the sender thread calls :meth:`FlowControl.apply`,
-:meth:`tick` and :meth:`catch_up_hold`; link reader threads call
+Threads and locks: the sender thread calls :meth:`FlowControl.apply` and
+:meth:`catch_up_hold`; the controller's own thread ("duplex-flow",
+supervised, only with max-lag or block) calls :meth:`tick` every
+``TICK_S`` (the sender may sit in one C call for a whole span on a slow
+link, too long to steer by); link reader threads call
 :meth:`on_journaled` and :meth:`on_received`; nbdkit request threads (an
 overflow) and the control thread (status) call :meth:`pulled_ahead` and
 :meth:`snapshot`. ``FlowControl._lock`` guards every field; it is a leaf
@@ -41,6 +44,8 @@ HOLD_MAX_S = 8.0
 # max-lag: the controller's steps (a writer is never held longer than this)
 MAX_DELAY_S = 0.02
 DELAY_STEP_S = 0.0005
+TICK_S = 0.01  # the controller's thread looks this often
+THREAD_NAME = "duplex-flow"
 
 #: the replication word -> the phase the flow policy depends on
 PHASE_OF: dict[str, str] = {
@@ -73,14 +78,25 @@ def policy(modes: Modes, replication: str) -> tuple[FlowPolicy, str | None]:
 
 
 def next_delay(delay_s: float, lag_s: float | None, max_lag_s: float) -> float:
-    """One step of the max-lag controller (every few ms): add a little delay
-    while the lag is over half the bound (twice as much over the bound),
-    halve it while the lag is under a quarter. None lag: nothing sampled."""
+    """One step of the max-lag controller (every TICK_S): over half the
+    bound add a step, over the bound double (a burst must be caught within
+    a few ticks); under a quarter halve it. None lag: nothing queued."""
     if lag_s is None or lag_s < max_lag_s / 4:
         return 0.0 if delay_s < DELAY_STEP_S else delay_s / 2
+    if lag_s > max_lag_s:
+        return min(MAX_DELAY_S, 2 * delay_s + DELAY_STEP_S)
     if lag_s > max_lag_s / 2:
-        return min(MAX_DELAY_S, delay_s + DELAY_STEP_S * (2 if lag_s > max_lag_s else 1))
+        return min(MAX_DELAY_S, delay_s + DELAY_STEP_S)
     return delay_s
+
+
+def predicted_lag(queued: int, drain_rate: float) -> float | None:
+    """How old the newest queued write will be when it is applied: the
+    bytes queued for the peer over the rate the peer takes them (the age of
+    the oldest one only shows a burst once it is already late)."""
+    if queued <= 0:
+        return None
+    return queued / drain_rate if drain_rate > 0 else float("inf")
 
 
 class FlowControl:
@@ -105,6 +121,9 @@ class FlowControl:
         self._caught_up_at: float | None = None
         self._hold_until = 0.0
         self._timeouts_seen = 0
+        # The controller thread's: the peer's drain rate (bytes/s, EWMA).
+        self._rate = 0.0
+        self._last: tuple[float, int, int] | None = None  # (t, bytes written, ring bytes)
 
     # -- policy -----------------------------------------------------------
 
@@ -180,7 +199,19 @@ class FlowControl:
         with self._lock:
             return max(0.0, self._hold_until - self._clock())
 
-    # -- max-lag (sender thread) ------------------------------------------
+    # -- max-lag (the controller's thread) --------------------------------
+
+    def start(self, supervisor, lag_s: Callable[[], float | None],
+              stopping: threading.Event) -> None:
+        """Run :meth:`tick` every TICK_S in a supervised thread until
+        *stopping*, when there is something to steer (max-lag, block)."""
+        if self.modes.max_lag_s is None and self.modes.on_congestion != "block":
+            return
+
+        def loop() -> None:
+            while not stopping.wait(TICK_S):
+                self.tick(lag_s)
+        supervisor.spawn(THREAD_NAME, loop, restart=True, backoff=(0.1, 5.0))
 
     def tick(self, lag_s: Callable[[], float | None]) -> None:
         """Every look of the sender: run the max-lag controller (while
@@ -197,13 +228,31 @@ class FlowControl:
             if self.modes.max_lag_s is None or self._replication != st.ESTABLISHED \
                     or self._stopped:
                 return
-        delay = next_delay(self._delay, lag_s(), self.modes.max_lag_s)
+        delay = next_delay(self._delay, self._lag(lag_s), self.modes.max_lag_s)
         with self._lock:
             if delay != self._delay and not self._stopped \
                     and self._replication == st.ESTABLISHED:
                 self._delay = delay
                 self._policy = self._policy._replace(delay_s=delay)
                 self.core.set_flow(self._policy)
+
+    def _lag(self, lag_s: Callable[[], float | None]) -> float | None:
+        """The larger of the oldest unapplied write's age and the lag the
+        queue predicts at the peer's measured drain rate."""
+        now = self._clock()
+        written, queued = self.core.stats["bytes_written"], self.core.ring_stats.get("bytes", 0)
+        if self._last is not None and now > self._last[0]:
+            t0, w0, q0 = self._last
+            drained = max(0, (written - w0) - (queued - q0))
+            rate = drained / (now - t0)
+            self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
+        self._last = (now, written, queued)
+        seen = lag_s()
+        ahead = predicted_lag(queued, self._rate) if self._rate or queued else None
+        if ahead is not None and self._rate == 0 and seen is not None and seen < self.modes.max_lag_s:
+            ahead = None  # no rate measured yet: trust what is seen
+        lags = [x for x in (seen, ahead) if x is not None]
+        return max(lags) if lags else None
 
     # -- status -----------------------------------------------------------
 

@@ -8,8 +8,9 @@ Streaming runs in C (``Core.ship``, native/ship.c) with the GIL released:
 the nbdkit request threads then have the GIL to themselves, which is what
 the write path's speed depends on. The sender's Python loop only looks in
 every RETURN_AFTER seconds (release what was journaled, ping, stop, catch
-up after an overflow). A TLS link cannot be written from C: for it the
-same loop runs in Python (:meth:`Shipper._ship_python`, DESIGN §9).
+up after an overflow). A TLS or compressing link cannot be written from
+C: for it the same loop runs in Python (:meth:`Shipper._ship_python`,
+DESIGN §9).
 
 Batching (DESIGN §3): a span is whatever the ring holds, up to
 ``batch-bytes``; it goes out when that much is queued or ``batch-interval``
@@ -198,6 +199,7 @@ class Shipper:
         """Start the sender thread, supervised: restarted with backoff if it raises."""
         self._thread = self._sup.spawn(THREAD_NAME, self._run, restart=True,
                                        backoff=(BACKOFF_MAX / 4, 30.0))
+        self.flow.start(self._sup, lambda: self.snapshot()["lag_seconds"], self._stopping)
 
     def stop(self, drain_timeout: float) -> bool:
         """Ask the sender to drain what the peer has not journaled, for at
@@ -214,7 +216,7 @@ class Shipper:
                 log.warning("%s: the peer does not read; giving up the drain", self.res.name)
                 self.core.abort_ship()
                 for one in list(self._links):  # a TLS link's Python sender: shut its socket
-                    if getattr(one, "tls", False):
+                    if getattr(one, "python_send", False):
                         one.failed("streaming aborted: stopping")
                 self._thread.join(5)
             if self._thread.is_alive():
@@ -407,6 +409,8 @@ class Shipper:
                 secret = self.res.secret()
                 tls = (self.res.tls_context(self.node_name, server=False)
                        if getattr(self.res, "tls", False) else None)  # (a test's resource)
+                if getattr(self.res, "compression", "none") != "none":
+                    self.res.compressor()  # a missing codec package: named, as the secret
             except ConfigError as e:
                 self._event(st.Refused(f"{e}"))
                 self._log_once(logging.ERROR, f"cannot connect to {self.peer.name}: {e}")
@@ -472,6 +476,9 @@ class Shipper:
     def _connect(self, secret: bytes, tls=None) -> PeerLink:
         # TLS (DESIGN §9): the peer's certificate must name the peer node.
         extra = {"tls": tls, "tls_peer": self.peer.name} if tls is not None else {}
+        # Compression (DESIGN §9): a compressor per connection; the peer needs no setting.
+        if getattr(self.res, "compression", "none") != "none":
+            extra["compressor"] = self.res.compressor()
         link = self._connect_link(self.peer.address, role="primary", resource=self.res.name,
                                   node=self.node_name, secret=secret,
                                   local_state=local_primary_state(self.md, self.core,
@@ -509,11 +516,18 @@ class Shipper:
             for t in tracks:
                 self.oos.set_bit(t)
             self.oos.sync()
-            log.warning("%s: peer %s brought %d out-of-sync tracks of its own (writes that "
-                        "never reached this node); they will be resent", self.res.name,
-                        link.peer_name, len(tracks))
+            if ps.disk == "Inconsistent" and not ps.flags & STATE_DISCARD_MY_DATA:
+                # `duplex invalidate` there (DESIGN §7): not an old primary's writes
+                log.warning("%s: peer %s was invalidated by the admin: all %d tracks are "
+                            "resent", self.res.name, link.peer_name, len(tracks))
+                why = "the peer's data was invalidated by the admin (full sync)"
+            else:
+                log.warning("%s: peer %s brought %d out-of-sync tracks of its own (writes "
+                            "that never reached this node); they will be resent",
+                            self.res.name, link.peer_name, len(tracks))
+                why = "the peer's own unshipped writes are overwritten"
             if tracks:
-                self._resync("the peer's own unshipped writes are overwritten")
+                self._resync(why)
         if md.bitmap_uuid is not None or md.peer_node_uuid is None:
             with md.update():
                 md.bitmap_uuid = None  # the peer takes our generation now
@@ -711,8 +725,6 @@ class Shipper:
                 self._queued.clear()
                 self._catch_up(link)
                 continue
-            if self.res.modes.max_lag_s is not None or self.res.modes.on_congestion == "block":
-                self.flow.tick(lambda: self.snapshot()["lag_seconds"])
             if self._handover_at is not None and self._hand_over(link):
                 return
             stopping = self._stopping.is_set()
@@ -727,8 +739,8 @@ class Shipper:
             # A frame never exceeds what the peer accepts (the largest
             # record, 32 MiB, is below the smallest limit).
             batch = min(self.res.batch_bytes, *(one.conn.max_frame for one in links))
-            if any(getattr(one, "tls", False) for one in links):
-                # The C loop cannot write into TLS: the same loop in Python.
+            if any(getattr(one, "python_send", False) for one in links):
+                # The C loop cannot write into TLS, nor compress: the same loop in Python.
                 res = self._ship_python(links, 0.0 if stopping else interval, batch)
             else:
                 with ExitStack() as held:

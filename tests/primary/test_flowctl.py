@@ -17,7 +17,9 @@ class FakeCore:
     def __init__(self):
         self.policies: list[FlowPolicy] = []
         self.durable = 0
-        self.stats = {"room_timeouts": 0, "room_waiting": 0, "room_wait_s": 0.0,
+        self.stats = {"bytes_written": 0}
+        self.ring_stats = {"bytes": 0}
+        self.fstats = {"room_timeouts": 0, "room_waiting": 0, "room_wait_s": 0.0,
                       "peer_waits": 0, "peer_wait_s": 0.0, "peer_waiting": 0,
                       "room_waits": 0, "delays": 0}
 
@@ -28,7 +30,7 @@ class FakeCore:
         self.durable = max(self.durable, seq)
 
     def flow_stats(self) -> dict:
-        return dict(self.stats)
+        return dict(self.fstats)
 
 
 class Clock:
@@ -129,7 +131,7 @@ def test_an_overflow_while_away_is_not_congestion():
 def test_blocked_writers_show_as_congestion_blocked():
     core = FakeCore()
     fc = FlowControl(core, C_DEGRADE, "r0")
-    core.stats.update(room_waiting=2, room_wait_s=1.5)
+    core.fstats.update(room_waiting=2, room_wait_s=1.5)
     snap = fc.snapshot()
     assert snap["congestion"] == "blocked" and snap["congestion_blocked_seconds"] == 1.5
 
@@ -137,10 +139,10 @@ def test_blocked_writers_show_as_congestion_blocked():
 def test_max_lag_controller_adds_delay_over_half_the_bound_and_takes_it_back():
     d = 0.0
     for _ in range(10):
-        d = next_delay(d, 0.08, 0.1)  # over half of 100 ms
+        d = next_delay(d, 0.08, 0.1)  # over half of 100 ms: a step each time
     assert d == pytest.approx(10 * flowctl.DELAY_STEP_S)
-    d2 = next_delay(d, 0.2, 0.1)  # over the bound: twice the step
-    assert d2 == pytest.approx(d + 2 * flowctl.DELAY_STEP_S)
+    d2 = next_delay(d, 0.2, 0.1)  # over the bound: doubled (a burst is caught fast)
+    assert d2 == pytest.approx(2 * d + flowctl.DELAY_STEP_S)
     assert next_delay(d, 0.03, 0.1) == d  # between a quarter and a half: hold
     assert next_delay(d, 0.01, 0.1) == d / 2  # under a quarter: halve
     assert next_delay(flowctl.DELAY_STEP_S / 2, None, 0.1) == 0.0
@@ -155,9 +157,32 @@ def test_tick_drives_the_core_delay_only_while_streaming():
     fc.apply(st.ESTABLISHED)
     for _ in range(4):
         fc.tick(lambda: 0.5)
-    assert core.policies[-1].delay_s == pytest.approx(4 * 2 * flowctl.DELAY_STEP_S)
+    assert core.policies[-1].delay_s == pytest.approx(15 * flowctl.DELAY_STEP_S)  # 1, 3, 7, 15
     fc.apply(st.AHEAD)
     assert core.policies[-1].delay_s == 0.0
     n = len(core.policies)
     fc.tick(lambda: 0.5)
     assert len(core.policies) == n  # not streaming: no throttle
+
+
+def test_a_burst_is_seen_from_the_queue_before_it_is_late():
+    """The oldest unapplied write is still young when a burst lands; the
+    queue over the peer's drain rate says how late the newest will be."""
+    clock = Clock()
+    core = FakeCore()
+    fc = FlowControl(core, Modes(max_lag_s=0.1), "r0", clock=clock)
+    fc.apply(st.ESTABLISHED)
+    for _ in range(5):  # steady: 1 MB/s written, 1 MB/s drained, 10 kB queued
+        clock.t += 0.01
+        core.stats["bytes_written"] += 10_000
+        core.ring_stats["bytes"] = 10_000
+        fc.tick(lambda: 0.01)
+    assert core.policies[-1].delay_s == 0.0
+    clock.t += 0.01
+    core.stats["bytes_written"] += 2_000_000  # a 2 MB burst: 2 s at that rate
+    core.ring_stats["bytes"] = 2_000_000
+    fc.tick(lambda: 0.01)  # the oldest is 10 ms old: only the queue shows it
+    assert core.policies[-1].delay_s > 0.0
+    assert flowctl.predicted_lag(0, 1e6) is None
+    assert flowctl.predicted_lag(1_000_000, 1e6) == 1.0
+    assert flowctl.predicted_lag(1, 0.0) == float("inf")
