@@ -334,6 +334,7 @@ class EventSource:
         self._listeners: list[Listener] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._snap_error: str | None = None  # the last snapshot failure logged (watcher's)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -369,8 +370,12 @@ class EventSource:
         try:
             snap = with_lag_flag(self._snapshot(), self.lag_threshold)
         except Exception as e:  # a status that cannot be read now; next tick
-            log.debug("events: snapshot failed: %s", e)
+            if str(e) != self._snap_error:  # said once, not 20 times a second
+                log.warning("events: cannot read the status (%s: %s); retrying",
+                            type(e).__name__, e)
+                self._snap_error = str(e)
             return []
+        self._snap_error = None
         with self._lock:
             prev, self._last = self._last, snap
             events = [] if prev is None else diff_events(prev, snap, self._clock())
