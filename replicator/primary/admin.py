@@ -126,6 +126,12 @@ class PrimaryAdmin:
                 f"({s.connection}{': ' + s.error if s.error else ''}); connect it first")
         if self.fenced:
             raise AdminRefused(f"{self.name}: a switchover is under way")
+        if s.replication == states.SYNC_SOURCE:
+            # Its last increment turns clearing on release back on, which
+            # could clear tracks marked here before the next sync sent them.
+            raise AdminRefused(f"{self.name}: a sync to {self.peer} is under way; run "
+                               f"invalidate-remote again once `duplex status {self.name}` "
+                               f"shows it finished")
         # No release may clear a bit between setting and the catch-up's
         # drop of the ring: every track must go, written to lately or not.
         self.core.clear_on_release = False
