@@ -80,6 +80,7 @@ log = logging.getLogger("duplex.shipper")
 _SEQ_TS = struct.Struct("<QQ")
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 2.0
+SHORT_SESSION = 1.0  # a session that ended sooner backs the next attempt off
 REFUSED_RETRY = 5.0
 CONFIG_RETRY = 1.0   # a bad secret file is re-read this often: fixing it fixes the node
 PING_INTERVAL = 1.0
@@ -437,9 +438,9 @@ class Shipper:
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
-            backoff = BACKOFF_MIN
             self._links = links
             refused = False
+            began = time.monotonic()
             try:
                 self._session(links[0])
             except RefusedError as e:
@@ -461,6 +462,13 @@ class Shipper:
                 self._links = []
             if refused:
                 self._stopping.wait(REFUSED_RETRY)
+            elif time.monotonic() - began < SHORT_SESSION:
+                # A peer that closes every session at once (a protocol error,
+                # a disk it cannot write) is not retried a hundred times a second.
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            else:
+                backoff = BACKOFF_MIN
         self._event(st.Stopped())
 
     def _refused(self, e: RefusedError) -> None:
