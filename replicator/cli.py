@@ -17,6 +17,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -775,7 +776,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         ctx = Context(config=load_config(args.config), node_name=args.node)
-        return args.func(args, ctx)
+        rc = args.func(args, ctx)
+        global _DAEMON_RAN
+        _DAEMON_RAN = args.command == "up"
+        return rc
     except DuplexError as e:
         print(f"duplex: error: {e}", file=sys.stderr)
         return 1
@@ -797,5 +801,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+_DAEMON_RAN = False  # main() ran `up` to its end
+
+
+def entry() -> None:
+    """The process entry point (console script, ``python -m``): main(),
+    then, after ``up``, an exit that skips the interpreter's teardown. The
+    daemon has stopped and saved everything by then; the teardown frees
+    objects in no set order, and a received frame's buffer still lent to
+    the C pending queue crashed it (SIGSEGV after a clean stop: an exit
+    status systemd reads as a failure)."""
+    rc = main()
+    if _DAEMON_RAN:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()
