@@ -134,8 +134,17 @@ def test_invalidate_on_the_secondary_resyncs_every_track_from_the_primary(make_l
     _corrupt(lab.image["beta"], 3 << 20, 256 << 10)
     assert not _same_images(lab)  # nothing else would repair it
 
+    lab.duplex("alpha", "pause-sync", RESOURCE)  # hold the full sync: look at beta first
     r = lab.duplex("beta", "invalidate", RESOURCE)
     assert "full sync" in r.stdout, r.stdout
+    assert load_metadata(lab.meta["beta"], RESOURCE).invalidated  # persisted
+    lab.wait(lambda: lab.control("alpha")["out_of_sync_bytes"] == lab.size,
+             "alpha to mark every track out of sync")
+    assert lab.control("beta")["disk"] == "Inconsistent"
+    assert "the peer's data was invalidated by the admin" in lab.control("alpha")["reason"]
+    err = _refused(lab, "beta", "promote", RESOURCE, "--wait", "0")  # gone until the sync ends
+    assert "invalidated" in err and "--force" in err, err
+    lab.duplex("alpha", "resume-sync", RESOURCE)
     lab.wait(lambda: _drained(lab) and not load_metadata(lab.meta["beta"], RESOURCE).invalidated,
              "the full sync after invalidate")
     assert _same_images(lab)
