@@ -134,6 +134,34 @@ def status_metrics(st: dict) -> Iterator:
         c.add_metric([name], ring.get("drops") or 0)
         yield c
 
+    flow = st.get("flow")
+    if flow is not None:  # the primary's replication mode (DESIGN §3, Modes)
+        g = _gauge("duplex_protocol_in_force", "1 for the protocol writes wait for now "
+                   "(A while B or C is degraded)", ["name", "protocol", "configured"])
+        for p in ("A", "B", "C"):
+            g.add_metric([name, p, st.get("protocol") or "A"],
+                         1 if st.get("protocol_effective") == p else 0)
+        yield g
+        g = _gauge("duplex_congestion", "1 for the congestion state now", ["name", "state"])
+        for word in ("none", "blocked", "pulled-ahead"):
+            g.add_metric([name, word], 1 if st.get("congestion") == word else 0)
+        yield g
+        c = CounterMetricFamily("duplex_congestion_blocked_seconds", "time writers spent "
+                                "waiting for room in the send ring (on-congestion block)",
+                                labels=["name"])
+        c.add_metric([name], st.get("congestion_blocked_seconds") or 0)
+        yield c
+        c = CounterMetricFamily("duplex_peer_wait_seconds", "time writers spent waiting for "
+                                "the peer (protocol B, C)", labels=["name"])
+        c.add_metric([name], flow.get("peer_wait_seconds") or 0)
+        yield c
+        c = CounterMetricFamily("duplex_pull_aheads", "times congestion made the pair go "
+                                "Ahead", labels=["name"])
+        c.add_metric([name], flow.get("pull_aheads") or 0)
+        yield c
+        yield _one("duplex_max_lag_delay_seconds", "the max-lag sleep each write takes now",
+                   name, (flow.get("max_lag_delay_ms") or 0) / 1000)
+
     sync = st.get("sync") or {}
     g = _gauge("duplex_resync_remaining_bytes", "bytes a catch-up or initial sync still has "
                "to send", ["name"])
