@@ -33,6 +33,7 @@ The wire protocol, sans-IO (``protocol/``, DESIGN §9):
     protocol.compat       can two STATEs replicate one resource
     protocol.connection   the Connection tying them together, for either role
     protocol.errors       ProtocolError, FrameError, LocalProtocolError, ErrorCode
+    protocol.compression  compressed DATA / INCR_DATA payloads: zstd, lz4, bounded decoding
 
 The C core's Python face (``native/``, the only code that touches cffi):
     native.ffi            the compiled module's handle, error classes, shared helpers

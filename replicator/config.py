@@ -32,6 +32,8 @@ Schema (defaults shown; only ``secret-file`` and the node's ``address``,
     fence-command = "..."       # optional, run by scripts/failover
     tls = false                 # true: the link runs in TLS, mutual certificates (DESIGN §9)
     tls-ca = "/etc/duplex/ca.pem"       # with tls: the CA that signs both nodes' certificates
+    compression = "none"        # DATA and increment frames: "zstd", "lz4" or "none"
+    compression-level = 3       # optional: zstd 1..19 (3), lz4 0..16 (0: fast mode)
 
     [resource.r0.on.alpha]      # exactly two node tables
     address = "10.0.0.1:7789"   # replication endpoint: IPv4:port, [IPv6]:port, name:port
@@ -239,6 +241,8 @@ class Resource:
     modes: Modes = Modes()         # protocol, on-disconnect, on-congestion, max-lag
     tls: bool = False              # the replication link runs inside TLS (DESIGN §9)
     tls_ca: str | None = None      # the CA that signs both nodes' certificates
+    compression: str = "none"      # DATA and INCR_DATA frames: "zstd", "lz4" or "none"
+    compression_level: int | None = None  # None: the codec's default
     handlers: Handlers = field(default_factory=Handlers)  # [resource.R.handlers]
     nodes: dict[str, Node] = field(default_factory=dict)
     config_path: str = DEFAULT_CONFIG_PATH
@@ -266,6 +270,18 @@ class Resource:
                                      f"{self.config_path}: resource.{self.name}",
                                      f"{self.config_path}: resource.{self.name}.on.{node_name}"),
                             server)
+
+    def compressor(self):
+        """A new compressor for one connection's sends (None with
+        compression = "none"); ConfigError naming the key when this host
+        lacks the codec's Python package."""
+        if self.compression == "none":
+            return None
+        from replicator.protocol.compression import Compressor, available
+        why = available(self.compression)
+        if why is not None:
+            raise ConfigError(f"{self.config_path}: resource.{self.name}.compression: {why}")
+        return Compressor(self.compression, self.compression_level)
 
     def node(self, name: str) -> Node:
         """The node called *name*; a clear error if the resource has none."""
@@ -535,7 +551,7 @@ _RESOURCE_KEYS = {
     "fence-command", "drain-timeout", "ping-interval", "ping-timeout", "auth-timeout",
     "protocol", "on-disconnect", "on-congestion", "congestion-fill", "congestion-timeout",
     "max-lag",
-    "on", "handlers", "tls", "tls-ca",
+    "on", "handlers", "tls", "tls-ca", "compression", "compression-level",
 }
 _HANDLER_KEYS = {*HANDLER_NAMES, "lag-exceeded-threshold", "handler-timeout"}
 _NODE_KEYS = {
@@ -686,6 +702,23 @@ def _parse_tls(c: _Checker, key: str, t: dict,
     return True, ca
 
 
+def _parse_compression(c: _Checker, key: str, t: dict) -> tuple[str, int | None]:
+    """``compression`` ("none", "zstd", "lz4") and ``compression-level``
+    (within the codec's range; only with a codec)."""
+    from replicator.protocol.compression import LEVELS
+
+    name = c.string(t, key, "compression", "none")
+    if name not in ("none", *LEVELS):
+        raise c.fail(f"{key}.compression", f"{name!r} is not one of none, zstd, lz4")
+    if "compression-level" not in t:
+        return name, None
+    if name == "none":
+        raise c.fail(f"{key}.compression-level", "is set but compression is \"none\" (set "
+                     "compression = \"zstd\" or \"lz4\", or remove it)")
+    lo, hi, _ = LEVELS[name]
+    return name, c.integer(t, key, "compression-level", 0, lo, hi)
+
+
 def _parse_resource(c: _Checker, name: str, table: Any) -> Resource:
     key = f"resource.{name}"
     if not _NAME.match(name):
@@ -751,6 +784,7 @@ def _parse_resource(c: _Checker, name: str, table: Any) -> Resource:
     _check_same_volumes(c, key, nodes)
     tls, tls_ca = _parse_tls(c, key, t, {n: (nd.tls_cert, nd.tls_key)
                                          for n, nd in nodes.items()})
+    compression, compression_level = _parse_compression(c, key, t)
     return Resource(
         name=name, secret_file=secret_file, track_size=track_size,
         ring_size=ring_size, journal_size=journal_size,
@@ -761,7 +795,7 @@ def _parse_resource(c: _Checker, name: str, table: Any) -> Resource:
         connections=connections, resync_rate=resync_rate,
         fence_command=fence_command, nodes=nodes, config_path=c.path, handlers=handlers,
         modes=modes,
-        tls=tls, tls_ca=tls_ca,
+        tls=tls, tls_ca=tls_ca, compression=compression, compression_level=compression_level,
     )
 
 

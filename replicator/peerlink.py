@@ -83,6 +83,9 @@ class PeerLink:
         self.conn = conn
         #: True when the link runs inside TLS (no C streaming: send_span)
         self.tls = isinstance(sock, _tls.TlsSocket)
+        #: the C streaming loop cannot write to this link (TLS, or frames
+        #: to compress): the shipper sends with send_span
+        self.python_send = self.tls or conn.compressor is not None
         self.on_event = on_event
         self.on_ack = on_ack
         self.on_idle = on_idle
@@ -123,12 +126,14 @@ class PeerLink:
                 on_ack: Callable[[int, int], None] | None = None,
                 on_event: Callable[["PeerLink", Message], None] | None = None,
                 timeout: float = HANDSHAKE_TIMEOUT, tls: ssl.SSLContext | None = None,
-                tls_peer: str | None = None) -> "PeerLink":
+                tls_peer: str | None = None, compressor=None) -> "PeerLink":
         """Connect to *address*, authenticate, exchange STATE. With *tls*
         (a client context), inside TLS, the peer's certificate naming
-        node *tls_peer*."""
+        node *tls_peer*. With *compressor* (protocol.compression), the
+        DATA and INCR_DATA frames we send go compressed."""
         sock = socket.create_connection(address, timeout=timeout)
         conn = Connection(role, resource, node, secret, allocate=uninit_buffer)
+        conn.compressor = compressor
         return cls._establish(sock, conn, lambda peer: local_state, on_event, on_ack, timeout,
                               tls=tls, tls_peer=tls_peer, server=False)
 
@@ -247,9 +252,11 @@ class PeerLink:
         """Hold this link's send lock and give its socket's fd, for the C
         shipping loop to write TOKENS and DATA frames straight to it (the
         connection must be established: checked here, as for send_data).
-        Not for a TLS link: the C loop would write plaintext into it."""
-        if self.tls:
-            raise LinkError("a TLS link has no raw socket for the C streaming loop")
+        Not for a TLS link (the C loop would write plaintext into it) nor
+        a compressing one (it writes frames as they are)."""
+        if self.python_send:
+            raise LinkError("a TLS or compressing link has no raw socket for the C "
+                            "streaming loop")
         if self._closed.is_set():
             raise LinkError(self.error or "connection closed")
         with self._send_lock:

@@ -28,9 +28,16 @@ image on tmpfs through three servers, one after the other, in this run:
       certificates (made for the run by ``openssl``), the shipper's Python
       sending path instead of the C streaming loop; "vs (c)" is the cost of
       TLS per write.
+  (cz), (cl) (c) with ``compression = "zstd"`` / ``"lz4"`` (their default
+      levels): the DATA and increment frames compressed, sent from Python
+      as for TLS. They run the random-data workloads (fio's default
+      buffers: incompressible, so the stored fallback) and the "text"
+      ones (fio's buffer_compress_percentage: compressible), which (c) runs
+      too for comparison.
 
 Workloads: 4 KiB random writes at iodepth 16, and 1 MiB sequential writes at
-iodepth 4. Reported per run: IOPS, MB/s, p99 latency (fio's total latency,
+iodepth 4; the same with compressible buffers ("text"), for (c), (cz), (cl)
+only. Reported per run: IOPS, MB/s, p99 latency (fio's total latency,
 submission to completion), IOPS ratios to (a) and (b), replication lag p50/p99
 when the target reports it, and the peak RSS (VmHWM) of each server process,
 read from /proc just before it is stopped. Progress goes to stderr; ``run``
@@ -66,7 +73,7 @@ from fixtures.processes import (ManagedProcess, ProcessGroup, cpu_seconds,  # no
 from bench_floor import CopyCosts, floor_mb_per_s, measure_copy_costs  # noqa: E402
 
 PASSTHROUGH_PLUGIN = REPO / "scripts" / "passthrough_plugin.py"
-TARGET_KEYS = ("a", "b", "p", "c", "ct", "cc", "c2")
+TARGET_KEYS = ("a", "b", "p", "c", "ct", "cz", "cl", "cc", "c2")
 THREAD_MODELS = ("serialize_all_requests", "serialize_requests", "parallel")
 MIN_LAG_SAMPLES = 5  # streaming status samples needed to report the lag
 
@@ -89,6 +96,8 @@ class Workload:
     #: Large sequential writes: bytes, not requests, are the cost, so the
     #: copy floor (bench_floor.py) applies.
     bulk: bool = False
+    #: Only these targets run it (None: every target).
+    targets: tuple[str, ...] | None = None
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -98,6 +107,16 @@ WORKLOADS: dict[str, Workload] = {
                  iodepth=16),
         Workload("seqwrite-1m", "1 MiB sequential write, iodepth 4",
                  ("--rw=write", "--bs=1M"), iodepth=4, bulk=True),
+        # Buffers fio fills to compress to about a third (zstd's and lz4's
+        # ratios differ): what compression on the wire is for.
+        Workload("randwrite-4k-text", "4 KiB random write, iodepth 16, compressible data",
+                 ("--rw=randwrite", "--bs=4k", "--norandommap", "--randrepeat=0",
+                  "--buffer_compress_percentage=66", "--buffer_compress_chunk=512",
+                  "--refill_buffers"), iodepth=16, targets=("c", "cz", "cl")),
+        Workload("seqwrite-1m-text", "1 MiB sequential write, iodepth 4, compressible data",
+                 ("--rw=write", "--bs=1M", "--buffer_compress_percentage=66",
+                  "--buffer_compress_chunk=512", "--refill_buffers"), iodepth=4, bulk=True,
+                 targets=("c", "cz", "cl")),
     )
 }
 
@@ -222,11 +241,15 @@ class DuplexTarget(Target):
     LAG_SAMPLE_SECONDS = 0.2
 
     def __init__(self, volumes: Sequence[str] = (), connections: int = 1,
-                 tls: bool = False) -> None:
+                 tls: bool = False, compression: str | None = None) -> None:
         self.volumes = list(volumes)
         self.connections = connections
         self.tls = tls
-        if tls:
+        self.compression = compression
+        if compression:
+            self.key = f"c{compression[0]}"
+            self.label = f"({self.key}) Duplex primary -> secondary, {compression}"
+        elif tls:
             self.key = "ct"
             self.label = "(ct) Duplex primary -> secondary, TLS"
         elif self.volumes:
@@ -269,6 +292,9 @@ class DuplexTarget(Target):
                                "al-extent-size": "4MiB", "al-extents": 1024})
             if self.tls:
                 self._tls_config(lab, workdir)
+            if self.compression:
+                lab.options["compression"] = self.compression
+                lab.write_config()
             lab.create_md(assume_clean=True)
             lab.start_secondary()
             lab.start_primary(history=False)
@@ -281,11 +307,18 @@ class DuplexTarget(Target):
             raise
         sampler = _LagSampler(lambda: lab.control("alpha"), self.LAG_SAMPLE_SECONDS)
         sampler.start()
+        wire = {"tx0": _tx_bytes(pair.ns_a)}
 
         def stop() -> None:
             try:
                 sampler.stop()
                 lab.wait_drained(timeout=300)
+                # Bytes the primary's veth sent for every byte written:
+                # frames, TCP/IP headers, and compression.
+                written = lab.control("alpha").get("written_bytes") or 0
+                tx = _tx_bytes(pair.ns_a)
+                if written and tx is not None and wire["tx0"] is not None:
+                    wire["per_written"] = (tx - wire["tx0"]) / written
             finally:
                 lab.stop()
                 lab.sock.unlink(missing_ok=True)
@@ -303,7 +336,14 @@ class DuplexTarget(Target):
                     for pid in (p.pid, *(c for c, _ in descendants(p.pid)))]
 
         uris = [lab.volume_uri(v) for v in self.volumes] or [lab.uri] * self.connections
-        return Running(uris, rss, stop, sampler.metrics, pids)
+
+        def metrics() -> dict[str, float]:
+            out = sampler.metrics()
+            if "per_written" in wire:
+                out["wire_per_written"] = wire["per_written"]
+            return out
+
+        return Running(uris, rss, stop, metrics, pids)
 
     @staticmethod
     def _tls_config(lab, workdir: Path) -> None:
@@ -319,6 +359,20 @@ class DuplexTarget(Target):
         for node in ("alpha", "beta"):
             cert = make_cert(pki, ca, node)
             lab.set_node_keys(node, tls_cert=str(cert.cert), tls_key=str(cert.key))
+
+
+def _tx_bytes(netns: str) -> int | None:
+    """Bytes sent so far by the veth in namespace *netns* (``ip -s``)."""
+    from fixtures.netns import IFNAME_A, IFNAME_B
+
+    r = subprocess.run(["ip", "-n", netns, "-s", "-j", "link", "show"], capture_output=True,
+                       text=True, timeout=10)
+    if r.returncode != 0:
+        return None
+    for link in json.loads(r.stdout):
+        if link.get("ifname") in (IFNAME_A, IFNAME_B):
+            return int(link["stats64"]["tx"]["bytes"])
+    return None
 
 
 class _LagSampler:
@@ -566,7 +620,8 @@ def build_table(results: Sequence[Result], options: argparse.Namespace,
     table = Table("Replication cost: fio nbd engine -> nbdkit, image on tmpfs",
                   ["target", ("IOPS", ">"), ("MB/s", ">"), ("p99 lat", ">"), ("CPUs", ">"),
                    ("vs (a)", ">"), ("vs (b)", ">"), ("vs (p)", ">"), ("vs (c)", ">"),
-                   ("vs (cc)", ">"), ("lag p50", ">"), ("lag p99", ">"), "peak RSS"])
+                   ("vs (cc)", ">"), ("wire", ">"), ("lag p50", ">"), ("lag p99", ">"),
+                   "peak RSS"])
     for workload in {r.workload.key: r.workload for r in results}.values():
         table.add_section(workload.label)
         rows = [r for r in results if r.workload.key == workload.key]
@@ -584,8 +639,11 @@ def build_table(results: Sequence[Result], options: argparse.Namespace,
                 ratio(r.iops, base.get("a")) if r.target_key != "a" else None,
                 ratio(r.iops, base.get("b")) if r.target_key.startswith("c") else None,
                 ratio(r.iops, base.get("p")) if r.target_key.startswith("c") else None,
-                ratio(r.iops, base.get("c")) if r.target_key in ("c2", "cc", "ct") else None,
+                ratio(r.iops, base.get("c")) if r.target_key in ("c2", "cc", "ct", "cz", "cl")
+                else None,
                 ratio(r.iops, base.get("cc")) if r.target_key == "c2" else None,
+                (f"{r.metrics['wire_per_written']:.2f}x" if "wire_per_written" in r.metrics
+                 else None),
                 fmt_ns(r.metrics.get("lag_p50_ns")), fmt_ns(r.metrics.get("lag_p99_ns")),
                 rss or None)
     table.add_note(f"fio --ioengine=nbd, {options.runtime:g} s per run after "
@@ -604,6 +662,12 @@ def build_table(results: Sequence[Result], options: argparse.Namespace,
                        "shipper sends from Python through the ssl module, the C streaming "
                        "loop being unable to write into TLS; vs (c) is the cost of TLS per "
                        "write")
+    if any(r.target_key in ("cz", "cl") for r in results):
+        table.add_note("(cz), (cl): (c) with compression = zstd / lz4 (default levels), sent "
+                       "from Python; vs (c) is the cost (or gain) per write against (c) on "
+                       "the same data")
+    table.add_note("wire: bytes the primary's veth sent (frames, TCP/IP headers, catch-up) "
+                   "per byte written to the device, from the start to the drain")
     if any(r.target_key == "cc" for r in results):
         table.add_note("(cc): (c) with two fio jobs at half the iodepth on its one export, as "
                        "(c2) is written: the same two NBD connections; vs (cc) of (c2) is the "
@@ -722,6 +786,8 @@ def run(argv: Sequence[str]) -> Table:
         "p": PassthroughTarget(options.passthrough_threads, pin=True),
         "c": DuplexTarget(),
         "ct": DuplexTarget(tls=True),
+        "cz": DuplexTarget(compression="zstd"),
+        "cl": DuplexTarget(compression="lz4"),
         "cc": DuplexTarget(connections=2),
         "c2": DuplexTarget(volumes=("data", "wal")),
     }
@@ -735,6 +801,8 @@ def run(argv: Sequence[str]) -> Table:
                 if options.repeat > 1:
                     progress(f"round {i + 1} of {options.repeat}")
                 for tkey in options.target_keys:
+                    if WORKLOADS[wkey].targets and tkey not in WORKLOADS[wkey].targets:
+                        continue
                     runs.setdefault((wkey, tkey), []).append(
                         measure(targets[tkey], WORKLOADS[wkey], options, shm))
         costs = None

@@ -41,8 +41,9 @@ from replicator.protocol.auth import auth_mac, new_nonce, verify_mac
 from replicator.protocol.compat import check_peer_state
 from replicator.protocol.errors import ErrorCode, LocalProtocolError, ProtocolError
 from replicator.protocol.frames import (BULK_TYPES, DEFAULT_MAX_FRAME, MAX_CONTROL_PAYLOAD,
-                                        Allocate, FrameDecoder, FrameType, as_byte_views,
-                                        encode_frame, encode_header, frame_flags, payload_limit)
+                                        COMPRESSIBLE_TYPES, Allocate, FrameDecoder, FrameType,
+                                        as_byte_views, encode_compressed, encode_frame,
+                                        encode_header, frame_flags, payload_limit)
 from replicator.protocol.messages import (PROTOCOL_VERSION, ROLE_CODES, Auth, Error, Hello,
                                           Message, State, decode_message, truncate_utf8)
 from replicator.protocol.state import (AUTHENTICATING, CLOSED as CLOSED_STATE, ESTABLISHED,
@@ -99,6 +100,12 @@ class Connection:
                                      allocate=allocate)
         self._out = bytearray()
         self._error: ProtocolError | None = None
+        #: compresses the DATA and INCR_DATA frames we send (compression.Compressor;
+        #: None: sent as they are). The receiving side needs no setting.
+        self.compressor = None
+        #: payload bytes given to the compressor, and what went on the wire for them
+        self.compressed_in = 0
+        self.compressed_out = 0
         #: the peer's HELLO once received (its node name, nonce...)
         self.peer: Hello | None = None
         #: the STATE we sent, and the peer's, once exchanged
@@ -225,7 +232,15 @@ class Connection:
         if length > limit:
             raise LocalProtocolError(f"{ftype.name} payload of {length} bytes is above the "
                                      f"maximum frame of {limit}")
-        header = encode_header(ftype, parts, frame_flags(ftype))
+        packed = None
+        if self.compressor is not None and ftype in COMPRESSIBLE_TYPES:
+            packed = encode_compressed(ftype, parts, self.compressor, frame_flags(ftype))
+        if packed is not None:
+            self.compressed_in += length
+            self.compressed_out += memoryview(packed[1]).nbytes
+            header, parts = packed[0], packed[1:]
+        else:
+            header = encode_header(ftype, parts, frame_flags(ftype))
         self._cstate.process(self.our_role, ftype)
         queued = self.data_to_send()
         if ftype in BULK_TYPES:

@@ -6,7 +6,7 @@ the record format)::
     0   4s  magic    b"DPX1"
     4   u8  version  1
     5   u8  type     FrameType
-    6   u16 flags    frame flags (FLAG_RECORDS_CRC; unknown bits are refused)
+    6   u16 flags    frame flags (FLAG_RECORDS_CRC, FLAG_COMPRESSED; unknown bits are refused)
     8   u32 length   payload bytes that follow
     12  u32 crc      CRC32C over the header with this field zero, then the payload
                      (only the header with FLAG_RECORDS_CRC)
@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from replicator.crc32c import crc32c
+from replicator.protocol.compression import decompress
 from replicator.protocol.errors import FrameError, LocalProtocolError
 
 MAGIC = b"DPX1"
@@ -54,7 +55,8 @@ DEFAULT_MAX_FRAME = 64 << 20     # bulk payloads (TOKENS, DATA, INCR_DATA)
 MAX_CONTROL_PAYLOAD = 64 << 10   # every other type
 MAX_LENGTH_FIELD = 0xFFFFFFFF
 FLAG_RECORDS_CRC = 0x0001        # the CRC covers the header; the records check themselves
-KNOWN_FLAGS = FLAG_RECORDS_CRC
+FLAG_COMPRESSED = 0x0002         # DATA / INCR_DATA payload compressed (protocol/compression.py)
+KNOWN_FLAGS = FLAG_RECORDS_CRC | FLAG_COMPRESSED
 
 
 class FrameType(IntEnum):
@@ -91,6 +93,7 @@ class FrameType(IntEnum):
 
 BULK_TYPES = frozenset({FrameType.TOKENS, FrameType.DATA, FrameType.INCR_DATA,
                         FrameType.BITMAP, FrameType.VERIFY_SUMS})
+COMPRESSIBLE_TYPES = frozenset({FrameType.DATA, FrameType.INCR_DATA})  # FLAG_COMPRESSED
 _TYPES_BY_VALUE = {int(t): t for t in FrameType}
 
 
@@ -142,6 +145,9 @@ def _check_flags(ftype: FrameType, flags: int) -> str | None:
         return f"{ftype.name} frame has unknown flags 0x{flags:04x}"
     if flags & FLAG_RECORDS_CRC and ftype != FrameType.DATA:
         return f"{ftype.name} frame has flag RECORDS_CRC, which only DATA frames may carry"
+    if flags & FLAG_COMPRESSED and ftype not in COMPRESSIBLE_TYPES:
+        return (f"{ftype.name} frame has flag COMPRESSED, which only DATA and INCR_DATA frames "
+                f"may carry")
     return None
 
 
@@ -172,6 +178,30 @@ def encode_header(ftype: int, parts: Iterable = (), flags: int = 0) -> bytes:
     for v in views if not flags & FLAG_RECORDS_CRC else ():
         crc = crc32c(v, crc)
     return head[:CRC_OFFSET] + struct.pack("<I", crc)
+
+
+def encode_compressed(ftype: int, parts, compressor, flags: int = 0) -> list | None:
+    """``[header, payload]`` of a frame of *ftype* (DATA or INCR_DATA)
+    whose payload, the concatenation of *parts*, goes compressed by
+    *compressor* (a compression.Compressor), with FLAG_COMPRESSED; the CRC
+    covers the header and the uncompressed payload (DATA: the header
+    only). None when the payload does not shrink: send it as it is."""
+    ftype = frame_type(ftype)
+    if ftype not in COMPRESSIBLE_TYPES:
+        raise LocalProtocolError(f"cannot compress a {ftype.name} frame")
+    views = as_byte_views(parts)
+    raw = views[0] if len(views) == 1 else b"".join(views)
+    body = compressor.compress(raw)
+    if body is None:
+        return None
+    flags |= FLAG_COMPRESSED
+    if len(body) > MAX_LENGTH_FIELD:
+        raise LocalProtocolError(f"cannot encode {ftype.name}: {len(body)} bytes")
+    head = HEADER.pack(MAGIC, VERSION, ftype, flags, len(body), 0)
+    crc = crc32c(head)
+    if not flags & FLAG_RECORDS_CRC:
+        crc = crc32c(raw, crc)
+    return [head[:CRC_OFFSET] + struct.pack("<I", crc), body]
 
 
 def encode_frame(ftype: int, payload=b"", flags: int = 0) -> bytes:
@@ -332,6 +362,11 @@ class FrameDecoder:
 
         payload = self._payload.toreadonly()
         head = bytes(self._hdr[:CRC_OFFSET]) + b"\0\0\0\0"
+        if flags & FLAG_COMPRESSED:
+            # Bounded by the type's limit (a bomb is refused); the CRC is
+            # then checked over what was decompressed.
+            payload = memoryview(decompress(ftype.name, payload, payload_limit(
+                ftype, self.max_frame, self.max_control))).toreadonly()
         actual = crc32c(head) if flags & FLAG_RECORDS_CRC else crc32c(payload, crc32c(head))
         self._head = None
         self._hdr_fill = 0
