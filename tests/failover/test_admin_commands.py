@@ -61,6 +61,19 @@ def _corrupt(path, offset: int, length: int) -> None:
         os.fsync(f.fileno())
 
 
+def _settled_increment_bytes(lab, timeout: float = 30.0) -> int:
+    """The primary's increment bytes sent, once two reads 0.5 s apart agree."""
+    deadline = time.monotonic() + timeout
+    last = lab.control("alpha")["incr_bytes_sent"]
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = lab.control("alpha")["incr_bytes_sent"]
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"increment data still going out {timeout:g} s after pause-sync")
+
+
 def _pair(make_lab, **options):
     lab = make_lab(size=16 << 20, options=options)
     lab.create_md()
@@ -193,8 +206,8 @@ def test_pause_sync_stops_the_increments_and_resume_sync_finishes_them(make_lab)
     st = lab.control("alpha")
     assert "sync paused (by the admin)" in st["reason"] and st["replication"] != "Established"
     assert "sync paused (by the admin)" in lab.duplex("alpha", "status", RESOURCE).stdout
-    time.sleep(1.5)  # a piece under way (at most 1 MiB, rate-limited) ends
-    sent = lab.control("alpha")["incr_bytes_sent"]
+    # A piece under way (at most 1 MiB, rate-limited) ends; then nothing more.
+    sent = _settled_increment_bytes(lab)
     time.sleep(2.0)
     st = lab.control("alpha")
     assert st["incr_bytes_sent"] == sent, "increment data went out while paused"
