@@ -18,6 +18,14 @@ pass over the megabytes of a DATA frame, on each side, would only repeat
 that check. The receiver also refuses non-zero padding, so that every
 payload byte is covered by a record CRC or checked.
 
+FLAG_COMPRESSED is for DATA and INCR_DATA frames (``compression.py``): the
+payload is a prefix and the compressed bytes, ``length`` counts those, and
+the CRC covers the header and the payload once decompressed (for DATA,
+with FLAG_RECORDS_CRC, still the header only): what is checked is what is
+used. The decoder decompresses, bounded by the type's limit, before the
+CRC check; a frame that does not decompress to its declared size is a
+FrameError.
+
 The decoder is sans-IO: feed it byte chunks of any size (``feed``), pull whole
 frames (``next_frame``). It checks magic, version, type, flags and length as
 soon as the 16 header bytes are in, *before* it allocates anything for the
