@@ -88,5 +88,6 @@ Operations:
     events                ``duplex events``: status snapshots diffed into event lines (DESIGN §14)
     handlers              the commands of ``[resource.R.handlers]``, run from the events
     metrics               Prometheus metrics of a running node, from its status
-    notify                systemd readiness notification (sd_notify)
+    notify                systemd readiness notification (sd_notify), the unit we run in
+    journallog            log records to the systemd journal with the resource and node
 """
