@@ -165,7 +165,9 @@ class Shipper:
         with self._lock:
             before = self._states
             self._states = after = before.step(event)
-        self.flow.apply(after.replication)
+        # The state now, not `after`: of two threads stepping at once, the
+        # one applying last must apply the newest state.
+        self.flow.apply(self._states.replication)
         if (before.connection, before.replication) != (after.connection, after.replication):
             log.info("%s: %s: connection %s -> %s, replication %s -> %s", self.res.name,
                      event.name, before.connection, after.connection, before.replication,
@@ -735,6 +737,7 @@ class Shipper:
                 continue
             if self._handover_at is not None and self._hand_over(link):
                 return
+            self.flow.apply(self._states.replication)  # a no-op unless it changed
             stopping = self._stopping.is_set()
             if stopping and (self.core.ring_stats.get("records", 0) == 0
                              or time.monotonic() > self._drain_deadline):
