@@ -155,3 +155,17 @@ def test_levels_are_checked():
         Compressor("gzip")
     assert Compressor("zstd").level == 3 and Compressor("lz4").level == 0
     assert encode_frame  # the plain encoder is untouched
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(codec=st.sampled_from([1, 2]), raw=st.integers(1, 1 << 20), data=st.binary(max_size=512))
+def test_arbitrary_compressed_bytes_are_a_frame_error_or_exactly_the_declared_size(codec, raw,
+                                                                                  data):
+    try:
+        out = decompress("DATA", _prefixed(codec, raw, data), 1 << 20)
+    except FrameError:
+        return
+    assert len(out) == raw
