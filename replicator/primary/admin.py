@@ -45,6 +45,12 @@ log = logging.getLogger("duplex.primary")
 STOP_AFTER_REPLY_S = 0.5
 
 
+def stop_nbdkit() -> None:
+    """Stop the nbdkit this engine runs in (its SIGTERM: the engine's clean
+    stop), a moment after the reply to ``duplex secondary`` went out."""
+    threading.Timer(STOP_AFTER_REPLY_S, os.kill, args=(os.getpid(), signal.SIGTERM)).start()
+
+
 class AdminRefused(DuplexError):
     """An admin command was refused; the message says why and what to do."""
 
@@ -53,11 +59,13 @@ class PrimaryAdmin:
     """The admin commands of one running primary engine."""
 
     def __init__(self, resource, node, peer_name: str, md, core, oos, shipper, size: int,
-                 group_name: Callable[[], str | None] = lambda: None):
+                 group_name: Callable[[], str | None] = lambda: None,
+                 stop_node: Callable[[], None] = stop_nbdkit):
         """The engine's narrow collaborators: *resource*, this *node*, the
         peer's name, the metadata, the core, the OOS bitmap, the shipper,
         the logical size; *group_name* says which consistency group the
-        resource is in now (None: none)."""
+        resource is in now (None: none); *stop_node* ends the node after a
+        hand-over (nbdkit's own SIGTERM)."""
         self.res = resource
         self.node_cfg = node
         self.md = md
@@ -66,6 +74,7 @@ class PrimaryAdmin:
         self.shipper = shipper
         self.size = size
         self.group_name = group_name
+        self.stop_node = stop_node
         self.name = resource.name
         self.node = node.name
         self.peer = peer_name
@@ -241,8 +250,7 @@ class PrimaryAdmin:
                         "primary", self.name, self.peer, last)
             # nbdkit stops (its SIGTERM: the engine's clean stop); `duplex
             # up` then carries on as the secondary (node.run_up).
-            threading.Timer(STOP_AFTER_REPLY_S, os.kill,
-                            args=(os.getpid(), signal.SIGTERM)).start()
+            self.stop_node()
             return {"resource": self.name, "node": self.node, "peer": self.peer,
                     "handed_over_at": last, "role": ROLE_SECONDARY}
         finally:
