@@ -75,17 +75,20 @@ def stopping(status: str | None = None) -> bool:
     return sd_notify("STOPPING=1", *([f"STATUS={_one_line(status)}"] if status else []))
 
 
-def systemd_unit() -> str | None:
+def systemd_unit(cgroups: str | None = None) -> str | None:
     """The systemd service unit this process runs in (``duplex@r0.service``),
     or None outside systemd. systemd sets ``$INVOCATION_ID`` for every
-    service it starts; the unit is the last part of our cgroup path."""
+    service it starts; the unit is the last part of our cgroup path
+    (*cgroups*: the text of /proc/self/cgroup, read when not given)."""
     if not os.environ.get("INVOCATION_ID"):
         return None
-    try:
-        with open("/proc/self/cgroup", encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
+    if cgroups is None:
+        try:
+            with open("/proc/self/cgroup", encoding="utf-8") as f:
+                cgroups = f.read()
+        except OSError:
+            return None
+    lines = cgroups.splitlines()
     # cgroup v2 ("0::/system.slice/...") or v1's name=systemd hierarchy.
     for line in lines:
         _, _, path = line.partition(":")

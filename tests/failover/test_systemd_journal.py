@@ -61,3 +61,18 @@ def test_use_journal_swaps_the_stderr_handler_for_one_with_the_fields(stderr_fil
                                   "DUPLEX_NODE": "beta"}
     finally:
         root.handlers = saved
+
+
+def test_systemd_unit_is_the_service_of_our_cgroup_under_systemd_only(monkeypatch):
+    """promote says "duplex@r0.service restarts by itself" from this."""
+    from replicator.notify import systemd_unit
+
+    v2 = "0::/system.slice/system-duplex.slice/duplex@r0.service\n"
+    v1 = ("12:pids:/system.slice/system-duplex.slice/duplex@r0.service\n"
+          "1:name=systemd:/system.slice/system-duplex.slice/duplex@r0.service\n0::/\n")
+    monkeypatch.delenv("INVOCATION_ID", raising=False)
+    assert systemd_unit(v2) is None  # not started by systemd: `duplex up` by hand
+    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+    assert systemd_unit(v2) == "duplex@r0.service"
+    assert systemd_unit(v1) == "duplex@r0.service"
+    assert systemd_unit("0::/user.slice/user-0.slice/session-1.scope\n") is None
