@@ -225,7 +225,8 @@ def offline_status(resource: Resource, node: Node, metadata: Metadata | None,
     reserved = getattr(metadata, "seq_reserved", False)
     recorded = {v.get("name"): v.get("size") for v in getattr(metadata, "volumes", None) or ()}
     return new_status(
-        resource, node, running=False, role=metadata.role, disk=metadata.disk,
+        resource, node, running=False, role=metadata.role,
+        disk="Outdated" if getattr(metadata, "outdated", False) else metadata.disk,  # duplex outdate
         seq={"written": None if reserved else metadata.seq_hwm},
         volumes=volume_rows(node, [recorded.get(v.name) for v in node.volumes]),
         reason=reason + ("; needs initial sync" if metadata.needs_initial_sync else "")

@@ -3,6 +3,8 @@ running: one clear line each (exit 1), never a traceback; ``outdate`` works
 offline on a stopped Secondary and refuses a stopped Primary."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from replicator import cli
@@ -35,6 +37,8 @@ def test_outdate_offline_marks_a_stopped_secondary_and_refuses_a_primary(config_
     assert rc == 0 and "Outdated (set in its metadata" in out, err
     meta = config_file.parent / "beta-meta"
     assert load_metadata(meta, "r0", "beta").outdated
+    rc, out, _ = _run(config_file, capsys, "--node", "beta", "status", "r0", "--json")
+    assert rc == 0 and json.loads(out)["disk"] == "Outdated", out
 
     assert _run(config_file, capsys, "--node", "alpha", "create-md", "r0")[0] == 0
     md = load_metadata(config_file.parent / "alpha-meta", "r0", "alpha")
