@@ -117,3 +117,34 @@ int64_t records_find_op(const unsigned char *buf, size_t len, uint8_t op, uint64
 	}
 	return (int64_t)n;
 }
+
+int64_t records_check_volumes(const unsigned char *buf, size_t len, bool tokens_only,
+                              const uint64_t *sizes, uint32_t nvol, int *fault)
+{
+	size_t pos = 0;
+
+	*fault = RECORDS_VOL_OK;
+	while (pos + RING_HEADER <= len) {
+		const unsigned char *h = buf + pos;
+		uint32_t vol = rd32(h + REC_VOLUME);
+		uint8_t op = h[REC_OP];
+		uint64_t size;
+		if (vol >= nvol) {
+			*fault = RECORDS_VOL_UNKNOWN;
+			return (int64_t)pos;
+		}
+		/* Checked in 64 bits: offset + length cannot wrap past a size. */
+		if (op != REC_OP_FLUSH && op != REC_OP_MARK &&
+		    (rd64(h + REC_OFFSET) > sizes[vol] ||
+		     (uint64_t)rd32(h + REC_LENGTH) > sizes[vol] - rd64(h + REC_OFFSET))) {
+			*fault = RECORDS_VOL_PAST_END;
+			return (int64_t)pos;
+		}
+		size = tokens_only ? RING_HEADER
+		                   : RING_HEADER + (((uint64_t)rd32(h + REC_DATA_LEN) + 7) & ~7ull);
+		if (size > len - pos)
+			break;
+		pos += size;
+	}
+	return -1;
+}

@@ -48,4 +48,19 @@ int64_t records_check_tokens(const unsigned char *buf, size_t len, uint64_t *bad
 int64_t records_find_op(const unsigned char *buf, size_t len, uint8_t op, uint64_t *offsets,
                         size_t max);
 
+/* Why a record is refused by records_check_volumes. */
+enum records_volume_fault {
+	RECORDS_VOL_OK = 0,
+	RECORDS_VOL_UNKNOWN = 1,  /* names no volume of the resource */
+	RECORDS_VOL_PAST_END = 2, /* a range past the end of its volume */
+};
+
+/* Every record (tokens_only: every 48-byte header) of a buffer the frame
+ * decoder passed names one of nvol volumes and lies inside it (sizes[i]
+ * bytes; FLUSH and MARK carry no range). -1 when all do, else the byte
+ * offset of the first that does not, with *fault why. The receiver checks
+ * a frame of a multi-volume resource in one call. */
+int64_t records_check_volumes(const unsigned char *buf, size_t len, bool tokens_only,
+                              const uint64_t *sizes, uint32_t nvol, int *fault);
+
 #endif

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from replicator.native.ffi import ffi as _ffi, lib as _lib
 
-__all__ = ["RECORD_HEADER_SIZE", "find_op", "scan_records"]
+__all__ = ["RECORD_HEADER_SIZE", "find_op", "first_outside_volumes", "scan_records"]
 
 RECORD_HEADER_SIZE = 48
 
@@ -36,3 +36,15 @@ def find_op(buf, op: int) -> list[int]:
         out = _ffi.new(f"uint64_t[{n}]")
         n = _lib.records_find_op(src, len(src), op, out, n)
     return [out[i] for i in range(n)]
+
+
+def first_outside_volumes(buf, sizes, tokens_only: bool = False) -> int | None:
+    """The byte offset of the first record (with *tokens_only*, 48-byte
+    header) packed in *buf* that names no volume of *sizes* (bytes per
+    volume) or runs past its end, in one C call; None when every one fits.
+    *buf* must have passed :func:`scan_records`."""
+    src = _ffi.from_buffer(buf)
+    fault = _ffi.new("int *")
+    vols = _ffi.new("uint64_t[]", list(sizes))
+    at = _lib.records_check_volumes(src, len(src), tokens_only, vols, len(sizes), fault)
+    return None if at < 0 else at

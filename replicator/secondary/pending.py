@@ -46,6 +46,7 @@ from typing import Any
 from replicator.errors import DuplexError
 from replicator.secondary.applier import ApplyError
 from replicator.native.rxq import RXQ_FAULTS, RxFault, RxInfo, RxQueue
+from replicator.native.records import first_outside_volumes
 from replicator.records import (HEADER_SIZE, NO_RANGE_OPS, OP_MARK, OP_NAMES, Token, padded,
                                unpack_token)
 
@@ -455,8 +456,11 @@ def check_volumes(payload, sizes: Sequence[int], tokens_only: bool = False) -> N
     covers every volume). StreamError naming the seq otherwise, before
     anything is queued or journaled. *payload* was structure-checked by the
     frame decoder, so each header is whole."""
+    first = first_outside_volumes(payload, sizes, tokens_only)  # one C call per frame
+    if first is None:
+        return
     mv = memoryview(payload).cast("B")
-    pos, n = 0, len(mv)
+    pos, n = first, len(mv)  # the record the C check stopped at, worded here
     nvol = len(sizes)
     while pos + HEADER_SIZE <= n:
         off, length, dlen, vol = _OFF_LEN_DLEN_VOL.unpack_from(mv, pos + 16)
