@@ -14,7 +14,7 @@ none of them loses a write:
   ``down``/``up``).
 - ``invalidate-remote``: every track out of sync, a full sync to the peer
   (no digest matching: the peer's data is taken as wrong). Refused while
-  the peer is not connected.
+  the peer is not connected, and while a sync runs.
 - ``pause-sync`` / ``resume-sync``: no increment goes out while paused
   (one under way is abandoned; the bitmap still covers it). New writes are
   not streamed meanwhile either: a catch-up keeps the pair Ahead until its
@@ -34,6 +34,7 @@ import signal
 import threading
 import time
 from typing import Callable
+
 from replicator.errors import DuplexError
 from replicator.metadata import ROLE_SECONDARY
 from replicator.primary import states
