@@ -304,6 +304,8 @@ def test_unit_replicates_and_restarts_as_primary_after_promote_under_real_system
     for c in (alpha, beta):
         r = c.run(f"{CHECKOUT_IN_CONTAINER}/scripts/install", net=False, timeout=600)
         assert "install: done" in r.stdout, r.stdout + r.stderr
+        if c is beta:  # the same sources: no second build
+            assert "/usr/local/lib/duplex/venv is up to date" in r.stdout, r.stdout
         target = c.run("readlink", "-f", "/usr/local/bin/duplex").stdout.strip()
         assert target == "/usr/local/lib/duplex/venv/bin/duplex", target
         assert not target.startswith(CHECKOUT_IN_CONTAINER)

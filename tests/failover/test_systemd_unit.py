@@ -99,3 +99,15 @@ def test_install_puts_the_entry_point_outside_the_checkout():
     assert 'VENV="$PREFIX/lib/duplex/venv"' in script
     assert 'ln -sfn "$VENV/bin/duplex" "$PREFIX/bin/duplex"' in script
     assert _settings(UNIT.read_text())["ProtectHome"] == ["yes"]
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--bogus"], "unknown argument --bogus"),
+    (["--prefix", "relative/dir"], "--prefix must be an absolute path (got relative/dir)"),
+    (["--unit-dir=etc"], "--unit-dir must be an absolute path (got etc)"),
+])
+def test_install_refuses_bad_arguments_with_a_clear_error(argv, fragment):
+    r = subprocess.run([str(REPO / "scripts" / "install"), *argv], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode in (1, 2) and fragment in r.stderr, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
