@@ -375,8 +375,12 @@ class Secondary(IncrementReceiver):
         applied first. The primary cleared the bits of every record the
         journal acknowledged, so the increment does not carry them, and its
         rebase would drop them: they go to the image before it (the records
-        after the first one missing are in the increment)."""
-        return False  # MECHANISM OFF
+        after the first one missing are in the increment, and so are the
+        seqs a group member's increment covers: no record waits there)."""
+        nxt = self.pending.applied_through + 1
+        # At or below the journaled seq a known stamp means the record is
+        # here, complete: a run can take it (rxq_take_run stops at a gap).
+        return nxt <= min(self.journaled, inc.base) and self.pending.stamp_of(nxt) != 0
 
     def _increment_due(self) -> bool:
         """A committed increment is first in line and may be applied now
