@@ -550,8 +550,10 @@ def run_secondary(config: Config, resource: Resource, node: Node) -> int:
             log.error("%s: stopping: %s", resource.name, sec.restart_needed)
             notify.stopping(f"Secondary: stopping to restart: {sec.restart_needed}")
         elif sig is None:
-            log.info("%s: promoted to Primary: the secondary stops; start the node again "
-                     "(`duplex up %s`) to serve the image", resource.name, resource.name)
+            unit = notify.systemd_unit()
+            log.info("%s: promoted to Primary: the secondary stops; %s", resource.name,
+                     f"{unit} restarts it as Primary" if unit else
+                     f"start the node again (`duplex up {resource.name}`) to serve the image")
             notify.stopping("Secondary: promoted to Primary, restarting as Primary")
         else:
             log.info("%s: signal %d: stopping", resource.name, sig)

@@ -398,7 +398,8 @@ def test_unit_replicates_and_restarts_as_primary_after_promote_under_real_system
     # from `duplex up` (both roles) and from the plugin inside nbdkit.
     recs = _journal(beta, "DUPLEX_RESOURCE=r0", "DUPLEX_NODE=beta")
     texts = [rec.get("MESSAGE", "") for rec in recs]
-    assert any("promoted to Primary" in t for t in texts), texts[-30:]
+    assert any("promoted to Primary" in t and "duplex@r0.service restarts it as Primary" in t
+               for t in texts), texts[-30:]
     assert {rec.get("_COMM") for rec in recs} >= {"nbdkit"}, {rec.get("_COMM") for rec in recs}
     assert all(rec.get("SYSLOG_IDENTIFIER") == "duplex" for rec in recs)
     assert _journal(alpha, "DUPLEX_RESOURCE=r0", "DUPLEX_NODE=alpha"), \
