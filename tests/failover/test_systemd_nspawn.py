@@ -123,10 +123,14 @@ class Container:
 
     def argv(self, *cmd: str, net: bool = True) -> list[str]:
         """*cmd* inside the container (its mounts, pids, host name and, if
-        *net*, its network), with a clean environment."""
+        *net*, its network), with a clean environment; without *net* (the
+        install's pip reaching the package index) this machine's proxy and
+        pip settings go along."""
         ns = ["-m", "-u", "-i", "-p", *(["-n"] if net else [])]
+        passed = [] if net else [f"{k}={v}" for k, v in sorted(os.environ.items())
+                                 if k.startswith("PIP_") or k.lower().endswith("_proxy")]
         return ["nsenter", "-t", str(self.leader), *ns, "--", "/usr/bin/env", "-i",
-                f"PATH={CONTAINER_PATH}", "HOME=/root", "LANG=C.UTF-8", *cmd]
+                f"PATH={CONTAINER_PATH}", "HOME=/root", "LANG=C.UTF-8", *passed, *cmd]
 
     def run(self, *cmd: str, check: bool = True, net: bool = True,
             timeout: float = 120) -> subprocess.CompletedProcess:
