@@ -122,6 +122,7 @@ def test_disconnect_on_the_secondary_is_standalone_until_connect_and_not_kept_by
     assert st["connection"] == "StandAlone" and "disconnected by the admin" in st["reason"], st
     line = lab.duplex("beta", "status", RESOURCE).stdout
     assert "peer alpha: StandAlone (disconnected by the admin)" in line, line
+    assert "already disconnected" in _refused(lab, "beta", "disconnect", RESOURCE)
     lab.wait(lambda: lab.control("alpha")["connection"] != "Connected", "alpha to see it go")
     _write(lab.uri, _random_writes(10, lab.size))
     time.sleep(1.0)
@@ -155,6 +156,7 @@ def test_invalidate_on_the_secondary_resyncs_every_track_from_the_primary(make_l
              "alpha to mark every track out of sync")
     assert lab.control("beta")["disk"] == "Inconsistent"
     assert "the peer's data was invalidated by the admin" in lab.control("alpha")["reason"]
+    assert "invalidated already" in _refused(lab, "beta", "invalidate", RESOURCE)
     err = _refused(lab, "beta", "promote", RESOURCE, "--wait", "0")  # gone until the sync ends
     assert "invalidated" in err and "--force" in err, err
     lab.duplex("alpha", "resume-sync", RESOURCE)
@@ -197,8 +199,9 @@ def test_pause_sync_stops_the_increments_and_resume_sync_finishes_them(make_lab)
     lab.wait(lambda: (lab.control("alpha").get("sync") or {}).get("done_bytes", 0) > 0,
              "the full sync to start")
 
-    err = _refused(lab, "beta", "pause-sync", RESOURCE)
-    assert "primary alpha" in err, err
+    for cmd in ("pause-sync", "resume-sync"):
+        err = _refused(lab, "beta", cmd, RESOURCE)
+        assert "primary alpha" in err, err
     assert "not paused" in _refused(lab, "alpha", "resume-sync", RESOURCE)
     r = lab.duplex("alpha", "pause-sync", RESOURCE)
     assert "sync paused (by the admin)" in r.stdout, r.stdout
