@@ -8,8 +8,9 @@ above; ``a && b`` is two commands), and a synopsis's optional parts
 (``duplex promote r0 [--force] [--json]``) are each a command of their own,
 with the base. :data:`RUN_BY` maps each to the test that runs it and the
 argv as that test (or the fixture it calls) writes it; each entry of a
-command the README shows is checked (the test exists, the argv is in the
-file, with the command's options). A README command with no entry fails
+command the README shows is checked: the test exists, and the argv, with
+the command's options, is in that test (or a function of its module that
+it calls), or in the fixture file named as holding it. A README command with no entry fails
 here, naming it: whoever documents a command says where it is tested.
 """
 from __future__ import annotations
@@ -220,11 +221,19 @@ def test_the_test_named_for_a_command_runs_it(command):
     path, _, func = test_id.partition("::")
     module = REPO / path
     assert module.is_file(), f"{command!r}: {path} does not exist"
-    if func:
-        names = {n.name for n in ast.walk(ast.parse(module.read_text()))
-                 if isinstance(n, ast.FunctionDef)}
-        assert func in names, f"{command!r}: {path} has no test {func}"
     source = _collapse((REPO / holder).read_text())
+    if func:
+        text = module.read_text()
+        defs = {n.name: n for n in ast.walk(ast.parse(text)) if isinstance(n, ast.FunctionDef)}
+        assert func in defs, f"{command!r}: {path} has no test {func}"
+        if holder == path:
+            # The argv is in that test itself, or in a function of its module
+            # that the test calls (a helper such as _status), not elsewhere.
+            fn = defs[func]
+            called = {n.func.id for n in ast.walk(fn)
+                      if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+            source = _collapse(" ".join(ast.get_source_segment(text, defs[name]) or ""
+                                        for name in {func} | (called & set(defs))))
     assert _collapse(argv) in source, \
         f"{command!r}: {holder} no longer runs it as {argv!r} (update RUN_BY)"
     # The argv carries the command's options (their values may differ).
