@@ -260,11 +260,29 @@ class TlsSocket:
 
     def recv(self, n: int) -> bytes:
         """Up to *n* decrypted bytes (b"" at EOF)."""
-        return self._call(lambda: self.ssock.recv(n), b"")
+        buf = bytearray(n)
+        got = self.recv_into(buf)
+        return bytes(memoryview(buf)[:got])
 
     def recv_into(self, buf) -> int:
-        """Receive into *buf*; the count (0 at EOF)."""
-        return self._call(lambda: self.ssock.recv_into(buf), 0)
+        """Receive into *buf*; the count (0 at EOF). One SSL read gives at
+        most one TLS record (16 KiB): records already here are read too, in
+        the same call, so a large payload costs the caller few calls."""
+        view = memoryview(buf).cast("B")
+
+        def op() -> int:
+            n = self.ssock.recv_into(view)
+            while n and n < view.nbytes:
+                try:
+                    k = self.ssock.recv_into(view[n:])
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLZeroReturnError):
+                    break  # nothing more right now (or EOF next): give what we have
+                if not k:
+                    break
+                n += k
+            return n
+
+        return self._call(op, 0)
 
     def sendall(self, data) -> None:
         """Send all of *data*. A write OpenSSL could not finish is retried

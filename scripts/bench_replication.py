@@ -30,14 +30,16 @@ image on tmpfs through three servers, one after the other, in this run:
       TLS per write.
   (cz), (cl) (c) with ``compression = "zstd"`` / ``"lz4"`` (their default
       levels): the DATA and increment frames compressed, sent from Python
-      as for TLS. They run the random-data workloads (fio's default
-      buffers: incompressible, so the stored fallback) and the "text"
-      ones (fio's buffer_compress_percentage: compressible), which (c) runs
-      too for comparison.
+      as for TLS. They run only the workloads whose data is chosen: "noise"
+      (fio's refill_buffers: fresh random bytes for every write,
+      incompressible, so the stored fallback) and "text" (fio's
+      buffer_compress_percentage: compressible), which (c) runs too for
+      comparison. (fio's default buffers are random bytes used again for
+      every write: a batch of them compresses, so they are neither.)
 
 Workloads: 4 KiB random writes at iodepth 16, and 1 MiB sequential writes at
-iodepth 4; the same with compressible buffers ("text"), for (c), (cz), (cl)
-only. Reported per run: IOPS, MB/s, p99 latency (fio's total latency,
+iodepth 4; the same with incompressible ("noise") and compressible ("text")
+buffers, for (c), (cz), (cl) only. Reported per run: IOPS, MB/s, p99 latency (fio's total latency,
 submission to completion), IOPS ratios to (a) and (b), replication lag p50/p99
 when the target reports it, and the peak RSS (VmHWM) of each server process,
 read from /proc just before it is stopped. Progress goes to stderr; ``run``
@@ -109,6 +111,12 @@ WORKLOADS: dict[str, Workload] = {
                  ("--rw=write", "--bs=1M"), iodepth=4, bulk=True),
         # Buffers fio fills to compress to about a third (zstd's and lz4's
         # ratios differ): what compression on the wire is for.
+        Workload("randwrite-4k-noise", "4 KiB random write, iodepth 16, incompressible data",
+                 ("--rw=randwrite", "--bs=4k", "--norandommap", "--randrepeat=0",
+                  "--refill_buffers"), iodepth=16, targets=("c", "cz", "cl")),
+        Workload("seqwrite-1m-noise", "1 MiB sequential write, iodepth 4, incompressible data",
+                 ("--rw=write", "--bs=1M", "--refill_buffers"), iodepth=4, bulk=True,
+                 targets=("c", "cz", "cl")),
         Workload("randwrite-4k-text", "4 KiB random write, iodepth 16, compressible data",
                  ("--rw=randwrite", "--bs=4k", "--norandommap", "--randrepeat=0",
                   "--buffer_compress_percentage=66", "--buffer_compress_chunk=512",
@@ -239,6 +247,8 @@ class DuplexTarget(Target):
     """
 
     LAG_SAMPLE_SECONDS = 0.2
+    #: runs only the workloads that name it (compression: the data is chosen)
+    chosen_data_only = False
 
     def __init__(self, volumes: Sequence[str] = (), connections: int = 1,
                  tls: bool = False, compression: str | None = None) -> None:
@@ -247,6 +257,7 @@ class DuplexTarget(Target):
         self.tls = tls
         self.compression = compression
         if compression:
+            self.chosen_data_only = True
             self.key = f"c{compression[0]}"
             self.label = f"({self.key}) Duplex primary -> secondary, {compression}"
         elif tls:
@@ -801,7 +812,9 @@ def run(argv: Sequence[str]) -> Table:
                 if options.repeat > 1:
                     progress(f"round {i + 1} of {options.repeat}")
                 for tkey in options.target_keys:
-                    if WORKLOADS[wkey].targets and tkey not in WORKLOADS[wkey].targets:
+                    allowed = WORKLOADS[wkey].targets
+                    if (allowed and tkey not in allowed) or (
+                            allowed is None and getattr(targets[tkey], "chosen_data_only", False)):
                         continue
                     runs.setdefault((wkey, tkey), []).append(
                         measure(targets[tkey], WORKLOADS[wkey], options, shm))
