@@ -91,6 +91,10 @@ def test_lag_targets_hold_only_with_the_p99_under_the_bound_and_max_lag_streamin
     assert v["4 KiB, (c/2): lag p99 < 50 ms at half rate"] is True
     assert v["1 MiB, (c/2): lag p99 < 50 ms at half rate"] is None       # not run
     assert "4 KiB, (cb/2): lag p99 < 50 ms at half rate" not in v        # optional row
+    ok.metrics["lag_p99_ns"] = 50e6                                      # "under 50 ms"
+    assert _verdicts([ok])["4 KiB, (c/2): lag p99 < 50 ms at half rate"] is False
+    held = _row("cm", W4K, 900, not_streaming=0.0, lag_p99_ns=100e6)     # "at most"
+    assert _verdicts([held])[f"4 KiB, (cm): max-lag {bench_modes.MAX_LAG} holds (lag p99 <= 100 ms, never Ahead)"] is True
 
 
 def test_the_table_prints_every_target_with_pass_or_miss():
@@ -109,7 +113,8 @@ def test_the_table_prints_every_target_with_pass_or_miss():
     (["--targets", "c,zz"], "unknown target 'zz'"),
     (["--targets", "cb/2"], "include c"),
     (["--workloads", "randread"], "unknown workload"),
-    (["--link-rate", "1; flush ruleset"], "not an nftables rate"),
+    (["--link-mb", "0"], "--link-mb"),
+    (["--link-limit", "netem"], "invalid choice"),
     (["--repeat", "0"], "--repeat"),
 ])
 def test_bad_options_are_named(argv, words, capsys):
