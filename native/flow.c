@@ -136,13 +136,14 @@ void flow_wait_durable(struct flow *f, uint64_t seq, uint64_t gen)
 	atomic_fetch_add(&f->peer_wait_ns, (uint64_t)(flow_now_ns() - t0));
 }
 
-void flow_delay(struct flow *f)
+void flow_delay(struct flow *f, uint64_t bytes)
 {
 	uint64_t d = atomic_load(&f->delay_ns);
 	struct timespec ts;
 
 	if (d == 0)
 		return;
+	d *= bytes > FLOW_DELAY_UNIT ? (bytes + FLOW_DELAY_UNIT - 1) / FLOW_DELAY_UNIT : 1;
 	ts.tv_sec = (time_t)(d / 1000000000u);
 	ts.tv_nsec = (long)(d % 1000000000u);
 	nanosleep(&ts, NULL);

@@ -31,7 +31,7 @@ struct flow_policy {
 	bool block;
 	uint64_t fill;            /* bytes the ring may hold; past it: block or pull ahead */
 	int64_t block_timeout_ns; /* < 0: wait for room for ever (on-disconnect = suspend) */
-	uint64_t delay_ns;        /* max-lag throttle per write, 0 = none */
+	uint64_t delay_ns;        /* max-lag throttle per FLOW_DELAY_UNIT written, 0 = none */
 };
 
 struct flow_stats {
@@ -59,8 +59,11 @@ uint64_t flow_gen(struct flow *f);
 /* Wait until durable_seq >= seq while wait_peer stays on and no release
  * happened since gen was taken. */
 void flow_wait_durable(struct flow *f, uint64_t seq, uint64_t gen);
-/* The max-lag sleep, when the policy has one. */
-void flow_delay(struct flow *f);
+/* The max-lag sleep, when the policy has one: delay_ns per started
+ * FLOW_DELAY_UNIT bytes of the request (a 1 MiB write sleeps 16 times
+ * what a 4 KiB one does: the delay slows bytes, not requests). */
+#define FLOW_DELAY_UNIT 65536
+void flow_delay(struct flow *f, uint64_t bytes);
 void flow_stats(struct flow *f, struct flow_stats *st);
 
 /* For the core: bracket a room wait (counts and time), and count a timeout. */

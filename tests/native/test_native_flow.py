@@ -177,3 +177,15 @@ def test_max_lag_delay_slows_every_write(make_rig):
     core.set_flow(FlowPolicy())
     core.write(b"d" * 4096, 0)
     assert core.flow_stats()["delays"] == 3
+
+
+def test_max_lag_delay_scales_with_the_bytes_written(make_rig):
+    """The delay slows bytes, not requests: a 256 KiB write sleeps four
+    times what a 64 KiB (or smaller) one does."""
+    core = make_rig().core
+    core.set_flow(FlowPolicy(delay_s=0.002))
+    core.write(b"s" * 4096, 0)
+    small = core.flow_stats()["delay_s"]
+    core.write(b"l" * (256 << 10), 0)
+    assert small == pytest.approx(0.002)
+    assert core.flow_stats()["delay_s"] - small == pytest.approx(4 * 0.002)
