@@ -845,7 +845,7 @@ out:
 		/* Protocol B/C and max-lag hold the reply, with no lock held:
 		 * other writers (and the freeze) go on meanwhile. */
 		flow_wait_durable(c->flow, res->seq, gen);
-		flow_delay(c->flow, op == REC_OP_WRITE ? len : 0);
+		flow_pace(c->flow, op == REC_OP_WRITE ? len : 0);
 	}
 	return r;
 }

@@ -21,7 +21,10 @@ struct flow {
 	_Atomic bool wait_peer, block;
 	_Atomic uint64_t fill;
 	_Atomic int64_t block_timeout_ns;
-	_Atomic uint64_t delay_ns;
+	_Atomic uint64_t rate_bps;
+
+	pthread_mutex_t pace_lock; /* guards next_ns: the bucket's next free instant */
+	int64_t next_ns;
 
 	pthread_mutex_t lock;
 	pthread_cond_t durable_cond;
@@ -49,6 +52,7 @@ int flow_create(struct flow **out, uint64_t fill)
 	if (f == NULL)
 		return -ENOMEM;
 	pthread_mutex_init(&f->lock, NULL);
+	pthread_mutex_init(&f->pace_lock, NULL);
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
 	pthread_cond_init(&f->durable_cond, &ca);
@@ -64,6 +68,7 @@ void flow_destroy(struct flow *f)
 	if (f == NULL)
 		return;
 	pthread_mutex_destroy(&f->lock);
+	pthread_mutex_destroy(&f->pace_lock);
 	pthread_cond_destroy(&f->durable_cond);
 	free(f);
 }
@@ -85,7 +90,7 @@ void flow_set_policy(struct flow *f, const struct flow_policy *p)
 	atomic_store(&f->block, p->block);
 	atomic_store(&f->fill, p->fill);
 	atomic_store(&f->block_timeout_ns, p->block_timeout_ns);
-	atomic_store(&f->delay_ns, p->delay_ns);
+	atomic_store(&f->rate_bps, p->rate_bps);
 	if (was && !p->wait_peer)
 		flow_release_all(f); /* degraded: nobody waits for the peer any more */
 }
@@ -96,7 +101,7 @@ void flow_get_policy(struct flow *f, struct flow_policy *out)
 	out->block = atomic_load(&f->block);
 	out->fill = atomic_load(&f->fill);
 	out->block_timeout_ns = atomic_load(&f->block_timeout_ns);
-	out->delay_ns = atomic_load(&f->delay_ns);
+	out->rate_bps = atomic_load(&f->rate_bps);
 }
 
 void flow_set_durable(struct flow *f, uint64_t seq)
@@ -136,19 +141,29 @@ void flow_wait_durable(struct flow *f, uint64_t seq, uint64_t gen)
 	atomic_fetch_add(&f->peer_wait_ns, (uint64_t)(flow_now_ns() - t0));
 }
 
-void flow_delay(struct flow *f, uint64_t bytes)
+void flow_pace(struct flow *f, uint64_t bytes)
 {
-	uint64_t d = atomic_load(&f->delay_ns);
+	uint64_t rate = atomic_load(&f->rate_bps);
+	int64_t now, start;
 	struct timespec ts;
 
-	if (d == 0)
+	if (rate == 0 || bytes == 0)
 		return;
-	d *= bytes > FLOW_DELAY_UNIT ? (bytes + FLOW_DELAY_UNIT - 1) / FLOW_DELAY_UNIT : 1;
-	ts.tv_sec = (time_t)(d / 1000000000u);
-	ts.tv_nsec = (long)(d % 1000000000u);
+	pthread_mutex_lock(&f->pace_lock);
+	now = flow_now_ns();
+	if (f->next_ns < now - FLOW_BURST_NS)
+		f->next_ns = now - FLOW_BURST_NS; /* idle credit is bounded: no burst after a pause */
+	start = f->next_ns;
+	/* bytes <= 4 GiB and 1e9: the product fits in 64 bits */
+	f->next_ns += (int64_t)(bytes * 1000000000u / rate);
+	pthread_mutex_unlock(&f->pace_lock);
+	if (start <= now)
+		return;
+	ts.tv_sec = (time_t)((start - now) / 1000000000);
+	ts.tv_nsec = (long)((start - now) % 1000000000);
 	nanosleep(&ts, NULL);
 	atomic_fetch_add(&f->delays, 1);
-	atomic_fetch_add(&f->delay_total_ns, d);
+	atomic_fetch_add(&f->delay_total_ns, (uint64_t)(start - now));
 }
 
 void flow_room_begin(struct flow *f) { atomic_fetch_add(&f->room_waiting, 1); }

@@ -10,8 +10,8 @@
  *   block      on-congestion block: a record that would take the ring past
  *              `fill` bytes waits for room (up to block_timeout_ns, then
  *              the ring is dropped and the pair pulls ahead).
- *   delay_ns   max-lag: every write sleeps this long before it returns
- *              (writers slowed, not stopped).
+ *   rate_bps   max-lag: the writes' bytes are paced to this rate (a token
+ *              bucket shared by every writer; writers slowed, not stopped).
  *
  * Every wait ends when the policy is switched off (the link is lost under
  * on-disconnect = degrade) or the ring is dropped (nothing queued will be
@@ -31,7 +31,7 @@ struct flow_policy {
 	bool block;
 	uint64_t fill;            /* bytes the ring may hold; past it: block or pull ahead */
 	int64_t block_timeout_ns; /* < 0: wait for room for ever (on-disconnect = suspend) */
-	uint64_t delay_ns;        /* max-lag throttle per FLOW_DELAY_UNIT written, 0 = none */
+	uint64_t rate_bps;        /* max-lag: bytes per second writes may go at, 0 = no limit */
 };
 
 struct flow_stats {
@@ -39,7 +39,7 @@ struct flow_stats {
 	uint64_t peer_waits, peer_wait_ns, peer_waiting;     /* waited for the peer; now */
 	uint64_t room_waits, room_wait_ns, room_waiting;     /* blocked for room; now */
 	uint64_t room_timeouts;                              /* gave up waiting: pulled ahead */
-	uint64_t delays, delay_ns;                           /* max-lag sleeps */
+	uint64_t delays, delay_ns;                           /* max-lag pacing sleeps */
 	uint64_t releases;                                   /* every waiter let go (drop, degrade) */
 };
 
@@ -59,11 +59,11 @@ uint64_t flow_gen(struct flow *f);
 /* Wait until durable_seq >= seq while wait_peer stays on and no release
  * happened since gen was taken. */
 void flow_wait_durable(struct flow *f, uint64_t seq, uint64_t gen);
-/* The max-lag sleep, when the policy has one: delay_ns per started
- * FLOW_DELAY_UNIT bytes of the request (a 1 MiB write sleeps 16 times
- * what a 4 KiB one does: the delay slows bytes, not requests). */
-#define FLOW_DELAY_UNIT 65536
-void flow_delay(struct flow *f, uint64_t bytes);
+/* max-lag pacing, when the policy sets a rate: the request's bytes take
+ * their turn in a token bucket shared by every writer (FLOW_BURST_NS of
+ * credit at most), sleeping until it comes. */
+#define FLOW_BURST_NS 2000000
+void flow_pace(struct flow *f, uint64_t bytes);
 void flow_stats(struct flow *f, struct flow_stats *st);
 
 /* For the core: bracket a room wait (counts and time), and count a timeout. */

@@ -159,8 +159,8 @@ def status_metrics(st: dict) -> Iterator:
                                 "Ahead", labels=["name"])
         c.add_metric([name], flow.get("pull_aheads") or 0)
         yield c
-        yield _one("duplex_max_lag_delay_seconds", "the max-lag sleep each write takes now",
-                   name, (flow.get("max_lag_delay_ms") or 0) / 1000)
+        yield _one("duplex_max_lag_rate_bytes", "the pace (bytes/s) max-lag lets writes go "
+                   "at now, 0 = no limit", name, flow.get("max_lag_rate_bytes") or 0)
 
     sync = st.get("sync") or {}
     g = _gauge("duplex_resync_remaining_bytes", "bytes a catch-up or initial sync still has "

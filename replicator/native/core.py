@@ -70,7 +70,7 @@ class FlowPolicy(NamedTuple):
     block: bool = False
     fill: int = 0
     block_timeout_s: float | None = None
-    delay_s: float = 0.0
+    rate_bps: int = 0  # max-lag: the pace writes' bytes may go at, 0 = none
 
 
 class Core:
@@ -228,13 +228,13 @@ class Core:
     def set_flow(self, policy: FlowPolicy) -> None:
         """Set the write path's flow control (native/flow.h): wait for the
         peer (protocol B/C), block for room under ``fill`` bytes
-        (on-congestion block), the max-lag delay per write. Waiters see
+        (on-congestion block), the max-lag pace of the writes' bytes. Waiters see
         the change at once; turning wait_peer off lets them all go."""
         p = _ffi.new("struct flow_policy *")
         p.wait_peer, p.block, p.fill = policy.wait_peer, policy.block, policy.fill
         p.block_timeout_ns = (-1 if policy.block_timeout_s is None
                               else int(policy.block_timeout_s * 1e9))
-        p.delay_ns = int(policy.delay_s * 1e9)
+        p.rate_bps = int(policy.rate_bps)
         _lib.core_set_flow(self._ptr(), p)
 
     def flow(self) -> FlowPolicy:
@@ -243,7 +243,7 @@ class Core:
         _lib.core_get_flow(self._ptr(), p)
         return FlowPolicy(bool(p.wait_peer), bool(p.block), p.fill,
                           None if p.block_timeout_ns < 0 else p.block_timeout_ns / 1e9,
-                          p.delay_ns / 1e9)
+                          p.rate_bps)
 
     def set_durable(self, seq: int) -> None:
         """The peer holds every record through *seq* (B: received, C:

@@ -2,7 +2,7 @@
 
 The C core does the waiting (native/flow.c: a write waits for the peer's
 acknowledgement under protocol B/C, for room under ``on-congestion =
-block``, and sleeps the max-lag delay). This module decides the policy:
+block``, and paces the writes' bytes for max-lag). This module decides the policy:
 :data:`POLICY` is the table of what is in force in each replication state,
 and :class:`FlowControl` sets it on the core at every state change, feeds
 it the peer's acknowledgements, runs the max-lag controller, and keeps the
@@ -41,9 +41,12 @@ FLAP_WINDOW_S = 10.0
 HOLD_MIN_S = 0.25
 HOLD_MAX_S = 8.0
 
-# max-lag: the controller's steps (a writer is never held longer than this)
-MAX_DELAY_S = 0.02
-DELAY_STEP_S = 0.0005
+# max-lag: the controller's pace (bytes/s) never goes below MIN_RATE
+# (writers are slowed, never stopped), grows by GROW a tick while the lag
+# is low, and is dropped altogether once it is UNLIMITED times the drain.
+MIN_RATE = 1 << 20
+GROW = 1.25
+UNLIMITED = 4.0
 TICK_S = 0.01  # the controller's thread looks this often
 THREAD_NAME = "duplex-flow"
 
@@ -77,17 +80,20 @@ def policy(modes: Modes, replication: str) -> tuple[FlowPolicy, str | None]:
     return FlowPolicy(fill=modes.congestion_fill), why if waits else None
 
 
-def next_delay(delay_s: float, lag_s: float | None, max_lag_s: float) -> float:
-    """One step of the max-lag controller (every TICK_S): over half the
-    bound add a step, over the bound double (a burst must be caught within
-    a few ticks); under a quarter halve it. None lag: nothing queued."""
-    if lag_s is None or lag_s < max_lag_s / 4:
-        return 0.0 if delay_s < DELAY_STEP_S else delay_s / 2
-    if lag_s > max_lag_s:
-        return min(MAX_DELAY_S, 2 * delay_s + DELAY_STEP_S)
-    if lag_s > max_lag_s / 2:
-        return min(MAX_DELAY_S, delay_s + DELAY_STEP_S)
-    return delay_s
+def next_rate(rate: int, lag_s: float | None, max_lag_s: float, drain: float) -> int:
+    """One step of the max-lag controller (every TICK_S): the pace the
+    writes' bytes may go at (0: no limit), from the lag and the rate the
+    peer drains the queue at (bytes/s). Over half the bound the pace drops
+    below the drain (to 80%, or 50% over the bound), so the queue shrinks;
+    under a quarter it grows back, and is lifted once well above the drain.
+    None lag: nothing queued."""
+    if lag_s is not None and lag_s > max_lag_s / 2:
+        target = int(drain * (0.5 if lag_s > max_lag_s else 0.8))
+        return max(MIN_RATE, min(target, rate) if rate else target)
+    if rate and (lag_s is None or lag_s < max_lag_s / 4):
+        rate = int(rate * GROW)
+        return 0 if drain > 0 and rate > UNLIMITED * drain else rate
+    return rate
 
 
 def predicted_lag(queued: int, drain_rate: float) -> float | None:
@@ -113,7 +119,7 @@ class FlowControl:
         self._replication: str | None = None
         self._policy = FlowPolicy()
         self._why: str | None = None
-        self._delay = 0.0
+        self._pace = 0  # max-lag: bytes/s the writes may go at (0: no limit)
         self._stopped = False
         self._pulled = False          # Ahead because the ring passed the fill
         self._pulls = 0               # pull-aheads since up
@@ -134,7 +140,7 @@ class FlowControl:
                 return
             self._replication = replication
             pol, why = policy(self.modes, replication)
-            pol = pol._replace(delay_s=self._delay if replication == st.ESTABLISHED else 0.0)
+            pol = pol._replace(rate_bps=self._pace if replication == st.ESTABLISHED else 0)
             if why != self._why:
                 if why:
                     log.warning("%s: protocol %s %s: %s", self.name, self.modes.protocol, why,
@@ -228,12 +234,12 @@ class FlowControl:
             if self.modes.max_lag_s is None or self._replication != st.ESTABLISHED \
                     or self._stopped:
                 return
-        delay = next_delay(self._delay, self._lag(lag_s), self.modes.max_lag_s)
+        pace = next_rate(self._pace, self._lag(lag_s), self.modes.max_lag_s, self._rate)
         with self._lock:
-            if delay != self._delay and not self._stopped \
+            if pace != self._pace and not self._stopped \
                     and self._replication == st.ESTABLISHED:
-                self._delay = delay
-                self._policy = self._policy._replace(delay_s=delay)
+                self._pace = pace
+                self._policy = self._policy._replace(rate_bps=pace)
                 self.core.set_flow(self._policy)
 
     def _lag(self, lag_s: Callable[[], float | None]) -> float | None:
@@ -244,8 +250,13 @@ class FlowControl:
         if self._last is not None and now > self._last[0]:
             t0, w0, q0 = self._last
             drained = max(0, (written - w0) - (queued - q0))
-            rate = drained / (now - t0)
-            self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
+            # What the peer can take, not what it was given: only a tick
+            # that began with more queued than it drained kept the link busy
+            # throughout (a paced writer must not see its own pace as the
+            # link's, or the pace could never grow).
+            if q0 > drained and drained > 0:
+                rate = drained / (now - t0)
+                self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
         self._last = (now, written, queued)
         seen = lag_s()
         ahead = predicted_lag(queued, self._rate) if self._rate or queued else None
@@ -285,7 +296,8 @@ class FlowControl:
                     "pull_aheads": self._pulls,
                     "catch_up_hold_seconds": round(max(0.0, self._hold_until - self._clock()), 3),
                     "max_lag_seconds": self.modes.max_lag_s,
-                    "max_lag_delay_ms": round(self._delay * 1000, 2),
+                    "max_lag_rate_bytes": self._pace,
+                    "drain_rate_bytes": int(self._rate),
                     "delayed_writes": stats["delays"],
                 },
             }

@@ -239,6 +239,6 @@ def test_max_lag_slows_writers_on_a_slow_link_instead_of_letting_the_lag_grow(ma
     # slowed, what is left is the few ticks before the burst is seen.
     assert worst < 4.0, f"lag reached {worst:.2f} s with max-lag 100 ms"
     lab.wait_drained()
-    lab.wait(lambda: lab.control("alpha")["flow"]["max_lag_delay_ms"] == 0,
-             "the delay taken back once the lag is gone", timeout=20)
+    lab.wait(lambda: lab.control("alpha")["flow"]["max_lag_rate_bytes"] == 0,
+             "the pace lifted once the lag is gone", timeout=20)
     assert lab.digest("beta") == lab.digest("alpha")

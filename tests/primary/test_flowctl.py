@@ -10,7 +10,7 @@ from replicator.modes import Modes
 from replicator.native.core import FlowPolicy
 from replicator.primary import flowctl
 from replicator.primary import states as st
-from replicator.primary.flowctl import FlowControl, next_delay, policy
+from replicator.primary.flowctl import FlowControl, next_rate, policy
 
 
 class FakeCore:
@@ -136,33 +136,36 @@ def test_blocked_writers_show_as_congestion_blocked():
     assert snap["congestion"] == "blocked" and snap["congestion_blocked_seconds"] == 1.5
 
 
-def test_max_lag_controller_adds_delay_over_half_the_bound_and_takes_it_back():
-    d = 0.0
-    for _ in range(10):
-        d = next_delay(d, 0.08, 0.1)  # over half of 100 ms: a step each time
-    assert d == pytest.approx(10 * flowctl.DELAY_STEP_S)
-    d2 = next_delay(d, 0.2, 0.1)  # over the bound: doubled (a burst is caught fast)
-    assert d2 == pytest.approx(2 * d + flowctl.DELAY_STEP_S)
-    assert next_delay(d, 0.03, 0.1) == d  # between a quarter and a half: hold
-    assert next_delay(d, 0.01, 0.1) == d / 2  # under a quarter: halve
-    assert next_delay(flowctl.DELAY_STEP_S / 2, None, 0.1) == 0.0
-    for _ in range(1000):
-        d = next_delay(d, 10.0, 0.1)
-    assert d == flowctl.MAX_DELAY_S  # slowed, never stopped
+def test_max_lag_controller_paces_under_the_drain_and_lifts_the_pace_again():
+    drain = 50e6
+    r = next_rate(0, 0.08, 0.1, drain)  # over half of 100 ms: 80% of the drain
+    assert r == int(0.8 * drain)
+    assert next_rate(r, 0.2, 0.1, drain) == int(0.5 * drain)  # over the bound: half
+    assert next_rate(r, 0.03, 0.1, drain) == r  # between a quarter and a half: hold
+    up = next_rate(r, 0.01, 0.1, drain)  # under a quarter: grow
+    assert up == int(r * flowctl.GROW)
+    while up:
+        up = next_rate(up, 0.01, 0.1, drain)  # ...and lifted once well above the drain
+        assert up == 0 or up <= flowctl.UNLIMITED * drain
+    assert next_rate(0, None, 0.1, drain) == 0  # nothing queued, no pace: none
+    # slowed, never stopped: no drain measured yet, or a tiny one
+    assert next_rate(0, 0.5, 0.1, 0.0) == flowctl.MIN_RATE
+    assert next_rate(0, 0.5, 0.1, 1000.0) == flowctl.MIN_RATE
 
 
-def test_tick_drives_the_core_delay_only_while_streaming():
+def test_tick_drives_the_core_pace_only_while_streaming():
     core = FakeCore()
-    fc = FlowControl(core, Modes(max_lag_s=0.1), "r0")
+    clock = Clock()
+    fc = FlowControl(core, Modes(max_lag_s=0.1), "r0", clock=clock)
     fc.apply(st.ESTABLISHED)
-    for _ in range(4):
-        fc.tick(lambda: 0.5)
-    assert core.policies[-1].delay_s == pytest.approx(15 * flowctl.DELAY_STEP_S)  # 1, 3, 7, 15
+    fc.tick(lambda: 0.5)
+    assert core.policies[-1].rate_bps == flowctl.MIN_RATE  # no drain measured yet
     fc.apply(st.AHEAD)
-    assert core.policies[-1].delay_s == 0.0
+    assert core.policies[-1].rate_bps == 0
     n = len(core.policies)
     fc.tick(lambda: 0.5)
-    assert len(core.policies) == n  # not streaming: no throttle
+    assert len(core.policies) == n  # not streaming: no pace
+    assert fc.snapshot()["flow"]["max_lag_rate_bytes"] == flowctl.MIN_RATE
 
 
 def test_a_burst_is_seen_from_the_queue_before_it_is_late():
@@ -172,17 +175,38 @@ def test_a_burst_is_seen_from_the_queue_before_it_is_late():
     core = FakeCore()
     fc = FlowControl(core, Modes(max_lag_s=0.1), "r0", clock=clock)
     fc.apply(st.ESTABLISHED)
-    for _ in range(5):  # steady: 1 MB/s written, 1 MB/s drained, 10 kB queued
+    for _ in range(5):  # steady: 10 MB/s written and drained, 200 kB queued (a busy link)
         clock.t += 0.01
-        core.stats["bytes_written"] += 10_000
-        core.ring_stats["bytes"] = 10_000
+        core.stats["bytes_written"] += 100_000
+        core.ring_stats["bytes"] = 200_000
         fc.tick(lambda: 0.01)
-    assert core.policies[-1].delay_s == 0.0
+    assert core.policies[-1].rate_bps == 0  # 20 ms of queue: under a quarter of 100 ms
     clock.t += 0.01
-    core.stats["bytes_written"] += 2_000_000  # a 2 MB burst: 2 s at that rate
-    core.ring_stats["bytes"] = 2_000_000
+    core.stats["bytes_written"] += 20_000_000  # a 20 MB burst: 2 s at that rate
+    core.ring_stats["bytes"] = 20_100_000
     fc.tick(lambda: 0.01)  # the oldest is 10 ms old: only the queue shows it
-    assert core.policies[-1].delay_s > 0.0
+    assert 0 < core.policies[-1].rate_bps < 10_000_000  # paced under the drain
     assert flowctl.predicted_lag(0, 1e6) is None
     assert flowctl.predicted_lag(1_000_000, 1e6) == 1.0
     assert flowctl.predicted_lag(1, 0.0) == float("inf")
+
+
+def test_a_paced_writer_does_not_take_its_own_pace_for_the_links():
+    """Ticks whose queue emptied say nothing about what the link can take:
+    they leave the drain estimate alone, so the pace can grow again."""
+    clock = Clock()
+    core = FakeCore()
+    fc = FlowControl(core, Modes(max_lag_s=0.1), "r0", clock=clock)
+    fc.apply(st.ESTABLISHED)
+    for _ in range(5):  # busy: 50 MB/s drained with a queue left over
+        clock.t += 0.01
+        core.stats["bytes_written"] += 500_000
+        core.ring_stats["bytes"] = 1_000_000
+        fc.tick(lambda: 0.01)
+    busy = fc.snapshot()["flow"]["drain_rate_bytes"]
+    for _ in range(5):  # paced: a trickle that drains at once
+        clock.t += 0.01
+        core.stats["bytes_written"] += 10_000
+        core.ring_stats["bytes"] = 0
+        fc.tick(lambda: None)
+    assert fc.snapshot()["flow"]["drain_rate_bytes"] == busy > 40_000_000

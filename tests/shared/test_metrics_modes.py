@@ -21,7 +21,7 @@ STATUS = {
     "lag": {"writes": 4, "bytes": 0, "seconds": 0.5}, "out_of_sync_bytes": 0,
     "protocol": "C", "protocol_effective": "A", "protocol_note": "degraded: the peer is away",
     "congestion": "blocked", "congestion_blocked_seconds": 1.25,
-    "flow": {"peer_wait_seconds": 0.75, "pull_aheads": 2, "max_lag_delay_ms": 4.0},
+    "flow": {"peer_wait_seconds": 0.75, "pull_aheads": 2, "max_lag_rate_bytes": 4 << 20},
 }
 
 
@@ -40,7 +40,7 @@ def test_congestion_and_the_time_writers_waited():
     assert reg.get_sample_value("duplex_congestion_blocked_seconds_total", {"name": "r0"}) == 1.25
     assert reg.get_sample_value("duplex_peer_wait_seconds_total", {"name": "r0"}) == 0.75
     assert reg.get_sample_value("duplex_pull_aheads_total", {"name": "r0"}) == 2
-    assert reg.get_sample_value("duplex_max_lag_delay_seconds", {"name": "r0"}) == 0.004
+    assert reg.get_sample_value("duplex_max_lag_rate_bytes", {"name": "r0"}) == 4 << 20
 
 
 def test_a_secondary_has_none_of_them():
