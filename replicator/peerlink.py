@@ -108,6 +108,7 @@ class PeerLink:
         self._last_tx = time.monotonic()
         self.keepalive = KEEPALIVE      # ping-interval of the resource
         self.dead_after = DEAD_AFTER    # ping-timeout of the resource
+        self._timeouts_set = False      # set_timeouts() called: the reader may wait dead_after
         self._ping_nonce = 0
         self._reader: threading.Thread | None = None
         self._keeper: threading.Thread | None = None
@@ -360,7 +361,10 @@ class PeerLink:
         # that waits this long means the peer is gone, and so does a send
         # that cannot go out for as long (a full buffer for a second is
         # only a slow peer: protocol B/C writers and block wait on it).
-        sock.settimeout(self.dead_after)
+        # A receive waits until ping-timeout after the last frame (the
+        # deadline, not a fresh ping-timeout each time); until set_timeouts
+        # gives the resource's value (just after the handshake), at most a
+        # second.
         try:
             while not self._closed.is_set():
                 with self._conn_lock:
@@ -370,6 +374,11 @@ class PeerLink:
                         self.on_idle(self)
                     with self._conn_lock:
                         space = self.conn.receive_buffer()
+                    if self._timeouts_set:
+                        sock.settimeout(max(0.05, self._last_rx + self.dead_after
+                                            - time.monotonic()))
+                    else:
+                        sock.settimeout(min(1.0, self.dead_after))
                     try:
                         # A large payload is received in place; else a chunk.
                         if space is not None:
@@ -377,7 +386,9 @@ class PeerLink:
                         else:
                             data = sock.recv(RECV_BYTES)
                     except socket.timeout:
-                        if time.monotonic() - self._last_rx > self.dead_after:
+                        # A timeout of exactly dead_after may end a hair early
+                        # (poll rounds to ms): a margin, or it would wait twice.
+                        if time.monotonic() - self._last_rx > self.dead_after * 0.95:
                             self._fail(f"no frame from {self.peer_name} for "
                                        f"{self.dead_after:g} s (ping-timeout)")
                         continue
@@ -459,10 +470,7 @@ class PeerLink:
         gone)."""
         self.keepalive = ping_interval
         self.dead_after = ping_timeout
-        try:
-            self.sock.settimeout(ping_timeout)
-        except OSError:
-            pass  # already closed
+        self._timeouts_set = True  # the reader's next receive waits ping-timeout
 
     def heard_ago(self) -> float:
         """Seconds since the last frame from the peer."""

@@ -324,10 +324,12 @@ def format_status(d: dict) -> str:
         lines.append(f"  protocol      {g('protocol')}" + (
             f" (in force: {g('protocol_effective')}; {g('protocol_note')})"
             if g("protocol_note") else ""))
-    if g("congestion"):
-        blocked = g("congestion_blocked_seconds") or 0
-        lines.append(f"  congestion    {g('congestion')} (on-congestion {g('on_congestion')}; "
-                     f"writers blocked {format_duration(float(blocked))} in all)")
+    blocked = g("congestion_blocked_seconds") or 0
+    if g("congestion") not in (None, "none") or blocked:
+        # Only when something happened: a "0us" here would read as a lag.
+        lines.append(f"  congestion    {g('congestion')} (on-congestion {g('on_congestion')}"
+                     + (f"; writers blocked {format_duration(float(blocked))} in all"
+                        if blocked else "") + ")")
     if g("reason"):
         lines.append(f"  reason        {g('reason')}")
     for f in g("faults") or ():  # supervised threads that raised (replicator.supervise)
