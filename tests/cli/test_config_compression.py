@@ -2,29 +2,16 @@
 read with their defaults, each mistake a ConfigError naming the key."""
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 
 from replicator.config import ConfigError, parse_config
+from fixtures.configs import two_node_config
 
 P = "/etc/duplex/duplex.toml"
 
 
 def _config(extra: str = "") -> str:
-    return textwrap.dedent("""\
-        [resource.r0]
-        secret-file = "/etc/duplex/r0.secret"
-        {extra}
-        [resource.r0.on.alpha]
-        address = "10.0.0.1:7789"
-        device = "/dev/sdb"
-        meta-dir = "/var/lib/duplex/r0"
-        [resource.r0.on.beta]
-        address = "10.0.0.2:7789"
-        device = "/dev/sdb"
-        meta-dir = "/var/lib/duplex/r0"
-        """).format(extra=extra)
+    return two_node_config(extra)
 
 
 def test_compression_is_off_by_default():

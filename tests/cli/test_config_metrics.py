@@ -2,27 +2,14 @@
 a clear error naming the key for a bad one."""
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 
 from replicator.config import ConfigError, parse_config
+from fixtures.configs import two_node_config
 
 
 def _config(extra: str = "") -> str:
-    return textwrap.dedent("""\
-        [resource.r0]
-        secret-file = "/etc/duplex/r0.secret"
-        [resource.r0.on.alpha]
-        address = "10.0.0.1:7789"
-        device = "/dev/sdb"
-        meta-dir = "/var/lib/duplex/r0"
-        {extra}
-        [resource.r0.on.beta]
-        address = "10.0.0.2:7789"
-        device = "/dev/sdb"
-        meta-dir = "/var/lib/duplex/r0"
-        """).format(extra=extra)
+    return two_node_config(alpha=extra)
 
 
 def test_off_by_default_and_an_address_when_given():

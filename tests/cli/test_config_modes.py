@@ -4,29 +4,15 @@ today's behaviour (A, pull-ahead), B and C block by default, and every
 mistake names its key."""
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 
 from replicator.config import ConfigError, parse_config
 from replicator.modes import Modes
+from fixtures.configs import two_node_config
 
 
 def _config(extra: str = "") -> str:
-    return textwrap.dedent("""\
-        [resource.r0]
-        secret-file = "/etc/duplex/r0.secret"
-        ring-size = "16MiB"
-        {extra}
-        [resource.r0.on.alpha]
-        address = "10.0.0.1:7789"
-        device = "/dev/sdb"
-        meta-dir = "/var/lib/duplex/r0"
-        [resource.r0.on.beta]
-        address = "10.0.0.2:7789"
-        device = "/dev/sdb"
-        meta-dir = "/var/lib/duplex/r0"
-        """).format(extra=extra)
+    return two_node_config('ring-size = "16MiB"\n' + extra)
 
 
 def _modes(extra: str) -> Modes:

@@ -16,6 +16,7 @@ import pytest
 
 from fixtures.tls_certs import make_ca, make_cert
 from replicator.config import ConfigError, parse_config
+from fixtures.configs import two_node_config
 
 P = "/etc/duplex/duplex.toml"
 REPO = Path(__file__).resolve().parents[2]
@@ -23,22 +24,7 @@ needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None,
                                    reason="the openssl command makes the test certificates")
 
 
-def _config(res: str = "", alpha: str = "", beta: str = "") -> str:
-    return textwrap.dedent("""\
-        [resource.r0]
-        secret-file = "/etc/duplex/r0.secret"
-        {res}
-        [resource.r0.on.alpha]
-        address = "10.0.0.1:7789"
-        device = "/dev/sdb"
-        meta-dir = "/var/lib/duplex/r0"
-        {alpha}
-        [resource.r0.on.beta]
-        address = "10.0.0.2:7789"
-        device = "/dev/sdb"
-        meta-dir = "/var/lib/duplex/r0"
-        {beta}
-        """).format(res=res, alpha=alpha, beta=beta)
+_config = two_node_config
 
 
 ON = 'tls = true\ntls-ca = "/etc/duplex/ca.pem"'
