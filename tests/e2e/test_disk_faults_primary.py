@@ -78,7 +78,10 @@ def test_eio_on_the_primarys_device_reaches_the_client_and_sequences_nothing(fau
     # The failed writes' tracks stay out of sync (the device may have
     # changed under them; the page cache still holds their data): the next
     # catch-up sends them. Nothing else is.
-    st = lab.control("alpha")
+    # The primary clears the others' bits once it has read the peer's ack
+    # (its sender looks every 20 ms): wait for that, then exactly 4 remain.
+    st = lab.wait(lambda: (s := lab.control("alpha"))["out_of_sync_bytes"] <= 4 * CHUNK and s,
+                  "the primary to release what the peer journaled", timeout=20)
     assert st["replication"] == "Established", st
     assert st["out_of_sync_bytes"] == 4 * CHUNK, st  # track-size 64KiB = CHUNK
     beta = lab.image["beta"].read_bytes()

@@ -6,22 +6,14 @@ from __future__ import annotations
 import json
 import time
 
-import nbd
 
 from fixtures.duplex_lab import RESOURCE
+from fixtures.nbdio import write_all
 
 TRACK = 64 << 10
 
 
-def _write(uri: str, writes: list[tuple[int, bytes]]) -> None:
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    try:
-        for off, data in writes:
-            h.pwrite(data, off)
-        h.flush()
-    finally:
-        h.shutdown()
+_write = write_all
 
 
 def _region(base: int, n: int, tag: int, stride: int = 3 * TRACK) -> list[tuple[int, bytes]]:

@@ -9,21 +9,13 @@ from __future__ import annotations
 import os
 import time
 
-import nbd
 
 from fixtures.duplex_lab import RESOURCE
 from replicator.metadata import load_metadata
+from fixtures.nbdio import write_all
 
 
-def _write(uri: str, writes: list[tuple[int, bytes]]) -> None:
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    try:
-        for off, data in writes:
-            h.pwrite(data, off)
-        h.flush()
-    finally:
-        h.shutdown()
+_write = write_all
 
 
 def _random_writes(n: int, size: int) -> list[tuple[int, bytes]]:

@@ -13,17 +13,10 @@ import nbd
 
 from fixtures.duplex_lab import RESOURCE
 from replicator.metadata import load_metadata
+from fixtures.nbdio import write_all
 
 
-def _write(uri: str, writes: list[tuple[int, bytes]]) -> None:
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    try:
-        for off, data in writes:
-            h.pwrite(data, off)
-        h.flush()
-    finally:
-        h.shutdown()
+_write = write_all
 
 
 def _some_writes(seed: int, size: int, n: int = 40) -> list[tuple[int, bytes]]:
