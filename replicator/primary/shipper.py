@@ -441,7 +441,7 @@ class Shipper:
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             self._links = links
-            refused = False
+            refused = peer_error = False
             began = time.monotonic()
             try:
                 self._session(links[0])
@@ -449,6 +449,9 @@ class Shipper:
                 self._refused(e)
                 refused = True
             except (LinkError, OSError) as e:
+                # The peer ended it with an ERROR frame, or sent a frame we
+                # refused: unlike a reset, trying again at once changes nothing.
+                peer_error = "peer closed:" in str(e) or "protocol error" in str(e)
                 if self._states.disconnected:  # ended on purpose: StandAlone stays
                     log.info("%s: disconnected from %s by the admin", self.res.name,
                              self.peer.name)
@@ -464,9 +467,10 @@ class Shipper:
                 self._links = []
             if refused:
                 self._stopping.wait(REFUSED_RETRY)
-            elif time.monotonic() - began < SHORT_SESSION:
+            elif peer_error and time.monotonic() - began < SHORT_SESSION:
                 # A peer that closes every session at once (a protocol error,
-                # a disk it cannot write) is not retried a hundred times a second.
+                # a disk it cannot write) is not retried a hundred times a
+                # second; a link that is only reset is (a reset storm).
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
             else:
